@@ -1,0 +1,19 @@
+"""fmlm: a custom-kernel engine for flow language models (FLM) and one-step flow-map language models (FMLM).
+
+    import fmlm
+    model = fmlm.load_checkpoint("flm.ckpt")
+    tokens = fmlm.sample(model, batch_size=8, steps=1, method="fmlm")
+"""
+from fmlm.engine.config import ModelConfig
+from fmlm.engine.model import FlowLM
+from fmlm.engine.sampling import sample
+from fmlm.engine.schedule import gamma_to_tau, tau_to_gamma
+
+__all__ = ["ModelConfig", "FlowLM", "sample", "tau_to_gamma", "gamma_to_tau", "load_checkpoint", "save_checkpoint"]
+
+
+def __getattr__(name):          # checkpoint IO imports safetensors lazily
+    if name in ("load_checkpoint", "save_checkpoint"):
+        from fmlm.engine import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(name)
