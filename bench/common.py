@@ -1,0 +1,135 @@
+"""Shared benchmark plumbing: event timing (median, p20, p80), device ceilings, result rows → CSV + markdown.
+
+Rules (STYLE.md §8): time with device events after warm-up, median of many runs, never on zero-filled
+inputs; every op row sits beside its reference measured in the same process.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+RESULTS_DIR = Path(os.environ.get("FMLM_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
+
+
+def sync(device=None):
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 3, iters: int = 20, device: str = "cuda",
+            min_time_s: float = 0.0) -> dict:
+    """Median / p20 / p80 in ms: CUDA events on a GPU, perf_counter on the CPU (after synchronizing)."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < iters or (time.perf_counter() - t_start) < min_time_s:
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * iters:
+            break
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "n": len(times)}
+
+
+@functools.lru_cache(maxsize=1)
+def ceilings() -> dict:
+    """Measured device ceilings: bf16 GEMM TFLOP/s and copy GB/s (read + write), on random data."""
+    if not torch.cuda.is_available():
+        return {"bf16_tflops": float("nan"), "copy_gbs": float("nan")}
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = time_fn(lambda: a @ b, warmup=3, iters=10)["ms"]
+    x = torch.randn(256 * 2**20, device="cuda")   # 1 GiB
+    y = torch.empty_like(x)
+    tc = time_fn(lambda: y.copy_(x), warmup=3, iters=10)["ms"]
+    return {"bf16_tflops": 2 * n ** 3 / t / 1e9, "copy_gbs": 2 * x.numel() * 4 / tc / 1e6}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def meta() -> dict:
+    import importlib.util
+    tv = "none"
+    if importlib.util.find_spec("triton"):
+        import triton
+        tv = triton.__version__
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device_name(),
+            "torch": torch.__version__, "triton": tv, "git": git_sha()}
+
+
+def write_rows(name: str, rows: list[dict], out_dir: Optional[Path] = None) -> Path:
+    """Append rows (with meta columns) to <out>/<name>.csv and rewrite <out>/<name>.md; returns the md path."""
+    out = Path(out_dir or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    m = meta()
+    rows = [{**r, **m} for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    path = out / f"{name}.csv"
+    new = not path.exists()
+    if not new:
+        with open(path) as f:
+            old_keys = next(csv.reader(f), [])
+        if old_keys != keys:
+            path = out / f"{name}-{m['date'][:10]}.csv"
+            new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    md = out / f"{name}.md"
+    md.write_text(markdown_table(rows))
+    return md
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "—"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(rows: Iterable[dict], keys: Optional[list[str]] = None) -> str:
+    rows = list(rows)
+    if not rows:
+        return ""
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
