@@ -1,0 +1,5 @@
+import sys
+
+from fmlm.engine.cli import main
+
+sys.exit(main())
