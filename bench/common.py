@@ -133,3 +133,32 @@ def markdown_table(rows: Iterable[dict], keys: Optional[list[str]] = None) -> st
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated while fn() runs, above what was live before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the profiler's allocator events ([memory] events carry +/-
+    nbytes with a timestamp); the running sum's maximum is the peak of live tensor bytes. Run it apart from
+    timing: profiling slows the run."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    import logging
+
+    from torch.profiler import ProfilerActivity, profile
+
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
