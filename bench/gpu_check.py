@@ -7,7 +7,7 @@ import argparse
 import importlib
 import os
 import pkgutil
-import shutil
+import tarfile
 import subprocess
 import sys
 import time
@@ -69,9 +69,9 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             status[name] = ("TIMEOUT", time.time() - t0)
     out = os.environ.get("OUT")
-    if out:
-        for f in sorted(common.RESULTS_DIR.glob("*.md")) + sorted(common.RESULTS_DIR.glob("*.csv")):
-            shutil.copy(f, Path(out) / f.name)
+    if out:      # the device tool returns at most 8 files: one archive of all results
+        with tarfile.open(Path(out) / "results.tar.gz", "w:gz") as tar:
+            tar.add(common.RESULTS_DIR, arcname="results")
     print("\n## gpu-check summary")
     print(common.markdown_table([{"step": k, "status": v[0], "seconds": round(v[1], 1)} for k, v in status.items()]))
     for name in a.only or bench_modules():
