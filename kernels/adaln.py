@@ -1,0 +1,202 @@
+"""adaln_modulate and gate_residual: the elementwise halves of a DiT block, each one pass over the rows.
+
+Reference (composed from fmlm.kernels.reference):
+    adaln_modulate(x, w, shift, scale) = modulate(layer_norm_ref(x, w), shift, scale)
+        = LayerNorm(x) (fp32, no affine, eps 1e-5)·w·(1 + scale) + shift
+    gate_residual(x, gate, y)          = x + gate·y
+    gate_residual(x, gate, y, w, shift, scale) = (x' = x + gate·y, adaln_modulate(x', w, shift, scale))
+shift, scale and gate are per batch row (B, D) — rows of the block's adaLN modulation — and broadcast over L.
+
+Fusing the residual update with the next LayerNorm saves a read of the residual stream: per block the
+DiT then does two passes (after attention, after the MLP) of read x (fp32) + y, write x + the modulated
+bf16 GEMM input. At B=32, L=1024, D=768 a pass moves 300 MB: ~0.1 ms at 3 TB/s.
+All arithmetic is fp32 (fp64 for fp64 inputs on the reference backend); the output is cast once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+from ._backend import interpreting, resolve, triton_available
+
+EPS = 1e-5          # F.layer_norm's default, used by the published DiT
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_residual_adaln_kernel(
+        X, Y, GATE, XOUT, W, SHIFT, SCALE, OUT,
+        n_rows, L, D, eps,
+        stride_x, stride_y, stride_xo, stride_o, stride_gb, stride_mb,
+        HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        r_ok = rows < n_rows
+        c_ok = cols < D
+        mask = r_ok[:, None] & c_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        bidx = rows64 // L                       # batch index of each row: the modulation is per batch
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            y = tl.load(Y + rows64[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(GATE + bidx[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = x + g * y
+            tl.store(XOUT + rows64[:, None] * stride_xo + cols[None, :], x.to(XOUT.dtype.element_ty), mask=mask)
+        if HAS_NORM:
+            mean = tl.sum(x, 1) / D
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            var = tl.sum(xc * xc, 1) / D
+            rstd = 1.0 / tl.sqrt(var + eps)
+            w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + bidx[:, None] * stride_mb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(SCALE + bidx[:, None] * stride_mb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            out = xc * rstd[:, None] * w[None, :] * (1.0 + sc) + sh
+            tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _block_r(n_rows: int, block_d: int, device: torch.device) -> int:
+    if device.type != "cuda":                      # interpreter: few programs
+        return max(1, min(64, triton.next_power_of_2(n_rows)))
+    return max(1, min(16, 4096 // block_d))       # ~4K elements per program (4 rows at D=768)
+
+
+def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    """(B, L, D) → (B·L, D) view with unit column stride (copies only if it must)."""
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _mod(t: torch.Tensor, B: int, D: int) -> torch.Tensor:
+    if t.shape != (B, D):
+        raise ValueError(f"modulation must be (B, D) = ({B}, {D}), got {tuple(t.shape)}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale=None, eps: float = EPS,
+                            x_out=None, out=None, out_dtype=None):
+    """Triton launcher. x, y (B, L, D); gate/shift/scale (B, D) (strided views into a (B, k·D) modulation
+    are fine). Returns (x_out or None, out or None)."""
+    B, L, D = x.shape
+    has_res, has_norm = gate is not None, weight is not None
+    x2 = _rows(x, D)
+    if has_res:
+        y2 = _rows(y, D)
+        gate = _mod(gate, B, D)
+        if x_out is None:
+            x_out = torch.empty(B, L, D, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        xo2 = x_out.view(-1, D)
+    else:
+        y2 = xo2 = x2
+        gate = x2
+    if has_norm:
+        shift, scale = _mod(shift, B, D), _mod(scale, B, D)
+        if shift.stride(0) != scale.stride(0):
+            scale = scale.contiguous()
+            shift = shift.contiguous()
+        if out is None:
+            out = torch.empty(B, L, D, device=x.device, dtype=out_dtype or x.dtype)
+        o2 = out.view(-1, D)
+        weight = weight.contiguous()
+    else:
+        o2 = shift = scale = weight = x2
+    n_rows = B * L
+    block_d = triton.next_power_of_2(D)
+    block_r = _block_r(n_rows, block_d, x.device)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _gate_residual_adaln_kernel[grid](
+        x2, y2, gate, xo2, weight, shift, scale, o2,
+        n_rows, L, D, float(eps),
+        x2.stride(0), y2.stride(0), xo2.stride(0), o2.stride(0), gate.stride(0), shift.stride(0),
+        HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4 if x.device.type == "cuda" else 1)
+    return (x_out if has_res else None), (out if has_norm else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# References (the spec, composed from reference.py) and a plain-PyTorch backend
+# ---------------------------------------------------------------------------------------------
+def adaln_modulate_ref(x, weight, shift, scale, eps: float = EPS):
+    """modulate(layer_norm_ref(x, w), shift, scale) in x's accumulation dtype (fp32, fp64 for fp64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if eps != EPS:
+        y = torch.nn.functional.layer_norm(x.to(acc), [x.shape[-1]], eps=eps) * weight.to(acc)
+    else:
+        y = ref.layer_norm_ref(x.to(acc), weight.to(acc))
+    return ref.modulate(y, shift.to(acc)[:, None], scale.to(acc)[:, None])
+
+
+def gate_residual_ref(x, gate, y):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(acc) + gate.to(acc)[:, None] * y.to(acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op registration (opaque to torch.compile) and the functional API
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmlm::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                       eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return gate_residual_adaln_fwd(x, weight=weight, shift=shift, scale=scale, eps=eps, out_dtype=out_dtype)[1]
+
+
+@_adaln_modulate_op.register_fake
+def _(x, weight, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fmlm::gate_residual_adaln", mutates_args=())
+def _gate_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                            shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, out_dtype=out_dtype)
+
+
+@_gate_residual_adaln_op.register_fake
+def _(x, gate, y, weight, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32)), x.new_empty(x.shape, dtype=out_dtype)
+
+
+def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                   eps: float = EPS, out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
+    """LayerNorm(x)·w·(1+scale)+shift: x (B, L, D), w (D,), shift/scale (B, D) → (B, L, D) in out_dtype
+    (default x.dtype), computed in fp32."""
+    out_dtype = out_dtype or x.dtype
+    be = resolve(backend, x.device)
+    if be != "triton":
+        return adaln_modulate_ref(x, weight, shift, scale, eps).to(out_dtype)
+    if torch.compiler.is_compiling():
+        return _adaln_modulate_op(x, weight, shift, scale, float(eps), out_dtype)
+    return gate_residual_adaln_fwd(x, weight=weight, shift=shift, scale=scale, eps=eps, out_dtype=out_dtype)[1]
+
+
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = EPS,
+                  out_dtype: Optional[torch.dtype] = None, x_out: Optional[torch.Tensor] = None,
+                  backend: str = "auto"):
+    """x + gate·y (x, y (B, L, D), gate (B, D)) in fp32 (x's dtype if wider). With weight/shift/scale, also
+    returns the next adaLN input: (x_new, LayerNorm(x_new)·w·(1+scale)+shift in out_dtype, default y.dtype).
+    x_out: optional destination for x_new (may be x itself: in-place residual stream)."""
+    with_norm = weight is not None
+    if with_norm and (shift is None or scale is None):
+        raise ValueError("the fused LayerNorm needs weight, shift and scale")
+    out_dtype = out_dtype or y.dtype
+    be = resolve(backend, x.device)
+    if be != "triton":
+        xn = gate_residual_ref(x, gate, y).to(torch.promote_types(x.dtype, torch.float32))
+        if x_out is not None:
+            xn = x_out.copy_(xn)
+        if not with_norm:
+            return xn
+        return xn, adaln_modulate_ref(xn, weight, shift, scale, eps).to(out_dtype)
+    if torch.compiler.is_compiling() and x_out is None:
+        if with_norm:
+            return _gate_residual_adaln_op(x, gate, y, weight, shift, scale, float(eps), out_dtype)
+    xn, out = gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, x_out=x_out, out_dtype=out_dtype)
+    return (xn, out) if with_norm else xn

@@ -1,0 +1,270 @@
+"""softcap_attention: non-causal multi-head attention with the tanh softcap on the scaled scores, rotary on load.
+
+Reference: fmlm.kernels.reference.attention_ref (after reference.apply_rotary_ref on q and k), i.e.
+    s = cap·tanh((q_rot·k_rotᵀ/√d)/cap),  o = softmax(s)·v
+as flash_attn(softcap=50) in the published DiT. Plain SDPA has no softcap: it is a different function and
+is never used here as if it were this one.
+
+Backends:
+- 'triton': a flash-attention forward (online softmax over key tiles, fp32 accumulators) that rotates q and
+  k as it loads them (rotate-half, cos/sin tables in fp32), so the qkv projection output is read once and
+  no rotated copy is written. On CUDA the tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11,
+  below the bf16 rounding of q and k that precedes it); under TRITON_INTERPRET=1 an exact exp2 form.
+- 'flex': torch FlexAttention with a tanh score_mod (compiled on CUDA). DESIGN.md §3 measured it at 0.94 ms
+  per layer at B=32, L=1024 on an H100; the fallback when triton is missing.
+- 'reference': attention_ref, materializes (B, H, L, L) scores.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+from ._backend import interpreting, triton_available
+
+BACKENDS = ("auto", "reference", "triton", "flex")
+LOG2E = 1.4426950408889634
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _softcap_attention_fwd_kernel(
+        Q, K, V, O, COS, SIN,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_ob, stride_ol, stride_oh,
+        stride_cl,
+        L, H, qk_scale, softcap,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROTARY: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < L
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=q_mask, other=0.0)
+        # rotate-half: out[j] = x[j]·cos[j'] + sign[j]·x[partner(j)]·sin[j'], j' = j mod d/2,
+        # partner(j) = j ± d/2, sign −1 on the first half; one (rows, d) tile keeps a single dot with K = d.
+        HALF: tl.constexpr = HEAD_DIM // 2
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        freq = tl.where(first, offs_d, offs_d - HALF)
+        sign = tl.where(first, -1.0, 1.0)
+        if ROTARY:
+            q_p = tl.load(q_base + offs_m[:, None] * stride_ql + partner[None, :], mask=q_mask, other=0.0)
+            cq = tl.load(COS + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
+            sq = tl.load(SIN + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
+            q = (q.to(tl.float32) * cq + sign[None, :] * q_p.to(tl.float32) * sq).to(Q.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < L
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+            if ROTARY:
+                k_p = tl.load(k_base + offs_n[:, None] * stride_kl + partner[None, :], mask=kv_mask, other=0.0)
+                ck = tl.load(COS + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
+                sk = tl.load(SIN + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
+                k = (k.to(tl.float32) * ck + sign[None, :] * k_p.to(tl.float32) * sk).to(K.dtype.element_ty)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            if HAS_CAP:
+                y = s * (qk_scale / softcap)
+                if FAST_TANH:
+                    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
+                                                  is_pure=True, pack=1)
+                else:
+                    # tanh(y) = 1 − 2/(e^{2y}+1): exact limits ±1 at overflow/underflow of exp2
+                    t = 1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0)
+                s = t * (softcap * 1.4426950408889634)
+            else:
+                s = s * (qk_scale * 1.4426950408889634)
+            if not EVEN_N:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(V.dtype.element_ty), v, acc)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=q_mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(B: int, H: int, L: int, d: int, device: torch.device) -> dict:
+    """Fixed configs (no autotuning): the largest query tile that still fills the GPU twice over, so B=1
+    shapes (12 heads × 1 tile at L=128) do not leave most SMs idle."""
+    if device.type != "cuda":          # interpreter: few, small programs
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    cap_m = max(16, triton.next_power_of_2(L))
+    block_m = 16
+    for bm in (128, 64, 32):
+        if bm <= cap_m and B * H * triton.cdiv(L, bm) >= 2 * n_sm:
+            block_m = bm
+            break
+    block_n = 64 if L > 32 else max(16, triton.next_power_of_2(L))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m == 128 else 4,
+                num_stages=3 if d <= 64 else 2)
+
+
+def _check(q, k, v, cos, sin):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be (B, L, H, d) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("give both cos and sin, or neither")
+    if cos is not None:
+        L, d = q.shape[1], q.shape[3]
+        if d % 2 or cos.shape != (L, d // 2) or sin.shape != cos.shape:
+            raise ValueError(f"cos/sin must be (L, d/2) = ({L}, {d // 2}), got {tuple(cos.shape)}")
+
+
+def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None, out=None,
+                          block_m: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
+    """Triton launcher. q, k, v (B, L, H, d) with unit stride on d (views into a (B, L, 3, H, d) qkv buffer
+    are fine); cos/sin (L, d/2) fp32. Returns (B, L, H·d) in q's dtype."""
+    B, L, H, d = q.shape
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("q, k, v need unit stride on the head dim")
+    if out is None:
+        out = torch.empty(B, L, H, d, device=q.device, dtype=q.dtype)
+    o4 = out.view(B, L, H, d)
+    rotary = cos is not None
+    if rotary:
+        cos = cos.to(torch.float32).contiguous()
+        sin = sin.to(torch.float32).contiguous()
+    else:
+        cos = sin = q      # never read (ROTARY=False)
+    cfg = _config(B, H, L, d, q.device)
+    if block_m:
+        cfg["BLOCK_M"] = block_m
+    if block_n:
+        cfg["BLOCK_N"] = block_n
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    _softcap_attention_fwd_kernel[grid](
+        q, k, v, o4, cos, sin,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o4.stride(0), o4.stride(1), o4.stride(2),
+        cos.stride(0) if rotary else 0,
+        L, H, 1.0 / math.sqrt(d), float(softcap or 1.0),
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        ROTARY=rotary, HAS_CAP=bool(softcap), FAST_TANH=q.device.type == "cuda" and not interpreting(),
+        EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(B, L, H * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention fallback
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _attention_flex(q, k, v, softcap, cos, sin):
+    B, L, H, d = q.shape
+    if cos is not None:
+        q, k = _rotate_like_kernel(q, cos, sin), _rotate_like_kernel(k, cos, sin)
+    cap = float(softcap) if softcap else None
+
+    def score_mod(score, b, h, q_idx, kv_idx):     # score arrives already scaled by 1/√d
+        return cap * torch.tanh(score / cap)
+
+    fn = _flex_fn(q.device.type == "cuda")
+    o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod if cap else None)
+    return o.transpose(1, 2).reshape(B, L, H * d)
+
+
+def _rotate_like_kernel(x, cos, sin):
+    """Rotary in fp32, rounded once to x's dtype (the Triton kernel's numerics)."""
+    return ref.apply_rotary_ref(x.to(torch.float32), cos.float(), sin.float()).to(x.dtype)
+
+
+def softcap_attention_ref(q, k, v, softcap: Optional[float], cos=None, sin=None) -> torch.Tensor:
+    """The spec composed from reference.py: rotary (apply_rotary_ref) then attention_ref."""
+    if cos is not None:
+        q, k = ref.apply_rotary_ref(q, cos, sin), ref.apply_rotary_ref(k, cos, sin)
+    return ref.attention_ref(q, k, v, softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op registration (opaque to torch.compile; used when compiling the block) and the functional API
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmlm::softcap_attention", mutates_args=())
+def _softcap_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
+                          cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin)
+
+
+@_softcap_attention_op.register_fake
+def _(q, k, v, softcap, cos, sin):
+    B, L, H, d = q.shape
+    return q.new_empty(B, L, H * d)
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_available() else "flex"
+        return "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+    return backend
+
+
+def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
+                      cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
+    cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention."""
+    _check(q, k, v, cos, sin)
+    be = resolve(backend, q.device)
+    if be == "reference":
+        return softcap_attention_ref(q, k, v, softcap, cos, sin)
+    if be == "flex":
+        return _attention_flex(q, k, v, softcap, cos, sin)
+    if torch.compiler.is_compiling():
+        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin)
+    return softcap_attention_fwd(q, k, v, softcap, cos, sin)
