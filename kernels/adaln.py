@@ -119,6 +119,23 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
     return (x_out if has_res else None), (out if has_norm else None)
 
 
+def compile_specs() -> list[dict]:
+    """Real configs for the sm_90a compile check: fp32 residual stream, bf16 GEMM operands, D = 768."""
+    if not triton_available():
+        return []
+    sig = {"X": "*fp32", "Y": "*bf16", "GATE": "*bf16", "XOUT": "*fp32", "W": "*fp32", "SHIFT": "*bf16",
+           "SCALE": "*bf16", "OUT": "*bf16", "eps": "fp32"}
+    sig.update({n: "i32" for n in ("n_rows", "L", "D", "stride_x", "stride_y", "stride_xo", "stride_o",
+                                   "stride_gb", "stride_mb")})
+    specs = []
+    for res, norm in ((True, True), (False, True), (True, False)):
+        const = dict(HAS_RESIDUAL=res, HAS_NORM=norm, BLOCK_R=4, BLOCK_D=1024)
+        specs.append(dict(name=f"_gate_residual_adaln_kernel[{'res' if res else ''}{'+norm' if norm else ''}]",
+                          fn=_gate_residual_adaln_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                          constexprs=const, num_warps=4, num_stages=1))
+    return specs
+
+
 # ---------------------------------------------------------------------------------------------
 # References (the spec, composed from reference.py) and a plain-PyTorch backend
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,17 @@ def randn_philox_fwd(out: torch.Tensor, seed: torch.Tensor, stream: int) -> torc
     return out
 
 
+def compile_specs() -> list[dict]:
+    if not triton_available():
+        return []
+    out = []
+    for dt in ("fp16", "bf16", "fp32"):
+        out.append(dict(name=f"_randn_philox_kernel[{dt}]", fn=_randn_philox_kernel,
+                        signature={"OUT": f"*{dt}", "SEED": "*i64", "n": "i32", "stream": "i32", "BLOCK": "constexpr"},
+                        constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1))
+    return out
+
+
 def randn_philox(shape: Sequence[int], seed: torch.Tensor, stream: int = 0, dtype: torch.dtype = torch.float32,
                  out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """N(0, 1) samples of `shape` on seed's device. seed: int64 tensor with one element (device-resident:

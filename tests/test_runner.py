@@ -1,0 +1,313 @@
+"""Sampler (engine/runner.py) and the fast trunk (FlowLM.trunk(backend='fast'), engine/model.py).
+
+CPU: bucketing, the plan, eager sampling == fmlm.sample(backend='torch') on the same seed, the h0 / parity
+entry points, invalidation on weight change, the device-seed path, the fast trunk against trunk_ref (fp32
+with the Triton kernels under TRITON_INTERPRET=1; bf16 with the torch ops). GPU (make gpu-check): graph
+replay == eager, no host sync in the captured region, the bf16 fast trunk within its error budget."""
+import pytest
+import torch
+
+import fmlm
+from fmlm.engine import model as model_mod
+from fmlm.engine import nvtx, sampling
+from fmlm.engine.runner import Sampler, bucket_for, cached_sampler
+from fmlm.kernels import reference as ref
+from fmlm.kernels._backend import interpreting, triton_available
+
+
+def _model(two_time=True, device="cpu", seed=0, **kw):
+    cfg = fmlm.ModelConfig(**{**dict(vocab_size=131, seq_len=9, hidden=32, n_blocks=2, n_heads=4, cond_dim=16,
+                                     two_time=two_time), **kw})
+    m = fmlm.FlowLM(cfg)
+    m.reset_parameters(seed=seed)
+    return m.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: plan, buckets, eager sampling
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,bucket", [(1, 1), (2, 2), (3, 4), (5, 8), (32, 32), (33, 64), (64, 64), (65, 128),
+                                      (512, 512), (513, 1024)])
+def test_bucket_for(B, bucket):
+    assert bucket_for(B) == bucket
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bucket_for_rejects(bad):
+    with pytest.raises(ValueError):
+        bucket_for(bad)
+
+
+def test_sampler_plan_and_validation():
+    m = _model()
+    s = Sampler(m, 3, 4, renoise=0.5)
+    assert s.plan == sampling.make_plan("fmlm", 4, 0.5, m.cfg.vocab_size)
+    assert not s.use_graphs and s.trunk_backend == "reference"
+    assert s.C.shape == (32, 32)
+    torch.testing.assert_close(s.C.double().T @ s.C.double(), m.embed.double().T @ m.embed.double(),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        Sampler(_model(two_time=False), 2, 1, method="fmlm")
+    with pytest.raises(ValueError):
+        Sampler(m, 2, 0)
+    with pytest.raises(ValueError):
+        Sampler(m, 2, 1, backend="cuda")
+    with pytest.raises(ValueError):
+        s.sample(0, h0=torch.randn(2, 9, 31))
+
+
+@pytest.mark.parametrize("method,steps,renoise", [("fmlm", 1, 0.0), ("fmlm", 3, 0.0), ("fmlm", 3, 0.8),
+                                                  ("flm", 2, 0.0)])
+def test_eager_equals_fmlm_sample(method, steps, renoise):
+    m = _model(two_time=method == "fmlm")
+    s = Sampler(m, 3, steps, method=method, renoise=renoise, graph=True)    # graph=True falls back on CPU
+    for seed in (0, 7):
+        want = fmlm.sample(m, 3, steps, method, renoise, generator=torch.Generator().manual_seed(seed),
+                           backend="torch")
+        got = s.sample(seed)
+        assert got.dtype == torch.int64 and got.shape == (3, 9)
+        assert torch.equal(got, want)
+
+
+def test_seeds_and_batch_sizes():
+    m = _model()
+    s = Sampler(m, 4, 2, renoise=0.5)
+    a, b, c = s.sample(1), s.sample(1), s.sample(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert s.sample(1, batch_size=3).shape == (3, 9) and s(1).shape == (4, 9)
+
+
+def test_from_h0_equals_sample_hidden():
+    m = _model()
+    plan = sampling.make_plan("fmlm", 3, 0.0, m.cfg.vocab_size)
+    h0 = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(3))
+    want = sampling.sample_hidden(m, plan, h0, sampling.Heads.from_model(m), backend="torch")
+    assert torch.equal(Sampler(m, 2, 3).sample(0, h0=h0), want)
+
+
+def test_parity_mode_matches_reference_sampler():
+    """Given the reference's V-space z0, the engine returns the reference's tokens (fp64: no ties broken
+    differently by rounding)."""
+    m = _model().double()
+    z0 = torch.randn(2, 9, 131, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for steps in (1, 3):
+        want = fmlm.sample(m, 2, steps, "fmlm", 0.0, noise=z0, backend="reference")
+        assert torch.equal(Sampler(m, 2, steps).sample(0, noise=z0), want)
+
+
+def test_weight_change_invalidates():
+    m = _model()
+    s = Sampler(m, 3, 1)
+    before = s.sample(0)
+    key = s._key
+    with torch.no_grad():
+        m.output_layer.linear.bias.copy_(torch.randn(131, generator=torch.Generator().manual_seed(9)))
+    after = s.sample(0)
+    assert s._key != key
+    want = fmlm.sample(m, 3, 1, generator=torch.Generator().manual_seed(0), backend="torch")
+    assert torch.equal(after, want) and not torch.equal(after, before)
+
+
+def test_device_seed_path_is_deterministic_and_state_path_agrees():
+    """The graph body on the host: the seeded draw (randn_philox) then the steps; running the steps from the
+    drawn state gives the same tokens (the two graphs a bucket can hold)."""
+    m = _model()
+    s = Sampler(m, 3, 2, renoise=0.5)
+    slot = s._slot(4)
+    s._seed.fill_(11)
+    s._run(slot, True)
+    t1, h_drawn = slot.tokens.clone(), slot.h.clone()
+    s._run(slot, True)
+    assert torch.equal(slot.tokens, t1) and torch.equal(slot.h, h_drawn)
+    s._run(slot, False)
+    assert torch.equal(slot.tokens, t1)
+    s._seed.fill_(12)
+    s._run(slot, True)
+    assert not torch.equal(slot.h, h_drawn)
+
+
+def test_cached_sampler_reused():
+    m = _model()
+    a = cached_sampler(m, 2, 1)
+    assert cached_sampler(m, 8, 1) is a and cached_sampler(m, 2, 2) is not a
+
+
+def test_nvtx_ranges_are_no_ops_here():
+    with nvtx.range("x"):
+        with nvtx.record_functions():
+            with nvtx.range("y"):
+                pass
+    assert nvtx.backend() in ("nvtx", "torch", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast trunk
+# ---------------------------------------------------------------------------------------------
+def _trunk_inputs(m, B, L, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, L, m.cfg.hidden, generator=g).to(device, dtype)
+    return h, torch.rand(B, generator=g).to(device, dtype), torch.rand(B, generator=g).to(device, dtype)
+
+
+def _assert_budget(out, reference, truth, floor_rel):
+    err = (out.double() - truth).abs().max().item()
+    ref_err = (reference.double() - truth).abs().max().item()
+    floor = floor_rel * truth.abs().max().item()
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} > 2·{ref_err:.3g} + {floor:.3g}"
+
+
+@pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("L", [1, 7, 33])
+def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
+    m = _model(hidden=64, n_heads=2, seq_len=L, n_blocks=2)
+    h, ts, tt = _trunk_inputs(m, 2, L)
+    truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
+    m.float()
+    reference = m.trunk(h, ts, tt, backend="reference")
+    out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton")
+    assert out.dtype == torch.float32 and out.shape == h.shape
+    _assert_budget(out, reference, truth, 1e-6)
+
+
+def _bf16_reference(m, h, ts, tt):
+    """trunk_ref as published: bf16 autocast around fp32 weights, cond in fp32."""
+    p = m.params()
+    c = ref.cond_ref(p, ts, tt)
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        return ref.trunk_ref(p, h, c, m.cfg)
+
+
+def test_fast_trunk_bf16_torch_ops_within_budget():
+    m = _model(hidden=64, n_heads=2, seq_len=7)
+    h, ts, tt = _trunk_inputs(m, 3, 7)
+    truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
+    m.float()
+    out = m.trunk(h, ts, tt, backend="fast")
+    assert out.dtype == torch.bfloat16
+    _assert_budget(out, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+    with pytest.raises(ValueError):
+        m.trunk(h, ts, tt, backend="triton")
+
+
+def test_fast_weights_follow_weight_changes():
+    m = _model(hidden=64, n_heads=2, seq_len=7)
+    h, ts, tt = _trunk_inputs(m, 2, 7)
+    w1 = model_mod._fast_weights(m, h.device, torch.bfloat16)
+    assert model_mod._fast_weights(m, h.device, torch.bfloat16) is w1
+    with torch.no_grad():
+        m.blocks[1].attn_out.weight.mul_(-1.0)
+    w2 = model_mod._fast_weights(m, h.device, torch.bfloat16)
+    assert w2 is not w1 and torch.equal(w2.blocks[1]["wout"], m.blocks[1].attn_out.weight.to(torch.bfloat16))
+    truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
+    m.float()
+    _assert_budget(m.trunk(h, ts, tt, backend="fast"), _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+
+
+def test_fast_sampler_on_cpu_runs():
+    m = _model(hidden=64, n_heads=2)
+    s = Sampler(m, 2, 2, backend="fast")
+    a = s.sample(3)
+    assert a.shape == (2, 9) and torch.equal(a, s.sample(3)) and int(a.max()) < 131
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (make gpu-check)
+# ---------------------------------------------------------------------------------------------
+def _gpu_model(seq_len=64, vocab=1000):
+    return _model(device="cuda", vocab_size=vocab, seq_len=seq_len, hidden=256, n_heads=4, n_blocks=2, cond_dim=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L", [(2, 128), (1, 1024), (3, 33)], ids=["lm1b", "owt", "odd"])
+def test_fast_trunk_bf16_gpu(B, L):
+    m = _model(device="cuda", vocab_size=1000, seq_len=L, hidden=768, n_heads=12, n_blocks=2, cond_dim=128)
+    h, ts, tt = _trunk_inputs(m, B, L, device="cuda")
+    h = h * 8.0        # |h0| of the real state (ξ·C with C ~ chol(EᵀE)) is several units per entry
+    truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
+    m.float()
+    out = m.trunk(h, ts, tt)              # auto → fast on CUDA
+    assert out.dtype == torch.bfloat16
+    _assert_budget(out, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+
+
+@pytest.mark.gpu
+def test_linear_gelu_epilogue_is_gelu_within_bf16():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.randn(256, 128, device="cuda", generator=g).bfloat16()
+    w = (0.2 * torch.randn(512, 128, device="cuda", generator=g)).bfloat16()
+    b = torch.randn(512, device="cuda", generator=g).bfloat16()
+    out = model_mod._linear_gelu_tanh(y, w, b).double()
+    want = torch.nn.functional.gelu(y.double() @ w.double().T + b.double(), approximate="tanh")
+    assert (out - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps,renoise", [(1, 0.0), (3, 0.5)])
+def test_graph_replay_equals_eager(steps, renoise):
+    m = _gpu_model()
+    g = Sampler(m, 3, steps, renoise=renoise, graph=True)
+    e = Sampler(m, 3, steps, renoise=renoise, graph=False)
+    for seed in (0, 1):
+        a = g.sample(seed)
+        assert torch.equal(a, e.sample(seed)) and torch.equal(a, g.sample(seed))
+    assert not torch.equal(g.sample(0), g.sample(1))
+    assert set(g._slots[4].graphs) == {True}
+
+
+@pytest.mark.gpu
+def test_captured_region_never_syncs():
+    m = _gpu_model()
+    for graph in (True, False):
+        s = Sampler(m, 2, 2, renoise=0.5, graph=graph).warmup()
+        s.sample(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for seed in range(3):
+                s.sample(seed)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_bucket_padding_keeps_rows():
+    m = _gpu_model()
+    s = Sampler(m, 4, 1)
+    assert torch.equal(s.sample(5, batch_size=3), s.sample(5, batch_size=4)[:3])
+
+
+@pytest.mark.gpu
+def test_graph_recaptured_after_weight_change():
+    m = _gpu_model()
+    s = Sampler(m, 2, 1)
+    before = s.sample(0)
+    with torch.no_grad():
+        m.output_layer.linear.weight.mul_(-1.0)
+    after = s.sample(0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, Sampler(m, 2, 1, graph=False).sample(0))
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_agrees_with_fp32_engine_from_same_h0():
+    """bf16 fast path vs the fp32 torch path from one h0: same function, rounding apart (random weights
+    give near-tied logits, so a few tokens may differ)."""
+    m = _gpu_model()
+    s = Sampler(m, 4, 2)
+    h0 = s.C.float().new_tensor(torch.randn(4, 64, 256, generator=torch.Generator().manual_seed(0))) @ s.C.float()
+    got = s.sample(0, h0=h0)
+    plan = sampling.make_plan("fmlm", 2, 0.0, m.cfg.vocab_size)
+    with torch.no_grad():
+        want = sampling.sample_hidden(_FP32Trunk(m), plan, h0, sampling.Heads.from_model(m), backend="torch")
+    assert (got == want).float().mean().item() >= 0.9
+
+
+class _FP32Trunk:
+    """The model with its trunk pinned to the fp32 reference path (sample_hidden calls model.trunk(h, ...))."""
+
+    def __init__(self, m):
+        self.m, self.cfg = m, m.cfg
+
+    def trunk(self, h, tau_s, tau_t=None):
+        return self.m.trunk(h, tau_s, tau_t, backend="reference")
