@@ -75,7 +75,9 @@ class _AnyNode:
 
 class _DictConfig:
     def __init__(self, content: dict, key=None, parent=None):
-        self._metadata = _ContainerMeta(ref_type=typing.Any, object_type=dict, optional=True, key=key, flags={},
+        # a typed root, as omegaconf records for structured configs: pickles through operator.getitem
+        ref_type = typing.Dict[str, typing.Any] if parent is None else typing.Any
+        self._metadata = _ContainerMeta(ref_type=ref_type, object_type=dict, optional=True, key=key, flags={},
                                         flags_root=False, resolver_cache=collections.defaultdict(dict),
                                         key_type=typing.Any, element_type=typing.Any)
         self._parent = parent
@@ -109,6 +111,14 @@ _FAKES = {
     "transformers.models.gpt2.tokenization_gpt2_fast.GPT2TokenizerFast": _FastTokenizer,
     "lightning.pytorch.trainer.states.TrainerFn": _TrainerFn,
 }
+
+
+def _numpy_scalar(v):
+    try:
+        import numpy as np
+    except ImportError:
+        return v
+    return np.float64(v)
 
 
 def word_level_tokenizer(vocab_size: int):
@@ -187,7 +197,9 @@ def write_reference_ckpt(path, model: FlowLM, ema_model: Optional[FlowLM] = None
                                "epoch_loop.batch_progress": {"total": {"completed": 1234}}}},
         "callbacks": {"ModelCheckpoint{'monitor': 'val/nll', 'mode': 'min'}": {
             "best_model_score": torch.tensor(3.25), "best_model_path": "/ckpts/best.ckpt",
-            "dirpath": Path("/ckpts"), "kth_best_model_path": "", "stage": _TrainerFn.FITTING}},
+            "dirpath": Path("/ckpts"), "kth_best_model_path": "", "stage": _TrainerFn.FITTING,
+            "seen": {1, 2}, "frozen": frozenset({"a"}), "window": slice(1, 5), "z": 1 + 2j, "blob": b"\x00\xff",
+            "np_score": _numpy_scalar(0.5)}},
         "optimizer_states": [{"state": {i: {"step": torch.tensor(1234.0), "exp_avg": torch.randn(p.shape),
                                             "exp_avg_sq": torch.rand(p.shape)} for i, p in enumerate(params[:3])},
                               "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8,
