@@ -26,7 +26,7 @@ def cmd_sample(args) -> int:
     model.eval()
     cfg = model.cfg
     method = args.method or ("fmlm" if cfg.two_time else "flm")
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer(cfg.vocab_size, args.checkpoint)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer(cfg.vocab_size, args.checkpoint, model)
     out = open(args.out, "w") if args.out else None
     try:
         g = torch.Generator(device=device).manual_seed(args.seed)

@@ -59,8 +59,16 @@ def load_tokenizer(spec: str):
     raise FileNotFoundError(f"tokenizer {spec!r}: not a file, a directory or one of {sorted(NAMED)}")
 
 
-def default_tokenizer(vocab_size: int, checkpoint: Optional[str] = None):
-    """The tokenizer stored beside a checkpoint directory, else the released model's by vocabulary size."""
+def default_tokenizer(vocab_size: int, checkpoint: Optional[str] = None, model=None):
+    """The tokenizer a checkpoint carries (recovered by load_checkpoint as `model.tokenizer_json`, or a
+    tokenizer.json beside a checkpoint directory), else the released model's by vocabulary size."""
+    text = getattr(model, "tokenizer_json", None)
+    if text:
+        from tokenizers import Tokenizer
+        try:
+            return Tokenizer.from_str(text)
+        except Exception:      # a tokenizer the `tokenizers` library cannot rebuild: fall back by size
+            pass
     if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").is_file():
         return load_tokenizer(str(Path(checkpoint) / "tokenizer.json"))
     name = {30522: "bert-base-uncased", 50257: "gpt2", 50258: "gpt2"}.get(int(vocab_size))
