@@ -1,0 +1,824 @@
+"""linear_cross_entropy: −log softmax(cap(h·Wᵀ+b))[y] without writing (rows, V) logits, forward and backward.
+
+Reference: fmlm.kernels.reference.linear_cross_entropy_ref and soft_linear_cross_entropy_ref (they
+materialize the logits in the input dtype, then cap and log_softmax in fp32).
+
+Cut Cross-Entropy style (DESIGN.md §2.4): the forward streams logit tiles through an online log-sum-exp and
+keeps only (max, log Σ exp(S − max)) per row (two fp32 numbers rather than lse = their sum: p = exp((S − max)
+− log l) keeps fp32 accuracy where one rounded lse of magnitude ~30 would not); the backward recomputes each logit tile, forms
+    dS = g·(softmax − onehot)·cap'(z),   cap'(z) = 1 − tanh²(z/cap) = 1 − (S/cap)²,
+and writes it, one vocabulary chunk at a time (N × V_CHUNK, never N × V), for two cuBLAS GEMMs:
+dh += dS·W[chunk] and dW[chunk] = dSᵀ·h (db from per-row-block column sums written by the same kernel).
+The soft-target form (FMLM distillation) reads three logit streams over the same W: the target
+δ̄ = λ·softmax(S1) + (1−λ)·softmax(S2) and the prediction softmax(S0); its loss is
+lse0 − λ·Σ p1·S0 − (1−λ)·Σ p2·S0, accumulated online in one pass.
+
+Backends: 'reference' (the spec), 'torch' (chunked plain PyTorch, any device; the registered backward
+recomputes chunks), 'triton' (CUDA, or CPU under TRITON_INTERPRET=1). Weight rows may be padded past
+n_valid (the engine pads V to a multiple of 128): those columns get no probability and zero gradient.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+from ._backend import acc_dtype, interpreting, resolve
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the package imports without triton; backend='triton' then raises in resolve()
+    HAS_TRITON = False
+
+# Hopper defaults (bf16, D=768): 128×128×64 tiles, 8 warps, 3 stages (96 KB of shared memory); ptxas gives
+# 180-230 registers and no spills (compile_specs()), so one CTA per SM. FLATTEN: Triton flattens the
+# (tile, K) loop nest into one pipelined loop, so the next tile's loads overlap the tanh/exp epilogue
+# (that epilogue costs ~2 MUFU ops per logit, about a third of the MMA time of a 128×128×768 tile).
+# The backward is persistent (one program per SM striding over the tiles) for the same reason.
+FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, ctas_per_sm=1, FLATTEN=True)
+BWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, ctas_per_sm=1,
+                  FLATTEN=True, persistent=True, v_chunk=8192)
+# Three logit streams per tile: 64-row blocks keep two live fp32 tiles at 32 registers each.
+SOFT_FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, ctas_per_sm=1, FLATTEN=False)
+SOFT_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, ctas_per_sm=1,
+                       FLATTEN=False, persistent=True, v_chunk=8192)
+# The interpreter costs ~0.5 ms per program plus per-op numpy overhead: small tiles keep CPU tests fast.
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
+                        ctas_per_sm=2, FLATTEN=False, persistent=True, v_chunk=96)
+
+TORCH_V_CHUNK = 4096      # torch backend: (rows × 4096) fp32 logits per chunk
+TORCH_ROW_CHUNK = 4096
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh(x, MODE: tl.constexpr):
+        """tanh of fp32 x. The logit error is cap × the tanh error (cap = 30), so the mode follows the input
+        dtype: 0 — MUFU tanh.approx (rel. error 2^-11; bf16 logits already carry 2^-9); 1 — fp32: an odd
+        Taylor polynomial for |x| < 0.3 (where (1−e)/(1+e) cancels), the exp form elsewhere (≤ 2.2 ulp);
+        2 — the exp form in fp64, correctly rounded to fp32 (fp32 inputs; the interpreter has no libdevice)."""
+        if MODE == 0:
+            return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        elif MODE == 2:
+            ax = tl.abs(x).to(tl.float64)
+            e = tl.exp(-2.0 * ax)
+            r = ((1.0 - e) / (1.0 + e)).to(tl.float32)
+            return tl.where(x < 0, -r, r)
+        else:
+            ax = tl.abs(x)
+            e = tl.exp(-2.0 * ax)
+            big = (1.0 - e) / (1.0 + e)
+            x2 = ax * ax
+            p = 21844.0 / 6081075.0
+            p = p * x2 - 1382.0 / 155925.0
+            p = p * x2 + 62.0 / 2835.0
+            p = p * x2 - 17.0 / 315.0
+            p = p * x2 + 2.0 / 15.0
+            p = p * x2 - 1.0 / 3.0
+            small = ax + ax * x2 * p
+            r = tl.where(ax < 0.3, small, big)
+            return tl.where(x < 0, -r, r)
+
+    @triton.jit
+    def _dot_tile(x_ptr, rows, stride_x, w_ptr, cols, stride_w, D,
+                  PREC: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x[rows] · W[cols]ᵀ over the full D, fp32 accumulation; rows/cols already clamped in bounds."""
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + rows[:, None] * stride_x + offs_k[None, :]
+        b_ptrs = w_ptr + cols[None, :] * stride_w + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = offs_k < D - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        return acc
+
+    @triton.jit
+    def _capped(acc, b_ptr, cols, cap, inv_cap,
+                HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr):
+        """(S, tanh(z/cap)) for z = acc + b: S = cap·tanh(z/cap); without a cap, (z, z)."""
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        if HAS_CAP:
+            t = _tanh(z * inv_cap, TANH)
+            return cap * t, t
+        else:
+            return z, z
+
+    @triton.jit
+    def _group_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Grouped tile order: GROUP_M row blocks sweep the vocabulary together, so W tiles are reused in L2."""
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _linear_cross_entropy_fwd_kernel(
+            h_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr,
+            N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
+            HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
+            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (row block, vocabulary split): online (max, sum-exp) and the target logit over its V tiles.
+        part: (3, splits, N) fp32 = (m, l, S[target]); the host combines the splits."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_c = tl.minimum(rows, N - 1)
+        tgt = tl.load(tgt_ptr + rows_c)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        zt = tl.zeros((BLOCK_M,), tl.float32)
+        t0 = pid_s * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_N))
+        for t in tl.range(t0, t1, flatten=FLATTEN):
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_c = tl.minimum(cols, V - 1)
+            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            s = tl.where((cols < V)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+            m = m_new
+        rmask = rows < N
+        out = part_ptr + pid_s * N + rows
+        tl.store(out, m, mask=rmask)
+        tl.store(out + n_splits * N, l, mask=rmask)
+        tl.store(out + 2 * n_splits * N, zt, mask=rmask)
+
+    @triton.jit
+    def _linear_cross_entropy_bwd_kernel(
+            h_ptr, w_ptr, b_ptr, tgt_ptr, stats_ptr, g_ptr, ds_ptr, dbp_ptr,
+            N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
+            HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
+            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tiles (row block, column block) of the chunk [col0, col0+n_cols), strided over the programs
+        (persistent when the grid is smaller than the tile count): recompute S, write
+        dS = g·(p − onehot)·cap' to ds (N, n_cols) in the input dtype, and its column sums to dbp[row block]."""
+        num_m = tl.cdiv(N, BLOCK_M)
+        num_n = tl.cdiv(n_cols, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _group_tile(tile, num_m, num_n, GROUP_M)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows_c = tl.minimum(rows, N - 1)
+            lcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = col0 + lcols
+            cols_c = tl.minimum(cols, V - 1)
+            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, t = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            m = tl.load(stats_ptr + rows_c)
+            logl = tl.load(stats_ptr + N + rows_c)
+            g = tl.load(g_ptr + rows_c)
+            tgt = tl.load(tgt_ptr + rows_c)
+            p = tl.where((cols < V)[None, :], tl.exp((s - m[:, None]) - logl[:, None]), 0.0)
+            d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
+            if HAS_CAP:
+                d = d * (1.0 - t * t)
+            rmask = rows < N
+            cmask = lcols < n_cols
+            tl.store(ds_ptr + rows[:, None] * stride_ds + lcols[None, :], d.to(ds_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
+            if HAS_BIAS:
+                colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
+                tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=cmask)
+
+    @triton.jit
+    def _soft_linear_cross_entropy_fwd_kernel(
+            h_ptr, h1_ptr, h2_ptr, w_ptr, b_ptr, part_ptr,
+            N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
+            HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
+            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Three streams per W tile: online (m0, l0) of S0 = cap(h·Wᵀ+b) and, for k = 1, 2, online (m_k, l_k)
+        of S_k plus t_k = Σ exp(S_k − m_k)·S0. part: (8, splits, N) fp32."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_c = tl.minimum(rows, N - 1)
+        m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l0 = tl.zeros((BLOCK_M,), tl.float32)
+        l1 = tl.zeros((BLOCK_M,), tl.float32)
+        l2 = tl.zeros((BLOCK_M,), tl.float32)
+        t1 = tl.zeros((BLOCK_M,), tl.float32)
+        t2 = tl.zeros((BLOCK_M,), tl.float32)
+        ta = pid_s * tiles_per_split
+        tb = tl.minimum(ta + tiles_per_split, tl.cdiv(V, BLOCK_N))
+        for t in tl.range(ta, tb, flatten=FLATTEN):
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_c = tl.minimum(cols, V - 1)
+            cmask = (cols < V)[None, :]
+            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s0, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            s0 = tl.where(cmask, s0, 0.0)       # finite on masked columns: it multiplies e_k = 0 there
+            m_new = tl.maximum(m0, tl.max(tl.where(cmask, s0, float("-inf")), 1))
+            l0 = l0 * tl.exp(m0 - m_new) + tl.sum(tl.where(cmask, tl.exp(s0 - m_new[:, None]), 0.0), 1)
+            m0 = m_new
+            acc = _dot_tile(h1_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            s = tl.where(cmask, s, float("-inf"))
+            m_new = tl.maximum(m1, tl.max(s, 1))
+            a = tl.exp(m1 - m_new)
+            e = tl.exp(s - m_new[:, None])
+            l1 = l1 * a + tl.sum(e, 1)
+            t1 = t1 * a + tl.sum(e * s0, 1)
+            m1 = m_new
+            acc = _dot_tile(h2_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            s = tl.where(cmask, s, float("-inf"))
+            m_new = tl.maximum(m2, tl.max(s, 1))
+            a = tl.exp(m2 - m_new)
+            e = tl.exp(s - m_new[:, None])
+            l2 = l2 * a + tl.sum(e, 1)
+            t2 = t2 * a + tl.sum(e * s0, 1)
+            m2 = m_new
+        rmask = rows < N
+        out = part_ptr + pid_s * N + rows
+        step = n_splits * N
+        tl.store(out, m0, mask=rmask)
+        tl.store(out + step, l0, mask=rmask)
+        tl.store(out + 2 * step, m1, mask=rmask)
+        tl.store(out + 3 * step, l1, mask=rmask)
+        tl.store(out + 4 * step, t1, mask=rmask)
+        tl.store(out + 5 * step, m2, mask=rmask)
+        tl.store(out + 6 * step, l2, mask=rmask)
+        tl.store(out + 7 * step, t2, mask=rmask)
+
+    @triton.jit
+    def _soft_linear_cross_entropy_bwd_kernel(
+            h_ptr, h1_ptr, h2_ptr, w_ptr, b_ptr, stats_ptr, lam_ptr, g_ptr, ds_ptr, dbp_ptr,
+            N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
+            HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
+            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile; stats (6, N): (max, log l) of the h, h1, h2 streams.
+        The target streams go first so that only dS and one accumulator are live at a time."""
+        num_m = tl.cdiv(N, BLOCK_M)
+        num_n = tl.cdiv(n_cols, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _group_tile(tile, num_m, num_n, GROUP_M)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows_c = tl.minimum(rows, N - 1)
+            lcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = col0 + lcols
+            cols_c = tl.minimum(cols, V - 1)
+            cmask = (cols < V)[None, :]
+            lam = tl.load(lam_ptr + rows_c)
+            acc = _dot_tile(h1_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            d = -lam[:, None] * tl.exp((s - tl.load(stats_ptr + 2 * N + rows_c)[:, None])
+                                       - tl.load(stats_ptr + 3 * N + rows_c)[:, None])
+            acc = _dot_tile(h2_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            d -= (1.0 - lam)[:, None] * tl.exp((s - tl.load(stats_ptr + 4 * N + rows_c)[:, None])
+                                               - tl.load(stats_ptr + 5 * N + rows_c)[:, None])
+            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+            s, t = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
+            d += tl.exp((s - tl.load(stats_ptr + rows_c)[:, None]) - tl.load(stats_ptr + N + rows_c)[:, None])
+            d = tl.where(cmask, d, 0.0) * tl.load(g_ptr + rows_c)[:, None]
+            if HAS_CAP:
+                d = d * (1.0 - t * t)
+            rmask = rows < N
+            lmask = lcols < n_cols
+            tl.store(ds_ptr + rows[:, None] * stride_ds + lcols[None, :], d.to(ds_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & lmask[None, :])
+            if HAS_BIAS:
+                colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
+                tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=lmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4     # the interpreter: a few splits, so the split combine is exercised on CPU too
+
+
+def _config(kind: str, dtype: torch.dtype, D: int, config: Optional[dict]) -> dict:
+    base = INTERPRET_CONFIG if interpreting() else {"fwd": FWD_CONFIG, "bwd": BWD_CONFIG,
+                                                    "soft_fwd": SOFT_FWD_CONFIG, "soft_bwd": SOFT_BWD_CONFIG}[kind]
+    cfg = {**base, **(config or {})}
+    cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(D)))
+    return cfg
+
+
+def _flags(h: torch.Tensor, bias, cap, D: int, cfg: dict) -> dict:
+    """Constexpr flags: fp32 inputs keep IEEE fp32 dots (no TF32) and an fp64 tanh; bf16 on a GPU uses the
+    MUFU tanh (see _tanh)."""
+    if h.dtype == torch.float32:
+        tanh = 2
+    else:
+        tanh = 0 if h.dtype == torch.bfloat16 and h.device.type == "cuda" and not interpreting() else 1
+    return dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), TANH=tanh,
+                PREC="ieee" if h.dtype == torch.float32 else "tf32", EVEN_K=D % cfg["BLOCK_K"] == 0,
+                FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+
+
+def _check_triton_inputs(*tensors):
+    for t in tensors:
+        if t.dtype not in _TL_DTYPES:
+            raise TypeError(f"backend='triton' supports fp32/fp16/bf16, got {t.dtype}")
+        if t.numel() >= 2 ** 31:
+            raise ValueError("backend='triton' indexes with int32: tensors must have < 2^31 elements")
+
+
+def _splits(N: int, n_tiles: int, cfg: dict, device) -> tuple[int, int]:
+    """Enough (row block × vocabulary split) programs to fill every SM ctas_per_sm times, in one wave."""
+    m_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    splits = max(1, min(n_tiles, cfg["ctas_per_sm"] * _sm_count(device) // m_blocks))
+    per = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, per), per
+
+
+def _combine(m: torch.Tensor, l: torch.Tensor, t: Optional[torch.Tensor] = None):
+    """Merge per-split online-softmax partials (splits, N): (max, log l) and, given t, Σ_v softmax_v·S0_v."""
+    M = m.amax(0)
+    w = torch.exp(m - M)
+    L = (l * w).sum(0)
+    return (M, torch.log(L)) if t is None else (M, torch.log(L), (t * w).sum(0) / L)
+
+
+def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_valid, config=None):
+    """Triton forward on 2-D contiguous h (N, D): (loss (N,), stats (2, N) = (max, log l)), fp32."""
+    _check_triton_inputs(h, weight)
+    N, D = h.shape
+    cfg = _config("fwd", h.dtype, D, config)
+    n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])
+    splits, per = _splits(N, n_tiles, cfg, h.device)
+    part = torch.empty(3, splits, N, device=h.device, dtype=torch.float32)
+    _linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
+        h, weight, weight if bias is None else bias, targets, part,
+        N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
+        **_flags(h, bias, cap, D, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    m, logl = _combine(part[0], part[1])
+    loss = torch.where(targets != ignore_index, (m - part[2].sum(0)) + logl, 0.0)
+    return loss, torch.stack([m, logl])
+
+
+def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
+    """Shared backward driver: per vocabulary chunk, the kernel writes dS (N, chunk) and db partials;
+    cuBLAS then does dh += dS·W[chunk] (fp32 accumulator) and dW[chunk] = dSᵀ·h."""
+    N, D = h.shape
+    Vp = weight.shape[0]
+    cfg = _config(kind, h.dtype, D, config)
+    BN = cfg["BLOCK_N"]
+    v_end = min(Vp, triton.cdiv(n_valid, 128) * 128)       # padded columns past this get zero gradient
+    chunk = min(triton.cdiv(cfg["v_chunk"], BN) * BN, triton.cdiv(v_end, BN) * BN)
+    ds = torch.empty(N, chunk, device=h.device, dtype=h.dtype)
+    m_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    dbp = torch.zeros(m_blocks, Vp, device=h.device, dtype=torch.float32) if bias is not None else None
+    dh = torch.zeros(N, D, device=h.device, dtype=torch.float32)
+    dW = torch.empty_like(weight)
+    dW[v_end:].zero_()
+    for c0 in range(0, v_end, chunk):
+        nc = min(chunk, v_end - c0)
+        tiles = m_blocks * triton.cdiv(nc, BN)
+        grid = min(tiles, cfg["ctas_per_sm"] * _sm_count(h.device)) if cfg["persistent"] else tiles
+        launch(ds, dbp, c0, nc, cfg, (grid,))
+        dsc = ds[:, :nc]
+        if h.dtype == torch.float32:
+            dh.addmm_(dsc, weight[c0:c0 + nc])
+        else:
+            dh += torch.mm(dsc, weight[c0:c0 + nc])
+        torch.mm(dsc.t(), h, out=dW[c0:c0 + nc])
+    db = dbp.sum(0).to(bias.dtype) if bias is not None else weight.new_empty(0)
+    return dh.to(h.dtype), dW, db
+
+
+def linear_cross_entropy_bwd(grad, h, weight, bias, targets, stats, cap, ignore_index, n_valid, config=None):
+    """Triton backward: (dh, dW, db) for per-row loss gradients grad (N,); db is empty without a bias."""
+    _check_triton_inputs(h, weight)
+    g = (grad.float() * (targets != ignore_index)).contiguous()
+    D = h.shape[1]
+
+    def launch(ds, dbp, c0, nc, cfg, grid):
+        _linear_cross_entropy_bwd_kernel[grid](
+            h, weight, weight if bias is None else bias, targets, stats, g, ds, ds if dbp is None else dbp,
+            h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
+            0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
+            GROUP_M=cfg["GROUP_M"], **_flags(h, bias, cap, D, cfg),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    return _bwd_chunks(h, weight, bias, n_valid, "bwd", config, launch)
+
+
+def soft_linear_cross_entropy_fwd(h, weight, bias, h1, h2, lam, cap, n_valid, config=None):
+    """Triton forward of the soft-target loss: (loss (N,), stats (6, N) = (max, log l) of the h, h1, h2 streams)."""
+    _check_triton_inputs(h, weight, h1, h2)
+    N, D = h.shape
+    cfg = _config("soft_fwd", h.dtype, D, config)
+    n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])
+    splits, per = _splits(N, n_tiles, cfg, h.device)
+    part = torch.empty(8, splits, N, device=h.device, dtype=torch.float32)
+    _soft_linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
+        h, h1, h2, weight, weight if bias is None else bias, part,
+        N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
+        **_flags(h, bias, cap, D, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    m0, ll0 = _combine(part[0], part[1])
+    m1, ll1, e1 = _combine(part[2], part[3], part[4])
+    m2, ll2, e2 = _combine(part[5], part[6], part[7])
+    loss = (m0 + ll0) - lam * e1 - (1.0 - lam) * e2
+    return loss, torch.stack([m0, ll0, m1, ll1, m2, ll2])
+
+
+def soft_linear_cross_entropy_bwd(grad, h, weight, bias, h1, h2, lam, stats, cap, n_valid, config=None):
+    _check_triton_inputs(h, weight, h1, h2)
+    g = grad.float().contiguous()
+    D = h.shape[1]
+
+    def launch(ds, dbp, c0, nc, cfg, grid):
+        _soft_linear_cross_entropy_bwd_kernel[grid](
+            h, h1, h2, weight, weight if bias is None else bias, stats, lam, g, ds, ds if dbp is None else dbp,
+            h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
+            0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
+            GROUP_M=cfg["GROUP_M"], **_flags(h, bias, cap, D, cfg),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    return _bwd_chunks(h, weight, bias, n_valid, "soft_bwd", config, launch)
+
+
+# ---- the 'torch' backend: chunked plain PyTorch, never more than (TORCH_ROW_CHUNK × TORCH_V_CHUNK) logits
+def _chunk_logits(hr, weight, bias, v0, v1, cap):
+    z = hr @ weight[v0:v1].to(hr.dtype).T
+    if bias is not None:
+        z += bias[v0:v1].to(hr.dtype)
+    if cap:
+        t = torch.tanh(z / cap)
+        return cap * t, t
+    return z, None
+
+
+def _online(m, l, s):
+    m_new = torch.maximum(m, s.amax(-1))
+    a = torch.exp(m - m_new)
+    e = torch.exp(s - m_new[:, None])
+    return m_new, a, e, l * a + e.sum(-1)
+
+
+def _lce_fwd_torch(h, weight, bias, targets, cap, ignore_index, V):
+    acc = acc_dtype(h.dtype)
+    N = h.shape[0]
+    stats = torch.empty(2, N, device=h.device, dtype=acc)
+    zt = torch.zeros(N, device=h.device, dtype=acc)
+    for r0 in range(0, N, TORCH_ROW_CHUNK):
+        hr = h[r0:r0 + TORCH_ROW_CHUNK].to(acc)
+        tr = targets[r0:r0 + TORCH_ROW_CHUNK]
+        m = torch.full((hr.shape[0],), float("-inf"), device=h.device, dtype=acc)
+        l = torch.zeros_like(m)
+        for v0 in range(0, V, TORCH_V_CHUNK):
+            v1 = min(V, v0 + TORCH_V_CHUNK)
+            s, _ = _chunk_logits(hr, weight, bias, v0, v1, cap)
+            m, _, _, l = _online(m, l, s)
+            inside = (tr >= v0) & (tr < v1)
+            picked = s.gather(1, (tr - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
+            zt[r0:r0 + hr.shape[0]] += torch.where(inside, picked, 0.0)
+        stats[0, r0:r0 + hr.shape[0]] = m
+        stats[1, r0:r0 + hr.shape[0]] = torch.log(l)
+    return torch.where(targets != ignore_index, (stats[0] - zt) + stats[1], 0.0), stats
+
+
+def _bwd_torch(h, weight, bias, V, dsoft):
+    """Shared chunked backward: dsoft(r0, r1, v0, v1, s, hr) → dS for that chunk (before cap')."""
+    acc = acc_dtype(h.dtype)
+    N, D = h.shape
+    dh = torch.zeros(N, D, device=h.device, dtype=acc)
+    dW = torch.zeros(weight.shape, device=h.device, dtype=acc)
+    db = torch.zeros(weight.shape[0], device=h.device, dtype=acc)
+    for r0 in range(0, N, TORCH_ROW_CHUNK):
+        r1 = min(N, r0 + TORCH_ROW_CHUNK)
+        hr = h[r0:r1].to(acc)
+        for v0 in range(0, V, TORCH_V_CHUNK):
+            v1 = min(V, v0 + TORCH_V_CHUNK)
+            d = dsoft(r0, r1, v0, v1, hr)
+            dh[r0:r1] += d @ weight[v0:v1].to(acc)
+            dW[v0:v1] += d.T @ hr
+            db[v0:v1] += d.sum(0)
+    return dh.to(h.dtype), dW.to(weight.dtype), (db.to(bias.dtype) if bias is not None else weight.new_empty(0))
+
+
+def _lce_bwd_torch(grad, h, weight, bias, targets, stats, cap, ignore_index, V):
+    acc = acc_dtype(h.dtype)
+    g = grad.to(acc) * (targets != ignore_index)
+
+    def dsoft(r0, r1, v0, v1, hr):
+        s, t = _chunk_logits(hr, weight, bias, v0, v1, cap)
+        d = torch.exp((s - stats[0, r0:r1, None]) - stats[1, r0:r1, None])
+        tr = targets[r0:r1]
+        inside = ((tr >= v0) & (tr < v1)).to(acc)
+        d.scatter_add_(1, (tr - v0).clamp(0, v1 - v0 - 1)[:, None], -inside[:, None])
+        d *= g[r0:r1, None]
+        return d * (1 - t * t) if cap else d
+
+    return _bwd_torch(h, weight, bias, V, dsoft)
+
+
+def _soft_fwd_torch(h, weight, bias, h1, h2, lam, cap, V):
+    acc = acc_dtype(h.dtype)
+    N = h.shape[0]
+    loss = torch.empty(N, device=h.device, dtype=acc)
+    stats = torch.empty(6, N, device=h.device, dtype=acc)
+    for r0 in range(0, N, TORCH_ROW_CHUNK):
+        r1 = min(N, r0 + TORCH_ROW_CHUNK)
+        hs = [x[r0:r1].to(acc) for x in (h, h1, h2)]
+        m = [torch.full((r1 - r0,), float("-inf"), device=h.device, dtype=acc) for _ in range(3)]
+        l = [torch.zeros(r1 - r0, device=h.device, dtype=acc) for _ in range(3)]
+        tk = [torch.zeros(r1 - r0, device=h.device, dtype=acc) for _ in range(3)]
+        for v0 in range(0, V, TORCH_V_CHUNK):
+            v1 = min(V, v0 + TORCH_V_CHUNK)
+            s0 = _chunk_logits(hs[0], weight, bias, v0, v1, cap)[0]
+            m[0], _, _, l[0] = _online(m[0], l[0], s0)
+            for k in (1, 2):
+                s = _chunk_logits(hs[k], weight, bias, v0, v1, cap)[0]
+                m[k], a, e, l[k] = _online(m[k], l[k], s)
+                tk[k] = tk[k] * a + (e * s0).sum(-1)
+        for k in range(3):
+            stats[2 * k, r0:r1] = m[k]
+            stats[2 * k + 1, r0:r1] = torch.log(l[k])
+        lr = lam[r0:r1].to(acc)
+        loss[r0:r1] = (m[0] + stats[1, r0:r1]) - lr * tk[1] / l[1] - (1 - lr) * tk[2] / l[2]
+    return loss, stats
+
+
+def _soft_bwd_torch(grad, h, weight, bias, h1, h2, lam, stats, cap, V):
+    acc = acc_dtype(h.dtype)
+    g = grad.to(acc)
+    lam = lam.to(acc)
+
+    def dsoft(r0, r1, v0, v1, hr):
+        s, t = _chunk_logits(hr, weight, bias, v0, v1, cap)
+        d = torch.exp((s - stats[0, r0:r1, None]) - stats[1, r0:r1, None])
+        for k, x, w in ((1, h1, lam[r0:r1]), (2, h2, 1 - lam[r0:r1])):
+            sk = _chunk_logits(x[r0:r1].to(acc), weight, bias, v0, v1, cap)[0]
+            d -= w[:, None] * torch.exp((sk - stats[2 * k, r0:r1, None]) - stats[2 * k + 1, r0:r1, None])
+        d *= g[r0:r1, None]
+        return d * (1 - t * t) if cap else d
+
+    return _bwd_torch(h, weight, bias, V, dsoft)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (2-D contiguous inputs; the functional reshapes)
+# ---------------------------------------------------------------------------------------------
+def _contig(*ts):
+    return [None if t is None else t.contiguous() for t in ts]
+
+
+@torch.library.custom_op("fmlm::linear_cross_entropy", mutates_args=())
+def _lce_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            cap: Optional[float], ignore_index: int, n_valid: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (N,), stats (2, N) = (max, log Σ exp(S − max))) in fp32 (fp64 for fp64 inputs on the torch backend)."""
+    h, weight, bias, targets = _contig(h, weight, bias, targets)
+    if backend == "triton":
+        return linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_valid)
+    return _lce_fwd_torch(h, weight, bias, targets, cap, ignore_index, n_valid)
+
+
+@_lce_op.register_fake
+def _(h, weight, bias, targets, cap, ignore_index, n_valid, backend):
+    acc = acc_dtype(h.dtype)
+    return h.new_empty(h.shape[0], dtype=acc), h.new_empty(2, h.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fmlm::linear_cross_entropy_backward", mutates_args=())
+def _lce_bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, stats: torch.Tensor, cap: Optional[float], ignore_index: int, n_valid: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db); db has shape (0,) without a bias."""
+    grad, h, weight, bias, targets, stats = _contig(grad, h, weight, bias, targets, stats)
+    if backend == "triton":
+        return linear_cross_entropy_bwd(grad, h, weight, bias, targets, stats, cap, ignore_index, n_valid)
+    return _lce_bwd_torch(grad, h, weight, bias, targets, stats, cap, ignore_index, n_valid)
+
+
+@_lce_bwd_op.register_fake
+def _(grad, h, weight, bias, targets, stats, cap, ignore_index, n_valid, backend):
+    return torch.empty_like(h), torch.empty_like(weight), (torch.empty_like(bias) if bias is not None
+                                                           else weight.new_empty(0))
+
+
+@torch.library.custom_op("fmlm::soft_linear_cross_entropy", mutates_args=())
+def _soft_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], h1: torch.Tensor,
+             h2: torch.Tensor, lam: torch.Tensor, cap: Optional[float], n_valid: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (N,), stats (6, N) = (max, log l) of the h, h1, h2 streams); lam (N,) fp32."""
+    h, weight, bias, h1, h2, lam = _contig(h, weight, bias, h1, h2, lam)
+    if backend == "triton":
+        return soft_linear_cross_entropy_fwd(h, weight, bias, h1, h2, lam, cap, n_valid)
+    return _soft_fwd_torch(h, weight, bias, h1, h2, lam, cap, n_valid)
+
+
+@_soft_op.register_fake
+def _(h, weight, bias, h1, h2, lam, cap, n_valid, backend):
+    acc = acc_dtype(h.dtype)
+    return h.new_empty(h.shape[0], dtype=acc), h.new_empty(6, h.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fmlm::soft_linear_cross_entropy_backward", mutates_args=())
+def _soft_bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 h1: torch.Tensor, h2: torch.Tensor, lam: torch.Tensor, stats: torch.Tensor, cap: Optional[float],
+                 n_valid: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, h, weight, bias, h1, h2, lam, stats = _contig(grad, h, weight, bias, h1, h2, lam, stats)
+    if backend == "triton":
+        return soft_linear_cross_entropy_bwd(grad, h, weight, bias, h1, h2, lam, stats, cap, n_valid)
+    return _soft_bwd_torch(grad, h, weight, bias, h1, h2, lam, stats, cap, n_valid)
+
+
+@_soft_bwd_op.register_fake
+def _(grad, h, weight, bias, h1, h2, lam, stats, cap, n_valid, backend):
+    return torch.empty_like(h), torch.empty_like(weight), (torch.empty_like(bias) if bias is not None
+                                                           else weight.new_empty(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: gradients w.r.t. h, weight, bias only (targets, h1, h2 and λ are data); the stats output is auxiliary.
+# ---------------------------------------------------------------------------------------------
+def _lce_setup_context(ctx, inputs, output):
+    h, weight, bias, targets, cap, ignore_index, n_valid, backend = inputs
+    ctx.save_for_backward(h, weight, bias, targets, output[1])
+    ctx.args = (cap, ignore_index, n_valid, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lce_backward(ctx, grad_loss, grad_stats):
+    h, weight, bias, targets, stats = ctx.saved_tensors
+    dh, dW, db = torch.ops.fmlm.linear_cross_entropy_backward(grad_loss, h, weight, bias, targets, stats, *ctx.args)
+    return dh, dW, (db if bias is not None else None), None, None, None, None, None
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+def _soft_setup_context(ctx, inputs, output):
+    h, weight, bias, h1, h2, lam, cap, n_valid, backend = inputs
+    ctx.save_for_backward(h, weight, bias, h1, h2, lam, output[1])
+    ctx.args = (cap, n_valid, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _soft_backward(ctx, grad_loss, grad_stats):
+    h, weight, bias, h1, h2, lam, stats = ctx.saved_tensors
+    dh, dW, db = torch.ops.fmlm.soft_linear_cross_entropy_backward(grad_loss, h, weight, bias, h1, h2, lam, stats,
+                                                                   *ctx.args)
+    return dh, dW, (db if bias is not None else None), None, None, None, None, None, None
+
+
+_soft_op.register_autograd(_soft_backward, setup_context=_soft_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _valid_vocab(h, weight, bias, n_valid) -> int:
+    V = weight.shape[0] if n_valid is None else int(n_valid)
+    if weight.dim() != 2 or not 0 < V <= weight.shape[0] or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {n_valid}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return V
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                         cap: Optional[float] = 30.0, reduction: str = "none", ignore_index: int = -100,
+                         n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-token −log softmax(cap(h·Wᵀ+b))[target] over the first n_valid rows of weight.
+
+    h (..., D), targets (...) int64; ignored targets give 0 and are excluded from 'mean'. The loss is fp32
+    (fp64 for fp64 inputs). Differentiable w.r.t. h, weight and bias; no (rows, V) tensor is formed
+    except by backend='reference'."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    V = _valid_vocab(h, weight, bias, n_valid)
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
+    cap = float(cap) if cap else None
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1])
+    t2 = targets.reshape(-1)
+    be = resolve(backend, h.device)
+    if be == "reference" or h2.shape[0] == 0:
+        loss = ref.linear_cross_entropy_ref(h2, weight[:V], None if bias is None else bias[:V], t2, cap,
+                                            ignore_index, "none")
+    else:
+        loss = torch.ops.fmlm.linear_cross_entropy(h2, weight, bias, t2, cap, int(ignore_index), V, be)[0]
+    loss = loss.reshape(lead)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+
+
+def soft_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              h1: torch.Tensor, h2: torch.Tensor, lam, cap: Optional[float] = 30.0,
+                              n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-row −Σ_v δ̄_v·log softmax(cap(h·Wᵀ+b))_v, δ̄ = λ·softmax(cap(h1·Wᵀ+b)) + (1−λ)·softmax(cap(h2·Wᵀ+b)).
+
+    h, h1, h2 (..., D) of one dtype; lam broadcastable to h.shape[:-1] (one value per row). No gradient
+    flows into the targets (h1, h2, λ); gradients w.r.t. h, weight, bias."""
+    V = _valid_vocab(h, weight, bias, n_valid)
+    if h1.shape != h.shape or h2.shape != h.shape:
+        raise ValueError(f"h1 {tuple(h1.shape)} and h2 {tuple(h2.shape)} must match h {tuple(h.shape)}")
+    cap = float(cap) if cap else None
+    lead = h.shape[:-1]
+    lam = torch.as_tensor(lam, device=h.device).expand(lead)
+    D = h.shape[-1]
+    be = resolve(backend, h.device)
+    if be == "reference" or math.prod(lead) == 0:
+        loss = ref.soft_linear_cross_entropy_ref(h.reshape(-1, D), weight[:V], None if bias is None else bias[:V],
+                                                 h1.reshape(-1, D), h2.reshape(-1, D), lam.reshape(-1), cap)
+    else:
+        lam_f = lam.reshape(-1).to(acc_dtype(h.dtype)).detach()
+        loss = torch.ops.fmlm.soft_linear_cross_entropy(h.reshape(-1, D), weight, bias, h1.reshape(-1, D).detach(),
+                                                        h2.reshape(-1, D).detach(), lam_f, cap, V, be)[0]
+    return loss.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-only specs (bench/compile_check.py): the real configs, bf16, D = 768, for sm_90a
+# ---------------------------------------------------------------------------------------------
+def _spec(name, fn, sig, const, cfg) -> dict:
+    """One compile spec. attrs: the 16-divisibility the JIT infers at run time for pointers, strides, D and N
+    (with it Triton pipelines the loads with cp.async; without it the K loop is not pipelined)."""
+    div = [k for k in sig if k.endswith("_ptr") or k.startswith("stride") or k in ("D", "N")]
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
+    return dict(name=name, fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
+                attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
+    """Kernels at the real configs for bench/compile_check.py: build each with
+    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    options=dict(num_warps=..., num_stages=...))."""
+    if not HAS_TRITON:
+        return []
+    common = dict(HAS_BIAS=True, HAS_CAP=True, TANH={"bf16": 0, "fp16": 1, "fp32": 2}[dtype], PREC="ieee" if dtype == "fp32" else "tf32")
+    specs = []
+    for name, fn, cfg, ptrs in (
+            ("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, FWD_CONFIG,
+             dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", tgt_ptr="*i64", part_ptr="*fp32")),
+            ("soft_linear_cross_entropy_fwd", _soft_linear_cross_entropy_fwd_kernel, SOFT_FWD_CONFIG,
+             dict(h_ptr=f"*{dtype}", h1_ptr=f"*{dtype}", h2_ptr=f"*{dtype}", w_ptr=f"*{dtype}",
+                  b_ptr=f"*{dtype}", part_ptr="*fp32"))):
+        sig = {**ptrs, "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+               "tiles_per_split": "i32", "cap": "fp32", "inv_cap": "fp32"}
+        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     BLOCK_K=cfg["BLOCK_K"])
+        specs.append(_spec(name, fn, sig, const, cfg))
+    for name, fn, cfg, ptrs in (
+            ("linear_cross_entropy_bwd", _linear_cross_entropy_bwd_kernel, BWD_CONFIG,
+             dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", tgt_ptr="*i64", stats_ptr="*fp32",
+                  g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32")),
+            ("soft_linear_cross_entropy_bwd", _soft_linear_cross_entropy_bwd_kernel, SOFT_BWD_CONFIG,
+             dict(h_ptr=f"*{dtype}", h1_ptr=f"*{dtype}", h2_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+                  stats_ptr="*fp32", lam_ptr="*fp32", g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32"))):
+        sig = {**ptrs, "N": "i32", "V": "i32", "D": "i32", "col0": "i32", "n_cols": "i32", "stride_h": "i32",
+               "stride_w": "i32", "stride_ds": "i32", "stride_dbp": "i32", "cap": "fp32", "inv_cap": "fp32"}
+        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
+                     BLOCK_M=cfg["BLOCK_M"],
+                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+        specs.append(_spec(name, fn, sig, const, cfg))
+    return specs
