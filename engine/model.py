@@ -268,8 +268,13 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: torch.Tensor, tau_t: Op
             nxt = (w.blocks[i + 1]["norm1"], mods[:, m + 6], mods[:, m + 7])
         else:
             nxt = (w.final_norm, mods[:, 6 * nb], mods[:, 6 * nb + 1])
+        blk_mods = (mods[:, m + 2], mods[:, m + 3], mods[:, m + 4], mods[:, m + 5], *nxt)
+        if not in_place:
+            # a compiled block specializes on its inputs' storage offsets: views at 13 offsets of one
+            # modulation tensor would recompile per block
+            blk_mods = tuple(t.contiguous() for t in blk_mods)
         with nvtx.range(f"block{i}"):
             # block 0 must not write into the caller's h; later blocks update their own stream in place
-            x, y = block_fn(x, y, wb, mods[:, m + 2], mods[:, m + 3], mods[:, m + 4], mods[:, m + 5], *nxt, cos, sin,
-                            cfg.n_heads, cfg.attn_softcap, in_place and i > 0, kernel_backend, attn_backend)
+            x, y = block_fn(x, y, wb, *blk_mods, cos, sin, cfg.n_heads, cfg.attn_softcap, in_place and i > 0,
+                            kernel_backend, attn_backend)
     return y

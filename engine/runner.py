@@ -59,10 +59,12 @@ class Sampler:
 
     backend: 'auto' — the fast bf16 trunk and the Triton head ops on CUDA, the reference trunk and the
     chunked head elsewhere; 'fast' / 'reference' force the trunk path. graph: capture CUDA graphs (ignored
-    without CUDA: the sampler runs eagerly). Weights changed in place or replaced invalidate every graph."""
+    without CUDA: the sampler runs eagerly). compile_blocks: run the fast trunk's blocks through
+    torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
+    replaced invalidate every graph."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
-                 graph: bool = True, backend: str = "auto"):
+                 graph: bool = True, backend: str = "auto", compile_blocks: bool = False):
         cfg = model.cfg
         if method == "fmlm" and not cfg.two_time:
             raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
@@ -74,6 +76,7 @@ class Sampler:
         self.plan = make_plan(method, steps, renoise, cfg.vocab_size)
         self.backend = backend
         self.graph = bool(graph)
+        self.compile_blocks = bool(compile_blocks)
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()
@@ -161,7 +164,7 @@ class Sampler:
         for k in range(plan.steps):
             with nvtx.range(f"step{k}"):
                 tt = slot.tau_t[k]
-                u = self.model.trunk(h, slot.tau_s[k][:n], None if tt is None else tt[:n], backend=self.trunk_backend)
+                u = self._trunk(h, slot.tau_s[k][:n], None if tt is None else tt[:n])
                 with nvtx.range("head"):
                     if k == plan.steps - 1:
                         slot.tokens[:n].copy_(kernels.logits_argmax(u, heads.weight, heads.bias, heads.n_valid,
@@ -170,6 +173,12 @@ class Sampler:
                     noise = self._noise(n, k + 1, generator) if plan.c[k] else None
                     h = self._update(u, h, k, noise, [t[:n] for t in slot.coef[k]] if slot.coef else None)
         raise AssertionError("unreachable")
+
+    def _trunk(self, h, tau_s, tau_t):
+        if self.compile_blocks and self.trunk_backend == "fast":
+            from .model import _fast_trunk  # noqa: PLC0415
+            return _fast_trunk(self.model, h, tau_s, tau_t, torch.bfloat16, block_fn=_compiled_block())
+        return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
         """h_next = a·h + b·(D·E) [+ c·noise]: one fused flow_map_step when the head ops provide it."""
@@ -273,6 +282,16 @@ class Sampler:
         p = self.plan
         return (f"Sampler(method={p.method!r}, steps={p.steps}, renoise={p.renoise}, batch_size={self.batch_size}, "
                 f"device={self.device}, graphs={self.use_graphs}, trunk={self.trunk_backend})")
+
+
+_COMPILED = []
+
+
+def _compiled_block():
+    if not _COMPILED:
+        from .model import _fast_block  # noqa: PLC0415
+        _COMPILED.append(torch.compile(_fast_block, dynamic=False))
+    return _COMPILED[0]
 
 
 def kernels_randn():

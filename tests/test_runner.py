@@ -311,3 +311,55 @@ class _FP32Trunk:
 
     def trunk(self, h, tau_s, tau_t=None):
         return self.m.trunk(h, tau_s, tau_t, backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench e2e and profile: the CPU-side pieces
+# ---------------------------------------------------------------------------------------------
+def test_bench_e2e_floor_flops_and_cpu_skip():
+    from fmlm.bench import bench_e2e
+    from fmlm.engine.profile import PRESETS, SMALL
+
+    owt = fmlm.ModelConfig(**{**SMALL, **PRESETS["owt"]})
+    assert abs(bench_e2e.flops_per_sample(owt, 1) / 1e9 - 292) < 1.5          # DESIGN.md §3
+    assert bench_e2e.flops_per_sample(owt, 4) > 4 * bench_e2e.flops_per_sample(owt, 1)
+    if not torch.cuda.is_available():
+        assert bench_e2e.run(quick=True) == []
+
+
+def test_bench_e2e_annotate_and_plot(tmp_path):
+    from fmlm.bench import bench_e2e
+
+    def row(path, B, steps, ms):
+        return {"dataset": "owt", "path": path, "V": 50258, "L": 1024, "B": B, "steps": steps, "ms/sample": ms,
+                "floor ms/sample": 0.38 * steps}
+    rows = [row("reference (bf16 autocast)", 32, 1, 3.6), row("engine graph", 32, 1, 0.5),
+            row("engine graph", 32, 4, 2.4), row("engine eager", 1, 1, 2.0)]
+    bench_e2e._annotate(rows)
+    assert rows[1]["speedup"] == pytest.approx(7.2) and rows[1]["meets target"] == "yes"
+    assert rows[2]["4-step/1-step"] == pytest.approx(4.8) and rows[2]["meets target"] == "NO"
+    assert rows[3]["meets target"] == "" and rows[3]["speedup"] != rows[3]["speedup"]
+    pytest.importorskip("matplotlib")
+    png = bench_e2e.plot(rows, tmp_path / "e2e.png")
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_cli_registers_profile_and_bench_e2e(tmp_path):
+    from fmlm.engine import cli
+
+    ap = cli.build_parser()
+    a = ap.parse_args(["profile", "sample", "--preset", "tiny", "--out", str(tmp_path)])
+    assert a.func.__name__ == "profile_sample" and a.batch_size == 8
+    a = ap.parse_args(["bench", "e2e", "--datasets", "lm1b", "--steps", "1"])
+    assert a.datasets == ["lm1b"] and a.steps == [1]
+
+
+def test_profile_sample_writes_trace_and_table(tmp_path):
+    from fmlm.engine import cli
+
+    rc = cli.main(["profile", "sample", "--preset", "tiny", "--batch-size", "1", "--iters", "1", "--top", "5",
+                   "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    assert (tmp_path / "trace.json").stat().st_size > 1000
+    table = (tmp_path / "kernels.md").read_text()
+    assert "aten::" in table and table.count("\n|") >= 5

@@ -1,0 +1,232 @@
+"""`fmlm bench e2e`: end-to-end sampling of the released small FMLM, reference beside engine, one process.
+
+For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released small model (hidden 768,
+12 blocks, 12 heads, cond 128, two-time), random never-zero weights or a checkpoint (--checkpoint):
+- reference: kernels.reference.fmlm_sample_ref under bf16 autocast, as published (V-space z0 drawn
+  inside the call, host spline per step, dense x·E, materialized logits);
+- engine eager: fmlm.Sampler(graph=False) (fast bf16 trunk, fused head ops);
+- engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
+- engine graph + compile (full mode only): the blocks under torch.compile as well.
+Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
+the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
+speedup over the reference at the same point, % of floor (FLOPs of one sample over the measured bf16 GEMM
+rate: 292 GFLOP for an OWT one-step sample, DESIGN.md §3), and the targets of the issue.
+
+Floor FLOPs per token: steps × 12 blocks × (24·D² + 4·L·D) + (steps−1) × 4·D·V (D·E over the vocabulary)
++ 2·D·V (the final argmax GEMM) + 2·D² (h0 = ξ·C).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fmlm.bench.common import RESULTS_DIR, ceilings, markdown_table, time_fn, write_rows
+
+DATASETS = {"owt": (1, 8, 32, 64), "lm1b": (1, 64, 512)}
+# ms/sample targets of the issue (one step, H100, bf16)
+TARGETS = {("owt", 32, 1): 0.6, ("owt", 1, 1): 1.1, ("lm1b", 1, 1): 0.35, ("lm1b", 512, 1): 0.07}
+REF_QUICK = {("owt", 1, 1), ("owt", 32, 1), ("lm1b", 1, 1), ("lm1b", 512, 1)}
+FOUR_STEP_RATIO = 4.5
+
+
+def flops_per_sample(cfg, steps: int) -> float:
+    D, L, V = cfg.hidden, cfg.seq_len, cfg.vocab_size
+    trunk = cfg.n_blocks * (2 * (3 * D * D + D * D + 2 * cfg.mlp_ratio * D * D) + 4 * L * D)
+    per_token = steps * trunk + (steps - 1) * 4 * D * V + 2 * D * V + 2 * D * D
+    return float(per_token * L)
+
+
+def _peak(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _reference_call(model, B: int, steps: int, seed: int):
+    from fmlm.kernels import reference as ref
+
+    p, cfg = model.params(), model.cfg
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def call():
+        with torch.no_grad():
+            z0 = torch.randn(B, cfg.seq_len, cfg.vocab_size, device="cuda", generator=g)
+            return ref.fmlm_sample_ref(p, cfg, z0, steps, 0.0, amp_dtype=torch.bfloat16)
+    return call
+
+
+def _row(name, path, cfg, B, steps, t, peak_mb, rate):
+    ms = t["ms"] / B
+    floor_ms = flops_per_sample(cfg, steps) / (rate * 1e12) * 1e3 if rate == rate else float("nan")
+    return {"dataset": name, "path": path, "V": cfg.vocab_size, "L": cfg.seq_len, "B": B, "steps": steps,
+            "ms/sample": ms, "p20": t["p20_ms"] / B, "p80": t["p80_ms"] / B, "ms/call": t["ms"],
+            "samples/s": 1e3 / ms, "tokens/s": 1e3 * cfg.seq_len / ms, "peak MB": peak_mb,
+            "% of floor": 100.0 * floor_ms / ms, "floor ms/sample": floor_ms}
+
+
+def bench(args, quick: bool = False) -> list[dict]:
+    from fmlm.engine.profile import build_model
+    from fmlm.engine.runner import Sampler
+
+    if not torch.cuda.is_available():
+        print("bench e2e: no CUDA device, skipped", file=sys.stderr)
+        return []
+    rate = ceilings()["bf16_tflops"]
+    iters = args.iters or (5 if quick else 20)
+    ref_iters = 2 if quick else 5
+    steps_list = args.steps or [1, 4]
+    rows = []
+    for name in ([None] if args.checkpoint else args.datasets):
+        t0 = time.perf_counter()
+        model = build_model(args.checkpoint, name or "owt", "cuda", args.seed)
+        cfg = model.cfg
+        if name is None:         # a checkpoint: name it by its shape
+            name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
+        batches = args.batch_sizes or DATASETS.get(name, (1, 8, 32))
+        torch.cuda.synchronize()
+        for steps in steps_list:
+            for B in batches:
+                if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
+                    call = _reference_call(model, B, steps, args.seed)
+                    t = time_fn(call, warmup=1, iters=ref_iters)
+                    rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
+                    del call
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            paths = [("engine eager", dict(graph=False)), ("engine graph", dict(graph=True))]
+            if args.compile and not quick:
+                paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True)))
+            for path, kw in paths:
+                sampler = Sampler(model, max(batches), steps, **kw)
+                for B in batches:
+                    def call(B=B, sampler=sampler):
+                        return sampler.sample(args.seed, batch_size=B)
+                    peak = _peak(call)        # graph rows: capture (warm-up runs + pool) on the first call
+                    t = time_fn(call, warmup=1, iters=iters)
+                    rows.append(_row(name, path, cfg, B, steps, t, peak, rate))
+                del sampler
+                gc.collect()
+                torch.cuda.empty_cache()
+        print(f"bench e2e: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    _annotate(rows)
+    return rows
+
+
+def _annotate(rows):
+    """speedup over the reference at the same point, the issue's targets, four-step / one-step ratio."""
+    refs = {(r["dataset"], r["B"], r["steps"]): r["ms/sample"] for r in rows if r["path"].startswith("reference")}
+    one = {(r["dataset"], r["path"], r["B"]): r["ms/sample"] for r in rows if r["steps"] == 1}
+    for r in rows:
+        key = (r["dataset"], r["B"], r["steps"])
+        r["speedup"] = refs[key] / r["ms/sample"] if key in refs else float("nan")
+        target = TARGETS.get(key)
+        r["target ms/sample"] = target if target else float("nan")
+        r["4-step/1-step"] = float("nan")
+        if r["steps"] == 4 and (r["dataset"], r["path"], r["B"]) in one:
+            r["4-step/1-step"] = r["ms/sample"] / one[(r["dataset"], r["path"], r["B"])]
+        meets = []
+        if target and r["path"] == "engine graph":
+            meets.append(r["ms/sample"] <= target)
+        if r["4-step/1-step"] == r["4-step/1-step"] and r["path"] == "engine graph":
+            meets.append(r["4-step/1-step"] <= FOUR_STEP_RATIO)
+        r["meets target"] = ("yes" if all(meets) else "NO") if meets else ""
+
+
+def plot(rows, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sub = [r for r in rows if r["dataset"] == name]
+        for (p, s) in dict.fromkeys((r["path"], r["steps"]) for r in sub):
+            pts = sorted((r["B"], r["ms/sample"]) for r in sub if r["path"] == p and r["steps"] == s)
+            ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=f"{p}, {s} step{'s' if s > 1 else ''}")
+        floors = sorted({(r["steps"], r["floor ms/sample"]) for r in sub})
+        for s, f in floors:
+            ax.axhline(f, ls=":", lw=0.8, color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("ms / sample")
+        ax.set_title(f"{name.upper()} (L={sub[0]['L']}, V={sub[0]['V']}); dotted: floor")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+COLUMNS = ["dataset", "path", "B", "steps", "ms/sample", "p20", "p80", "samples/s", "tokens/s", "peak MB",
+           "speedup", "% of floor", "target ms/sample", "4-step/1-step", "meets target"]
+
+
+def run(quick: bool = False, argv=None) -> list[dict]:
+    args = parser().parse_args(argv or [])
+    rows = bench(args, quick=quick)
+    if rows:
+        plot(rows, Path(args.out or RESULTS_DIR) / "bench_e2e.png")
+    return rows
+
+
+def parser(ap=None):
+    ap = ap or argparse.ArgumentParser(prog="fmlm bench e2e", description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="real weights (default: random, never zero)")
+    ap.add_argument("--datasets", nargs="+", default=["owt", "lm1b"], choices=sorted(DATASETS))
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 32 64 (OWT), 1 64 512 (LM1B)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="default: 1 4")
+    ap.add_argument("--reference", choices=("headline", "all", "none"), default="headline",
+                    help="where to run the reference sampler (headline: the issue's one-step points)")
+    ap.add_argument("--compile", action="store_true", help="also time the blocks under torch.compile")
+    ap.add_argument("--quick", action="store_true", help="the gpu-check budget (~90 s on an H100)")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+def cli(args) -> int:
+    rows = bench(args, quick=args.quick)
+    if not rows:
+        return 0
+    print(markdown_table(rows, COLUMNS))
+    md = write_rows("bench_e2e", rows, args.out)
+    png = plot(rows, md.parent / "bench_e2e.png")
+    print(f"rows appended to {md.with_suffix('.csv')}" + (f"; plot {png}" if png else ""))
+    return 0
+
+
+def register_cli(sub, bench_sub) -> None:
+    p = bench_sub.add_parser("e2e", help="end-to-end sampling: reference vs engine eager vs CUDA graphs",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser(p)
+    p.set_defaults(func=cli)
+
+
+def main(argv=None) -> int:
+    return cli(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
