@@ -166,9 +166,9 @@ class _FastWeights:
     All blocks' adaLN modulations (and the final layer's) are one (n_blocks·6·D + 2·D, cond) matrix: one GEMM
     per call instead of 13. LayerNorm weights stay fp32 (the reference's LayerNorm is fp32)."""
 
-    def __init__(self, model: "FlowLM", device: torch.device, dtype: torch.dtype, key):
-        cfg = model.cfg
-        self.key, self.dtype = key, dtype
+    def __init__(self, model: "FlowLM", device: torch.device, dtype: torch.dtype):
+        self.sources = [*model.parameters(), *model.buffers()]
+        self.key, self.dtype = _version_key(self.sources), dtype
         cast = lambda t: t.detach().to(device=device, dtype=dtype).contiguous()          # noqa: E731
         f32 = lambda t: t.detach().to(device=device, dtype=torch.float32).contiguous()   # noqa: E731
         self.cond_p = {n: t.detach().to(device) for n, t in model.named_parameters()
@@ -190,22 +190,28 @@ class _FastWeights:
         return self._rope[L]
 
 
-def _weights_key(model: "FlowLM"):
-    """Changes when any weight is replaced (data pointer, dtype, device) or updated in place (_version)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+def _version_key(tensors) -> tuple:
+    """Changes when a weight's data is replaced (.to(), .data =: new pointer) or updated in place (_version).
+    ~0.3 µs per tensor: cheap enough to check on every call (walking model.parameters() is ~10× dearer)."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 _FAST_CACHE: "weakref.WeakKeyDictionary[FlowLM, dict]" = weakref.WeakKeyDictionary()  # model → {(dev, dtype): w}
 
 
 def _fast_weights(model: "FlowLM", device: torch.device, dtype: torch.dtype) -> _FastWeights:
+    """The cached fast-path weights, rebuilt when a weight changed (in place, or its data replaced). A
+    Parameter *object* swapped for a new one is not seen: call _drop_fast_weights(model) after that."""
     per_model = _FAST_CACHE.setdefault(model, {})
-    key = _weights_key(model)
     w = per_model.get((device, dtype))
-    if w is None or w.key != key:
+    if w is None or _version_key(w.sources) != w.key:
         per_model.pop((device, dtype), None)       # free the stale copy before building the new one
-        w = per_model[(device, dtype)] = _FastWeights(model, device, dtype, key)
+        w = per_model[(device, dtype)] = _FastWeights(model, device, dtype)
     return w
+
+
+def _drop_fast_weights(model: "FlowLM") -> None:
+    _FAST_CACHE.pop(model, None)
 
 
 def _linear_gelu_tanh(y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,13 +243,24 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
                                x_out=x if in_place else None, backend=kb)
 
 
-def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: torch.Tensor, tau_t: Optional[torch.Tensor],
+def _fast_modulation(model: "FlowLM", tau_s: torch.Tensor, tau_t: Optional[torch.Tensor],
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """All adaLN modulation rows, (B, (6·n_blocks + 2)·D) in `dtype`: c = cond(τ_s, τ_t) in fp32 (as the
+    reference), then one GEMM for every block and the final layer. A sampler's times are fixed by its plan,
+    so it computes these once per step and weight version instead of ~20 small kernels per call."""
+    w = _fast_weights(model, tau_s.device, dtype)
+    c = ref.cond_ref(w.cond_p, tau_s, tau_t)
+    return torch.nn.functional.linear(c.to(dtype), w.ada_w, w.ada_b)
+
+
+def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor], tau_t: Optional[torch.Tensor],
                 dtype: torch.dtype = torch.bfloat16, kernel_backend: str = "auto", attn_backend: str = "auto",
-                block_fn=None) -> torch.Tensor:
+                block_fn=None, mods: Optional[torch.Tensor] = None) -> torch.Tensor:
     """trunk_ref computed with the fused ops: GEMMs in `dtype` (fp32 accumulate), residual stream fp32,
     LayerNorm/modulate/gate in fp32, softcap attention with rotary fused on load. Returns u in `dtype`.
     block_fn: a replacement for _fast_block (e.g. torch.compile(_fast_block)); kernel_backend/attn_backend
-    select the op backends (tests run 'triton' under TRITON_INTERPRET=1 with dtype=float32)."""
+    select the op backends (tests run 'triton' under TRITON_INTERPRET=1 with dtype=float32). mods: the
+    precomputed _fast_modulation rows, (B, ·) or (1, ·) broadcast over the batch, instead of the times."""
     from fmlm.kernels import adaln  # noqa: PLC0415
     from . import nvtx  # noqa: PLC0415
 
@@ -254,9 +271,12 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: torch.Tensor, tau_t: Op
     w = _fast_weights(model, h.device, dtype)
     in_place = block_fn is None       # a compiled block_fn gets functional ops
     block_fn = block_fn or _fast_block
-    with nvtx.range("cond"):
-        c = ref.cond_ref(w.cond_p, tau_s, tau_t)
-        mods = torch.nn.functional.linear(c.to(dtype), w.ada_w, w.ada_b).view(B, -1, D)
+    if mods is None:
+        with nvtx.range("cond"):
+            mods = _fast_modulation(model, tau_s, tau_t, dtype)
+    if mods.dim() != 2 or mods.shape[0] not in (1, B) or mods.shape[1] != (6 * cfg.n_blocks + 2) * D:
+        raise ValueError(f"mods must be (B or 1, {(6 * cfg.n_blocks + 2) * D}), got {tuple(mods.shape)}")
+    mods = mods.expand(B, -1).view(B, -1, D)      # a (1, ·) row broadcasts with batch stride 0
     cos, sin = w.rope(L)
     nb = cfg.n_blocks
     x = h if h.dtype in (torch.float32, torch.float64) else h.float()

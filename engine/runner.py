@@ -25,6 +25,7 @@ import torch
 from fmlm import kernels
 from fmlm.kernels import reference as ref
 from . import nvtx
+from .model import _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
 from .sampling import Heads, hidden_noise_factor, make_plan
 
 BACKENDS = ("auto", "fast", "reference")
@@ -35,10 +36,6 @@ def bucket_for(batch_size: int) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return 1 << (batch_size - 1).bit_length()
-
-
-def _weights_key(model) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
 
 
 @dataclasses.dataclass
@@ -61,7 +58,7 @@ class Sampler:
     chunked head elsewhere; 'fast' / 'reference' force the trunk path. graph: capture CUDA graphs (ignored
     without CUDA: the sampler runs eagerly). compile_blocks: run the fast trunk's blocks through
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
-    replaced invalidate every graph."""
+    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False):
@@ -94,7 +91,8 @@ class Sampler:
         """(Re)build everything derived from the weights; drops captured graphs. Runs at init and whenever
         a weight is replaced, moved, cast or updated in place."""
         model, dev = self.model, self.device
-        self._key = _weights_key(model)
+        self._sources = [*model.parameters(), *model.buffers()]
+        self._key = _version_key(self._sources)
         self._slots.clear()
         self._pool = None
         cuda = dev.type == "cuda"
@@ -115,6 +113,15 @@ class Sampler:
             self.heads = heads
         self.C = C.to(dev, self.noise_dtype)
         self.state_dtype = torch.float32 if self.trunk_backend == "fast" else E.dtype
+        self._mods = []
+        if self.trunk_backend == "fast":
+            # the plan fixes every step's times, so the conditioning (time MLPs + every adaLN row) is one
+            # (1, ·) row per step, broadcast over the batch: ~20 fewer kernels per step in the graph
+            with torch.no_grad():
+                for ts, tt in zip(self.plan.tau_s, self.plan.tau_t):
+                    t1 = torch.full((1,), ts, device=dev, dtype=torch.float32)
+                    t2 = None if tt is None else torch.full((1,), tt, device=dev, dtype=torch.float32)
+                    self._mods.append(_fast_modulation(model, t1, t2, torch.bfloat16))
         self._seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self._flow_map_step = None
         if self.head_backend != "torch":
@@ -122,8 +129,16 @@ class Sampler:
             self._flow_map_step = getattr(va, "flow_map_step", None)
 
     def _check_weights(self):
-        if _weights_key(self.model) != self._key:
+        if _version_key(self._sources) != self._key:
             self._prepare()
+
+    def refresh(self) -> "Sampler":
+        """Rebuild everything from the model's current weights and drop the captured graphs. Needed only
+        after a Parameter object was replaced by another (in-place updates, load_state_dict, .to() and
+        dtype casts are detected on every call)."""
+        _drop_fast_weights(self.model)
+        self._prepare()
+        return self
 
     def _slot(self, bucket: int) -> _Slot:
         if bucket not in self._slots:
@@ -164,20 +179,20 @@ class Sampler:
         for k in range(plan.steps):
             with nvtx.range(f"step{k}"):
                 tt = slot.tau_t[k]
-                u = self._trunk(h, slot.tau_s[k][:n], None if tt is None else tt[:n])
+                u = self._trunk(h, k, slot.tau_s[k][:n], None if tt is None else tt[:n])
                 with nvtx.range("head"):
                     if k == plan.steps - 1:
                         slot.tokens[:n].copy_(kernels.logits_argmax(u, heads.weight, heads.bias, heads.n_valid,
                                                                     backend=self.head_backend))
                         return
-                    noise = self._noise(n, k + 1, generator) if plan.c[k] else None
+                    noise = self._noise(n, k + 1, generator).to(h.dtype) if plan.c[k] else None
                     h = self._update(u, h, k, noise, [t[:n] for t in slot.coef[k]] if slot.coef else None)
         raise AssertionError("unreachable")
 
-    def _trunk(self, h, tau_s, tau_t):
-        if self.compile_blocks and self.trunk_backend == "fast":
-            from .model import _fast_trunk  # noqa: PLC0415
-            return _fast_trunk(self.model, h, tau_s, tau_t, torch.bfloat16, block_fn=_compiled_block())
+    def _trunk(self, h, k: int, tau_s, tau_t):
+        if self.trunk_backend == "fast":
+            block_fn = _compiled_block() if self.compile_blocks else None
+            return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k])
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -193,7 +208,7 @@ class Sampler:
                                         backend=self.head_backend)
         h = plan.a[k] * h + plan.b[k] * de.to(h.dtype)     # the order of fmlm.sample's update, op for op
         if noise is not None:
-            h = h + plan.c[k] * noise.to(h.dtype)
+            h = h + plan.c[k] * noise
         return h
 
     # -- CUDA graphs ---------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ def test_weight_change_invalidates():
     assert s._key != key
     want = fmlm.sample(m, 3, 1, generator=torch.Generator().manual_seed(0), backend="torch")
     assert torch.equal(after, want) and not torch.equal(after, before)
+    m.double()                                   # a dtype change replaces every tensor's data
+    assert s.sample(0).shape == (3, 9) and s.C.dtype == torch.float64
+    m.float()
+    m.output_layer.linear.bias = torch.nn.Parameter(m.output_layer.linear.bias.detach() + 1.0)
+    s.refresh()                                  # a swapped Parameter object needs refresh()
+    want = fmlm.sample(m, 3, 1, generator=torch.Generator().manual_seed(0), backend="torch")
+    assert torch.equal(s.sample(0), want)
 
 
 def test_device_seed_path_is_deterministic_and_state_path_agrees():
@@ -138,6 +145,55 @@ def test_nvtx_ranges_are_no_ops_here():
             with nvtx.range("y"):
                 pass
     assert nvtx.backend() in ("nvtx", "torch", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# randn_philox: the graph-safe noise source
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
+                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_randn_philox_streams_prefixes_and_moments():
+    from fmlm.kernels.randn import randn_philox
+
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    seed = torch.tensor([123], dtype=torch.int64, device=dev)
+    a = randn_philox((3, 1000), seed, 0, backend="triton")
+    assert torch.equal(a, randn_philox((3, 1000), seed, 0, backend="triton"))
+    assert torch.equal(randn_philox((2, 1000), seed, 0, backend="triton"), a[:2])     # bucket-independent rows
+    c = randn_philox((3, 1000), seed, 1, backend="triton")
+    seed.fill_(124)                                       # a device-side reseed, as sample(seed) does
+    d = randn_philox((3, 1000), seed, 0, backend="triton")
+    for x in (a, c, d):
+        assert abs(x.mean().item()) < 0.06 and abs(x.std().item() - 1) < 0.05    # 3000 draws: ~4σ bounds
+    assert abs(torch.corrcoef(torch.stack([a.flatten(), c.flatten(), d.flatten()]))[0, 1:]).max() < 0.08
+    h = randn_philox((64,), seed, 2, dtype=torch.float16, backend="triton")
+    assert h.dtype == torch.float16 and torch.isfinite(h).all()
+
+
+@pytest.mark.skipif(not triton_available() or interpreting(), reason="compile-only check needs the compiling triton")
+def test_randn_philox_compiles_for_sm90():
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fmlm.kernels.randn import compile_specs
+
+    sp = compile_specs()[0]
+    k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"]),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=sp["num_warps"]))
+    assert "ld.global" in k.asm["ptx"]          # the seed is read from device memory, not baked in
+
+
+def test_randn_philox_cpu_fallback_and_validation():
+    from fmlm.kernels.randn import randn_philox
+
+    seed = torch.tensor([5], dtype=torch.int64)
+    a = randn_philox((4, 8), seed, 3, backend="torch")
+    assert torch.equal(a, randn_philox((4, 8), seed, 3, backend="torch"))
+    assert not torch.equal(a, randn_philox((4, 8), seed, 4, backend="torch"))
+    with pytest.raises(ValueError):
+        randn_philox((2,), torch.tensor([1, 2]), 0)
+    with pytest.raises(ValueError):
+        randn_philox((2,), seed, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +257,20 @@ def test_fast_weights_follow_weight_changes():
     truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
     m.float()
     _assert_budget(m.trunk(h, ts, tt, backend="fast"), _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+
+
+def test_precomputed_modulation_broadcasts():
+    """The Sampler's per-step (1, ·) modulation row, broadcast over the batch, is the per-row conditioning."""
+    m = _model(hidden=64, n_heads=2, seq_len=7)
+    h, _, _ = _trunk_inputs(m, 3, 7)
+    ts, tt = torch.full((3,), 0.25), torch.full((3,), 0.75)
+    mods = model_mod._fast_modulation(m, ts[:1], tt[:1], torch.float32)
+    assert mods.shape == (1, (6 * 2 + 2) * 64)
+    a = model_mod._fast_trunk(m, h, ts, tt, torch.float32)
+    b = model_mod._fast_trunk(m, h, None, None, torch.float32, mods=mods)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        model_mod._fast_trunk(m, h, None, None, torch.float32, mods=mods[:, :-1])
 
 
 def test_fast_sampler_on_cpu_runs():
@@ -272,9 +342,12 @@ def test_captured_region_never_syncs():
 
 @pytest.mark.gpu
 def test_bucket_padding_keeps_rows():
+    """Rows are independent: a batch of 3 padded to the bucket of 4 gives the rows of the full batch."""
     m = _gpu_model()
-    s = Sampler(m, 4, 1)
+    s = Sampler(m, 4, 2)
     assert torch.equal(s.sample(5, batch_size=3), s.sample(5, batch_size=4)[:3])
+    h0 = torch.randn(4, 64, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)) @ s.C.float()
+    assert torch.equal(s.sample(0, h0=h0[:3]), s.sample(0, h0=h0)[:3])
 
 
 @pytest.mark.gpu
@@ -292,15 +365,15 @@ def test_graph_recaptured_after_weight_change():
 @pytest.mark.gpu
 def test_gpu_sampler_agrees_with_fp32_engine_from_same_h0():
     """bf16 fast path vs the fp32 torch path from one h0: same function, rounding apart (random weights
-    give near-tied logits, so a few tokens may differ)."""
+    give near-tied logits, so a few percent of the tokens may differ; chance agreement is 1/V)."""
     m = _gpu_model()
-    s = Sampler(m, 4, 2)
-    h0 = s.C.float().new_tensor(torch.randn(4, 64, 256, generator=torch.Generator().manual_seed(0))) @ s.C.float()
+    s = Sampler(m, 4, 1)
+    h0 = torch.randn(4, 64, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)) @ s.C.float()
     got = s.sample(0, h0=h0)
-    plan = sampling.make_plan("fmlm", 2, 0.0, m.cfg.vocab_size)
+    plan = sampling.make_plan("fmlm", 1, 0.0, m.cfg.vocab_size)
     with torch.no_grad():
         want = sampling.sample_hidden(_FP32Trunk(m), plan, h0, sampling.Heads.from_model(m), backend="torch")
-    assert (got == want).float().mean().item() >= 0.9
+    assert (got == want).float().mean().item() >= 0.85
 
 
 class _FP32Trunk:
