@@ -127,12 +127,15 @@ def compile_specs() -> list[dict]:
            "SCALE": "*bf16", "OUT": "*bf16", "eps": "fp32"}
     sig.update({n: "i32" for n in ("n_rows", "L", "D", "stride_x", "stride_y", "stride_xo", "stride_o",
                                    "stride_gb", "stride_mb")})
+    names = _gate_residual_adaln_kernel.arg_names
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+               if sig.get(n, "").startswith("*") or n.startswith("stride_") or n == "D"}
     specs = []
     for res, norm in ((True, True), (False, True), (True, False)):
         const = dict(HAS_RESIDUAL=res, HAS_NORM=norm, BLOCK_R=4, BLOCK_D=1024)
         specs.append(dict(name=f"_gate_residual_adaln_kernel[{'res' if res else ''}{'+norm' if norm else ''}]",
                           fn=_gate_residual_adaln_kernel, signature={**sig, **{k: "constexpr" for k in const}},
-                          constexprs=const, num_warps=4, num_stages=1))
+                          constexprs=const, attrs=aligned, num_warps=4, num_stages=1))
     return specs
 
 

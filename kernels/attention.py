@@ -7,8 +7,8 @@ is never used here as if it were this one.
 
 Backends:
 - 'triton': a flash-attention forward (online softmax over key tiles, fp32 accumulators) that rotates q and
-  k as it loads them (rotate-half, cos/sin tables in fp32), so the qkv projection output is read once and
-  no rotated copy is written. On CUDA the tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11,
+  k as it loads them (rotate-half, cos/sin tables rounded to q's dtype as in the reference), so the qkv
+  projection output is read once and no rotated copy is written. On CUDA the tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11,
   below the bf16 rounding of q and k that precedes it); under TRITON_INTERPRET=1 an exact exp2 form.
 - 'flex': torch FlexAttention with a tanh score_mod (compiled on CUDA). DESIGN.md §3 measured it at 0.94 ms
   per layer at B=32, L=1024 on an H100; the fallback when triton is missing.
@@ -50,26 +50,42 @@ if triton_available():
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
         m_ok = offs_m < L
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=q_mask, other=0.0)
-        # rotate-half: out[j] = x[j]·cos[j'] + sign[j]·x[partner(j)]·sin[j'], j' = j mod d/2,
-        # partner(j) = j ± d/2, sign −1 on the first half; one (rows, d) tile keeps a single dot with K = d.
+        # Rotary (rotate-half) splits the head dim into halves x1, x2: (x1·c − x2·s, x2·c + x1·s). With halves
+        # of ≥ 16 columns the kernel keeps them apart (contiguous, vectorized, pipelined loads) and takes
+        # q·kᵀ as q1·k1ᵀ + q2·k2ᵀ; narrower heads (tests) rotate one full tile through a partner gather.
         HALF: tl.constexpr = HEAD_DIM // 2
-        first = offs_d < HALF
-        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-        freq = tl.where(first, offs_d, offs_d - HALF)
-        sign = tl.where(first, -1.0, 1.0)
-        if ROTARY:
-            q_p = tl.load(q_base + offs_m[:, None] * stride_ql + partner[None, :], mask=q_mask, other=0.0)
-            cq = tl.load(COS + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
-            sq = tl.load(SIN + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
-            q = (q.to(tl.float32) * cq + sign[None, :] * q_p.to(tl.float32) * sq).to(Q.dtype.element_ty)
+        SPLIT: tl.constexpr = ROTARY and (HALF >= 16) and (HEAD_DIM == BLOCK_D)
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        offs_h = tl.arange(0, HALF if SPLIT else 16)
+        if SPLIT:
+            qp = q_base + offs_m[:, None] * stride_ql + offs_h[None, :]
+            cp = offs_m[:, None] * stride_cl + offs_h[None, :]
+            q1 = tl.load(qp, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            q2 = tl.load(qp + HALF, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            cq = tl.load(COS + cp, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            sq = tl.load(SIN + cp, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            qa = (q1 * cq - q2 * sq).to(Q.dtype.element_ty)
+            qb = (q2 * cq + q1 * sq).to(Q.dtype.element_ty)
+        else:
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            qa = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=q_mask, other=0.0)
+            if ROTARY:
+                first = offs_d < HALF
+                partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+                freq = tl.where(first, offs_d, offs_d - HALF)
+                sign = tl.where(first, -1.0, 1.0)
+                q_p = tl.load(q_base + offs_m[:, None] * stride_ql + partner[None, :], mask=q_mask, other=0.0)
+                cq = tl.load(COS + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
+                sq = tl.load(SIN + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
+                qa = (qa.to(tl.float32) * cq.to(tl.float32)
+                      + sign[None, :] * q_p.to(tl.float32) * sq.to(tl.float32)).to(Q.dtype.element_ty)
+            qb = qa          # unused
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -77,17 +93,35 @@ if triton_available():
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-            if ROTARY:
-                k_p = tl.load(k_base + offs_n[:, None] * stride_kl + partner[None, :], mask=kv_mask, other=0.0)
-                ck = tl.load(COS + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
-                sk = tl.load(SIN + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
-                k = (k.to(tl.float32) * ck + sign[None, :] * k_p.to(tl.float32) * sk).to(K.dtype.element_ty)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            row_mask = n_ok[:, None]     # masked loads still pipeline (cp.async with zero fill)
+            if SPLIT:
+                kp = k_base + offs_n[:, None] * stride_kl + offs_h[None, :]
+                kcp = offs_n[:, None] * stride_cl + offs_h[None, :]
+                k1 = tl.load(kp, mask=row_mask, other=0.0).to(tl.float32)
+                k2 = tl.load(kp + HALF, mask=row_mask, other=0.0).to(tl.float32)
+                ck = tl.load(COS + kcp, mask=row_mask, other=0.0).to(tl.float32)
+                sk = tl.load(SIN + kcp, mask=row_mask, other=0.0).to(tl.float32)
+                ka = (k1 * ck - k2 * sk).to(K.dtype.element_ty)
+                kb = (k2 * ck + k1 * sk).to(K.dtype.element_ty)
+                if IEEE:
+                    s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
+                    s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
+                else:
+                    s = tl.dot(qa, tl.trans(ka))
+                    s = tl.dot(qb, tl.trans(kb), s)
             else:
-                s = tl.dot(q, tl.trans(k))
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+                if ROTARY:
+                    k_p = tl.load(k_base + offs_n[:, None] * stride_kl + partner[None, :], mask=kv_mask, other=0.0)
+                    ck = tl.load(COS + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
+                    sk = tl.load(SIN + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
+                    k = (k.to(tl.float32) * ck.to(tl.float32)
+                         + sign[None, :] * k_p.to(tl.float32) * sk.to(tl.float32)).to(K.dtype.element_ty)
+                if IEEE:
+                    s = tl.dot(qa, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(qa, tl.trans(k))
             if HAS_CAP:
                 y = s * (qk_scale / softcap)
                 if FAST_TANH:
@@ -112,7 +146,11 @@ if triton_available():
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            v_ptr = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
+            if EVEN_N and EVEN_D:
+                v = tl.load(v_ptr)
+            else:
+                v = tl.load(v_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None]
             if IEEE:
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
@@ -121,7 +159,7 @@ if triton_available():
             m_i = m_new
         o = acc / l_i[:, None]
         o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=q_mask)
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,7 +199,7 @@ def _check(q, k, v, cos, sin):
 def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None, out=None,
                           block_m: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
     """Triton launcher. q, k, v (B, L, H, d) with unit stride on d (views into a (B, L, 3, H, d) qkv buffer
-    are fine); cos/sin (L, d/2) fp32. Returns (B, L, H·d) in q's dtype."""
+    are fine); cos/sin (L, d/2), used in q's dtype. Returns (B, L, H·d) in q's dtype."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -171,8 +209,10 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     o4 = out.view(B, L, H, d)
     rotary = cos is not None
     if rotary:
-        cos = cos.to(torch.float32).contiguous()
-        sin = sin.to(torch.float32).contiguous()
+        # the reference rounds the tables to x's dtype (apply_rotary_ref: cos.to(x.dtype)); so does the
+        # kernel, which also halves their loads in the key loop
+        cos = cos.to(q.dtype).contiguous()
+        sin = sin.to(q.dtype).contiguous()
     else:
         cos = sin = q      # never read (ROTARY=False)
     cfg = _config(B, H, L, d, q.device)
@@ -204,6 +244,11 @@ def compile_specs() -> list[dict]:
     sig = {n: "*bf16" for n in ("Q", "K", "V", "O")}
     sig.update({"COS": "*fp32", "SIN": "*fp32", "qk_scale": "fp32", "softcap": "fp32"})
     sig.update({n: "i32" for n in _softcap_attention_fwd_kernel.arg_names if n not in sig})  # strides, L, H
+    # what the JIT specializes at run time for the DiT's qkv views (pointers 16-byte aligned, strides of
+    # 3·D, d, d/2 elements divisible by 16): without it the compiler cannot vectorize or pipeline the loads
+    names = _softcap_attention_fwd_kernel.arg_names
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+               if sig[n].startswith("*") or n.startswith("stride_")}
     specs = []
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for rotary in (True, False):
@@ -211,7 +256,7 @@ def compile_specs() -> list[dict]:
                          FAST_TANH=True, EVEN_N=True, IEEE=False)
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{'_rope' if rotary else ''}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
-                              constexprs=const, num_warps=warps, num_stages=3))
+                              constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
     return specs
 
 

@@ -98,7 +98,7 @@ def test_compiles_for_sm90_without_spills():
     from triton.backends.compiler import GPUTarget
 
     for sp in adaln.compile_specs():
-        k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"]),
+        k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp.get("attrs")),
                            target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=sp["num_warps"], num_stages=sp["num_stages"]))
         assert ".local" not in k.asm["ptx"], f"{sp['name']} spills"

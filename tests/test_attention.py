@@ -111,7 +111,7 @@ def test_compiles_for_sm90_without_spills():
     specs = A.compile_specs()
     assert specs
     for sp in specs[:2]:           # the B=32 and B=1-sized tiles; all are in bench/compile_check
-        k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"]),
+        k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp.get("attrs")),
                            target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=sp["num_warps"], num_stages=sp["num_stages"]))
         ptx = k.asm["ptx"]
