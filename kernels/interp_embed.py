@@ -1,0 +1,628 @@
+"""interp_embed: the FLM training input h = x_γ·E = (1−γ)·ε·E + γ·E[y], without a (B, L, V) tensor.
+
+Reference: fmlm.kernels.reference.interp_embed_ref (V-space noise, dense one-hot + noise times E) and
+interp_embed_hidden_ref (hidden-space noise ξ·C). DESIGN.md §2.1 and §2.4.
+
+Two noise models:
+- "vocab": ε ~ N(0, I_V) per token, counter-based (Philox4x32-10 keyed by the seed; counter (v//4, l, b, 0),
+  Box–Muller, lane v%4), regenerated tile by tile inside the forward GEMM (ε·E) and inside the backward GEMM
+  (dE = εᵀ·((1−γ)·dh)), never stored. `vocab_noise` materializes the same numbers for tests and parity.
+- "hidden": ε·E ~ N(0, EᵀE) drawn as ξ·C, C = chol(EᵀE)ᵀ (D×D), ξ ~ N(0, I_D) (Philox counter (d//4, l, b, 1),
+  or given as `xi`): O(L·D²) instead of O(L·V·D). C is given (`chol`, e.g. computed once per weight set for
+  sampling) or computed inside from E with autograd (`embed_cholesky`), so dE flows through the Cholesky
+  factor as well as through the gather E[y].
+
+Gradient estimator note (DESIGN.md §2.4): ξ·C(E) and ε·E have the same law N(0, EᵀE) for every E, so
+E_ξ[∇_E f(ξ·C(E) …)] = E_ε[∇_E f(ε·E …)] = ∇_E E[f]: both are unbiased pathwise estimators of the same
+expected-loss gradient, with different per-sample values and variance. A `chol` given without grad drops
+the noise path of dE (biased; fine for sampling). tests/test_interp_embed.py checks the expected gradient of
+both modes against the closed form for a quadratic loss.
+
+Noise streams: the Triton and torch backends run the same Philox counters (bit-identical uint32), and the
+same Box–Muller formula in fp32; the normals differ only by the last-ulp differences of log/cos/sin
+between numpy/libm (CPU) or the GPU's fast math and torch's implementations.
+
+Backends: 'reference', 'torch' (chunked plain PyTorch, any device), 'triton' (CUDA, or CPU under
+TRITON_INTERPRET=1). No gradient w.r.t. gamma, tokens, xi (they are sampled data).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+from ._backend import acc_dtype, interpreting, resolve
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the package imports without triton; backend='triton' then raises in resolve()
+    HAS_TRITON = False
+
+NOISES = ("hidden", "vocab")
+STREAM_VOCAB, STREAM_HIDDEN = 0, 1
+
+# Hopper defaults (bf16, D = 768). vocab mode: the RNG (Philox + Box–Muller, ~40 integer/MUFU ops per
+# normal) is regenerated D/BLOCK_D times, so BLOCK_D = 256 with 64-row tiles; hidden mode is a
+# (rows × D) · (D × D) GEMM with a gather epilogue.
+VOCAB_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
+VOCAB_BWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
+HIDDEN_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=256, num_warps=8, num_stages=3)
+NOISE_CONFIG = dict(BLOCK_R=16, BLOCK_J=256, num_warps=4)
+INTERPRET_CONFIG = dict(BLOCK_R=16, BLOCK_V=64, BLOCK_K=32, BLOCK_D=32, BLOCK_J=512, num_warps=4, num_stages=1)
+
+TORCH_ROW_CHUNK = 1024
+TORCH_V_CHUNK = 4096
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_TWO_PI = 6.283185307179586
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _box_muller(x, y):
+        """Two uint32 → two N(0, 1): u = (top 23 bits + ½)·2^-23 ∈ (0, 1), never 0, so log(u) is finite."""
+        u1 = ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+        u2 = ((y >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        th = 6.283185307179586 * u2
+        return r * tl.cos(th), r * tl.sin(th)
+
+    @triton.jit
+    def _normal_tile(seed, b, l, j0, STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+        """(BLOCK_R, BLOCK_J) normals for rows (b, l) and columns j0 + [0, BLOCK_J), j0 % 4 == 0: Philox on the
+        counter (j//4, l, b, STREAM) gives four uint32 → normals for columns 4·(j//4) + 0..3."""
+        q = (j0 // 4 + tl.arange(0, BLOCK_J // 4)).to(tl.uint32)
+        zero = tl.zeros((BLOCK_R, BLOCK_J // 4), dtype=tl.uint32)
+        c0 = zero + q[None, :]
+        c1 = zero + l.to(tl.uint32)[:, None]
+        c2 = zero + b.to(tl.uint32)[:, None]
+        c3 = zero + STREAM
+        x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
+        n0, n1 = _box_muller(x0, x1)
+        n2, n3 = _box_muller(x2, x3)
+        # join(join(n0, n2), join(n1, n3))[r, q, i, k] = n_{2i+k}: row-major reshape puts it at column 4q + 2i + k
+        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_R, BLOCK_J))
+
+    @triton.jit
+    def _philox_normal_kernel(out_ptr, seed, R, L, J, stride_o,
+                              STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Materialize the noise stream: out[r, j] for r = b·L + l < R, j < J."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_c = tl.minimum(rows, R - 1)
+        j0 = tl.program_id(1) * BLOCK_J
+        x = _normal_tile(seed, rows_c // L, rows_c % L, j0, STREAM, BLOCK_R, BLOCK_J)
+        cols = j0 + tl.arange(0, BLOCK_J)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], x.to(out_ptr.dtype.element_ty),
+                 mask=(rows < R)[:, None] & (cols < J)[None, :])
+
+    @triton.jit
+    def _gather_epilogue(acc, tok_ptr, gamma_ptr, e_ptr, out_ptr, rows, rows_c, b, dcols, R, D, stride_e, stride_o):
+        """out[r, d] = (1 − γ_b)·acc + γ_b·E[y_r, d]."""
+        g = tl.load(gamma_ptr + b).to(tl.float32)
+        y = tl.load(tok_ptr + rows_c)
+        dmask = dcols < D
+        ey = tl.load(e_ptr + y[:, None] * stride_e + dcols[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
+        h = (1.0 - g)[:, None] * acc + g[:, None] * ey
+        tl.store(out_ptr + rows[:, None] * stride_o + dcols[None, :], h.to(out_ptr.dtype.element_ty),
+                 mask=(rows < R)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _interp_embed_vocab_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, out_ptr, seed, R, L, V, D, stride_e, stride_o,
+                                       PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                                       BLOCK_D: tl.constexpr):
+        """h[rows, dblock] = (1−γ)·Σ_v ε[r, v]·E[v, dblock] + γ·E[y, dblock], ε regenerated per V tile."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_c = tl.minimum(rows, R - 1)
+        b = rows_c // L
+        l = rows_c % L
+        dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            eps = _normal_tile(seed, b, l, v0, 0, BLOCK_R, BLOCK_V)
+            vr = v0 + tl.arange(0, BLOCK_V)
+            e = tl.load(e_ptr + vr[:, None] * stride_e + dcols[None, :], mask=(vr < V)[:, None] & dmask[None, :],
+                        other=0.0)
+            acc = tl.dot(eps.to(e.dtype), e, acc, input_precision=PREC)
+        _gather_epilogue(acc, tok_ptr, gamma_ptr, e_ptr, out_ptr, rows, rows_c, b, dcols, R, D, stride_e, stride_o)
+
+    @triton.jit
+    def _interp_embed_vocab_bwd_kernel(gamma_ptr, dh_ptr, de_ptr, seed, R, L, V, D, stride_dh, stride_de,
+                                       PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                                       BLOCK_D: tl.constexpr):
+        """dE_noise[vblock, dblock] = Σ_r ε[r, v]·(1−γ_b)·dh[r, dblock] (fp32), ε regenerated per row tile."""
+        v0 = tl.program_id(0) * BLOCK_V
+        vr = v0 + tl.arange(0, BLOCK_V)
+        dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < R
+            rows_c = tl.minimum(rows, R - 1)
+            b = rows_c // L
+            eps = _normal_tile(seed, b, rows_c % L, v0, 0, BLOCK_R, BLOCK_V)
+            g = tl.load(gamma_ptr + b).to(tl.float32)
+            dh = tl.load(dh_ptr + rows[:, None] * stride_dh + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+                         other=0.0)
+            gd = (dh.to(tl.float32) * (1.0 - g)[:, None]).to(dh.dtype)
+            acc = tl.dot(tl.trans(eps.to(dh.dtype)), gd, acc, input_precision=PREC)
+        tl.store(de_ptr + vr[:, None] * stride_de + dcols[None, :], acc, mask=(vr < V)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _interp_embed_hidden_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, c_ptr, xi_ptr, out_ptr, seed, R, L, D,
+                                        stride_e, stride_c, stride_xi, stride_o, XI_GIVEN: tl.constexpr,
+                                        PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                                        BLOCK_D: tl.constexpr):
+        """h[rows, dblock] = (1−γ)·(ξ·C)[rows, dblock] + γ·E[y, dblock]; ξ loaded (XI_GIVEN) or drawn in place."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_c = tl.minimum(rows, R - 1)
+        b = rows_c // L
+        l = rows_c % L
+        dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kr = k0 + tl.arange(0, BLOCK_K)
+            kmask = kr < D
+            c = tl.load(c_ptr + kr[:, None] * stride_c + dcols[None, :], mask=kmask[:, None] & dmask[None, :],
+                        other=0.0)
+            if XI_GIVEN:
+                xi = tl.load(xi_ptr + rows_c[:, None] * stride_xi + kr[None, :], mask=kmask[None, :], other=0.0)
+            else:
+                xi = _normal_tile(seed, b, l, k0, 1, BLOCK_R, BLOCK_K)
+            acc = tl.dot(xi.to(c.dtype), c, acc, input_precision=PREC)
+        _gather_epilogue(acc, tok_ptr, gamma_ptr, e_ptr, out_ptr, rows, rows_c, b, dcols, R, D, stride_e, stride_o)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _cfg(base: dict, D: int, config: Optional[dict]) -> dict:
+    cfg = {**(INTERPRET_CONFIG if interpreting() else base), **(config or {})}
+    for k in ("BLOCK_D", "BLOCK_K"):
+        if k in cfg:
+            cfg[k] = max(16, min(cfg[k], triton.next_power_of_2(D)))
+    return cfg
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"     # fp32 inputs: IEEE fp32 dots, no TF32
+
+
+def _check_triton(*tensors):
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"backend='triton' supports fp32/fp16/bf16, got {t.dtype}")
+        if t.numel() >= 2 ** 31:
+            raise ValueError("backend='triton' indexes with int32: tensors must have < 2^31 elements")
+
+
+def philox_normal_fwd(out: torch.Tensor, seed: int, L: int, stream: int) -> torch.Tensor:
+    """Triton: fill out (R, J) with the noise stream `stream` for rows r = b·L + l."""
+    R, J = out.shape
+    cfg = {**(INTERPRET_CONFIG if interpreting() else NOISE_CONFIG)}
+    if R and J:
+        _philox_normal_kernel[(triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(J, cfg["BLOCK_J"]))](
+            out, seed, R, L, J, out.stride(0), STREAM=stream, BLOCK_R=cfg["BLOCK_R"], BLOCK_J=cfg["BLOCK_J"],
+            num_warps=cfg["num_warps"])
+    return out
+
+
+def interp_embed_vocab_fwd(tokens, gamma, embed, seed, n_valid, config=None):
+    """Triton forward, vocab noise: tokens (B, L), gamma (B,) → h (B·L, D) in embed's dtype."""
+    _check_triton(embed)
+    L = tokens.shape[1]
+    tok = tokens.reshape(-1)
+    D = embed.shape[1]
+    cfg = _cfg(VOCAB_FWD_CONFIG, D, config)
+    out = torch.empty(tok.shape[0], D, device=embed.device, dtype=embed.dtype)
+    _interp_embed_vocab_fwd_kernel[(triton.cdiv(tok.shape[0], cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))](
+        tok, gamma, embed, out, seed, tok.shape[0], L, n_valid, D, embed.stride(0), out.stride(0),
+        PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def interp_embed_vocab_bwd(grad, tokens, gamma, embed, seed, n_valid, config=None):
+    """Triton backward, vocab noise: dE = εᵀ·((1−γ)·dh) (regenerated ε) + scatter of γ·dh into rows y."""
+    _check_triton(embed)
+    L = tokens.shape[1]
+    tok = tokens.reshape(-1)
+    D = embed.shape[1]
+    dh = grad.reshape(-1, D).to(embed.dtype).contiguous()
+    cfg = _cfg(VOCAB_BWD_CONFIG, D, config)
+    dE = torch.zeros(embed.shape, device=embed.device, dtype=torch.float32)
+    _interp_embed_vocab_bwd_kernel[(triton.cdiv(n_valid, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_D"]))](
+        gamma, dh, dE, seed, tok.shape[0], L, n_valid, D, dh.stride(0), dE.stride(0),
+        PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _scatter_gather_grad(dE, grad, tokens, gamma).to(embed.dtype)
+
+
+def interp_embed_hidden_fwd(tokens, gamma, embed, chol, xi, seed, config=None):
+    """Triton forward, hidden noise: h = (1−γ)·ξ·C + γ·E[y]; chol (D, D) in embed's dtype; xi (R, D) or None."""
+    _check_triton(embed, chol)
+    L = tokens.shape[1]
+    tok = tokens.reshape(-1)
+    D = embed.shape[1]
+    cfg = _cfg(HIDDEN_FWD_CONFIG, D, config)
+    out = torch.empty(tok.shape[0], D, device=embed.device, dtype=embed.dtype)
+    _interp_embed_hidden_fwd_kernel[(triton.cdiv(tok.shape[0], cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))](
+        tok, gamma, embed, chol, chol if xi is None else xi, out, seed, tok.shape[0], L, D,
+        embed.stride(0), chol.stride(0), 0 if xi is None else xi.stride(0), out.stride(0), XI_GIVEN=xi is not None,
+        PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _scatter_gather_grad(dE32: torch.Tensor, grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor):
+    """dE += scatter-add of γ_b·dh[b, l] into rows y[b, l], accumulated in fp32."""
+    D = dE32.shape[1]
+    g = gamma.to(dE32.dtype).view(-1, 1, 1)
+    dE32.index_add_(0, tokens.reshape(-1), (grad.reshape(tokens.shape[0], -1, D).to(dE32.dtype) * g).reshape(-1, D))
+    return dE32
+
+
+# ---- the 'torch' backend: the same Philox stream in int64 arithmetic, chunked -------------------
+def _mulhilo(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of a·m for uint32 values held in int64 (16-bit split: no int64 overflow)."""
+    t = (a & 0xFFFF) * m
+    mid = (a >> 16) * m + (t >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def _philox_torch(c0, c1, c2, c3, seed: int):
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_a, lo_a = _mulhilo(c0, _PHILOX_ROUND_A)
+        hi_b, lo_b = _mulhilo(c2, _PHILOX_ROUND_B)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _box_muller_torch(x, y):
+    u1 = ((x >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
+    u2 = ((y >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    th = _TWO_PI * u2
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def _philox_normal_torch(seed: int, b: torch.Tensor, l: torch.Tensor, j0: int, j1: int, stream: int) -> torch.Tensor:
+    """fp32 normals (len(b), j1 − j0) for rows (b, l) and columns [j0, j1), j0 % 4 == 0 (same stream as Triton)."""
+    q = torch.arange(j0 // 4, (j1 + 3) // 4, device=b.device, dtype=torch.int64)
+    c0 = q[None, :].expand(b.shape[0], -1)
+    c1 = (l[:, None] & _M32).expand_as(c0)
+    c2 = (b[:, None] & _M32).expand_as(c0)
+    c3 = torch.full_like(c0, stream)
+    x0, x1, x2, x3 = _philox_torch(c0, c1, c2, c3, seed)
+    n0, n1 = _box_muller_torch(x0, x1)
+    n2, n3 = _box_muller_torch(x2, x3)
+    return torch.stack([n0, n1, n2, n3], -1).reshape(b.shape[0], -1)[:, :j1 - j0]
+
+
+def _rows_bl(r0: int, r1: int, L: int, device):
+    r = torch.arange(r0, r1, device=device, dtype=torch.int64)
+    return r // L, r % L
+
+
+def _vocab_fwd_torch(tokens, gamma, embed, seed, V):
+    acc = acc_dtype(embed.dtype)
+    B, L = tokens.shape
+    R, D = B * L, embed.shape[1]
+    tok = tokens.reshape(-1)
+    g = gamma.to(acc).repeat_interleave(L)
+    out = torch.empty(R, D, device=embed.device, dtype=embed.dtype)
+    for r0 in range(0, R, TORCH_ROW_CHUNK):
+        r1 = min(R, r0 + TORCH_ROW_CHUNK)
+        b, l = _rows_bl(r0, r1, L, embed.device)
+        h = torch.zeros(r1 - r0, D, device=embed.device, dtype=acc)
+        for v0 in range(0, V, TORCH_V_CHUNK):
+            v1 = min(V, v0 + TORCH_V_CHUNK)
+            eps = _philox_normal_torch(seed, b, l, v0, v1, STREAM_VOCAB).to(embed.dtype).to(acc)
+            h += eps @ embed[v0:v1].to(acc)
+        gr = g[r0:r1, None]
+        out[r0:r1] = ((1 - gr) * h + gr * embed[tok[r0:r1]].to(acc)).to(embed.dtype)
+    return out
+
+
+def _vocab_bwd_torch(grad, tokens, gamma, embed, seed, V):
+    acc = acc_dtype(embed.dtype)
+    B, L = tokens.shape
+    R, D = B * L, embed.shape[1]
+    dh = grad.reshape(R, D).to(acc) * (1 - gamma.to(acc).repeat_interleave(L))[:, None]
+    dE = torch.zeros(embed.shape, device=embed.device, dtype=acc)
+    for r0 in range(0, R, TORCH_ROW_CHUNK):
+        r1 = min(R, r0 + TORCH_ROW_CHUNK)
+        b, l = _rows_bl(r0, r1, L, embed.device)
+        for v0 in range(0, V, TORCH_V_CHUNK):
+            v1 = min(V, v0 + TORCH_V_CHUNK)
+            eps = _philox_normal_torch(seed, b, l, v0, v1, STREAM_VOCAB).to(embed.dtype).to(acc)
+            dE[v0:v1] += eps.T @ dh[r0:r1]
+    return _scatter_gather_grad(dE, grad, tokens, gamma).to(embed.dtype)
+
+
+def _hidden_noise_torch(seed, B, L, D, device):
+    out = torch.empty(B * L, D, device=device, dtype=torch.float32)
+    for r0 in range(0, B * L, TORCH_ROW_CHUNK):
+        r1 = min(B * L, r0 + TORCH_ROW_CHUNK)
+        b, l = _rows_bl(r0, r1, L, device)
+        out[r0:r1] = _philox_normal_torch(seed, b, l, 0, D, STREAM_HIDDEN)
+    return out
+
+
+def _xi(xi, seed, B, L, D, device, dtype, backend):
+    """ξ (R, D) in dtype: the given one, or the seed's hidden-noise stream."""
+    if xi is not None:
+        return xi.reshape(-1, D).to(dtype)
+    return hidden_noise(seed, B, L, D, device, dtype, backend).reshape(-1, D)
+
+
+def _hidden_fwd_torch(tokens, gamma, embed, chol, xi, seed):
+    acc = acc_dtype(embed.dtype)
+    B, L = tokens.shape
+    D = embed.shape[1]
+    x = _xi(xi, seed, B, L, D, embed.device, embed.dtype, "torch").to(acc)
+    g = gamma.to(acc).repeat_interleave(L)[:, None]
+    h = (1 - g) * (x @ chol.to(acc)) + g * embed[tokens.reshape(-1)].to(acc)
+    return h.to(embed.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmlm::interp_embed_vocab", mutates_args=())
+def _vocab_op(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor, seed: int, n_valid: int,
+              backend: str) -> torch.Tensor:
+    """tokens (B, L) int64, gamma (B,), embed (Vp, D) → h (B·L, D) in embed's dtype (vocab noise from seed)."""
+    tokens, gamma, embed = tokens.contiguous(), gamma.contiguous(), embed.contiguous()
+    if backend == "triton":
+        return interp_embed_vocab_fwd(tokens, gamma, embed, seed, n_valid)
+    return _vocab_fwd_torch(tokens, gamma, embed, seed, n_valid)
+
+
+@_vocab_op.register_fake
+def _(tokens, gamma, embed, seed, n_valid, backend):
+    return embed.new_empty(tokens.numel(), embed.shape[1])
+
+
+@torch.library.custom_op("fmlm::interp_embed_vocab_backward", mutates_args=())
+def _vocab_bwd_op(grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor, seed: int,
+                  n_valid: int, backend: str) -> torch.Tensor:
+    grad, tokens, gamma, embed = grad.contiguous(), tokens.contiguous(), gamma.contiguous(), embed.contiguous()
+    if backend == "triton":
+        return interp_embed_vocab_bwd(grad, tokens, gamma, embed, seed, n_valid)
+    return _vocab_bwd_torch(grad, tokens, gamma, embed, seed, n_valid)
+
+
+@_vocab_bwd_op.register_fake
+def _(grad, tokens, gamma, embed, seed, n_valid, backend):
+    return torch.empty_like(embed)
+
+
+@torch.library.custom_op("fmlm::interp_embed_hidden", mutates_args=())
+def _hidden_op(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor, chol: torch.Tensor,
+               xi: Optional[torch.Tensor], seed: int, backend: str) -> torch.Tensor:
+    """h (B·L, D) = (1−γ)·ξ·C + γ·E[y]; chol (D, D) in embed's dtype; xi (B, L, D) or None (drawn from seed)."""
+    tokens, gamma, embed, chol = tokens.contiguous(), gamma.contiguous(), embed.contiguous(), chol.contiguous()
+    if backend == "triton":
+        x = None if xi is None else xi.reshape(-1, embed.shape[1]).contiguous()
+        return interp_embed_hidden_fwd(tokens, gamma, embed, chol, x, seed)
+    return _hidden_fwd_torch(tokens, gamma, embed, chol, xi, seed)
+
+
+@_hidden_op.register_fake
+def _(tokens, gamma, embed, chol, xi, seed, backend):
+    return embed.new_empty(tokens.numel(), embed.shape[1])
+
+
+@torch.library.custom_op("fmlm::interp_embed_hidden_backward", mutates_args=())
+def _hidden_bwd_op(grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor,
+                   chol: torch.Tensor, xi: Optional[torch.Tensor], seed: int, need_chol_grad: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dE, dC): dE = scatter-add of γ·dh into rows y; dC = ξᵀ·((1−γ)·dh) (zeros when not needed)."""
+    B, L = tokens.shape
+    D = embed.shape[1]
+    dE = _scatter_gather_grad(torch.zeros(embed.shape, device=embed.device, dtype=torch.float32), grad, tokens,
+                              gamma).to(embed.dtype)
+    if not need_chol_grad:
+        return dE, torch.zeros_like(chol)
+    x = _xi(xi, seed, B, L, D, embed.device, chol.dtype, backend)
+    gd = (grad.reshape(-1, D).to(acc_dtype(chol.dtype))
+          * (1 - gamma.to(acc_dtype(chol.dtype)).repeat_interleave(L))[:, None]).to(chol.dtype)
+    return dE, torch.mm(x.t(), gd)
+
+
+@_hidden_bwd_op.register_fake
+def _(grad, tokens, gamma, embed, chol, xi, seed, need_chol_grad, backend):
+    return torch.empty_like(embed), torch.empty_like(chol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: dE (and dC for the hidden op); tokens, gamma, xi and the seed are data.
+# ---------------------------------------------------------------------------------------------
+def _vocab_setup_context(ctx, inputs, output):
+    tokens, gamma, embed, seed, n_valid, backend = inputs
+    ctx.save_for_backward(tokens, gamma, embed)
+    ctx.args = (seed, n_valid, backend)
+
+
+def _vocab_backward(ctx, grad):
+    tokens, gamma, embed = ctx.saved_tensors
+    return None, None, torch.ops.fmlm.interp_embed_vocab_backward(grad, tokens, gamma, embed, *ctx.args), None, None, None
+
+
+_vocab_op.register_autograd(_vocab_backward, setup_context=_vocab_setup_context)
+
+
+def _hidden_setup_context(ctx, inputs, output):
+    tokens, gamma, embed, chol, xi, seed, backend = inputs
+    ctx.save_for_backward(tokens, gamma, embed, chol, xi)
+    ctx.args = (seed, backend)
+
+
+def _hidden_backward(ctx, grad):
+    tokens, gamma, embed, chol, xi = ctx.saved_tensors
+    seed, backend = ctx.args
+    dE, dC = torch.ops.fmlm.interp_embed_hidden_backward(grad, tokens, gamma, embed, chol, xi, seed,
+                                                         ctx.needs_input_grad[3], backend)
+    return None, None, dE, (dC if ctx.needs_input_grad[3] else None), None, None, None
+
+
+_hidden_op.register_autograd(_hidden_backward, setup_context=_hidden_setup_context)
+
+
+class _GramFn(torch.autograd.Function):
+    """EᵀE with fp32 accumulation and output: on CUDA, 16-bit E goes through cuBLAS with an fp32 output
+    (torch.mm(..., out_dtype=float32)) rather than an fp32 GEMM on upcast copies; dE = E·(dG + dGᵀ)."""
+
+    @staticmethod
+    def forward(ctx, E):
+        ctx.save_for_backward(E)
+        if E.is_cuda and E.dtype in (torch.float16, torch.bfloat16):
+            try:
+                return torch.mm(E.t(), E, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):      # torch without mm(out_dtype=)
+                pass
+        acc = acc_dtype(E.dtype)
+        return E.t().to(acc) @ E.to(acc)
+
+    @staticmethod
+    def backward(ctx, dG):
+        (E,) = ctx.saved_tensors
+        return torch.mm(E, (dG + dG.t()).to(E.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------
+def embed_cholesky(embed: torch.Tensor, n_valid: Optional[int] = None) -> torch.Tensor:
+    """C = chol(EᵀE)ᵀ (D×D upper triangular, fp32; fp64 for fp64 E) over the first n_valid rows, differentiable
+    w.r.t. embed. Sync-free (cholesky_ex): a singular EᵀE (n_valid < D) gives NaN; pass `chol` then
+    (engine.sampling.hidden_noise_factor has a symmetric-square-root fallback)."""
+    E = embed if n_valid is None else embed[:n_valid]
+    L, _ = torch.linalg.cholesky_ex(_GramFn.apply(E))
+    return L.mT
+
+
+def vocab_noise(seed: int, B: int, L: int, V: int, device=None, dtype: torch.dtype = torch.float32,
+                backend: str = "auto") -> torch.Tensor:
+    """The V-space noise ε (B, L, V) that interp_embed(noise='vocab', seed=seed) uses, materialized (tests,
+    parity with the reference). Element (b, l, v) depends only on (seed, b, l, v), not on B, L or V."""
+    device = torch.device(device or "cpu")
+    _check_seed(seed)
+    be = resolve(backend, device)
+    if be == "triton":
+        out = torch.empty(B * L, V, device=device, dtype=dtype)
+        return philox_normal_fwd(out, seed, L, STREAM_VOCAB).view(B, L, V)
+    out = torch.empty(B * L, V, device=device, dtype=dtype)
+    for r0 in range(0, B * L, TORCH_ROW_CHUNK):
+        r1 = min(B * L, r0 + TORCH_ROW_CHUNK)
+        b, l = _rows_bl(r0, r1, L, device)
+        out[r0:r1] = _philox_normal_torch(seed, b, l, 0, V, STREAM_VOCAB)
+    return out.view(B, L, V)
+
+
+def hidden_noise(seed: int, B: int, L: int, D: int, device=None, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto") -> torch.Tensor:
+    """ξ (B, L, D) ~ N(0, I) that interp_embed(noise='hidden', seed=seed) draws (Philox stream 1)."""
+    device = torch.device(device or "cpu")
+    _check_seed(seed)
+    be = resolve(backend, device)
+    if be == "triton":
+        out = torch.empty(B * L, D, device=device, dtype=dtype)
+        return philox_normal_fwd(out, seed, L, STREAM_HIDDEN).view(B, L, D)
+    return _hidden_noise_torch(seed, B, L, D, device).to(dtype).view(B, L, D)
+
+
+def _check_seed(seed):
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+
+
+def interp_embed(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor, noise: str = "hidden",
+                 seed: int = 0, chol: Optional[torch.Tensor] = None, xi: Optional[torch.Tensor] = None,
+                 n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """h = (1−γ)·ε·E + γ·E[y] of shape (B, L, D) in embed's dtype; tokens (B, L) int64, gamma (B,).
+
+    noise="vocab": ε ~ N(0, I_V) from `seed` (see vocab_noise), over the first n_valid rows of embed.
+    noise="hidden": ε·E drawn as ξ·C; ξ = xi (B, L, D) or hidden_noise(seed); C = chol (D, D) or
+    embed_cholesky(embed, n_valid) (then differentiable through the factor). Gradient w.r.t. embed (and chol)."""
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if tokens.dim() != 2 or gamma.shape != (tokens.shape[0],) or embed.dim() != 2:
+        raise ValueError(f"expected tokens (B, L), gamma (B,), embed (V, D); got {tuple(tokens.shape)}, "
+                         f"{tuple(gamma.shape)}, {tuple(embed.shape)}")
+    V = embed.shape[0] if n_valid is None else int(n_valid)
+    if not 0 < V <= embed.shape[0]:
+        raise ValueError(f"n_valid must be in (0, {embed.shape[0]}], got {n_valid}")
+    _check_seed(seed)
+    B, L = tokens.shape
+    D = embed.shape[1]
+    if xi is not None and (noise != "hidden" or xi.shape != (B, L, D)):
+        raise ValueError(f"xi must have shape {(B, L, D)} and needs noise='hidden'")
+    be = resolve(backend, embed.device)
+    if noise == "vocab":
+        if be == "reference":
+            eps = vocab_noise(seed, B, L, V, embed.device, embed.dtype, "torch")
+            return ref.interp_embed_ref(tokens, gamma, embed[:V], eps)
+        return torch.ops.fmlm.interp_embed_vocab(tokens, gamma, embed, seed, V, be).view(B, L, D)
+    C = embed_cholesky(embed, V) if chol is None else chol
+    if be == "reference":
+        x = xi if xi is not None else hidden_noise(seed, B, L, D, embed.device, embed.dtype, "torch")
+        return ref.interp_embed_hidden_ref(tokens, gamma, embed, x, C.to(embed.dtype))
+    return torch.ops.fmlm.interp_embed_hidden(tokens, gamma, embed, C.to(embed.dtype),
+                                              None if xi is None else xi.detach(), seed, be).view(B, L, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-only specs (bench/compile_check.py): the real configs, bf16, D = 768, for sm_90a
+# ---------------------------------------------------------------------------------------------
+def _spec(name, fn, sig, const, cfg) -> dict:
+    """attrs: the 16-divisibility the JIT infers at run time for pointers, strides and D."""
+    div = [k for k in sig if k.endswith("_ptr") or k.startswith("stride") or k == "D"]
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
+    return dict(name=name, fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
+                attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+
+
+def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
+    """Kernels at the real configs: triton.compile(ASTSource(fn, signature, constexprs, attrs),
+    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=..., num_stages=...))."""
+    if not HAS_TRITON:
+        return []
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    c = VOCAB_FWD_CONFIG
+    specs = [_spec("interp_embed_vocab_fwd", _interp_embed_vocab_fwd_kernel,
+                   dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64",
+                        R="i32", L="i32", V="i32", D="i32", stride_e="i32", stride_o="i32"),
+                   dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"]), c)]
+    c = VOCAB_BWD_CONFIG
+    specs.append(_spec("interp_embed_vocab_bwd", _interp_embed_vocab_bwd_kernel,
+                       dict(gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr="*fp32", seed="i64", R="i32", L="i32",
+                            V="i32", D="i32", stride_dh="i32", stride_de="i32"),
+                       dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"]), c))
+    c = HIDDEN_FWD_CONFIG
+    for xi_given in (False, True):
+        specs.append(_spec(f"interp_embed_hidden_fwd{'_xi' if xi_given else ''}", _interp_embed_hidden_fwd_kernel,
+                           dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", c_ptr=f"*{dtype}",
+                                xi_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", D="i32",
+                                stride_e="i32", stride_c="i32", stride_xi="i32", stride_o="i32"),
+                           dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
+                                BLOCK_D=c["BLOCK_D"]), c))
+    c = NOISE_CONFIG
+    specs.append(_spec("philox_normal", _philox_normal_kernel,
+                       dict(out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", J="i32", stride_o="i32"),
+                       dict(STREAM=STREAM_VOCAB, BLOCK_R=c["BLOCK_R"], BLOCK_J=c["BLOCK_J"]), c))
+    return specs
