@@ -1,13 +1,36 @@
-"""vocab_attention: softmax(cap(h·Wᵀ+b))·E and its log-sum-exp, never writing (rows, V) logits.
+"""vocab_attention: softmax(cap(h·Wᵀ+b))·E and its log-sum-exp, never writing (rows, V) logits;
+flow_map_step: the same with the flow-map update h_next = a·h_state + b·(D·E) + c·noise as epilogue.
 
 Reference: fmlm.kernels.reference.vocab_attention_ref (and flow_map_update_ref for the epilogue).
 It is attention over the vocabulary: queries = output features h, keys = output weights W, values =
 the input embedding E, head dim D; an online softmax over V tiles (DESIGN.md §2.2).
 
-Backends: 'torch' — chunked plain PyTorch (any device); 'reference' — materializes logits.
+Backends: 'triton' — the fused kernel below; 'torch' — chunked plain PyTorch (any device);
+'reference' — materializes logits.
+
+Triton design and napkin math (H100 SXM, bf16, rows = 16384, V = 50258, D = De = 768):
+  useful work 4·rows·V·D = 2.53 TFLOP → 3.3 ms at the measured 766 TFLOP/s bf16 ceiling.
+  Per program: BLOCK_M rows, a range of V tiles (BLOCK_N columns each), BLOCK_DE·DE_CHUNKS output
+  columns. Per V tile: S = h·Wᵀ (K loop over D, flattened with the V loop so loads stay pipelined
+  across tiles), cap, mask columns ≥ n_valid, online softmax (running max m, sum l), O = O·α + P·E.
+  The constraint is the register file: the fp32 accumulator O is BLOCK_M × De = 64 × 768 × 4 B =
+  192 KiB of the SM's 256 KiB, so one program holds at most 64 rows with all of De. Options measured
+  by bench/bench_vocab_attention.py (FLOPs counted as the useful 4·rows·V·D in every case):
+    • "full"  BLOCK_M=64, De in one program (3 chunks of 256): no recomputation; streams W and E tiles
+      at 4·64·768 FLOP per 2·768·2 B → 64 FLOP/B of L2 traffic (h re-read adds a third): L2-bound.
+    • "split2" BLOCK_M=128, De split over 2 programs (3 chunks of 128): 85 FLOP/B but S = h·Wᵀ is
+      computed twice → 6·rows·V·D executed, ≤ 67 % of the ceiling as useful work.
+    • "split3" BLOCK_M=128, De split over 3 programs (1 chunk of 256): S computed 3× → ≤ 50 %.
+  Per S element the softmax costs 3 MUFU ops (exp for tanh, reciprocal, exp) against 4·768 MMA FLOPs:
+  ~25 % of the MMA time on H100 if not overlapped.
+  Small row counts (B=1, L=128: 2 row blocks) split V across programs (grid axis 1); each split writes
+  (m, l, O) partials (splits × rows × De fp32, never rows × V) and a combine kernel merges them.
+  Padded columns (≥ n_valid) are masked to −inf after the cap (cap(−inf) = −cap, so a −inf bias is
+  not enough).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -15,10 +38,426 @@ import torch
 from . import reference as ref
 from ._backend import acc_dtype, resolve
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package imports without triton; backend='triton' then raises
+    triton = None
+
 TORCH_V_CHUNK = 4096     # (rows × 4096) fp32 logits per chunk: 16 MB at 1024 rows
 TORCH_ROW_CHUNK = 8192
 
+# Hopper configs for 16-bit inputs at D = De = 768 (see the napkin math above; the bench measures each).
+# Shared memory: h block 64×768×2 = 96 KiB resident + per stage W and E rows 2·BLOCK_N·768·2 B.
+CONFIGS = {
+    "n16": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_DE=256, DE_CHUNKS=3, num_warps=8, num_stages=2),
+    "n16_de384": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_DE=128, DE_CHUNKS=3, num_warps=8, num_stages=3),
+}
+GPU_CONFIG = "n16"
+# fp32 inputs run the exact (non-tensor-core) dot: a small block keeps h resident in shared memory.
+GPU_CONFIG_FP32 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
+# The interpreter runs each program in numpy: few, large tiles are fastest there.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
+COMBINE_BLOCK_M, COMBINE_BLOCK_DE = 16, 128
 
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _vocab_attention_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, e_ptr,
+        out_ptr, lse_ptr, pm_ptr, pl_ptr,
+        M, n_valid, D, DE, stride_h, stride_w, stride_e, stride_out,
+        tiles_per_split, cap, two_over_cap,
+        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, SPLIT_V: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+        BLOCK_DE: tl.constexpr, DE_CHUNKS: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_e = tl.program_id(2)
+        n_tiles = tl.cdiv(n_valid, BLOCK_N)
+        t_begin = pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        dd0 = tl.arange(0, BLOCK_D)
+        dd1 = dd0 + BLOCK_D
+        dd2 = dd1 + BLOCK_D
+        de0 = pid_e * (BLOCK_DE * DE_CHUNKS) + tl.arange(0, BLOCK_DE)
+        de1 = de0 + BLOCK_DE
+        de2 = de1 + BLOCK_DE
+
+        # The query block stays in shared memory for the whole V sweep (loaded once, D in up to three
+        # chunks): per V tile only W and E rows stream in, and both feed top-level dots, so the
+        # pipeliner prefetches them num_stages tiles ahead.
+        h_rows = h_ptr + rows64[:, None] * stride_h
+        h0 = tl.load(h_rows + dd0[None, :], mask=row_ok[:, None] & (dd0 < D)[None, :], other=0.0)
+        h1 = h0
+        h2 = h0
+        if D_CHUNKS >= 2:
+            h1 = tl.load(h_rows + dd1[None, :], mask=row_ok[:, None] & (dd1 < D)[None, :], other=0.0)
+        if D_CHUNKS >= 3:
+            h2 = tl.load(h_rows + dd2[None, :], mask=row_ok[:, None] & (dd2 < D)[None, :], other=0.0)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if FIXED_MAX:
+            m_i = tl.full((BLOCK_M,), 0.0, tl.float32) + cap
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        o0 = tl.zeros((BLOCK_M, BLOCK_DE), tl.float32)
+        o1 = tl.zeros((BLOCK_M, BLOCK_DE), tl.float32)
+        o2 = tl.zeros((BLOCK_M, BLOCK_DE), tl.float32)
+        # Software prefetch of the bias one tile ahead (the pipeliner only prefetches dot operands).
+        b_nx = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_BIAS:
+            cols_nx = t_begin * BLOCK_N + offs_n
+            b_nx = tl.load(b_ptr + cols_nx, mask=cols_nx < n_valid, other=0.0).to(tl.float32)
+        for tile in range(t_begin, t_end):
+            cols = tile * BLOCK_N + offs_n
+            col_ok = cols < n_valid
+            cols64 = cols.to(tl.int64)
+            w_rows = w_ptr + cols64[:, None] * stride_w
+            w0 = tl.load(w_rows + dd0[None, :], mask=col_ok[:, None] & (dd0 < D)[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(h0, tl.trans(w0), input_precision="ieee")
+            else:
+                s = tl.dot(h0, tl.trans(w0))
+            if D_CHUNKS >= 2:
+                w1 = tl.load(w_rows + dd1[None, :], mask=col_ok[:, None] & (dd1 < D)[None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(h1, tl.trans(w1), s, input_precision="ieee")
+                else:
+                    s = tl.dot(h1, tl.trans(w1), s)
+            if D_CHUNKS >= 3:
+                w2 = tl.load(w_rows + dd2[None, :], mask=col_ok[:, None] & (dd2 < D)[None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(h2, tl.trans(w2), s, input_precision="ieee")
+                else:
+                    s = tl.dot(h2, tl.trans(w2), s)
+            z = s + b_nx[None, :]
+            if HAS_BIAS:
+                cols_nx = cols + BLOCK_N
+                b_nx = tl.load(b_ptr + cols_nx, mask=cols_nx < n_valid, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                # cap·tanh(z/cap) via exp: tanh(x) = sign(x)(1 − e^{−2|x|})/(1 + e^{−2|x|}); absolute
+                # error ~1 ulp of 1 (libdevice tanh is not available in the interpreter).
+                t = tl.exp(-two_over_cap * tl.abs(z))
+                th = cap * tl.fdiv(1.0 - t, 1.0 + t)
+                z = tl.where(z >= 0, th, -th)
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            if FIXED_MAX:
+                # capped logits are ≤ cap, so exp(z − cap) ∈ [e^{−2cap}, 1] needs no running max when P
+                # keeps fp32's exponent range (bf16 / fp32, cap ≤ 40): no rescaling of O at all.
+                p = tl.exp(z - cap)
+                l_i += tl.sum(p, axis=1)
+            else:
+                # lazy rescaling: move the reference max only when the row max grew by > 8 (p ≤ e^8 fits
+                # fp16), so O is rescaled on few tiles.
+                m_new = tl.maximum(m_i, tl.max(z, axis=1))
+                grow = m_new > m_i + 8.0
+                m_use = tl.where(grow, m_new, m_i)
+                m_ref = tl.where(m_use == float("-inf"), 0.0, m_use)
+                alpha = tl.exp(m_i - m_ref)
+                if tl.max(grow.to(tl.int32), axis=0) > 0:
+                    o0 = o0 * alpha[:, None]
+                    o1 = o1 * alpha[:, None]
+                    o2 = o2 * alpha[:, None]
+                    l_i = l_i * alpha
+                p = tl.exp(z - m_ref[:, None])
+                l_i += tl.sum(p, axis=1)
+                m_i = m_use
+            pe = p.to(e_ptr.dtype.element_ty)
+            e_rows = e_ptr + cols64[:, None] * stride_e
+            e0 = tl.load(e_rows + de0[None, :], mask=col_ok[:, None] & (de0 < DE)[None, :], other=0.0)
+            if IEEE:
+                o0 = tl.dot(pe, e0, o0, input_precision="ieee")
+            else:
+                o0 = tl.dot(pe, e0, o0)
+            if DE_CHUNKS >= 2:
+                e1 = tl.load(e_rows + de1[None, :], mask=col_ok[:, None] & (de1 < DE)[None, :], other=0.0)
+                if IEEE:
+                    o1 = tl.dot(pe, e1, o1, input_precision="ieee")
+                else:
+                    o1 = tl.dot(pe, e1, o1)
+            if DE_CHUNKS >= 3:
+                e2 = tl.load(e_rows + de2[None, :], mask=col_ok[:, None] & (de2 < DE)[None, :], other=0.0)
+                if IEEE:
+                    o2 = tl.dot(pe, e2, o2, input_precision="ieee")
+                else:
+                    o2 = tl.dot(pe, e2, o2)
+
+        if SPLIT_V:
+            # Partials relative to this split's own running max; the combine kernel rescales them.
+            part = (pid_s * M + rows64)[:, None] * DE
+            if pid_e == 0:
+                tl.store(pm_ptr + pid_s * M + rows, m_i, mask=row_ok)
+                tl.store(pl_ptr + pid_s * M + rows, l_i, mask=row_ok)
+            for c in tl.static_range(DE_CHUNKS):
+                if c == 0:
+                    o = o0
+                elif c == 1:
+                    o = o1
+                else:
+                    o = o2
+                de = de0 + c * BLOCK_DE
+                tl.store(out_ptr + part + de[None, :], o, mask=row_ok[:, None] & (de < DE)[None, :])
+        else:
+            inv_l = 1.0 / l_i
+            if pid_e == 0:
+                tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+            for c in tl.static_range(DE_CHUNKS):
+                if c == 0:
+                    o = o0
+                elif c == 1:
+                    o = o1
+                else:
+                    o = o2
+                de = de0 + c * BLOCK_DE
+                mask = row_ok[:, None] & (de < DE)[None, :]
+                tl.store(out_ptr + rows64[:, None] * stride_out + de[None, :], o * inv_l[:, None], mask=mask)
+
+    @triton.jit
+    def _vocab_attention_combine_kernel(
+        po_ptr, pm_ptr, pl_ptr, out_ptr, lse_ptr,
+        hs_ptr, noise_ptr, ca_ptr, cb_ptr, cc_ptr,
+        M, DE, seq_len, n_split, stride_out, stride_hs, stride_noise,
+        FLOW: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DE: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        de = tl.program_id(1) * BLOCK_DE + tl.arange(0, BLOCK_DE)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        mask = row_ok[:, None] & (de < DE)[None, :]
+        m_tot = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for s in range(0, n_split):
+            m_tot = tl.maximum(m_tot, tl.load(pm_ptr + s * M + rows, mask=row_ok, other=float("-inf")))
+        l_tot = tl.zeros((BLOCK_M,), tl.float32)
+        o = tl.zeros((BLOCK_M, BLOCK_DE), tl.float32)
+        for s in range(0, n_split):
+            m_s = tl.load(pm_ptr + s * M + rows, mask=row_ok, other=float("-inf"))
+            # a split whose logits are all −inf (possible only without a cap) contributes nothing
+            scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_tot))
+            l_tot += scale * tl.load(pl_ptr + s * M + rows, mask=row_ok, other=0.0)
+            po = tl.load(po_ptr + (s * M + rows64)[:, None] * DE + de[None, :], mask=mask, other=0.0)
+            o += scale[:, None] * po
+        o = o / l_tot[:, None]
+        if FLOW:
+            bidx = rows // seq_len
+            ca = tl.load(ca_ptr + bidx, mask=row_ok, other=0.0).to(tl.float32)
+            cb = tl.load(cb_ptr + bidx, mask=row_ok, other=0.0).to(tl.float32)
+            hs = tl.load(hs_ptr + rows64[:, None] * stride_hs + de[None, :], mask=mask, other=0.0)
+            o = ca[:, None] * hs.to(tl.float32) + cb[:, None] * o
+            if HAS_NOISE:
+                cc = tl.load(cc_ptr + bidx, mask=row_ok, other=0.0).to(tl.float32)
+                nz = tl.load(noise_ptr + rows64[:, None] * stride_noise + de[None, :], mask=mask, other=0.0)
+                o += cc[:, None] * nz.to(tl.float32)
+        else:
+            if tl.program_id(1) == 0:
+                tl.store(lse_ptr + rows, m_tot + tl.log(l_tot), mask=row_ok)
+        tl.store(out_ptr + rows64[:, None] * stride_out + de[None, :], o, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_config(M: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    if device.type != "cuda":
+        return dict(INTERPRET_CONFIG)
+    return dict(GPU_CONFIG_FP32 if dtype == torch.float32 else CONFIGS[GPU_CONFIG])
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _blocks(D: int, DE: int, cfg: dict) -> tuple[int, int, int, int]:
+    """(BLOCK_D, D_CHUNKS, BLOCK_DE, DE_CHUNKS): D in ≤ 3 power-of-two chunks (768 = 3·256), the output
+    columns in DE_CHUNKS chunks of BLOCK_DE per program (fewer for a narrow De)."""
+    bd = cfg.get("BLOCK_D") or max(16, _pow2(triton.cdiv(D, 3)))
+    dc = triton.cdiv(D, bd)
+    if dc > 3:
+        raise ValueError(f"BLOCK_D={bd} needs {dc} chunks for D={D}; at most 3")
+    nc = cfg["DE_CHUNKS"]
+    if not 1 <= nc <= 3:
+        raise ValueError("DE_CHUNKS must be 1, 2 or 3")
+    bde = min(cfg["BLOCK_DE"], max(16, _pow2(triton.cdiv(DE, nc))))
+    return bd, dc, bde, min(nc, triton.cdiv(DE, bde))
+
+
+def _prepare(h, weight, bias, embed):
+    if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton vocab_attention takes fp16/bf16/fp32 inputs, got {h.dtype} (use backend='torch')")
+    dt = functools.reduce(torch.promote_types, (h.dtype, weight.dtype, embed.dtype))
+    h, weight, embed = (t.to(dt) if t.dtype != dt else t for t in (h, weight, embed))
+    h, weight, embed = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, weight, embed))
+    return h, weight, None if bias is None else bias.contiguous(), embed
+
+
+def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, config=None):
+    """Shared launcher: flow = None → (out fp32 (M, De), lse fp32 (M,)); flow = (h_state, a, b, c, noise,
+    seq_len) → h_next (M, De) in h_state's dtype."""
+    if triton is None:
+        raise RuntimeError("vocab_attention needs the triton package for backend='triton'")
+    h, weight, bias, embed = _prepare(h, weight, bias, embed)
+    M, D = h.shape
+    DE = embed.shape[1]
+    cfg = {**default_config(M, h.device, h.dtype), **(config or {})}
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    BD, DC, BDE, NC = _blocks(D, DE, cfg)
+    de_per_prog = BDE * NC
+    dev = h.device
+    if flow is None:
+        out = torch.empty(M, DE, device=dev, dtype=torch.float32)
+        lse = torch.empty(M, device=dev, dtype=torch.float32)
+        hs = noise = ca = cb = cc = out
+        seq_len = 1
+    else:
+        hs, ca, cb, cc, noise, seq_len = flow
+        out = torch.empty(M, DE, device=dev, dtype=hs.dtype)
+        lse = out
+        if noise is None:
+            noise, cc = hs, ca
+    if M == 0:
+        return out if flow is not None else (out, lse)
+    row_blocks = triton.cdiv(M, BM)
+    de_blocks = triton.cdiv(DE, de_per_prog)
+    n_tiles = triton.cdiv(n_valid, BN)
+    splits = cfg.get("splits")
+    if splits is None:
+        # One wave of programs: enough to fill the SMs at B=1 while keeping the partials
+        # (splits × rows × De fp32) small next to W and E.
+        target = _num_sms(dev.index or 0) if dev.type == "cuda" else 1
+        splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks * de_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, max(1, min(int(splits), n_tiles)))
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    cap_f = float(cap) if cap else 0.0
+    # exp(z − cap) without a running max needs P's dtype to have fp32's exponent range and e^{−2cap}
+    # to stay normal in fp32 (cap ≤ 40); fp16 and uncapped logits take the lazily rescaled path.
+    fixed_max = (0.0 < cap_f <= 40.0 and embed.dtype in (torch.bfloat16, torch.float32)
+                 and cfg.get("fixed_max", True))
+    meta = dict(HAS_BIAS=bias is not None, HAS_CAP=cap_f != 0.0, FIXED_MAX=bool(fixed_max),
+                IEEE=h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, D_CHUNKS=DC,
+                BLOCK_DE=BDE, DE_CHUNKS=NC, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (M, n_valid, D, DE, h.stride(0), weight.stride(0), embed.stride(0))
+    scal = (tiles_per_split, cap_f, 2.0 / cap_f if cap_f else 0.0)
+    b_arg = bias if bias is not None else h
+    grid = (row_blocks, splits, de_blocks)
+    if splits == 1 and flow is None:
+        _vocab_attention_fwd_kernel[grid](h, weight, b_arg, embed, out, lse, lse, lse, *args, out.stride(0), *scal,
+                                          SPLIT_V=False, **meta)
+        return out, lse
+    # V split (small row counts) or the flow-map epilogue: unnormalized partials + the combine kernel, which
+    # applies the update (its extra rows × De fp32 round trip is < 1 % of the sweep over V).
+    po = torch.empty(splits, M, DE, device=dev, dtype=torch.float32)
+    pm = torch.empty(splits, M, device=dev, dtype=torch.float32)
+    pl = torch.empty(splits, M, device=dev, dtype=torch.float32)
+    _vocab_attention_fwd_kernel[grid](h, weight, b_arg, embed, po, pm, pm, pl, *args, DE, *scal,
+                                      SPLIT_V=True, **meta)
+    _vocab_attention_combine_kernel[(triton.cdiv(M, COMBINE_BLOCK_M), triton.cdiv(DE, COMBINE_BLOCK_DE))](
+        po, pm, pl, out, lse, hs, noise, ca, cb, cc,
+        M, DE, seq_len, splits, out.stride(0), hs.stride(0), noise.stride(0),
+        FLOW=flow is not None, HAS_NOISE=flow is not None and flow[4] is not None,
+        BLOCK_M=COMBINE_BLOCK_M, BLOCK_DE=COMBINE_BLOCK_DE, num_warps=4)
+    return out if flow is not None else (out, lse)
+
+
+def vocab_attention_fwd(h, weight, bias, embed, cap, n_valid, config=None):
+    """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None, embed (Vp, De) → (out (M, De), lse (M,)), fp32."""
+    return _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, None, config)
+
+
+def flow_map_step_fwd(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid, config=None):
+    """u (B, L, D), h_state / noise (B, L, De), a / b / c (B,) device tensors → h_next (B, L, De), h_state's dtype."""
+    B, L = u.shape[0], u.shape[1]
+    hs2 = h_state.reshape(B * L, -1)
+    hs2 = hs2 if hs2.stride(-1) == 1 else hs2.contiguous()
+    nz2 = None
+    if noise is not None:
+        nz2 = noise.reshape(B * L, -1)
+        nz2 = nz2 if nz2.stride(-1) == 1 else nz2.contiguous()
+    flow = (hs2, a.contiguous(), b.contiguous(), None if c is None else c.contiguous(), nz2, L)
+    out = _vocab_attention_launch(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, flow, config)
+    return out.reshape(h_state.shape)
+
+
+def compile_specs() -> list[dict]:
+    """Real configs for the sm_90a compile check (bench/compile_check.py): bf16, D = De = 768."""
+    if triton is None:
+        return []
+    sig = {n: "*bf16" for n in ("h_ptr", "w_ptr", "b_ptr", "e_ptr")}
+    sig.update({n: "*fp32" for n in ("out_ptr", "lse_ptr", "pm_ptr", "pl_ptr")})
+    sig.update({n: "i32" for n in ("M", "n_valid", "D", "DE", "stride_h", "stride_w", "stride_e", "stride_out",
+                                   "tiles_per_split")})
+    sig.update({"cap": "fp32", "two_over_cap": "fp32"})
+    # what the JIT sees at D = De = 768 with contiguous tensors: aligned pointers, strides and dims ≡ 0 mod 16
+    div16 = [n for n, t in sig.items() if t.startswith("*")] + ["D", "DE", "stride_h", "stride_w", "stride_e",
+                                                               "stride_out"]
+    specs = []
+    for label, cfg in CONFIGS.items():
+        for split, fixed in ((False, True), (True, True), (False, False)):
+            if label != GPU_CONFIG and (split or not fixed):
+                continue        # variants of the default config only: keeps the check under a minute
+            const = dict(HAS_BIAS=True, HAS_CAP=True, FIXED_MAX=fixed, SPLIT_V=split, IEEE=False,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=256, D_CHUNKS=3,
+                         BLOCK_DE=cfg["BLOCK_DE"], DE_CHUNKS=cfg["DE_CHUNKS"])
+            tag = label + ("_split" if split else "") + ("" if fixed else "_rescale")
+            specs.append(dict(name=f"_vocab_attention_fwd_kernel[{tag}]", fn=_vocab_attention_fwd_kernel,
+                              signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=div16))
+    csig = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
+            "hs_ptr": "*bf16", "noise_ptr": "*bf16", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "cc_ptr": "*fp32"}
+    csig.update({n: "i32" for n in ("M", "DE", "seq_len", "n_split", "stride_out", "stride_hs", "stride_noise")})
+    for flow in (False, True):
+        const = dict(FLOW=flow, HAS_NOISE=flow, BLOCK_M=COMBINE_BLOCK_M, BLOCK_DE=COMBINE_BLOCK_DE)
+        specs.append(dict(name="_vocab_attention_combine_kernel" + ("[flow]" if flow else ""),
+                          fn=_vocab_attention_combine_kernel,
+                          signature={**csig, "out_ptr": "*bf16" if flow else "*fp32", **{k: "constexpr" for k in const}},
+                          constexprs=const, num_warps=4, num_stages=1))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (inference only: the samplers run under no_grad, no autograd formula)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmlm::vocab_attention", mutates_args=())
+def _vocab_attention_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
+                        cap: float, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return vocab_attention_fwd(h, weight, bias, embed, cap, n_valid)
+
+
+@_vocab_attention_op.register_fake
+def _(h, weight, bias, embed, cap, n_valid):
+    return (h.new_empty(h.shape[0], embed.shape[1], dtype=torch.float32),
+            h.new_empty(h.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("fmlm::flow_map_step", mutates_args=())
+def _flow_map_step_op(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
+                      h_state: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: Optional[torch.Tensor],
+                      noise: Optional[torch.Tensor], cap: float, n_valid: int) -> torch.Tensor:
+    return flow_map_step_fwd(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid)
+
+
+@_flow_map_step_op.register_fake
+def _(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid):
+    return torch.empty_like(h_state, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch chunked backend and the functionals
+# ---------------------------------------------------------------------------------------------
 def _vocab_attention_torch(h, weight, bias, embed, cap, n_valid):
     acc = acc_dtype(h.dtype)
     N, V = h.shape[0], n_valid
@@ -47,25 +486,73 @@ def _vocab_attention_torch(h, weight, bias, embed, cap, n_valid):
     return out, lse
 
 
+def _check_shapes(h, weight, bias, embed, n_valid):
+    V = weight.shape[0] if n_valid is None else int(n_valid)
+    if not 0 < V <= weight.shape[0] or embed.shape[0] < V or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
+                         f"embed {tuple(embed.shape)}, n_valid {V}")
+    if bias is not None and bias.shape[0] < V:
+        raise ValueError(f"bias has {bias.shape[0]} entries, n_valid is {V}")
+    return V
+
+
+def _resolve(backend, h):
+    be = resolve(backend, h.device)
+    if be == "triton" and backend == "auto" and h.dtype == torch.float64:
+        be = "torch"           # fp64 is a torch/reference-only dtype
+    return be
+
+
 def vocab_attention(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
                     cap: Optional[float] = 30.0, n_valid: Optional[int] = None, backend: str = "auto"):
     """h (..., D) → (softmax(cap(h·Wᵀ+b))·E of shape (..., De), lse (...)), in fp32 (fp64 for fp64 h).
 
     weight (Vp, D) and embed (Vp, De) may be padded past the vocabulary: only the first n_valid rows count.
     """
-    V = weight.shape[0] if n_valid is None else int(n_valid)
-    if not 0 < V <= weight.shape[0] or embed.shape[0] < V or h.shape[-1] != weight.shape[1]:
-        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
-                         f"embed {tuple(embed.shape)}, n_valid {V}")
+    V = _check_shapes(h, weight, bias, embed, n_valid)
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])
     b = None if bias is None else bias[:V]
-    be = resolve(backend, h.device)
+    be = _resolve(backend, h)
     if be == "reference":
         out, lse = ref.vocab_attention_ref(h2, weight[:V], b, embed[:V], cap)
     elif be == "triton":
-        from .vocab_attention_triton import vocab_attention_fwd  # noqa: PLC0415 (GPU-only module)
-        out, lse = vocab_attention_fwd(h2, weight, b, embed, cap, V)
+        out, lse = torch.ops.fmlm.vocab_attention(h2, weight, b, embed, float(cap) if cap else 0.0, V)
     else:
         out, lse = _vocab_attention_torch(h2, weight, b, embed, cap, V)
     return out.reshape(*lead, -1), lse.reshape(lead)
+
+
+def flow_map_step(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
+                  h_state: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: Optional[torch.Tensor] = None,
+                  noise: Optional[torch.Tensor] = None, cap: Optional[float] = 30.0, n_valid: Optional[int] = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """h_next = a·h_state + b·(softmax(cap(u·Wᵀ+b))·E) + c·noise, one fused pass over V.
+
+    u (B, L, D), h_state and noise (B, L, De); a, b, c per-batch coefficients as device tensors (B,),
+    so a captured sampler step never reads them on the host. Returns h_next in h_state's dtype.
+    """
+    V = _check_shapes(u, weight, bias, embed, n_valid)
+    if u.dim() != 3 or h_state.shape != (*u.shape[:2], embed.shape[1]):
+        raise ValueError(f"u must be (B, L, D) and h_state (B, L, De): got {tuple(u.shape)}, {tuple(h_state.shape)}")
+    if (noise is None) != (c is None):
+        raise ValueError("pass c and noise together (or neither)")
+    if noise is not None and noise.shape != h_state.shape:
+        raise ValueError(f"noise must have h_state's shape {tuple(h_state.shape)}, got {tuple(noise.shape)}")
+    B = u.shape[0]
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        if t is not None and t.shape != (B,):
+            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+    bvec = None if bias is None else bias[:V]
+    be = _resolve(backend, u)
+    if be == "triton":
+        return torch.ops.fmlm.flow_map_step(u, weight, bvec, embed, h_state, a, b, c, noise,
+                                            float(cap) if cap else 0.0, V)
+    if be == "reference":
+        de, _ = ref.vocab_attention_ref(u, weight[:V], bvec, embed[:V], cap)
+    else:
+        de, _ = vocab_attention(u, weight, bvec, embed, cap, V, backend="torch")
+    acc = acc_dtype(h_state.dtype)
+    return ref.flow_map_update_ref(h_state.to(acc), de.to(acc), a.to(acc), b.to(acc),
+                                   None if c is None else c.to(acc),
+                                   None if noise is None else noise.to(acc)).to(h_state.dtype)

@@ -1,0 +1,129 @@
+"""Compile every Triton kernel of fmlm.kernels for sm_90a without a GPU; print registers, shared memory, spills.
+
+Each module of fmlm.kernels may define `compile_specs() -> list[dict]`, one dict per kernel config:
+    name (str), fn (the @triton.jit kernel), signature (dict arg → "*bf16" / "i32" / "fp32" / "constexpr"),
+    constexprs (dict), num_warps, num_stages; optional: divisible_by_16 (arg names whose runtime values
+    are multiples of 16: the JIT specializes on that, and it decides vectorized and pipelined loads;
+    default: every pointer argument, as torch allocations are aligned) or attrs (raw ASTSource attrs).
+Registers and spills come from `ptxas -v` on the generated PTX (the same ptxas Triton ships), shared memory
+from Triton's metadata. Exit status 1 on any compile error or a shared-memory need above the device limit
+(such a kernel compiles but fails at launch). Usage: `python -m fmlm.bench.compile_check [-k substr]`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_ARCH = 90
+# Opt-in dynamic shared memory per block (bytes): a kernel above it compiles but cannot launch.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+def discover(pattern: str = "") -> list[tuple[str, dict]]:
+    """(module name, spec) for every compile spec in fmlm.kernels whose 'module.name' contains pattern."""
+    import fmlm.kernels as pkg
+
+    out = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        fn = getattr(mod, "compile_specs", None)
+        if not callable(fn):
+            continue
+        for spec in fn():
+            if pattern in f"{info.name}.{spec['name']}":
+                out.append((info.name, spec))
+    return out
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from `ptxas -v` (Triton's ptxas), parsed from its info lines."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src),
+                              "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{log}")
+    regs = re.findall(r"Used (\d+) registers", log)
+    stores = re.findall(r"(\d+) bytes spill stores", log)
+    loads = re.findall(r"(\d+) bytes spill loads", log)
+    return {"registers": int(regs[-1]) if regs else -1,
+            "spill_stores": int(stores[-1]) if stores else 0,
+            "spill_loads": int(loads[-1]) if loads else 0}
+
+
+def _attrs(spec: dict) -> dict:
+    if "attrs" in spec:
+        return spec["attrs"]
+    sig = spec["signature"]
+    names = spec.get("divisible_by_16")
+    if names is None:
+        names = [n for n, t in sig.items() if t.startswith("*")]
+    order = list(sig)
+    return {(order.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+def compile_one(spec: dict, arch: int = TARGET_ARCH) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
+    src = triton.compiler.ASTSource(spec["fn"], spec["signature"], spec.get("constexprs", {}), _attrs(spec))
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)})
+    usage = _ptxas_usage(k.asm["ptx"], arch)
+    limit = SMEM_LIMIT.get(arch)
+    if limit is not None and k.metadata.shared > limit:
+        raise RuntimeError(f"needs {k.metadata.shared} B of shared memory, sm_{arch} allows {limit}: cannot launch")
+    return {"kernel": spec["name"], **usage, "shared_bytes": int(k.metadata.shared),
+            "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3),
+            "compile_s": time.perf_counter() - t0}
+
+
+def run(pattern: str = "", arch: int = TARGET_ARCH) -> tuple[list[dict], list[str]]:
+    rows, errors = [], []
+    for mod, spec in discover(pattern):
+        try:
+            rows.append({"module": mod, **compile_one(spec, arch)})
+        except Exception as e:  # report every failing kernel, not only the first
+            errors.append(f"{mod}.{spec['name']}: {type(e).__name__}: {str(e).strip()[:2000]}")
+    return rows, errors
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", "--pattern", default="", help="only specs whose 'module.name' contains this")
+    ap.add_argument("--arch", type=int, default=TARGET_ARCH, help="compute capability, e.g. 90")
+    args = ap.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("compile_check: triton is not installed; nothing to compile")
+        return 0
+    from fmlm.bench.common import markdown_table
+
+    rows, errors = run(args.pattern, args.arch)
+    keys = ["module", "kernel", "registers", "spill_stores", "spill_loads", "shared_bytes", "num_warps",
+            "num_stages", "compile_s"]
+    print(markdown_table(rows, keys) if rows else "no compile specs found")
+    for err in errors:
+        print("COMPILE ERROR", err, file=sys.stderr)
+    spills = [r["kernel"] for r in rows if r["spill_stores"] or r["spill_loads"]]
+    if spills:
+        print(f"note: {len(spills)} kernel config(s) spill registers: {', '.join(spills)}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
