@@ -288,7 +288,7 @@ def _gpu_model(seq_len=64, vocab=1000):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,L", [(2, 128), (1, 1024), (3, 33)], ids=["lm1b", "owt", "odd"])
+@pytest.mark.parametrize("B,L", [(2, 128), (1, 1024)], ids=["lm1b", "owt"])
 def test_fast_trunk_bf16_gpu(B, L):
     m = _model(device="cuda", vocab_size=1000, seq_len=L, hidden=768, n_heads=12, n_blocks=2, cond_dim=128)
     h, ts, tt = _trunk_inputs(m, B, L, device="cuda")
