@@ -185,8 +185,10 @@ class _FastWeights:
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, L: int):
+        """cos/sin (L, d/2) in the compute dtype (the reference rounds them to x's dtype too), made once so
+        the attention launcher casts nothing per call."""
         if L not in self._rope:
-            self._rope[L] = ref.rotary_cos_sin(L, self.inv_freq)
+            self._rope[L] = tuple(t.to(self.dtype).contiguous() for t in ref.rotary_cos_sin(L, self.inv_freq))
         return self._rope[L]
 
 
