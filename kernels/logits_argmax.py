@@ -42,8 +42,9 @@ GPU_CONFIG_SMALL_M = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_
 # Alternatives the benchmark times beside the default (compile check: 255 / 197 registers, no spills).
 BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG,
                  "bm128_bn128_s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)}
-# The interpreter runs each program in numpy: few, large tiles are fastest there.
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=256, num_warps=4, num_stages=1)
+# The interpreter runs each program in numpy at ~0.1 s of Python overhead per loop iteration (its dot is a
+# slow non-BLAS loop, so rows are kept to a small block): few, wide V tiles are fastest there.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +139,11 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(M: int, device: torch.device) -> dict:
+def default_config(M: int, device: torch.device, D: int = 768) -> dict:
     if device.type != "cuda":
-        return dict(INTERPRET_CONFIG)
+        pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
+        return dict(INTERPRET_CONFIG, BLOCK_M=min(INTERPRET_CONFIG["BLOCK_M"], pow2(M)),
+                    BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], pow2(D)))
     return dict(GPU_CONFIG_SMALL_M if M <= 64 else GPU_CONFIG)
 
 
@@ -167,7 +170,7 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise RuntimeError("logits_argmax_fwd needs the triton package")
     h, weight, bias = _check_dtypes(h, weight, bias)
     M, D = h.shape
-    cfg = {**default_config(M, h.device), **(config or {})}
+    cfg = {**default_config(M, h.device, D), **(config or {})}
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty(M, device=h.device, dtype=torch.long)
     if M == 0:

@@ -1,0 +1,208 @@
+"""logits_argmax (Triton GEMM + running argmax, and the chunked torch backend) against the reference.
+
+Budget (DESIGN.md §6) for an argmax: on the same dtype-rounded inputs, the fp64 logit of the chosen index
+may fall short of the fp64 maximum by at most 2x what the same-dtype reference's choice falls short, plus a
+small floor; rows whose fp64 winner leads by a clear margin must match exactly. Ties are built exactly
+(integer-valued inputs) and must resolve to the lowest index, as torch.argmax does. The 'triton' cases
+need TRITON_INTERPRET=1 before triton is imported, so on a CPU machine one driver test re-runs them in a
+subprocess with the interpreter on.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fmlm.kernels import reference as ref
+from fmlm.kernels._backend import interpreting, triton_available
+
+LA = importlib.import_module("fmlm.kernels.logits_argmax")   # the module (the package re-exports the function)
+logits_argmax = LA.logits_argmax
+
+ON_DEVICE = torch.cuda.is_available() and not interpreting()
+IN_PROCESS = triton_available() and (interpreting() or torch.cuda.is_available())
+needs_triton = pytest.mark.skipif(not IN_PROCESS, reason="triton on CPU needs TRITON_INTERPRET=1 (driver test)")
+DEV = "cuda" if ON_DEVICE else "cpu"
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _problem(M, V, Vp, D, dtype, bias=True, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(M, D, generator=g)
+    W = torch.randn(Vp, D, generator=g) * (3.0 / D ** 0.5)
+    # padded rows (≥ V) would win every argmax if they were not masked
+    W[V:] = 10.0 * h.mean(0).sign()
+    b = torch.randn(Vp, generator=g) if bias else None
+    if b is not None:
+        b[V:] = 0.0
+    cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return cast(h), cast(W), cast(b)
+
+
+def _check(idx, h, W, b, V):
+    """Budget on the logit gap to the fp64 maximum, plus exact agreement on clear winners."""
+    truth = ref.logits_ref(h.double(), W[:V].double(), None if b is None else b[:V].double())
+    r = ref.logits_argmax_ref(h, W[:V], None if b is None else b[:V])
+    top2 = truth.topk(min(2, V), dim=-1).values
+    best = top2[:, 0]
+    gap_k = best - truth.gather(1, idx.view(-1, 1).to(truth.device))[:, 0]
+    gap_r = best - truth.gather(1, r.view(-1, 1))[:, 0]
+    scale = truth.abs().max().item()
+    floor = FLOOR[h.dtype] * max(scale, 1.0)
+    assert idx.dtype == torch.long and idx.shape == (h.shape[0],)
+    assert bool(((idx >= 0) & (idx < V)).all())
+    assert (gap_k <= 2 * gap_r + floor).all(), f"logit gap {gap_k.max():.3e} vs reference {gap_r.max():.3e}"
+    if V > 1:
+        clear = (top2[:, 0] - top2[:, 1]) > 4 * floor
+        assert torch.equal(idx.cpu()[clear.cpu()], truth.argmax(-1).cpu()[clear.cpu()])
+
+
+def _int_problem(M, V, Vp, D, dtype, seed=0, device=DEV):
+    """Integer-valued h, W, b: every logit is exact in fp16/fp32 whatever the summation order, so ties are
+    exact. For row 0 of h, columns 5, 40 and V−3 all reach the largest possible logit: 5 and 40 share a
+    split but not a tile at BLOCK_N=32, V−3 sits in another split."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-2, 3, (M, D), generator=g).float()
+    W = torch.randint(-2, 3, (Vp, D), generator=g).float()
+    b = torch.zeros(Vp)
+    h[:, 0] = 1.0                        # no all-zero row of h
+    W[5] = W[40] = W[V - 3] = 2.0 * h[0].sign()
+    W[V:] = 3.0 * h[0].sign()            # padded: larger still, must be masked
+    return h.to(device, dtype), W.to(device, dtype), b.to(device, dtype)
+
+
+# ---- torch backend and the reference ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend(monkeypatch, dtype):
+    monkeypatch.setattr(LA, "TORCH_V_CHUNK", 64)        # several V chunks at a small V
+    monkeypatch.setattr(LA, "TORCH_ROW_CHUNK", 16)
+    h, W, b = _problem(37, 257, 320, 24, dtype, device="cpu")
+    _check(logits_argmax(h, W, b, 257, backend="torch"), h, W, b, 257)
+    assert torch.equal(logits_argmax(h, W, b, 257, backend="torch"), logits_argmax(h, W, b, 257, backend="reference"))
+
+
+def test_torch_backend_ties(monkeypatch):
+    monkeypatch.setattr(LA, "TORCH_V_CHUNK", 64)
+    h, W, b = _int_problem(33, 257, 300, 16, torch.float32, device="cpu")
+    out = logits_argmax(h, W, b, 257, backend="torch")
+    assert torch.equal(out, ref.logits_argmax_ref(h, W[:257], b[:257]))
+    assert out[0].item() == 5
+
+
+def test_validation_and_leading_dims():
+    h, W, b = _problem(6, 50, 64, 8, torch.float32, device="cpu")
+    out = logits_argmax(h.view(2, 3, 8), W, b, 50, backend="torch")
+    assert out.shape == (2, 3) and torch.equal(out.view(-1), logits_argmax(h, W, b, 50, backend="reference"))
+    with pytest.raises(ValueError):
+        logits_argmax(h, W, b, 65, backend="torch")
+    with pytest.raises(ValueError):
+        logits_argmax(h[:, :7], W, b, 50, backend="torch")
+    with pytest.raises(ValueError):
+        logits_argmax(h, W, b, 0, backend="torch")
+
+
+# ---- triton (CUDA, or CPU under the interpreter) ---------------------------------------------------
+TRITON_CASES = [
+    pytest.param(1, 257, 257, 64, torch.float32, True, None, id="rows1-V257"),
+    pytest.param(37, 257, 384, 64, torch.float32, True,
+                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=3), id="rows37-pad-split3-smallblocks"),
+    pytest.param(3, 257, 300, 96, torch.float16, False,
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), id="rows3-fp16-Ktail-nobias"),
+    pytest.param(3, 50258, 50304, 64, torch.float32, True, None, id="rows3-V50258"),
+    pytest.param(2, 1000, 1024, 768, torch.float16, True, dict(BLOCK_N=256, splits=2), id="rows2-D768-fp16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,V,Vp,D,dtype,bias,cfg", TRITON_CASES)
+def test_triton_matches_reference(M, V, Vp, D, dtype, bias, cfg):
+    h, W, b = _problem(M, V, Vp, D, dtype, bias)
+    idx = LA.logits_argmax_fwd(h, W, None if b is None else b, V, cfg)
+    _check(idx, h, W, b, V)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=4), None], ids=["split4", "default"])
+def test_triton_ties_lowest_index(dtype, cfg):
+    h, W, b = _int_problem(19, 257, 320, 32, dtype)
+    idx = LA.logits_argmax_fwd(h, W, b, 257, cfg)
+    assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
+    assert idx[0].item() == 5
+
+
+@needs_triton
+def test_triton_padded_columns_never_win():
+    """All valid logits ≈ −50: a padded column (zero weight and bias) scoring 0 would win if not masked."""
+    h, W, b = _problem(5, 100, 128, 32, torch.float32)
+    b[:100] = -50.0
+    for cfg in (None, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=2)):
+        idx = LA.logits_argmax_fwd(h, W, b, 100, cfg)
+        _check(idx, h, W, b, 100)
+
+
+@needs_triton
+def test_triton_functional_and_op():
+    """backend='triton' through the registered op, leading dims, and torch.library.opcheck."""
+    h, W, b = _problem(6, 100, 128, 32, torch.float32)
+    out = logits_argmax(h.view(2, 3, 32), W, b, 100, backend="triton")
+    assert out.shape == (2, 3)
+    _check(out.view(-1), h, W, b, 100)
+    torch.library.opcheck(torch.ops.fmlm.logits_argmax.default, (h, W, b[:100], 100))
+    torch.library.opcheck(torch.ops.fmlm.logits_argmax.default, (h, W, None, 100))
+
+
+@pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")
+def test_triton_interpreter_subprocess():
+    """Re-run this file's triton cases with TRITON_INTERPRET=1 (it must be set before triton is imported)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not gpu",
+                        "-k", "triton and not subprocess", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
+# ---- GPU: bf16 at the OWT shape ------------------------------------------------------------------
+def _owt(M=16384, V=50258, Vp=50304, D=768, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(M, D, device="cuda", generator=g).to(dtype)
+    W = (torch.randn(Vp, D, device="cuda", generator=g) * (3.0 / D ** 0.5)).to(dtype)
+    b = torch.randn(Vp, device="cuda", generator=g).to(dtype)
+    W[V:], b[V:] = 0, 0
+    return h, W, b
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_owt():
+    h, W, b = _owt()
+    idx = logits_argmax(h, W, b, 50258, backend="triton")
+    rows = torch.arange(0, h.shape[0], 8, device="cuda")     # the budget check on 2048 rows (memory)
+    _check(idx[rows], h[rows], W, b, 50258)
+    small = logits_argmax(h[:128], W, b, 50258, backend="triton")   # B=1, L=128: the V-split path
+    assert torch.equal(small, idx[:128])
+
+
+@pytest.mark.gpu
+def test_gpu_no_rows_by_v_buffer():
+    h, W, b = _owt()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logits_argmax(h, W, b, 50258, backend="triton")
+    torch.cuda.synchronize()
+    delta = torch.cuda.max_memory_allocated() - base
+    assert delta < h.shape[0] * 50258 * 2 / 64, f"peak extra memory {delta / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_small_dtypes(dtype):
+    h, W, b = _problem(37, 1000, 1024, 768, dtype, device="cuda")
+    _check(logits_argmax(h, W, b, 1000, backend="triton"), h, W, b, 1000)
+    h, W, b = _int_problem(19, 257, 320, 64, dtype, device="cuda")
+    assert logits_argmax(h, W, b, 257, backend="triton")[0].item() == 5
