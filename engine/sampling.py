@@ -118,13 +118,14 @@ def _times(v: Optional[float], B: int, like: torch.Tensor):
 
 @torch.no_grad()
 def sample_hidden(model, plan: SamplePlan, h0: torch.Tensor, heads: Heads, next_noise=None,
-                  backend: str = "auto") -> torch.Tensor:
-    """Run the plan from the hidden state h0 = z0·E. next_noise() returns ε'·E (B, L, D) for re-noising."""
+                  backend: str = "auto", trunk_backend: str = "reference") -> torch.Tensor:
+    """Run the plan from the hidden state h0 = z0·E. next_noise() returns ε'·E (B, L, D) for re-noising.
+    backend selects the vocabulary ops, trunk_backend the DiT blocks ('reference' keeps h's dtype)."""
     h = h0
     B = h.shape[0]
     cap = model.cfg.logit_cap
     for k in range(plan.steps):
-        u = model.trunk(h, _times(plan.tau_s[k], B, h), _times(plan.tau_t[k], B, h))
+        u = model.trunk(h, _times(plan.tau_s[k], B, h), _times(plan.tau_t[k], B, h), backend=trunk_backend)
         if k == plan.steps - 1:
             return kernels.logits_argmax(u, heads.weight, heads.bias, heads.n_valid, backend=backend)
         de, _ = kernels.vocab_attention(u, heads.weight, heads.bias, heads.embed, cap, heads.n_valid, backend=backend)
@@ -142,6 +143,10 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
     noise: optional initial state z0 (B, L, V). Given z0, every backend returns the tokens of the reference
     sampler on the same z0 (re-noising draws V-space ε' from `generator`, as the reference does). Without
     it, the engine draws hidden-space noise ξ·C (same law, no (B, L, V) tensor) and the reference V-space z0.
+
+    On CUDA, backend 'auto'/'triton' runs the CUDA-graph `Sampler` (bf16 fused trunk, Triton vocabulary ops;
+    its noise comes from a counter-based generator seeded from `generator`). 'torch' keeps the plain-PyTorch
+    engine path in the model's dtype on any device; 'reference' runs the published sampler.
     """
     cfg = model.cfg
     if method == "fmlm" and not cfg.two_time:
@@ -160,6 +165,15 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
             if method == "flm":
                 return ref.flm_sample_ref(p, cfg, z0, steps)
             return ref.fmlm_sample_ref(p, cfg, z0, steps, renoise, generator)
+    fast = dev.type == "cuda" and backend in ("auto", "triton")
+    if fast and (noise is None or not any(plan.c)):
+        from .runner import cached_sampler  # noqa: PLC0415 (CUDA path)
+        runner = cached_sampler(model, batch_size, steps, method, renoise)
+        if noise is not None:
+            return runner.sample(0, noise=noise)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=gdev))
+        return runner.sample(seed, batch_size=batch_size)
     heads = engine_state(model)["heads"]
     E = model.embed.detach()
     if noise is not None:
@@ -175,4 +189,5 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
             return torch.randn((batch_size, cfg.seq_len, cfg.hidden), generator=generator, device=dev, dtype=dt) @ C
 
         h0 = next_noise()
-    return sample_hidden(model, plan, h0, heads, next_noise, backend=backend)
+    return sample_hidden(model, plan, h0, heads, next_noise, backend=backend,
+                         trunk_backend="fast" if fast else "reference")
