@@ -116,6 +116,26 @@ if HAS_TRITON:
                  mask=(rows < R)[:, None] & dmask[None, :])
 
     @triton.jit
+    def _embed_grad_rows_kernel(order_ptr, stok_ptr, seg_lo_ptr, seg_hi_ptr, gamma_ptr, dh_ptr, de_ptr, L, D,
+                                stride_dh, stride_de, BLOCK_D: tl.constexpr):
+        """dE[y] = Σ_{r: y_r = y} γ_b(r)·dh[r] in fp32, one program per (sorted position, column block); only the
+        first position of each run of equal tokens works (its run is [seg_lo, seg_hi)), so every touched row of
+        dE is written once, without atomics (deterministic)."""
+        i = tl.program_id(0)
+        lo = tl.load(seg_lo_ptr + i)
+        hi = tl.load(seg_hi_ptr + i)
+        tok = tl.load(stok_ptr + i)
+        first = lo == i
+        dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for j in range(lo, tl.where(first, hi, lo)):
+            r = tl.load(order_ptr + j)
+            g = tl.load(gamma_ptr + r // L).to(tl.float32)
+            acc += g * tl.load(dh_ptr + r * stride_dh + dcols, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(de_ptr + tok * stride_de + dcols, acc.to(de_ptr.dtype.element_ty), mask=dmask & first)
+
+    @triton.jit
     def _interp_embed_vocab_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, out_ptr, seed, R, L, V, D, stride_e, stride_o,
                                        PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                                        BLOCK_D: tl.constexpr):
@@ -263,6 +283,23 @@ def interp_embed_hidden_fwd(tokens, gamma, embed, chol, xi, seed, config=None):
         PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def embed_grad_rows_fwd(grad, tokens, gamma, embed):
+    """Triton: dE (embed's shape and dtype) = scatter of γ·dh into rows y, fp32 sums per token rounded once.
+    Sorting the B·L tokens (and two searchsorted for the runs) is sync-free; untouched rows are zero."""
+    D = embed.shape[1]
+    L = tokens.shape[1]
+    tok = tokens.reshape(-1)
+    stok, order = torch.sort(tok, stable=True)
+    seg_lo = torch.searchsorted(stok, stok, right=False)
+    seg_hi = torch.searchsorted(stok, stok, right=True)
+    dh = grad.reshape(-1, D).contiguous()
+    dE = torch.zeros_like(embed)
+    block_d = 32 if interpreting() else 256
+    _embed_grad_rows_kernel[(tok.shape[0], triton.cdiv(D, block_d))](
+        order, stok, seg_lo, seg_hi, gamma, dh, dE, L, D, dh.stride(0), dE.stride(0), BLOCK_D=block_d, num_warps=2)
+    return dE
 
 
 def _scatter_gather_grad(dE32: torch.Tensor, grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor):
@@ -434,8 +471,11 @@ def _hidden_bwd_op(grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor
     """(dE, dC): dE = scatter-add of γ·dh into rows y; dC = ξᵀ·((1−γ)·dh) (zeros when not needed)."""
     B, L = tokens.shape
     D = embed.shape[1]
-    dE = _scatter_gather_grad(torch.zeros(embed.shape, device=embed.device, dtype=torch.float32), grad, tokens,
-                              gamma).to(embed.dtype)
+    if backend == "triton":
+        dE = embed_grad_rows_fwd(grad, tokens.contiguous(), gamma.contiguous(), embed)
+    else:
+        dE = _scatter_gather_grad(torch.zeros(embed.shape, device=embed.device, dtype=torch.float32), grad, tokens,
+                                  gamma).to(embed.dtype)
     if not need_chol_grad:
         return dE, torch.zeros_like(chol)
     x = _xi(xi, seed, B, L, D, embed.device, chol.dtype, backend)
@@ -621,6 +661,10 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                                 stride_e="i32", stride_c="i32", stride_xi="i32", stride_o="i32"),
                            dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
                                 BLOCK_D=c["BLOCK_D"]), c))
+    specs.append(_spec("embed_grad_rows", _embed_grad_rows_kernel,
+                       dict(order_ptr="*i64", stok_ptr="*i64", seg_lo_ptr="*i64", seg_hi_ptr="*i64",
+                            gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr=f"*{dtype}", L="i32", D="i32",
+                            stride_dh="i32", stride_de="i32"), dict(BLOCK_D=256), dict(num_warps=2)))
     c = NOISE_CONFIG
     specs.append(_spec("philox_normal", _philox_normal_kernel,
                        dict(out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", J="i32", stride_o="i32"),

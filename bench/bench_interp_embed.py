@@ -1,0 +1,122 @@
+"""interp_embed forward+backward at the OWT training shape, beside the reference's dense x·E in one process.
+
+Shape: B=16, L=1024, V = 50258 (embedding padded to 50304 rows), D = 768, bf16. Backward = dE for a random
+upstream gradient (tokens, γ and the noise are data).
+Rows:
+- triton "hidden", C given (computed once per weight set, no gradient through it): ξ drawn in the kernel,
+  ξ·C + gather; backward = the per-token sum of γ·dh.
+- triton "hidden", C = chol(EᵀE)ᵀ computed inside with autograd (training: dE also flows through C).
+- triton "vocab": V-space Philox noise regenerated tile by tile in both GEMMs (the parity path).
+- reference as published per step: draw ε (B, L, V) with torch.randn, one-hot, x = (1−γ)ε + γx1, dense x·E,
+  and dE by autograd; and the same with ε drawn outside the timed region ("dense x·E only").
+FLOPs: the dense path does 2·B·L·V·D forward + 2·B·L·V·D for dE ("dense-equivalent", the vocab mode
+does the same); the hidden mode does 2·B·L·D² (ξ·C) forward (+2·B·L·D² for dC when C is computed inside),
+counted as its own work in `tflops_actual`. GB/s: the compulsory traffic of the hidden mode (h written,
+E[y] read, dh read, dE written) against the copy ceiling.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fmlm.bench.common import ceilings, markdown_table, peak_memory_bytes, time_fn, write_rows
+
+B, L, V, D, VP = 16, 1024, 50258, 768, 50304
+DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny sizes) sets "cpu"
+BUDGET_S = 35.0
+
+
+def _inputs(seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    tokens = torch.randint(0, V, (B, L), device=DEVICE, generator=g)
+    gamma = torch.rand(B, device=DEVICE, generator=g)
+    E = (torch.randn(VP, D, device=DEVICE, generator=g) * 0.02).to(torch.bfloat16)
+    E[V:] = 0
+    up = torch.randn(B, L, D, device=DEVICE, generator=g).to(torch.bfloat16)
+    return tokens, gamma, E, up
+
+
+def run(quick: bool = False) -> list[dict]:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        return []
+    from fmlm.kernels import interp_embed as ie
+    from fmlm.kernels import reference as ref
+
+    t_start = time.time()
+    ceil = ceilings()
+    tokens, gamma, E, up = _inputs()
+    E.requires_grad_()
+    C = ie.embed_cholesky(E.detach(), V).to(torch.bfloat16)
+    iters = 10 if quick else 30
+    dense = 4 * B * L * V * D
+    hidden_flops = 2 * B * L * D * D
+    hidden_bytes = 4 * B * L * D * 2 + VP * D * 2
+    rows = []
+
+    def add(impl, what, fn, actual_flops, note=""):
+        tm = time_fn(fn, warmup=2, iters=iters, device=DEVICE)
+        rows.append({"op": "interp_embed", "impl": impl, "pass": what, "B": B, "L": L, "V": V, "D": D,
+                     "dtype": "bf16", "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
+                     "dense_equiv_tflops": dense / tm["ms"] / 1e9, "tflops_actual": actual_flops / tm["ms"] / 1e9,
+                     "gbs": hidden_bytes / tm["ms"] / 1e6, "pct_copy_ceiling": 100 * hidden_bytes / tm["ms"] / 1e6 / ceil["copy_gbs"],
+                     "peak_extra_mb": peak_memory_bytes(fn, DEVICE) / 2**20, "note": note})
+        return rows[-1]
+
+    def fwd_bwd(make):
+        def step():
+            E.grad = None
+            make().backward(up)
+        return step
+
+    hid = add("triton hidden (C given)", "fwd+bwd",
+              fwd_bwd(lambda: ie.interp_embed(tokens, gamma, E, "hidden", seed=1, chol=C, backend="triton")),
+              hidden_flops, "xi drawn in-kernel; dE = per-token sum of gamma*dh")
+    with torch.no_grad():
+        add("triton hidden (C given)", "fwd",
+            lambda: ie.interp_embed(tokens, gamma, E, "hidden", seed=1, chol=C, backend="triton"), hidden_flops)
+    hid_chol = add("triton hidden (C = chol(E^T E) inside, grad through it)", "fwd+bwd",
+                   fwd_bwd(lambda: ie.interp_embed(tokens, gamma, E, "hidden", seed=1, n_valid=V, backend="triton")),
+                   2 * hidden_flops + 2 * 2 * V * D * D, "training: unbiased dE through the factor")
+
+    def published():
+        eps = torch.randn(B, L, V, device=DEVICE, dtype=torch.bfloat16)
+        return ref.interp_embed_ref(tokens, gamma, E[:V], eps)
+    pub = add("reference: randn + one-hot + dense x·E", "fwd+bwd", fwd_bwd(published), dense,
+              "the published per-step cost")
+    eps_fixed = torch.randn(B, L, V, device=DEVICE, dtype=torch.bfloat16)
+    dense_row = add("reference dense x·E (noise pre-drawn)", "fwd+bwd",
+                    fwd_bwd(lambda: ref.interp_embed_ref(tokens, gamma, E[:V], eps_fixed)), dense)
+    del eps_fixed
+    for r in (hid, hid_chol):
+        r["speedup_vs_dense_xE"] = dense_row["ms"] / r["ms"]
+        r["speedup_vs_published"] = pub["ms"] / r["ms"]
+    hid["target"] = ">= 50x dense x·E fwd+bwd"
+    hid["meets_target"] = hid["speedup_vs_dense_xE"] >= 50
+
+    if time.time() - t_start < BUDGET_S:
+        voc = add("triton vocab (Philox regenerated per tile)", "fwd+bwd",
+                  fwd_bwd(lambda: ie.interp_embed(tokens, gamma, E, "vocab", seed=1, n_valid=V, backend="triton")),
+                  dense, "parity path: same noise as vocab_noise(seed)")
+        voc["speedup_vs_dense_xE"] = dense_row["ms"] / voc["ms"]
+        voc["speedup_vs_published"] = pub["ms"] / voc["ms"]
+    if time.time() - t_start < BUDGET_S and not quick:
+        with torch.no_grad():
+            add("triton vocab", "fwd",
+                lambda: ie.interp_embed(tokens, gamma, E, "vocab", seed=1, n_valid=V, backend="triton"), dense / 2)
+    for r in rows:
+        r["bf16_ceiling_tflops"] = ceil["bf16_tflops"]
+    return rows
+
+
+def main() -> None:
+    rows = run()
+    if not rows:
+        print("bench_interp_embed: needs CUDA, skipped")
+        return
+    print(markdown_table(rows))
+    write_rows("bench_interp_embed", rows)
+
+
+if __name__ == "__main__":
+    main()
