@@ -99,7 +99,7 @@ def run(quick: bool = False) -> list[dict]:
     main["meets_target"] = main["eff_tflops"] >= 550 and main["speedup_vs_ref_head"] >= 4
     gemm["note"] += f"; fwd kernel at {rows[1]['ms'] / gemm['ms']:.2f}x its time"
 
-    if time.time() - t_start < BUDGET_S - 20:
+    if time.time() - t_start < BUDGET_S - 20:    # inductor compile of fwd+bwd: ~15-30 s cold
         try:
             compiled = torch.compile(ref.linear_cross_entropy_ref)
             r = add("torch.compile(reference)", "fwd+bwd",
@@ -115,7 +115,7 @@ def run(quick: bool = False) -> list[dict]:
         dh0 = lce.linear_cross_entropy_bwd(g, h, W, b, t, stats0, 30.0, -100, V)[0]
     variants = [
         ("no loop flattening", dict(FLATTEN=False), dict(FLATTEN=False, persistent=False)),
-        ("BLOCK_N 256, 4 stages", dict(BLOCK_N=256, num_stages=4), dict(BLOCK_N=256, num_stages=4)),
+        ("fwd BLOCK_N 256, 4 stages", dict(BLOCK_N=256, num_stages=4), {}),   # the bwd spills at BLOCK_N 256
         ("v_chunk 16384", {}, dict(v_chunk=16384)),
     ]
     for name, fcfg, bcfg in variants[:1] if quick else variants:

@@ -148,7 +148,7 @@ if HAS_TRITON:
         n_splits = tl.num_programs(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_c = tl.minimum(rows, N - 1)
-        tgt = tl.load(tgt_ptr + rows_c)
+        tgt = tl.load(tgt_ptr + rows_c).to(tl.int32)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         zt = tl.zeros((BLOCK_M,), tl.float32)
@@ -196,7 +196,7 @@ if HAS_TRITON:
             m = tl.load(stats_ptr + rows_c)
             logl = tl.load(stats_ptr + N + rows_c)
             g = tl.load(g_ptr + rows_c)
-            tgt = tl.load(tgt_ptr + rows_c)
+            tgt = tl.load(tgt_ptr + rows_c).to(tl.int32)
             p = tl.where((cols < V)[None, :], tl.exp((s - m[:, None]) - logl[:, None]), 0.0)
             d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
             if HAS_CAP:

@@ -3,15 +3,13 @@
 Forward and dE (and dC) of every backend are compared, in the reference's dtype, against an fp64 ground
 truth on the same inputs and the same noise: the backend's max error may be at most 2x the reference's
 plus a small floor. Statistical tests use fixed seeds and thresholds of 5 standard errors derived from the
-sample size. The 'triton' cases need TRITON_INTERPRET=1 at import time: on a CPU machine a driver test
-re-runs them in a subprocess with the interpreter on.
+sample size. The 'triton' cases run under TRITON_INTERPRET=1 on a CPU machine (tests/conftest.py sets it).
 """
 from __future__ import annotations
 
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from fmlm.kernels.interp_embed import embed_cholesky, hidden_noise, interp_embed
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-needs_interp = pytest.mark.skipif(not INTERP, reason="triton on CPU needs TRITON_INTERPRET=1 (see the driver test)")
+needs_interp = pytest.mark.skipif(not INTERP, reason="triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py)")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interp)]
 
 
@@ -112,7 +110,7 @@ def test_vocab_noise_stream(backend):
     t = vocab_noise(11, 3, 4, 301, backend="torch")
     torch.testing.assert_close(a, t, rtol=0, atol=2e-6)
     assert (vocab_noise(12, 3, 4, 301, backend=backend) - a).abs().mean() > 0.5
-    big = vocab_noise(2 ** 40 + 3, 8, 64, 512, backend="torch").double().reshape(-1)
+    big = vocab_noise(2 ** 40 + 3, 4, 64, 512, backend="torch").double().reshape(-1)
     n = big.numel()
     assert abs(big.mean()) < 5 / math.sqrt(n)
     assert abs(big.var() - 1) < 5 * math.sqrt(2 / n)
@@ -236,7 +234,7 @@ def test_compile_specs_build():
     """The real configs compile for sm_90a with wgmma and no register spills (ptxas -v)."""
     triton = pytest.importorskip("triton")
     if not ie_mod.HAS_TRITON or INTERP:
-        pytest.skip("needs the triton compiler (not the interpreter)")
+        pytest.skip("needs the triton compiler (TRITON_INTERPRET is set: make compile-check covers it)")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     specs = {s["name"]: s for s in ie_mod.compile_specs()}
@@ -268,15 +266,6 @@ def _ptxas_spills(ptx: str):
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spills
-
-
-@pytest.mark.skipif(INTERP or torch.cuda.is_available(), reason="driver for the interpreter run on CPU machines")
-def test_triton_interpreter_subprocess():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "triton and not subprocess",
-                        "-p", "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
 
 
 # ---- GPU (bf16, OWT shape) -------------------------------------------------------------------
