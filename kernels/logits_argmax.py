@@ -42,8 +42,8 @@ GPU_CONFIG_SMALL_M = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_
 # Alternatives the benchmark times beside the default (compile check: 255 / 197 registers, no spills).
 BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG,
                  "bm128_bn128_s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)}
-# The interpreter runs each program in numpy at ~0.1 s of Python overhead per loop iteration (its dot is a
-# slow non-BLAS loop, so rows are kept to a small block): few, wide V tiles are fastest there.
+# The interpreter runs each program in numpy with a fixed Python cost per loop iteration: few, wide V tiles
+# and a row block no taller than needed are fastest there.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_stages=1)
 
 
@@ -139,11 +139,12 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(M: int, device: torch.device, D: int = 768) -> dict:
+def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304) -> dict:
     if device.type != "cuda":
         pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
-        return dict(INTERPRET_CONFIG, BLOCK_M=min(INTERPRET_CONFIG["BLOCK_M"], pow2(M)),
-                    BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], pow2(D)))
+        # the interpreter's dot has no 16-row minimum: a row block no taller than M wastes nothing
+        return dict(INTERPRET_CONFIG, BLOCK_M=min(INTERPRET_CONFIG["BLOCK_M"], 1 << (max(M, 1) - 1).bit_length()),
+                    BLOCK_N=min(INTERPRET_CONFIG["BLOCK_N"], pow2(V)), BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], pow2(D)))
     return dict(GPU_CONFIG_SMALL_M if M <= 64 else GPU_CONFIG)
 
 
@@ -170,7 +171,7 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise RuntimeError("logits_argmax_fwd needs the triton package")
     h, weight, bias = _check_dtypes(h, weight, bias)
     M, D = h.shape
-    cfg = {**default_config(M, h.device, D), **(config or {})}
+    cfg = {**default_config(M, h.device, D, n_valid), **(config or {})}
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty(M, device=h.device, dtype=torch.long)
     if M == 0:

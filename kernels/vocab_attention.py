@@ -56,8 +56,9 @@ CONFIGS = {
 GPU_CONFIG = "n16"
 # fp32 inputs run the exact (non-tensor-core) dot: a small block keeps h resident in shared memory.
 GPU_CONFIG_FP32 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
-# The interpreter runs each program in numpy: few, large tiles are fastest there.
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
+# The interpreter runs each program in numpy with a fixed Python cost per loop iteration: few, wide V tiles
+# and a row block no taller than needed are fastest there.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
 COMBINE_BLOCK_M, COMBINE_BLOCK_DE = 16, 128
 
 
@@ -272,9 +273,11 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(M: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+def default_config(M: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, V: int = 50304) -> dict:
     if device.type != "cuda":
-        return dict(INTERPRET_CONFIG)
+        # the interpreter's dot has no 16-row minimum: a row block no taller than M wastes nothing
+        return dict(INTERPRET_CONFIG, BLOCK_M=min(INTERPRET_CONFIG["BLOCK_M"], _pow2(M)),
+                    BLOCK_N=min(INTERPRET_CONFIG["BLOCK_N"], max(16, _pow2(V))))
     return dict(GPU_CONFIG_FP32 if dtype == torch.float32 else CONFIGS[GPU_CONFIG])
 
 
@@ -313,7 +316,7 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
     h, weight, bias, embed = _prepare(h, weight, bias, embed)
     M, D = h.shape
     DE = embed.shape[1]
-    cfg = {**default_config(M, h.device, h.dtype), **(config or {})}
+    cfg = {**default_config(M, h.device, h.dtype, n_valid), **(config or {})}
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     BD, DC, BDE, NC = _blocks(D, DE, cfg)
     de_per_prog = BDE * NC

@@ -159,7 +159,9 @@ def test_triton_functional_and_op():
 @pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")
 def test_triton_interpreter_subprocess():
     """Re-run this file's triton cases with TRITON_INTERPRET=1 (it must be set before triton is imported)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # one BLAS / OpenMP thread: on a shared CPU, multi-threaded numpy matmuls in the interpreter ran ~1000x
+    # slower (thread contention) than single-threaded ones
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-m", "not gpu",
                         "-k", "triton and not subprocess", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
                        env=env, capture_output=True, text=True, timeout=900)
