@@ -237,15 +237,16 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         mask = row_ok[:, None] & (de < DE)[None, :]
         m_tot = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        # rows past M read m = 0, l = 1 so that they stay finite (they are never stored)
         for s in range(0, n_split):
-            m_tot = tl.maximum(m_tot, tl.load(pm_ptr + s * M + rows, mask=row_ok, other=float("-inf")))
+            m_tot = tl.maximum(m_tot, tl.load(pm_ptr + s * M + rows, mask=row_ok, other=0.0))
         l_tot = tl.zeros((BLOCK_M,), tl.float32)
         o = tl.zeros((BLOCK_M, BLOCK_DE), tl.float32)
         for s in range(0, n_split):
-            m_s = tl.load(pm_ptr + s * M + rows, mask=row_ok, other=float("-inf"))
+            m_s = tl.load(pm_ptr + s * M + rows, mask=row_ok, other=0.0)
             # a split whose logits are all −inf (possible only without a cap) contributes nothing
             scale = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_tot))
-            l_tot += scale * tl.load(pl_ptr + s * M + rows, mask=row_ok, other=0.0)
+            l_tot += scale * tl.load(pl_ptr + s * M + rows, mask=row_ok, other=1.0)
             po = tl.load(po_ptr + (s * M + rows64)[:, None] * DE + de[None, :], mask=mask, other=0.0)
             o += scale[:, None] * po
         o = o / l_tot[:, None]

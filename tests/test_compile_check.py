@@ -1,0 +1,74 @@
+"""bench/compile_check: every compile spec of fmlm.kernels builds for sm_90a without a GPU.
+
+Runs `python -m fmlm.bench.compile_check` in a subprocess without TRITON_INTERPRET (under the interpreter
+@triton.jit yields interpreted functions, which cannot be compiled).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "fmlm.bench.compile_check", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def full_run() -> subprocess.CompletedProcess:
+    return _run()
+
+
+def test_compile_check_all_kernels(full_run):
+    r = full_run
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for name in ("_logits_argmax_fwd_kernel", "_logits_argmax_reduce_kernel", "_vocab_attention_fwd_kernel",
+                 "_vocab_attention_combine_kernel"):
+        assert name in r.stdout, f"{name} missing from the compile table:\n{r.stdout[-3000:]}"
+
+
+def test_default_configs_do_not_spill(full_run):
+    """The Hopper defaults of logits_argmax and vocab_attention keep everything in registers."""
+    r = full_run
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[1].startswith("_"):
+            rows[cells[1]] = cells
+    for name in ("_logits_argmax_fwd_kernel[bm128_bn256]", "_vocab_attention_fwd_kernel[n16]"):
+        assert name in rows, r.stdout[-3000:]
+        assert rows[name][3] == "0" and rows[name][4] == "0", f"{name} spills: {rows[name]}"
+
+
+BAD_KERNEL = """
+import sys
+import triton
+import triton.language as tl
+from fmlm.bench import compile_check as cc
+
+@triton.jit
+def bad(x_ptr, N: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, N), tl.load(x_ptr + tl.arange(0, N)) @ 1)
+
+spec = dict(name="bad", fn=bad, signature={"x_ptr": "*fp32", "N": "constexpr"}, constexprs={"N": 16})
+try:
+    cc.compile_one(spec)
+except triton.compiler.errors.CompilationError:
+    sys.exit(3)
+"""
+
+
+def test_compile_error_raises(tmp_path):
+    """A kernel that cannot compile raises a CompilationError (run() turns that into exit status 1)."""
+    script = tmp_path / "bad_kernel.py"       # @triton.jit needs the source in a file
+    script.write_text(BAD_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
