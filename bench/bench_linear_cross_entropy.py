@@ -14,6 +14,9 @@ ceiling — it shows the op is not bandwidth-bound.
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -22,7 +25,8 @@ from fmlm.bench.common import ceilings, markdown_table, peak_memory_bytes, time_
 
 N, V, D, VP = 16384, 50258, 768, 50304
 DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny N/V/D) sets "cpu"
-BUDGET_S = 35.0          # gpu-check gives each benchmark process ~60 s, compile included
+PROCESS_LIMIT_S = 46.0   # from run(): gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
+BUDGET_S = 26.0          # optional rows (config variants, soft form) start only before this
 
 
 def _inputs(dtype=torch.bfloat16, seed=0):
@@ -99,26 +103,18 @@ def run(quick: bool = False) -> list[dict]:
     main["meets_target"] = main["eff_tflops"] >= 550 and main["speedup_vs_ref_head"] >= 4
     gemm["note"] += f"; fwd kernel at {rows[1]['ms'] / gemm['ms']:.2f}x its time"
 
-    if time.time() - t_start < BUDGET_S - 20:    # inductor compile of fwd+bwd: ~15-30 s cold
-        try:
-            compiled = torch.compile(ref.linear_cross_entropy_ref)
-            r = add("torch.compile(reference)", "fwd+bwd",
-                    _fwd_bwd(lambda: compiled(h, W[:V], b[:V], t, reduction="mean"), leaves))
-            main["speedup_vs_compiled_ref"] = r["ms"] / main["ms"]
-        except Exception as e:   # a compile failure is reported, not fatal to the other rows
-            rows.append({"op": "linear_cross_entropy", "impl": "torch.compile(reference)", "note": f"failed: {e!r}"[:200]})
-
     # Alternative configs through the launchers (fwd then bwd, as the op does), each checked against the default.
     with torch.no_grad():
         loss0, stats0 = lce.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
         g = torch.full((N,), 1.0 / N, device=DEVICE)
         dh0 = lce.linear_cross_entropy_bwd(g, h, W, b, t, stats0, 30.0, -100, V)[0]
     variants = [
-        ("no loop flattening", dict(FLATTEN=False), dict(FLATTEN=False, persistent=False)),
         ("fwd BLOCK_N 256, 4 stages", dict(BLOCK_N=256, num_stages=4), {}),   # the bwd spills at BLOCK_N 256
-        ("v_chunk 16384", {}, dict(v_chunk=16384)),
+        ("no loop flattening", dict(FLATTEN=False), dict(FLATTEN=False, persistent=False)),
+        ("bwd v_chunk 16384", {}, dict(v_chunk=16384)),
     ]
-    for name, fcfg, bcfg in variants[:1] if quick else variants:
+    tried = [main]
+    for name, fcfg, bcfg in variants:
         if time.time() - t_start > BUDGET_S:
             break
         try:
@@ -128,22 +124,67 @@ def run(quick: bool = False) -> list[dict]:
                     return lce.linear_cross_entropy_bwd(g, h, W, b, t, st, 30.0, -100, V, config=bcfg)
                 loss1, _ = lce.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config=fcfg)
                 dh1 = step()[0]
-                r = add(f"triton [{name}]", "fwd+bwd", step)
+                r = add(f"triton [{name}]", "fwd+bwd", step, "launchers called directly (no autograd)")
                 r["max_loss_diff_vs_default"] = (loss1 - loss0).abs().max().item()
                 r["max_dh_diff_vs_default"] = (dh1.float() - dh0.float()).abs().max().item()
+                tried.append(r)
         except Exception as e:
             rows.append({"op": "linear_cross_entropy", "impl": f"triton [{name}]", "note": f"failed: {e!r}"[:200]})
+    best = min(tried, key=lambda r: r["ms"])
+    rows.append({**best, "impl": f"best measured: {best['impl']}", "note": "min over the configs above",
+                 "speedup_vs_ref_head": ref_head["ms"] / best["ms"], "meets_target":
+                 best["eff_tflops"] >= 550 and ref_head["ms"] / best["ms"] >= 4})
 
     if time.time() - t_start < BUDGET_S:
         def soft_loss():
             return lce.soft_linear_cross_entropy(h, W, b, h1, h2, lam, n_valid=V, backend="triton").mean()
         add("triton soft-target", "soft fwd+bwd", _fwd_bwd(soft_loss, leaves), "FMLM distillation form")
+    # torch.compile(reference) last, in a child process with the remaining time as its limit: a cold inductor
+    # compile of fwd+bwd takes ~15-40 s and must not cost the rows above if gpu-check's limit is hit.
+    left = PROCESS_LIMIT_S - (time.time() - t_start)
+    r = _compiled_reference_row(left) if DEVICE == "cuda" else {"note": "skipped on CPU"}
+    r = {"op": "linear_cross_entropy", "impl": "torch.compile(reference)", "pass": "fwd+bwd", **r}
+    rows.append(r)
+    if "ms" in r:
+        main["speedup_vs_compiled_ref"] = r["ms"] / main["ms"]
     for r in rows:
         r["bf16_ceiling_tflops"] = ceil["bf16_tflops"]
     return rows
 
 
+def _compiled_reference_row(timeout_s: float) -> dict:
+    if timeout_s < 10:
+        return {"note": f"skipped: {timeout_s:.0f} s left"}
+    try:
+        res = subprocess.run([sys.executable, "-m", "fmlm.bench.bench_linear_cross_entropy", "--compiled-reference"],
+                             capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"note": f"compile + timing did not finish in {timeout_s:.0f} s"}
+    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"note": f"failed: {res.stderr[-300:]!r}"}
+
+
+def _compiled_reference() -> dict:
+    """Child process: torch.compile(reference.linear_cross_entropy_ref) fwd+bwd at the same shape."""
+    from fmlm.kernels import reference as ref
+
+    h, W, b, t, *_ = _inputs()
+    leaves = [x.requires_grad_() for x in (h, W, b)]
+    compiled = torch.compile(ref.linear_cross_entropy_ref)
+    t0 = time.time()
+    step = _fwd_bwd(lambda: compiled(h, W[:V], b[:V], t, reduction="mean"), leaves)
+    step()
+    compile_s = time.time() - t0
+    tm = time_fn(step, warmup=2, iters=10)
+    f = 8 * N * V * D
+    return {"ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"], "eff_tflops": f / tm["ms"] / 1e9,
+            "peak_extra_mb": peak_memory_bytes(step, "cuda") / 2**20, "note": f"compile {compile_s:.0f} s"}
+
+
 def main() -> None:
+    if "--compiled-reference" in sys.argv:
+        print(json.dumps(_compiled_reference()))
+        return
     rows = run()
     if not rows:
         print("bench_linear_cross_entropy: needs CUDA, skipped")
