@@ -53,6 +53,9 @@ def _open_text(path: Path):
 
 
 def _text_files(source: Path) -> list[Path]:
+    if not source.exists():
+        raise FileNotFoundError(f"data source {str(source)!r}: no such file or directory "
+                                "(or use 'bundled', 'hf:<name>')")
     if source.is_file():
         return [source]
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
@@ -70,10 +73,7 @@ def iter_texts(source: str, split: str = "train") -> Iterator[str]:
     if source.startswith("hf:"):
         yield from _iter_hf(source[3:], split)
         return
-    p = Path(source).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"data source {source!r}: no such file or directory (or use 'bundled', 'hf:<name>')")
-    for f in _text_files(p):
+    for f in _text_files(Path(source).expanduser()):
         with _open_text(f) as fh:
             yield from (ln.strip() for ln in fh if ln.strip())
 
@@ -125,17 +125,38 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, lowercase: boo
     return tok
 
 
-def resolve_tokenizer(spec: str, source: str = "bundled", split: str = "train"):
+def resolve_tokenizer(spec: str, source: str = "bundled", split: str = "train", cache_dir=None,
+                      is_builder: bool = True):
     """'train:<V>' trains a WordPiece of size V on the source; else a file, directory or known name
-    (fmlm.engine.tokenizer.load_tokenizer: tokenizer.json, vocab.txt, 'bert-base-uncased', 'gpt2')."""
-    if spec.startswith("train:") or spec == "train":
-        v = spec.partition(":")[2] or "2048"
-        if not v.isdigit():
-            raise ValueError(f"tokenizer spec {spec!r}: expected 'train:<vocab size>'")
-        return train_tokenizer(iter_texts(source, split), int(v))
-    from fmlm.engine.tokenizer import load_tokenizer  # noqa: PLC0415
+    (fmlm.engine.tokenizer.load_tokenizer: tokenizer.json, vocab.txt, 'bert-base-uncased', 'gpt2').
 
-    return load_tokenizer(spec)
+    WordPiece training breaks frequency ties in no fixed order, so a trained tokenizer is saved in cache_dir
+    (keyed by source and spec) and reused: DDP ranks (only `is_builder` trains) and resumed runs then share
+    one vocabulary."""
+    if not (spec.startswith("train:") or spec == "train"):
+        from fmlm.engine.tokenizer import load_tokenizer  # noqa: PLC0415
+
+        return load_tokenizer(spec)
+    v = spec.partition(":")[2] or "2048"
+    if not v.isdigit():
+        raise ValueError(f"tokenizer spec {spec!r}: expected 'train:<vocab size>'")
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha1(f"{source_signature(source, split)}|{spec}".encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"tokenizer-{key}.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path))
+        if not is_builder:
+            raise FileNotFoundError(f"trained tokenizer {path} missing (rank 0 should have written it)")
+    tok = train_tokenizer(iter_texts(source, split), int(v))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tok.save(str(tmp))
+        os.replace(tmp, path)
+    return tok
 
 
 def special_ids(tok, style: str) -> tuple[int, int]:
@@ -317,17 +338,18 @@ class Corpus:
 def load_corpus(source: str = "bundled", tokenizer: str = "train:2048", seq_len: int = 64, style: str = "lm1b",
                 cache_dir: Optional[str] = None, val_every: int = 50, split: str = "train",
                 is_builder: bool = True, barrier=None) -> Corpus:
-    """Tokenize (once, cached) and pack a source. `barrier` (DDP) is called between rank 0's build and
-    the other ranks' reads; a trained tokenizer is deterministic, so every rank trains the same one."""
-    tok = resolve_tokenizer(tokenizer, source, split)
-    bos, eos = special_ids(tok, style)
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("FMLM_CACHE", Path.home() / ".cache" / "fmlm")) / "tokens"
+    """Tokenize (once, cached) and pack a source. In DDP only rank 0 (`is_builder`) trains the tokenizer and
+    builds the token cache; `barrier` runs between that and the other ranks' reads of the same files."""
+    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("FMLM_CACHE") or Path.home() / ".cache" / "fmlm") / "tokens"
     if is_builder:
+        tok = resolve_tokenizer(tokenizer, source, split, cache, True)
         stream = cached_stream(source, tok, style, cache, split, True)
     if barrier is not None:
         barrier()
     if not is_builder:
+        tok = resolve_tokenizer(tokenizer, source, split, cache, False)
         stream = cached_stream(source, tok, style, cache, split, False)
+    bos, eos = special_ids(tok, style)
     train, val = PackedBlocks(stream, seq_len, bos, eos).split(val_every)
     return Corpus(tok, train, val, vocab_size_of(tok), style)
 

@@ -1,0 +1,195 @@
+"""Trainer: exact resume, atomic checkpoints, EMA ramp, LR schedule, the CLI, and DDP on gloo with 2 processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fmlm
+from fmlm.engine import train as T
+from fmlm.engine.data import PackedBlocks
+from fmlm.engine.losses import init_student
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread (spin-waiting threads cost 50x on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _blocks(V=131, L=9, n=600, seed=0):
+    stream = np.random.default_rng(seed).integers(5, V, n).astype(np.uint16)
+    return PackedBlocks(stream, L, bos=2, eos=3).split(val_every=10)
+
+
+def _model(tiny_cfg, seed=0, **kw):
+    torch.manual_seed(seed)
+    return fmlm.FlowLM(tiny_cfg(**kw), init="published")
+
+
+def _tc(**kw):
+    base = dict(steps=6, batch_size=4, accum=2, lr=3e-3, warmup=3, ema=0.9, log_every=1, ckpt_every=3,
+                val_every=0, val_batches=1, keep_ckpts=2, backend="torch")
+    return T.TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_and_ema_ramp(tiny_cfg):
+    tc = _tc(lr=1.0, warmup=4)
+    assert [T.lr_at(s, tc) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    m = _model(tiny_cfg)
+    ema = T.EMA(m, 0.9999)
+    p0 = m.embed.detach().clone()
+    with torch.no_grad():
+        m.embed.add_(1.0)
+    ema.update(m)                  # first update: decay = min(0.9999, 2/11)
+    torch.testing.assert_close(ema.model.embed, p0 + (1 - 2 / 11))
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["flm", "fmlm"])
+def test_resume_is_exact(tmp_path, tiny_cfg, kind):
+    """2N steps in one run == N steps, then a fresh process state resumed for N more: identical weights,
+    EMA and optimizer state, bit for bit (CPU)."""
+    train, val = _blocks()
+    teacher = _model(tiny_cfg, seed=7) if kind == "fmlm" else None
+    if teacher is not None:
+        teacher.reset_parameters(seed=7)
+
+    def fresh(seed):
+        m = _model(tiny_cfg, seed=seed)
+        return init_student(teacher) if kind == "fmlm" else m
+
+    a = T.train_loop(fresh(0), kind, train, _tc(), tmp_path / "a", val, teacher=teacher, progress=False)
+    T.train_loop(fresh(0), kind, train, _tc(steps=3), tmp_path / "b", val, teacher=teacher, progress=False)
+    b = T.train_loop(fresh(123), kind, train, _tc(), tmp_path / "b", val, teacher=teacher, progress=False)
+    assert a.steps_done == b.steps_done == 6
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k
+    for (k, x), y in zip(a.ema_model.state_dict().items(), b.ema_model.state_dict().values()):
+        assert torch.equal(x, y), k
+    init = fresh(0).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in a.model.state_dict().items())   # it did train
+    la = [r["loss"] for r in a.history if "loss" in r][3:]
+    lb = [r["loss"] for r in b.history if "loss" in r]
+    assert la == lb                                       # the resumed half replays the same losses
+
+
+def test_checkpoints_are_atomic_and_loadable(tmp_path, tiny_cfg):
+    train, val = _blocks()
+    tok = None
+    r = T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=9, ckpt_every=2, keep_ckpts=2), tmp_path, val,
+                     tokenizer=tok, progress=False)
+    root = tmp_path / T.CKPT_DIR
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest", "step_00000008", "step_00000009"], names          # 2 kept, no temporaries
+    assert (root / "latest").read_text() == "step_00000009"
+    ck = T.latest_checkpoint(tmp_path)
+    st = torch.load(ck / "train_state.pt", weights_only=False)
+    assert st["step"] == 9 and st["kind"] == "flm" and len(st["rng"]) == 1
+    m = fmlm.load_checkpoint(ck / T.MODEL_DIR)
+    for k, v in r.ema_model.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    final = fmlm.load_checkpoint(tmp_path / T.MODEL_DIR)
+    assert torch.equal(final.embed, r.ema_model.embed)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "loss" in x] == list(range(1, 10))
+    assert any("val_loss" in x for x in recs)
+    assert all(np.isfinite(x["loss"]) and x["tok_s"] > 0 for x in recs if "loss" in x)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=12), tmp_path, val, resume=False, progress=False)
+    with pytest.raises(ValueError, match="'flm' run"):
+        T.train_loop(init_student(_model(tiny_cfg)), "fmlm", train, _tc(steps=12), tmp_path, val,
+                     teacher=_model(tiny_cfg), progress=False)
+
+
+def test_training_reduces_loss(tiny_cfg):
+    """A repetitive corpus (one block repeated): the FLM loss must fall well below its start."""
+    stream = np.tile(np.arange(10, 17, dtype=np.uint16), 200)
+    train = PackedBlocks(stream, 9, 2, 3)
+    tc = _tc(steps=60, batch_size=8, accum=1, lr=5e-3, warmup=5, ckpt_every=1000)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = T.train_loop(_model(tiny_cfg), "flm", train, tc, d, progress=False)
+    losses = [x["loss"] for x in r.history if "loss" in x]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="divisible by accum"):
+        T.TrainConfig(batch_size=6, accum=4)
+    with pytest.raises(ValueError, match="path"):
+        T.TrainConfig(path="fast")
+
+
+def _write_corpus(path: Path):
+    from fmlm.engine.data import iter_texts
+    lines = [ln for _, ln in zip(range(400), iter_texts("bundled"))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FMLM_CACHE="")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+TINY = ["--tokenizer", "train:200", "--seq-len", "12", "--hidden", "32", "--blocks", "1", "--heads", "2",
+        "--cond-dim", "16", "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--val-every", "3",
+        "--val-batches", "1", "--ckpt-every", "3", "--device", "cpu", "--no-progress", "--backend", "torch"]
+
+
+def test_cli_train_distill_and_errors(tmp_path, capsys):
+    from fmlm.engine.cli import main
+    text = tmp_path / "corpus.txt"
+    _write_corpus(text)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--data", str(text), "--out", str(tmp_path / "flm"), "--steps", "3", *TINY, *cache]) == 0
+    teacher = tmp_path / "flm" / T.MODEL_DIR
+    assert (teacher / "tokenizer.json").is_file() and not fmlm.load_checkpoint(teacher).cfg.two_time
+    rc = main(["distill", "--teacher", str(teacher), "--data", str(text), "--out", str(tmp_path / "fmlm"),
+               "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu", "--no-progress",
+               "--backend", "torch", "--val-batches", "1", *cache])
+    assert rc == 0
+    fm = fmlm.load_checkpoint(tmp_path / "fmlm" / T.MODEL_DIR)
+    assert fm.cfg.two_time and (tmp_path / "fmlm" / T.MODEL_DIR / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), *TINY]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(tmp_path / "fmlm" / T.MODEL_DIR), "--data", str(text), "--out",
+                 str(tmp_path / "y"), "--device", "cpu"]) == 1
+    assert "two-time" in capsys.readouterr().err
+    for cmd in (["train", "--help"], ["distill", "--help"], ["demo", "--help"], ["bench", "train", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+    assert "--batch-size" in capsys.readouterr().out
+
+
+def test_ddp_gloo_two_processes(tmp_path):
+    """torchrun --nproc_per_node 2 -m fmlm train on CPU (gloo): trains, ranks stay in step (train_loop checks
+    a parameter checksum across ranks at the end), per-rank RNG states are checkpointed, and a resumed
+    2-process run continues from them."""
+    text = tmp_path / "corpus.txt"
+    _write_corpus(text)
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "fmlm", "train", "--data", str(text), "--out", str(out), *TINY,
+            "--cache-dir", str(tmp_path / "cache")]
+    for steps in ("3", "6"):
+        p = subprocess.run([*base, "--steps", steps], capture_output=True, text=True, env=_env(), timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    st = torch.load(T.latest_checkpoint(out) / "train_state.pt", weights_only=False)
+    assert st["step"] == 6 and len(st["rng"]) == 2
+    assert not torch.equal(st["rng"][0]["loss_gen"], st["rng"][1]["loss_gen"])   # ranks draw their own noise
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["world"] == 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    fmlm.load_checkpoint(out / T.MODEL_DIR)
