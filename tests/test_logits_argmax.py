@@ -156,6 +156,24 @@ def test_triton_functional_and_op():
     torch.library.opcheck(torch.ops.fmlm.logits_argmax.default, (h, W, None, 100))
 
 
+@needs_triton
+@pytest.mark.skipif(ON_DEVICE, reason="the CPU smoke run of the benchmark; make gpu-check runs it for real")
+def test_triton_bench_smoke(monkeypatch):
+    """bench/bench_logits_argmax.py end to end at a tiny shape on the CPU, so the one GPU run cannot die on a bug."""
+    from fmlm.bench import bench_logits_argmax as bench
+    from fmlm.bench import common
+
+    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3)).items():
+        monkeypatch.setattr(bench, k, v)
+    monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
+    monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)
+    rows = bench.run(quick=True)
+    impls = [r["impl"] for r in rows]
+    assert impls[0] == "triton" and any(i.startswith("best measured") for i in impls)
+    assert all("failed" not in str(r.get("note", "")) for r in rows), rows
+    assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
+
+
 @pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")
 def test_triton_interpreter_subprocess():
     """Re-run this file's triton cases with TRITON_INTERPRET=1 (it must be set before triton is imported)."""
