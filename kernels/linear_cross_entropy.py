@@ -94,20 +94,20 @@ if HAS_TRITON:
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x[rows] · W[cols]ᵀ over the full D, fp32 accumulation; rows/cols already clamped in bounds."""
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + rows[:, None] * stride_x + offs_k[None, :]
-        b_ptrs = w_ptr + cols[None, :] * stride_w + offs_k[:, None]
+        a_base = x_ptr + rows[:, None] * stride_x
+        b_base = w_ptr + cols[None, :] * stride_w
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(D, BLOCK_K)):
+        # Addresses from k each step, not loop-carried increments: with `flatten`, Triton only pipelines the
+        # flattened (tile, k) loop when the load addresses are not carried across the tile boundary.
+        for k in range(0, D, BLOCK_K):
             if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+                a = tl.load(a_base + (k + offs_k)[None, :])
+                b = tl.load(b_base + (k + offs_k)[:, None])
             else:
-                kmask = offs_k < D - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+                kmask = k + offs_k < D
+                a = tl.load(a_base + (k + offs_k)[None, :], mask=kmask[None, :], other=0.0)
+                b = tl.load(b_base + (k + offs_k)[:, None], mask=kmask[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
         return acc
 
     @triton.jit
@@ -154,8 +154,8 @@ if HAS_TRITON:
         zt = tl.zeros((BLOCK_M,), tl.float32)
         t0 = pid_s * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_N))
-        for t in tl.range(t0, t1, flatten=FLATTEN):
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        for i in tl.range(0, t1 - t0, flatten=FLATTEN):
+            cols = (t0 + i) * BLOCK_N + tl.arange(0, BLOCK_N)
             cols_c = tl.minimum(cols, V - 1)
             acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
                             BLOCK_M, BLOCK_N, BLOCK_K)
