@@ -60,8 +60,8 @@ def _truth(h, W, b, t, cap, V, up, ignore_index=-100):
 
 
 def _run(fn, h, W, b, up, **kw):
-    h, W = h.clone().requires_grad_(), W.clone().requires_grad_()
-    b = None if b is None else b.clone().requires_grad_()
+    h, W = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
     loss = fn(h, W, b, **kw)
     (loss.float() * up).sum().backward()
     return loss.detach(), h.grad, W.grad, (None if b is None else b.grad)
@@ -234,6 +234,14 @@ def test_opcheck(backend):
     _, _, _, h1, h2, lam, _ = _soft_problem(5, 23, 16, 32, torch.float32)
     torch.library.opcheck(torch.ops.fmlm.soft_linear_cross_entropy.default,
                           (h, W, b, h1, h2, lam, 30.0, 23, backend))
+    # the registered op (the torch.compile path) and the eager autograd.Function give the same values and grads
+    up = torch.randn(5)
+    via_op = _run(lambda h, W, b: torch.ops.fmlm.linear_cross_entropy(h, W, b, t, 30.0, -100, 23, backend)[0],
+                  h, W, b, up)
+    eager = _run(lambda h, W, b: linear_cross_entropy(h, W, b, t, n_valid=23, backend=backend), h, W, b, up)
+    for a, e in zip(via_op, eager):
+        assert a is not None
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
     g = torch.randn(5)
     lse = torch.ops.fmlm.linear_cross_entropy(h, W, b, t, 30.0, -100, 23, backend)[1]
     torch.library.opcheck(torch.ops.fmlm.linear_cross_entropy_backward.default,
@@ -281,6 +289,15 @@ def _ptxas_spills(ptx: str):
 
 
 # ---- GPU (bf16, OWT shape) -------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fp32_matmul_highest():
+    """fp32 truths must not run as TF32 if another test changed the global matmul precision."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)
+
+
 def _owt(dtype=torch.bfloat16, N=16384, V=50258, D=768, Vp=50304, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     h = torch.randn(N, D, device="cuda", generator=g).to(dtype)
