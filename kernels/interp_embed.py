@@ -119,23 +119,25 @@ if HAS_TRITON:
                  mask=(rows < R)[:, None] & dmask[None, :])
 
     @triton.jit
-    def _embed_grad_rows_kernel(order_ptr, stok_ptr, seg_lo_ptr, seg_hi_ptr, gamma_ptr, dh_ptr, de_ptr, L, D,
-                                stride_dh, stride_de, BLOCK_D: tl.constexpr):
+    def _embed_grad_rows_kernel(order_ptr, stok_ptr, gamma_ptr, dh_ptr, de_ptr, R, L, D, stride_dh, stride_de,
+                                BLOCK_D: tl.constexpr):
         """dE[y] = Σ_{r: y_r = y} γ_b(r)·dh[r] in fp32, one program per (sorted position, column block); only the
-        first position of each run of equal tokens works (its run is [seg_lo, seg_hi)), so every touched row of
-        dE is written once, without atomics (deterministic)."""
+        first position of each run of equal tokens works (it walks its run), so every touched row of dE is
+        written once, without atomics (deterministic)."""
         i = tl.program_id(0)
-        lo = tl.load(seg_lo_ptr + i)
-        hi = tl.load(seg_hi_ptr + i)
         tok = tl.load(stok_ptr + i)
-        first = lo == i
+        first = (i == 0) | (tl.load(stok_ptr + tl.maximum(i - 1, 0)) != tok)
         dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = dcols < D
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for j in range(lo, tl.where(first, hi, lo)):
+        j = i
+        go = first
+        while go:
             r = tl.load(order_ptr + j)
             g = tl.load(gamma_ptr + r // L).to(tl.float32)
             acc += g * tl.load(dh_ptr + r * stride_dh + dcols, mask=dmask, other=0.0).to(tl.float32)
+            j += 1
+            go = (j < R) & (tl.load(stok_ptr + tl.minimum(j, R - 1)) == tok)
         tl.store(de_ptr + tok * stride_de + dcols, acc.to(de_ptr.dtype.element_ty), mask=dmask & first)
 
     @triton.jit
@@ -290,18 +292,16 @@ def interp_embed_hidden_fwd(tokens, gamma, embed, chol, xi, seed, config=None):
 
 def embed_grad_rows_fwd(grad, tokens, gamma, embed):
     """Triton: dE (embed's shape and dtype) = scatter of γ·dh into rows y, fp32 sums per token rounded once.
-    Sorting the B·L tokens (and two searchsorted for the runs) is sync-free; untouched rows are zero."""
+    Sorting the B·L tokens is sync-free; untouched rows are zero."""
     D = embed.shape[1]
     L = tokens.shape[1]
     tok = tokens.reshape(-1)
     stok, order = torch.sort(tok, stable=True)
-    seg_lo = torch.searchsorted(stok, stok, right=False)
-    seg_hi = torch.searchsorted(stok, stok, right=True)
     dh = grad.reshape(-1, D).contiguous()
     dE = torch.zeros_like(embed)
     block_d = 32 if interpreting() else 256
     _embed_grad_rows_kernel[(tok.shape[0], triton.cdiv(D, block_d))](
-        order, stok, seg_lo, seg_hi, gamma, dh, dE, L, D, dh.stride(0), dE.stride(0), BLOCK_D=block_d, num_warps=2)
+        order, stok, gamma, dh, dE, tok.shape[0], L, D, dh.stride(0), dE.stride(0), BLOCK_D=block_d, num_warps=2)
     return dE
 
 
@@ -717,8 +717,8 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                            dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
                                 BLOCK_D=c["BLOCK_D"]), c))
     specs.append(_spec("embed_grad_rows", _embed_grad_rows_kernel,
-                       dict(order_ptr="*i64", stok_ptr="*i64", seg_lo_ptr="*i64", seg_hi_ptr="*i64",
-                            gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr=f"*{dtype}", L="i32", D="i32",
+                       dict(order_ptr="*i64", stok_ptr="*i64", gamma_ptr="*fp32", dh_ptr=f"*{dtype}",
+                            de_ptr=f"*{dtype}", R="i32", L="i32", D="i32",
                             stride_dh="i32", stride_de="i32"), dict(BLOCK_D=256), dict(num_warps=2)))
     c = NOISE_CONFIG
     specs.append(_spec("philox_normal", _philox_normal_kernel,

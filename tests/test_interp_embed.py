@@ -56,6 +56,7 @@ CASES = [
     pytest.param(3, 5, 101, 64, 101, id="B3-L5-Vprime"),
     pytest.param(2, 37, 257, 64, 300, id="L37-padded"),
     pytest.param(3, 1, 61, 24, 61, id="D24-L1"),
+    pytest.param(3, 16, 5, 32, 8, id="repeats-V5-padded"),     # long runs of equal tokens in dE
 ]
 
 
