@@ -79,8 +79,10 @@ def run(quick: bool = False) -> list[dict]:
         f = flops[what]
         rows.append({"op": "linear_cross_entropy", "impl": impl, "pass": what, "N": N, "V": V, "D": D,
                      "dtype": "bf16", "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
-                     "eff_tflops": f / tm["ms"] / 1e9, "pct_bf16_ceiling": 100 * f / tm["ms"] / 1e9 / ceil["bf16_tflops"],
-                     "gbs": bytes_fb / tm["ms"] / 1e6, "pct_copy_ceiling": 100 * bytes_fb / tm["ms"] / 1e6 / ceil["copy_gbs"],
+                     "eff_tflops": f / tm["ms"] / 1e9,
+                     "pct_bf16_ceiling": 100 * f / tm["ms"] / 1e9 / ceil["bf16_tflops"],
+                     "gbs": bytes_fb / tm["ms"] / 1e6,
+                     "pct_copy_ceiling": 100 * bytes_fb / tm["ms"] / 1e6 / ceil["copy_gbs"],
                      "peak_extra_mb": peak_memory_bytes(fn, DEVICE) / 2**20 if mem else float("nan"), "note": note})
         return rows[-1]
 

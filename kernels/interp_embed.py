@@ -7,10 +7,10 @@ Two noise models:
 - "vocab": ε ~ N(0, I_V) per token, counter-based (Philox4x32-10 keyed by the seed; counter (v//4, l, b, 0),
   Box–Muller, lane v%4), regenerated tile by tile inside the forward GEMM (ε·E) and inside the backward GEMM
   (dE = εᵀ·((1−γ)·dh)), never stored. `vocab_noise` materializes the same numbers for tests and parity.
-- "hidden": ε·E ~ N(0, EᵀE) drawn as ξ·C, C = chol(EᵀE)ᵀ (D×D), ξ ~ N(0, I_D) (Philox counter (d//4, l, b, 1),
-  or given as `xi`): O(L·D²) instead of O(L·V·D). C is given (`chol`, e.g. computed once per weight set for
-  sampling) or computed inside from E with autograd (`embed_cholesky`), so dE flows through the Cholesky
-  factor as well as through the gather E[y].
+- "hidden": ε·E ~ N(0, EᵀE) drawn as ξ·C, C = chol(EᵀE)ᵀ (D×D), ξ ~ N(0, I_D) (Philox counter
+  (d//4, l, b, 1), or given as `xi`): O(L·D²) instead of O(L·V·D). C is given (`chol`, e.g. computed once
+  per weight set for sampling) or computed inside from E with autograd (`embed_cholesky`), so dE flows
+  through the Cholesky factor as well as through the gather E[y].
 
 Gradient estimator note (DESIGN.md §2.4): ξ·C(E) and ε·E have the same law N(0, EᵀE) for every E, so
 E_ξ[∇_E f(ξ·C(E) …)] = E_ε[∇_E f(ε·E …)] = ∇_E E[f]: both are unbiased pathwise estimators of the same
@@ -30,7 +30,6 @@ the custom-op dispatch (~0.1 ms per call, as much as the whole hidden-mode step 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -188,7 +187,7 @@ if HAS_TRITON:
                                         stride_e, stride_c, stride_xi, stride_o, XI_GIVEN: tl.constexpr,
                                         PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                                         BLOCK_D: tl.constexpr):
-        """h[rows, dblock] = (1−γ)·(ξ·C)[rows, dblock] + γ·E[y, dblock]; ξ loaded (XI_GIVEN) or drawn in place."""
+        """h[rows, dblock] = (1−γ)·(ξ·C)[rows, dblock] + γ·E[y, dblock]; ξ loaded (XI_GIVEN) or drawn here."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows_c = tl.minimum(rows, R - 1)
         b = rows_c // L
@@ -486,7 +485,7 @@ def _(grad, tokens, gamma, embed, seed, n_valid, backend):
 @torch.library.custom_op("fmlm::interp_embed_hidden", mutates_args=())
 def _hidden_op(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor, chol: torch.Tensor,
                xi: Optional[torch.Tensor], seed: int, backend: str) -> torch.Tensor:
-    """h (B·L, D) = (1−γ)·ξ·C + γ·E[y]; chol (D, D) in embed's dtype; xi (B, L, D) or None (drawn from seed)."""
+    """h (B·L, D) = (1−γ)·ξ·C + γ·E[y]; chol (D, D) in embed's dtype; xi (B, L, D) or None (from seed)."""
     return _hidden_fwd_impl(tokens, gamma, embed, chol, xi, seed, backend)
 
 
@@ -519,7 +518,8 @@ def _vocab_setup_context(ctx, inputs, output):
 
 def _vocab_backward(ctx, grad):
     tokens, gamma, embed = ctx.saved_tensors
-    return None, None, torch.ops.fmlm.interp_embed_vocab_backward(grad, tokens, gamma, embed, *ctx.args), None, None, None
+    dE = torch.ops.fmlm.interp_embed_vocab_backward(grad, tokens, gamma, embed, *ctx.args)
+    return None, None, dE, None, None, None
 
 
 _vocab_op.register_autograd(_vocab_backward, setup_context=_vocab_setup_context)
@@ -670,14 +670,16 @@ def interp_embed(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor,
             eps = vocab_noise(seed, B, L, V, embed.device, embed.dtype, "torch")
             return ref.interp_embed_ref(tokens, gamma, embed[:V], eps)
         args = (tokens, gamma, embed, seed, V, be)
-        h = torch.ops.fmlm.interp_embed_vocab(*args) if torch.compiler.is_compiling() else InterpEmbedVocabFn.apply(*args)
+        h = (torch.ops.fmlm.interp_embed_vocab(*args) if torch.compiler.is_compiling()
+             else InterpEmbedVocabFn.apply(*args))
         return h.view(B, L, D)
     C = embed_cholesky(embed, V) if chol is None else chol
     if be == "reference":
         x = xi if xi is not None else hidden_noise(seed, B, L, D, embed.device, embed.dtype, "torch")
         return ref.interp_embed_hidden_ref(tokens, gamma, embed, x, C.to(embed.dtype))
     args = (tokens, gamma, embed, C.to(embed.dtype), None if xi is None else xi.detach(), seed, be)
-    h = torch.ops.fmlm.interp_embed_hidden(*args) if torch.compiler.is_compiling() else InterpEmbedHiddenFn.apply(*args)
+    h = (torch.ops.fmlm.interp_embed_hidden(*args) if torch.compiler.is_compiling()
+         else InterpEmbedHiddenFn.apply(*args))
     return h.view(B, L, D)
 
 

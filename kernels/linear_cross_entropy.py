@@ -4,8 +4,9 @@ Reference: fmlm.kernels.reference.linear_cross_entropy_ref and soft_linear_cross
 materialize the logits in the input dtype, then cap and log_softmax in fp32).
 
 Cut Cross-Entropy style (DESIGN.md §2.4): the forward streams logit tiles through an online log-sum-exp and
-keeps only (max, log Σ exp(S − max)) per row (two fp32 numbers rather than lse = their sum: p = exp((S − max)
-− log l) keeps fp32 accuracy where one rounded lse of magnitude ~30 would not); the backward recomputes each logit tile, forms
+keeps only (max, log Σ exp(S − max)) per row (two fp32 numbers rather than lse = their sum: p =
+exp((S − max) − log l) keeps fp32 accuracy where one rounded lse of magnitude ~30 would not); the backward
+recomputes each logit tile, forms
     dS = g·(softmax − onehot)·cap'(z),   cap'(z) = 1 − tanh²(z/cap) = 1 − (S/cap)²,
 and writes it, one vocabulary chunk at a time (N × V_CHUNK, never N × V), for two cuBLAS GEMMs:
 dh += dS·W[chunk] and dW[chunk] = dSᵀ·h (db from per-row-block column sums written by the same kernel).
@@ -17,8 +18,8 @@ Backends: 'reference' (the spec), 'torch' (chunked plain PyTorch, any device; it
 chunks), 'triton' (CUDA, or CPU under TRITON_INTERPRET=1). The ops fmlm::linear_cross_entropy and
 fmlm::soft_linear_cross_entropy (with fake impls and registered autograd) are what torch.compile traces;
 eager calls go through LinearCrossEntropyFn / SoftLinearCrossEntropyFn, the same impls without the
-~0.1 ms Python dispatch of a custom op. Weight rows may be padded past
-n_valid (the engine pads V to a multiple of 128): those columns get no probability and zero gradient.
+~0.1 ms Python dispatch of a custom op. Weight rows may be padded past n_valid (the engine pads V to a
+multiple of 128): those columns get no probability and zero gradient.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ try:
 except ImportError:  # the package imports without triton; backend='triton' then raises in resolve()
     HAS_TRITON = False
 
-# Hopper defaults (bf16, D=768): 128×128×64 tiles, 8 warps, 3 stages (96 KB of shared memory); ptxas gives
-# 180-230 registers and no spills (compile_specs()), so one CTA per SM. FLATTEN: Triton flattens the
+# Hopper defaults (bf16, D=768): 128×128×64 tiles, 8 warps, 3 stages (96-128 KB of shared memory); ptxas
+# gives 178-210 registers and no spills (compile_specs()), so one CTA per SM. FLATTEN: Triton flattens the
 # (tile, K) loop nest into one pipelined loop, so the next tile's loads overlap the tanh/exp epilogue
 # (that epilogue costs ~2 MUFU ops per logit, about a third of the MMA time of a 128×128×768 tile).
 # The backward is persistent (one program per SM striding over the tiles) for the same reason.
@@ -286,7 +287,8 @@ if HAS_TRITON:
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
             EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile; stats (6, N): (max, log l) of the h, h1, h2 streams.
+        """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile; stats (6, N): (max, log l) of the h, h1, h2
+        streams.
         The target streams go first so that only dS and one accumulator are live at a time."""
         num_m = tl.cdiv(N, BLOCK_M)
         num_n = tl.cdiv(n_cols, BLOCK_N)
@@ -811,7 +813,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 def soft_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               h1: torch.Tensor, h2: torch.Tensor, lam, cap: Optional[float] = 30.0,
                               n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-row −Σ_v δ̄_v·log softmax(cap(h·Wᵀ+b))_v, δ̄ = λ·softmax(cap(h1·Wᵀ+b)) + (1−λ)·softmax(cap(h2·Wᵀ+b)).
+    """Per-row −Σ_v δ̄_v·log softmax(cap(h·Wᵀ+b))_v with
+    δ̄ = λ·softmax(cap(h1·Wᵀ+b)) + (1−λ)·softmax(cap(h2·Wᵀ+b)).
 
     h, h1, h2 (..., D) of one dtype; lam broadcastable to h.shape[:-1] (one value per row). No gradient
     flows into the targets (h1, h2, λ); gradients w.r.t. h, weight, bias."""
@@ -852,7 +855,8 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     options=dict(num_warps=..., num_stages=...))."""
     if not HAS_TRITON:
         return []
-    common = dict(HAS_BIAS=True, HAS_CAP=True, TANH={"bf16": 0, "fp16": 1, "fp32": 2}[dtype], PREC="ieee" if dtype == "fp32" else "tf32")
+    common = dict(HAS_BIAS=True, HAS_CAP=True, TANH={"bf16": 0, "fp16": 1, "fp32": 2}[dtype],
+                  PREC="ieee" if dtype == "fp32" else "tf32")
     specs = []
     for name, fn, cfg, ptrs in (
             ("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, FWD_CONFIG,
@@ -862,7 +866,8 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                   b_ptr=f"*{dtype}", part_ptr="*fp32"))):
         sig = {**ptrs, "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
                "tiles_per_split": "i32", "cap": "fp32", "inv_cap": "fp32"}
-        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"],
+                     BLOCK_N=cfg["BLOCK_N"],
                      BLOCK_K=cfg["BLOCK_K"])
         specs.append(_spec(name, fn, sig, const, cfg))
     for name, fn, cfg, ptrs in (

@@ -167,7 +167,7 @@ def test_hidden_chol_computed(backend, dtype):
 
 
 def test_hidden_noise_covariance():
-    """ξ·C ~ N(0, EᵀE): sample covariance within 5 s.e. of EᵀE entrywise, s.e._ij = sqrt((Σii Σjj + Σij²)/n)."""
+    """ξ·C ~ N(0, EᵀE): sample covariance within 5 s.e. of EᵀE entrywise, s.e.ᵢⱼ = √((ΣᵢᵢΣⱼⱼ + Σᵢⱼ²)/n)."""
     V, D, B, L = 53, 6, 40, 500
     E = torch.randn(V, D, generator=torch.Generator().manual_seed(0)).double() / 3
     n = B * L
@@ -184,7 +184,8 @@ def test_hidden_noise_covariance():
 @pytest.mark.parametrize("noise", ["hidden", "vocab"])
 def test_expected_gradient(noise):
     """DESIGN.md §2.4: both noise models are unbiased estimators of ∇_E E[f]. For f = ½ Σ_r h_rᵀ A h_r with
-    h_r = (1−γ)·n_r + γ·E[y_r], n ~ N(0, EᵀE): ∇_E E[f] = Σ_r (1−γ)²·E·A + γ²·onehot(y_r)·(A E[y_r])ᵀ.
+    h_r = (1−γ)·n_r + γ·E[y_r], n ~ N(0, EᵀE):
+    ∇_E E[f] = Σ_r (1−γ)²·E·A + γ²·onehot(y_r)·(A E[y_r])ᵀ.
     The mean over K independent seeds is within 5 standard errors (estimated from the K samples)."""
     V, D, B, L, K = 11, 4, 4, 32, 48
     g = torch.Generator().manual_seed(1)
@@ -231,8 +232,9 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fmlm.interp_embed_hidden.default, (tokens, gamma, E, C, xi, 9, backend))
     # the registered ops (the torch.compile path) and the eager autograd.Functions agree, values and grads
     up = torch.randn(2, 3, 16)
-    for noise, op in (("vocab", lambda E, C: torch.ops.fmlm.interp_embed_vocab(tokens, gamma, E, 3, 19, backend)),
-                      ("hidden", lambda E, C: torch.ops.fmlm.interp_embed_hidden(tokens, gamma, E, C, None, 9, backend))):
+    ops = torch.ops.fmlm
+    for noise, op in (("vocab", lambda E, C: ops.interp_embed_vocab(tokens, gamma, E, 3, 19, backend)),
+                      ("hidden", lambda E, C: ops.interp_embed_hidden(tokens, gamma, E, C, None, 9, backend))):
         via_op = _grad(lambda E, C: op(E, C).view(2, 3, 16), E, up, C)
         eager = _grad(lambda E, C: interp_embed(tokens, gamma, E, noise, seed=3 if noise == "vocab" else 9, chol=C,
                                                 n_valid=19, backend=backend), E, up, C)

@@ -169,7 +169,8 @@ def _soft_truth(h, W, b, h1, h2, lam, cap, V, up):
         z = x @ W[:V].T + bb
         return cap * torch.tanh(z / cap) if cap else z
     with torch.no_grad():
-        tgt = lam.double()[:, None] * s(h1.double()).softmax(-1) + (1 - lam.double())[:, None] * s(h2.double()).softmax(-1)
+        lam = lam.double()[:, None]
+        tgt = lam * s(h1.double()).softmax(-1) + (1 - lam) * s(h2.double()).softmax(-1)
     loss = -(tgt * s(h).log_softmax(-1)).sum(-1)
     (loss * up.double()).sum().backward()
     return loss.detach(), h.grad, W.grad, (None if b is None else b.grad)
@@ -261,7 +262,8 @@ def test_compile_specs_build():
     from triton.compiler import ASTSource
     s = next(s for s in specs if s["name"] == "linear_cross_entropy_fwd")
     k = triton.compile(ASTSource(s["fn"], s["signature"], s["constexprs"], s["attrs"]),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
     assert "ttng.warp_group_dot" in k.asm["ttgir"], "no wgmma on sm_90a"
     assert "async_copy_global_to_local" in k.asm["ttgir"], "loads not pipelined"
     res = _ptxas_spills(k.asm["ptx"])
