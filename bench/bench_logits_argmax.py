@@ -57,9 +57,11 @@ def run(quick: bool = False) -> list[dict]:
         f = 2 * n * V * D
         nbytes = VP * D * 2 + n * D * 2 + n * 8
         rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "V": V, "D": D,
-                     "dtype": str(h_all.dtype).replace("torch.", ""), "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
+                     "dtype": str(h_all.dtype).replace("torch.", ""),
+                     "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
                      "tflops": f / tm["ms"] / 1e9, "pct_bf16_ceiling": 100 * f / tm["ms"] / 1e9 / ceil["bf16_tflops"],
-                     "gbs": nbytes / tm["ms"] / 1e6, "pct_copy_ceiling": 100 * nbytes / tm["ms"] / 1e6 / ceil["copy_gbs"],
+                     "gbs": nbytes / tm["ms"] / 1e6,
+                     "pct_copy_ceiling": 100 * nbytes / tm["ms"] / 1e6 / ceil["copy_gbs"],
                      "peak_extra_mb": peak_memory_bytes(fn, DEVICE) / 2**20 if mem else float("nan"), "note": note})
         return rows[-1]
 

@@ -62,9 +62,11 @@ def run(quick: bool = False) -> list[dict]:
         f = flops_mult * n * V * D
         nbytes = 2 * VP * D * 2 + n * D * 2 + n * D * 4
         rows.append({"op": "vocab_attention", "impl": impl, "rows": n, "V": V, "D": D,
-                     "dtype": str(h_all.dtype).replace("torch.", ""), "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
+                     "dtype": str(h_all.dtype).replace("torch.", ""),
+                     "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
                      "tflops": f / tm["ms"] / 1e9, "pct_bf16_ceiling": 100 * f / tm["ms"] / 1e9 / ceil["bf16_tflops"],
-                     "gbs": nbytes / tm["ms"] / 1e6, "pct_copy_ceiling": 100 * nbytes / tm["ms"] / 1e6 / ceil["copy_gbs"],
+                     "gbs": nbytes / tm["ms"] / 1e6,
+                     "pct_copy_ceiling": 100 * nbytes / tm["ms"] / 1e6 / ceil["copy_gbs"],
                      "peak_extra_mb": peak_memory_bytes(fn, DEVICE) / 2**20 if mem else float("nan"), "note": note})
         return rows[-1]
 
@@ -104,7 +106,8 @@ def run(quick: bool = False) -> list[dict]:
             r["max_abs_diff_vs_default"] = (out1 - mains[n][1]).abs().max().item()
             tried.append(r)
         except Exception as e:  # a config that fails to compile or launch is reported, not fatal
-            rows.append({"op": "vocab_attention", "impl": f"triton [{name}]", "rows": n, "note": f"failed: {e!r}"[:200]})
+            rows.append({"op": "vocab_attention", "impl": f"triton [{name}]", "rows": n,
+                         "note": f"failed: {e!r}"[:200]})
     best = min(tried, key=lambda r: r["ms"])
     rows.append({**best, "impl": f"best measured: {best['impl']}", "note": "min over the configs above",
                  "meets_target": best["tflops"] >= TARGET_TFLOPS})

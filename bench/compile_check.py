@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import pkgutil
 import re
 import subprocess
@@ -91,29 +93,56 @@ def compile_one(spec: dict, arch: int = TARGET_ARCH) -> dict:
             "compile_s": time.perf_counter() - t0}
 
 
-def run(pattern: str = "", arch: int = TARGET_ARCH) -> tuple[list[dict], list[str]]:
+def _compile_indexed(mod: str, index: int, arch: int) -> dict:
+    """Worker: compile spec number `index` of fmlm.kernels.<mod> (kernels are not picklable; indices are)."""
+    spec = importlib.import_module(f"fmlm.kernels.{mod}").compile_specs()[index]
+    return {"module": mod, **compile_one(spec, arch)}
+
+
+def run(pattern: str = "", arch: int = TARGET_ARCH, jobs: int = 1) -> tuple[list[dict], list[str]]:
+    """Compile every matching spec; `jobs` > 1 spreads them over worker processes (specs are independent)."""
+    keyed = [(mod, spec, _spec_index(mod, spec)) for mod, spec in discover(pattern)]
     rows, errors = [], []
-    for mod, spec in discover(pattern):
+
+    def record(mod, spec, result):
         try:
-            rows.append({"module": mod, **compile_one(spec, arch)})
+            rows.append(result())
         except Exception as e:  # report every failing kernel, not only the first
             errors.append(f"{mod}.{spec['name']}: {type(e).__name__}: {str(e).strip()[:2000]}")
+
+    if jobs <= 1 or len(keyed) <= 1:
+        for mod, spec, _ in keyed:
+            record(mod, spec, lambda mod=mod, spec=spec: {"module": mod, **compile_one(spec, arch)})
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child would inherit the parent's Triton/MLIR state
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = [(mod, spec, pool.submit(_compile_indexed, mod, i, arch)) for mod, spec, i in keyed]
+            for mod, spec, fut in futs:
+                record(mod, spec, fut.result)
     return rows, errors
+
+
+def _spec_index(mod: str, spec: dict) -> int:
+    specs = importlib.import_module(f"fmlm.kernels.{mod}").compile_specs()
+    return [s["name"] for s in specs].index(spec["name"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", "--pattern", default="", help="only specs whose 'module.name' contains this")
     ap.add_argument("--arch", type=int, default=TARGET_ARCH, help="compute capability, e.g. 90")
+    ap.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="worker processes (default: CPU count, at most 8)")
     args = ap.parse_args(argv)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         print("compile_check: triton is not installed; nothing to compile")
         return 0
     from fmlm.bench.common import markdown_table
 
-    rows, errors = run(args.pattern, args.arch)
+    rows, errors = run(args.pattern, args.arch, args.jobs)
     keys = ["module", "kernel", "registers", "spill_stores", "spill_loads", "shared_bytes", "num_warps",
             "num_stages", "compile_s"]
     print(markdown_table(rows, keys) if rows else "no compile specs found")

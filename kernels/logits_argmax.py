@@ -36,12 +36,19 @@ except ImportError:  # the package imports without triton; backend='triton' then
 TORCH_V_CHUNK = 4096
 TORCH_ROW_CHUNK = 8192
 
-# Hopper defaults (bf16/fp16): Triton's known-good H100 GEMM tile (128×256×64, 8 warps, 3 stages).
+# Hopper defaults (bf16/fp16). Large row counts: Triton's known-good H100 GEMM tile (128×256×64, 8 warps,
+# 3 stages). Small row counts are bound by streaming W (77 MB at V = 50304): a 128-wide V tile gives the
+# split over V a finer grain (393 tiles to share among 132 SMs rather than 197).
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
-GPU_CONFIG_SMALL_M = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
-# Alternatives the benchmark times beside the default (compile check: 255 / 197 registers, no spills).
-BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG,
-                 "bm128_bn128_s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)}
+GPU_CONFIG_SMALL_M = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+GPU_CONFIG_TINY_M = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+SMALL_M, TINY_M = 2048, 64
+# fp32 inputs take the exact (non-tensor-core) dot: 4-byte tiles need a smaller footprint (16 KiB of shared
+# memory, 128 registers, no spills on sm_90a).
+GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+# Alternatives the benchmark times beside the default at the OWT shape.
+BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG, "bm128_bn128_s4": GPU_CONFIG_SMALL_M,
+                 "bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4)}
 # The interpreter runs each program in numpy with a fixed Python cost per loop iteration: few, wide V tiles
 # and a row block no taller than needed are fastest there.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_stages=1)
@@ -139,13 +146,17 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304) -> dict:
+def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
     if device.type != "cuda":
         pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
         # the interpreter's dot has no 16-row minimum: a row block no taller than M wastes nothing
         return dict(INTERPRET_CONFIG, BLOCK_M=min(INTERPRET_CONFIG["BLOCK_M"], 1 << (max(M, 1) - 1).bit_length()),
-                    BLOCK_N=min(INTERPRET_CONFIG["BLOCK_N"], pow2(V)), BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], pow2(D)))
-    return dict(GPU_CONFIG_SMALL_M if M <= 64 else GPU_CONFIG)
+                    BLOCK_N=min(INTERPRET_CONFIG["BLOCK_N"], pow2(V)),
+                    BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], pow2(D)))
+    if dtype == torch.float32:
+        return dict(GPU_CONFIG_FP32)
+    return dict(GPU_CONFIG_TINY_M if M <= TINY_M else GPU_CONFIG_SMALL_M if M <= SMALL_M else GPU_CONFIG)
 
 
 def _check_dtypes(h, weight, bias):
@@ -171,7 +182,7 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise RuntimeError("logits_argmax_fwd needs the triton package")
     h, weight, bias = _check_dtypes(h, weight, bias)
     M, D = h.shape
-    cfg = {**default_config(M, h.device, D, n_valid), **(config or {})}
+    cfg = {**default_config(M, h.device, D, n_valid, h.dtype), **(config or {})}
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty(M, device=h.device, dtype=torch.long)
     if M == 0:
@@ -180,9 +191,10 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     n_tiles = triton.cdiv(n_valid, BN)
     splits = cfg.get("splits")
     if splits is None:
-        # Two programs per SM: one wave at 16384 rows, a V split at B=1 (measured-free heuristic).
-        target = 2 * _num_sms(h.device.index or 0) if h.device.type == "cuda" else 1
-        splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
+        # One wave (the tiles take one CTA per SM): no split at 16384 rows (128 programs), a split over V
+        # at small row counts so that every SM streams a share of W.
+        n_sm = _num_sms(h.device.index or 0) if h.device.type == "cuda" else 1
+        splits = max(1, min(n_tiles, n_sm // row_blocks))
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(int(splits), n_tiles)))
     splits = triton.cdiv(n_tiles, tiles_per_split)
     split = splits > 1
@@ -209,16 +221,26 @@ def compile_specs() -> list[dict]:
     sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32",
            "out_ptr": "*i64", "M": "i32", "n_valid": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
            "tiles_per_split": "i32"}
+    # what the JIT sees at D = 768 with contiguous tensors: aligned pointers, strides and D ≡ 0 mod 16
+    div16 = [n for n, t in sig.items() if t.startswith("*")] + ["D", "stride_h", "stride_w"]
     specs = []
-    for label, cfg, split in (("bm128_bn256", GPU_CONFIG, False), ("bm128_bn256_split", GPU_CONFIG, True),
-                              ("bm64_bn256_split", GPU_CONFIG_SMALL_M, True),
-                              ("bm128_bn128_s4", BENCH_CONFIGS["bm128_bn128_s4"], False)):
+    for label, cfg, split in (("bm128_bn256", GPU_CONFIG, False), ("bm128_bn128_s4_split", GPU_CONFIG_SMALL_M, True),
+                              ("bm64_bn128_w4_split", GPU_CONFIG_TINY_M, True),
+                              ("bm128_bn256_s4", BENCH_CONFIGS["bm128_bn256_s4"], False)):
         const = dict(HAS_BIAS=True, SPLIT=split, IEEE=False, EVEN_K=True,
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
         specs.append(dict(name=f"_logits_argmax_fwd_kernel[{label}]", fn=_logits_argmax_fwd_kernel,
                           signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          divisible_by_16=[n for n, t in sig.items() if t.startswith("*")] + ["D", "stride_h", "stride_w"]))
+                          divisible_by_16=div16))
+    sig32 = {**sig, "h_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32"}
+    cfg = GPU_CONFIG_FP32
+    const = dict(HAS_BIAS=True, SPLIT=True, IEEE=True, EVEN_K=True,
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    specs.append(dict(name="_logits_argmax_fwd_kernel[fp32]", fn=_logits_argmax_fwd_kernel,
+                      signature={**sig32, **{k: "constexpr" for k in const}}, constexprs=const,
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                      divisible_by_16=div16))
     specs.append(dict(name="_logits_argmax_reduce_kernel", fn=_logits_argmax_reduce_kernel,
                       signature={"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "M": "i32",
                                  "n_split": "i32", "BLOCK": "constexpr"},
@@ -230,7 +252,8 @@ def compile_specs() -> list[dict]:
 # torch.library op (inference only: no autograd, argmax has no gradient)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fmlm::logits_argmax", mutates_args=())
-def _logits_argmax_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n_valid: int) -> torch.Tensor:
+def _logits_argmax_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      n_valid: int) -> torch.Tensor:
     return logits_argmax_fwd(h, weight, bias, n_valid)
 
 

@@ -10,21 +10,34 @@ Backends: 'triton' — the fused kernel below; 'torch' — chunked plain PyTorch
 
 Triton design and napkin math (H100 SXM, bf16, rows = 16384, V = 50258, D = De = 768):
   useful work 4·rows·V·D = 2.53 TFLOP → 3.3 ms at the measured 766 TFLOP/s bf16 ceiling.
-  Per program: BLOCK_M rows, a range of V tiles (BLOCK_N columns each), BLOCK_DE·DE_CHUNKS output
-  columns. Per V tile: S = h·Wᵀ (K loop over D, flattened with the V loop so loads stay pipelined
-  across tiles), cap, mask columns ≥ n_valid, online softmax (running max m, sum l), O = O·α + P·E.
-  The constraint is the register file: the fp32 accumulator O is BLOCK_M × De = 64 × 768 × 4 B =
-  192 KiB of the SM's 256 KiB, so one program holds at most 64 rows with all of De. Options measured
-  by bench/bench_vocab_attention.py (FLOPs counted as the useful 4·rows·V·D in every case):
-    • "full"  BLOCK_M=64, De in one program (3 chunks of 256): no recomputation; streams W and E tiles
-      at 4·64·768 FLOP per 2·768·2 B → 64 FLOP/B of L2 traffic (h re-read adds a third): L2-bound.
-    • "split2" BLOCK_M=128, De split over 2 programs (3 chunks of 128): 85 FLOP/B but S = h·Wᵀ is
-      computed twice → 6·rows·V·D executed, ≤ 67 % of the ceiling as useful work.
-    • "split3" BLOCK_M=128, De split over 3 programs (1 chunk of 256): S computed 3× → ≤ 50 %.
-  Per S element the softmax costs 3 MUFU ops (exp for tanh, reciprocal, exp) against 4·768 MMA FLOPs:
-  ~25 % of the MMA time on H100 if not overlapped.
-  Small row counts (B=1, L=128: 2 row blocks) split V across programs (grid axis 1); each split writes
-  (m, l, O) partials (splits × rows × De fp32, never rows × V) and a combine kernel merges them.
+  The constraint is the register file: the fp32 accumulator O is BLOCK_M × De = 64 × 768 × 4 B = 192 KiB
+  of the SM's 256 KiB, so one program holds at most 64 rows with all of De (128 rows would need 384 KiB).
+  Alternatives and why they lost on paper (FLOPs below are always the useful 4·rows·V·D):
+    • split De over programs (BLOCK_M=128, 2 or 3 De slices): S = h·Wᵀ recomputed per slice → 6 or 8
+      rows·V·D executed, ≤ 67 % / ≤ 50 % of the ceiling as useful work;
+    • two passes (lse first, then P·E): 6 rows·V·D executed;
+    • K loop over D per V tile with E loaded in the epilogue: the pipeliner only prefetches loads that
+      feed top-level dots, so the 96 KiB E tile load was exposed on every tile (measured in the TTGIR:
+      a synchronous tt.load inside the scf.if), and h is re-read from L2 for every tile.
+  Chosen ("n16"): the 64-row query block h (64×768 bf16 = 96 KiB) is loaded once and stays in shared
+  memory; each loop iteration takes one V tile of BLOCK_N = 16 rows of W and of E (2·16·768·2 B = 48 KiB,
+  double-buffered: 196 KiB of shared memory in all), all three dot groups at the top level of a single
+  loop, so both W and E are prefetched (async copies, checked in the TTGIR). Per tile: S = h·Wᵀ (3 dots of
+  K = 256), bias, cap, mask columns ≥ n_valid, softmax, O += P·E (3 dots of N = 256). L2 traffic per
+  program and tile: W + E = 48 KiB for 4·64·16·768 FLOP → 64 FLOP/B, the bound of a 64-row block
+  (at ~40-50 B/clk/SM of L2 bandwidth the MMA cannot run at its peak of 4096 FLOP/clk/SM).
+  Known costs measured in the TTGIR / compile check: with 8 warps Triton computes the 64×16 S tile in both
+  warpgroups (warpsPerCTA [8, 1]; 1.5× the useful MMA work), waits on each S dot, and uses 255 registers
+  (no spills). "n16_w4_de384" (one warpgroup, De split in two: S computed twice) trades that redundancy
+  for recomputation; bench/bench_vocab_attention.py times every config in CONFIGS.
+  Softmax: with a cap ≤ 40 and bf16/fp32 P, exp(z − cap) needs no running max (FIXED_MAX: z ≤ cap), so O is
+  never rescaled; fp16 or uncapped logits take a lazily rescaled online softmax (the reference max moves
+  only when the row max grows by > 8). Per S element: 3 MUFU ops (exp for tanh, reciprocal, exp).
+  Small row counts (B=1, L=128: 2 row blocks) split V across programs (grid axis 1, one wave); each split
+  writes (m, l, O) partials (splits × rows × De fp32, never rows × V) and a combine kernel merges them. The
+  flow-map update runs in that combine kernel (for flow_map_step the partial path is always taken: an
+  extra rows × De fp32 round trip, < 1 % of the sweep over V, instead of a register-heavy epilogue that
+  spilled ~1 KiB in the main kernel).
   Padded columns (≥ n_valid) are masked to −inf after the cap (cap(−inf) = −cap, so a −inf bias is
   not enough).
 """
@@ -52,10 +65,13 @@ TORCH_ROW_CHUNK = 8192
 CONFIGS = {
     "n16": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_DE=256, DE_CHUNKS=3, num_warps=8, num_stages=2),
     "n16_de384": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_DE=128, DE_CHUNKS=3, num_warps=8, num_stages=3),
+    "n16_w4_de384": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_DE=128, DE_CHUNKS=3, num_warps=4, num_stages=3),
 }
 GPU_CONFIG = "n16"
-# fp32 inputs run the exact (non-tensor-core) dot: a small block keeps h resident in shared memory.
-GPU_CONFIG_FP32 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
+# fp32 inputs run the exact (non-tensor-core) dot, whose operands live in registers: only narrow output
+# slices (64 columns per program) compile without spills. A correctness path: backend='auto' sends fp32
+# to the chunked torch backend instead.
+GPU_CONFIG_FP32 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DE=32, DE_CHUNKS=2, num_warps=8, num_stages=2)
 # The interpreter runs each program in numpy with a fixed Python cost per loop iteration: few, wide V tiles
 # and a row block no taller than needed are fastest there.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_DE=256, DE_CHUNKS=3, num_warps=4, num_stages=1)
@@ -340,10 +356,10 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
     n_tiles = triton.cdiv(n_valid, BN)
     splits = cfg.get("splits")
     if splits is None:
-        # One wave of programs: enough to fill the SMs at B=1 while keeping the partials
-        # (splits × rows × De fp32) small next to W and E.
-        target = _num_sms(dev.index or 0) if dev.type == "cuda" else 1
-        splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks * de_blocks)))
+        # One wave of programs (one CTA per SM: 196 KiB of shared memory): enough to fill the SMs at B=1
+        # while keeping the partials (splits × rows × De fp32) small next to W and E.
+        n_sm = _num_sms(dev.index or 0) if dev.type == "cuda" else 1
+        splits = max(1, min(n_tiles, n_sm // (row_blocks * de_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(int(splits), n_tiles)))
     splits = triton.cdiv(n_tiles, tiles_per_split)
     cap_f = float(cap) if cap else 0.0
@@ -378,7 +394,8 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
 
 
 def vocab_attention_fwd(h, weight, bias, embed, cap, n_valid, config=None):
-    """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None, embed (Vp, De) → (out (M, De), lse (M,)), fp32."""
+    """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None, embed (Vp, De)
+    → (out (M, De), lse (M,)), fp32."""
     return _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, None, config)
 
 
@@ -420,6 +437,14 @@ def compile_specs() -> list[dict]:
             specs.append(dict(name=f"_vocab_attention_fwd_kernel[{tag}]", fn=_vocab_attention_fwd_kernel,
                               signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=div16))
+    cfg = GPU_CONFIG_FP32            # the fp32 correctness path must at least launch (shared memory)
+    const = dict(HAS_BIAS=True, HAS_CAP=True, FIXED_MAX=True, SPLIT_V=False, IEEE=True, BLOCK_M=cfg["BLOCK_M"],
+                 BLOCK_N=cfg["BLOCK_N"], BLOCK_D=256, D_CHUNKS=3, BLOCK_DE=cfg["BLOCK_DE"], DE_CHUNKS=cfg["DE_CHUNKS"])
+    specs.append(dict(name="_vocab_attention_fwd_kernel[fp32]", fn=_vocab_attention_fwd_kernel,
+                      signature={**sig, **{n: "*fp32" for n in ("h_ptr", "w_ptr", "b_ptr", "e_ptr")},
+                                 **{k: "constexpr" for k in const}},
+                      constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                      divisible_by_16=div16))
     csig = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
             "hs_ptr": "*bf16", "noise_ptr": "*bf16", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "cc_ptr": "*fp32"}
     csig.update({n: "i32" for n in ("M", "DE", "seq_len", "n_split", "stride_out", "stride_hs", "stride_noise")})
@@ -427,7 +452,8 @@ def compile_specs() -> list[dict]:
         const = dict(FLOW=flow, HAS_NOISE=flow, BLOCK_M=COMBINE_BLOCK_M, BLOCK_DE=COMBINE_BLOCK_DE)
         specs.append(dict(name="_vocab_attention_combine_kernel" + ("[flow]" if flow else ""),
                           fn=_vocab_attention_combine_kernel,
-                          signature={**csig, "out_ptr": "*bf16" if flow else "*fp32", **{k: "constexpr" for k in const}},
+                          signature={**csig, "out_ptr": "*bf16" if flow else "*fp32",
+                                     **{k: "constexpr" for k in const}},
                           constexprs=const, num_warps=4, num_stages=1))
     return specs
 
@@ -502,8 +528,8 @@ def _check_shapes(h, weight, bias, embed, n_valid):
 
 def _resolve(backend, h):
     be = resolve(backend, h.device)
-    if be == "triton" and backend == "auto" and h.dtype == torch.float64:
-        be = "torch"           # fp64 is a torch/reference-only dtype
+    if be == "triton" and backend == "auto" and h.dtype in (torch.float32, torch.float64):
+        be = "torch"           # fp64 is torch/reference-only; fp32 runs faster as chunked cuBLAS GEMMs
     return be
 
 
