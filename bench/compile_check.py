@@ -44,15 +44,25 @@ def discover(pattern: str = "") -> list[tuple[str, dict]]:
     return out
 
 
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton ships (the accessor moved between Triton releases)."""
+    from triton.backends.nvidia import compiler as nv
+
+    if hasattr(nv, "get_ptxas"):
+        try:
+            return nv.get_ptxas(arch).path
+        except TypeError:
+            return nv.get_ptxas().path
+    return nv._path_to_binary("ptxas")[0]
+
+
 def _ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers and spill bytes from `ptxas -v` (Triton's ptxas), parsed from its info lines."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src),
+        res = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", str(src),
                               "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
     log = res.stdout + res.stderr
     if res.returncode != 0:

@@ -25,8 +25,9 @@ ON_DEVICE = torch.cuda.is_available() and not interpreting()
 IN_PROCESS = triton_available() and (interpreting() or torch.cuda.is_available())
 needs_triton = pytest.mark.skipif(not IN_PROCESS, reason="triton on CPU needs TRITON_INTERPRET=1 (driver test)")
 DEV = "cuda" if ON_DEVICE else "cpu"
-# Floors relative to the largest |truth|: a few units of fp32 rounding, of fp16 / bf16 rounding.
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Floors relative to the largest |truth| (not clamped to 1: E·softmax outputs can be small): a few units of
+# fp32 rounding, of fp16 / bf16 rounding.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
 
 def _budget(name, out, ref_out, truth, dtype):
@@ -35,7 +36,7 @@ def _budget(name, out, ref_out, truth, dtype):
     e_k = (out.double().cpu() - truth.cpu()).abs().max().item()
     e_r = (ref_out.double().cpu() - truth.cpu()).abs().max().item()
     assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(truth.shape)}"
-    assert e_k <= 2 * e_r + FLOOR[dtype] * max(scale, 1.0), \
+    assert e_k <= 2 * e_r + FLOOR[dtype] * scale, \
         f"{name}: error {e_k:.3e} > 2 x reference error {e_r:.3e} + floor (scale {scale:.3e})"
 
 
