@@ -358,7 +358,7 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
     if splits is None:
         # One wave of programs (one CTA per SM: 196 KiB of shared memory): enough to fill the SMs at B=1
         # while keeping the partials (splits × rows × De fp32) small next to W and E.
-        n_sm = _num_sms(dev.index or 0) if dev.type == "cuda" else 1
+        n_sm = _num_sms(torch.cuda.current_device() if dev.index is None else dev.index) if dev.type == "cuda" else 1
         splits = max(1, min(n_tiles, n_sm // (row_blocks * de_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(int(splits), n_tiles)))
     splits = triton.cdiv(n_tiles, tiles_per_split)
@@ -538,6 +538,7 @@ def vocab_attention(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """h (..., D) → (softmax(cap(h·Wᵀ+b))·E of shape (..., De), lse (...)), in fp32 (fp64 for fp64 h).
 
     weight (Vp, D) and embed (Vp, De) may be padded past the vocabulary: only the first n_valid rows count.
+    backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise.
     """
     V = _check_shapes(h, weight, bias, embed, n_valid)
     lead = h.shape[:-1]
