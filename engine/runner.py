@@ -125,8 +125,8 @@ class Sampler:
         self._seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self._flow_map_step = None
         if self.head_backend != "torch":
-            from fmlm.kernels import vocab_attention as va  # noqa: PLC0415
-            self._flow_map_step = getattr(va, "flow_map_step", None)
+            from fmlm.kernels import flow_map_step  # noqa: PLC0415
+            self._flow_map_step = flow_map_step
 
     def _check_weights(self):
         if _version_key(self._sources) != self._key:

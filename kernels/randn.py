@@ -22,7 +22,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Triton specializes an int argument equal to 1 into a constexpr (stream=1 then has no .to()): keep them runtime.
+    @triton.jit(do_not_specialize=["n", "stream"])
     def _randn_philox_kernel(OUT, SEED, n, stream, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         seed = tl.load(SEED)

@@ -372,18 +372,9 @@ def test_gpu_sampler_agrees_with_fp32_engine_from_same_h0():
     got = s.sample(0, h0=h0)
     plan = sampling.make_plan("fmlm", 1, 0.0, m.cfg.vocab_size)
     with torch.no_grad():
-        want = sampling.sample_hidden(_FP32Trunk(m), plan, h0, sampling.Heads.from_model(m), backend="torch")
+        want = sampling.sample_hidden(m, plan, h0, sampling.Heads.from_model(m), backend="torch",
+                                      trunk_backend="reference")
     assert (got == want).float().mean().item() >= 0.85
-
-
-class _FP32Trunk:
-    """The model with its trunk pinned to the fp32 reference path (sample_hidden calls model.trunk(h, ...))."""
-
-    def __init__(self, m):
-        self.m, self.cfg = m, m.cfg
-
-    def trunk(self, h, tau_s, tau_t=None):
-        return self.m.trunk(h, tau_s, tau_t, backend="reference")
 
 
 # ---------------------------------------------------------------------------------------------
