@@ -74,6 +74,18 @@ def _head(model):
     return lin.weight, lin.bias
 
 
+def _head_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """The output layer's compute dtype: autocast's (bf16 on GPU, as the published Linear under autocast), else
+    the parameters'. The fused ops take features and weights of one dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
+
+
+def _cast(dtype, *ts):
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
 def _draw_seed(generator: Optional[torch.Generator], device) -> int:
     """A Philox seed for fmlm.kernels noise, drawn from the loss generator (so resume replays it)."""
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
@@ -93,9 +105,11 @@ def _interp(tokens, gamma, embed, noise_seed: Optional[int], generator, backend,
     if noise_seed is not None or _use_vocab_noise(embed):
         seed = noise_seed if noise_seed is not None else _draw_seed(generator, tokens.device)
         return interp_embed(tokens, gamma, embed, noise="vocab", seed=seed, backend=backend)
-    if xi is None:
+    if xi is None and tokens.device.type == "cuda":       # Philox inside the kernel: no ξ tensor
         return interp_embed(tokens, gamma, embed, noise="hidden", seed=_draw_seed(generator, tokens.device),
                             chol=chol, backend=backend)
+    if xi is None:      # CPU: torch.randn is ~10x cheaper than the counter-based stream in int64 torch ops
+        xi = torch.randn((*tokens.shape, embed.shape[1]), generator=generator, device=tokens.device, dtype=embed.dtype)
     return interp_embed(tokens, gamma, embed, noise="hidden", xi=xi, chol=chol, backend=backend)
 
 
@@ -141,7 +155,7 @@ def flm_loss(model, tokens: torch.Tensor, generator: Optional[torch.Generator] =
 
     h = _interp(tokens, gamma.to(dt), model.embed, noise_seed, generator, backend)
     u = model.trunk(h, tau.to(dt))
-    W, b = _head(model)
+    u, W, b = _cast(_head_dtype(dev, dt), u, *_head(model))
     loss = linear_cross_entropy(u, W, b, tokens, cap=cfg.logit_cap, reduction="none", backend=backend)
     loss = _acc(loss)
     return _weighting(model, tau, loss) if weighting else loss
@@ -320,19 +334,21 @@ def fmlm_distill_loss(student, teacher, tokens: torch.Tensor, generator: Optiona
                 n_t = _teacher_hidden_noise(xi[dg] @ C.detach().to(dt), Es, Et, generator)
                 gd = g_in[dg].view(-1, 1, 1)
                 h_teacher = (1 - gd) * n_t + gd * Et.detach()[tokens[dg]]
-    u_main = student.trunk(h, ts.to(dt), tt.to(dt))
+    cd = _head_dtype(dev, dt)
+    u_main = student.trunk(h, ts.to(dt), tt.to(dt)).to(cd)
+    Wc, bc = _cast(cd, Ws, bs)
     parts = []
     if no:
         with torch.no_grad():
             h_off = h[off].detach()
-            u1 = student.trunk(h_off, ts[off].to(dt), tu[off].to(dt))
-            de, _ = vocab_attention(u1, Ws.detach(), bs.detach(), Es.detach(), cap, backend=backend)
-            u2 = student.trunk(a * h_off + b * de.to(dt), tu[off].to(dt), tt[off].to(dt))
-        parts.append(soft_linear_cross_entropy(u_main[off], Ws, bs, u1, u2, lam[:, None], cap=cap, backend=backend))
+            u1 = student.trunk(h_off, ts[off].to(dt), tu[off].to(dt)).to(cd)
+            de, _ = vocab_attention(u1, Wc.detach(), bc.detach(), Es.detach().to(cd), cap, backend=backend)
+            u2 = student.trunk(a * h_off + b * de.to(dt), tu[off].to(dt), tt[off].to(dt)).to(cd)
+        parts.append(soft_linear_cross_entropy(u_main[off], Wc, bc, u1, u2, lam[:, None], cap=cap, backend=backend))
     if B - no:
         with torch.no_grad():
-            u_t = teacher.trunk(h_teacher, tt[dg].to(dt))
-        Wa = _augmented_head(Ws, bs, Wt, bt)
+            u_t = teacher.trunk(h_teacher, tt[dg].to(dt)).to(cd)
+        Wa = _augmented_head(Wc, bc, *_cast(cd, Wt, bt))
         ut_aug = _augment(u_t, 1)
         parts.append(soft_linear_cross_entropy(_augment(u_main[dg], 0), Wa, None, ut_aug, ut_aug,
                                                torch.ones((B - no, 1), device=dev, dtype=dt), cap=cap, backend=backend))

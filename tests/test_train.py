@@ -193,3 +193,14 @@ def test_ddp_gloo_two_processes(tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3, 4, 5, 6]
     fmlm.load_checkpoint(out / T.MODEL_DIR)
+
+
+def test_bench_train_rows():
+    """fmlm bench train: both paths measured in one run; the engine path holds no (B, L, V) tensor."""
+    B, L, V = 8, 32, 16411
+    rows = T.bench_train(vocab=V, seq_len=L, batch=B, hidden=32, blocks=1, heads=2, iters=1, device="cpu")
+    assert [r["path"] for r in rows] == ["reference", "engine"]
+    assert all(r["peak_MiB"] > 0 and r["tok_s"] > 0 for r in rows)
+    # the reference path materializes one-hot, noise, x_γ and logits at (B, L, V) fp32, 8 MiB each
+    assert rows[0]["peak_MiB"] > 4 * (B * L * V * 4) / 2**20
+    assert rows[1]["mem_ratio_vs_ref"] > 3
