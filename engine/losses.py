@@ -25,6 +25,9 @@ from fmlm.kernels import reference as ref
 from .schedule import tau_to_gamma
 
 PATHS = ("engine", "reference")
+# The trunk as trained: plain-PyTorch blocks under autocast, differentiable. (FlowLM.trunk's 'fast' backend,
+# its default on CUDA, runs on cached bf16 weight copies for inference and passes no gradient to the weights.)
+TRUNK = "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def flm_loss(model, tokens: torch.Tensor, generator: Optional[torch.Generator] =
     from fmlm.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: PLC0415
 
     h = _interp(tokens, gamma.to(dt), model.embed, noise_seed, generator, backend)
-    u = model.trunk(h, tau.to(dt))
+    u = model.trunk(h, tau.to(dt), backend=TRUNK)
     u, W, b = _cast(_head_dtype(dev, dt), u, *_head(model))
     loss = linear_cross_entropy(u, W, b, tokens, cap=cfg.logit_cap, reduction="none", backend=backend)
     loss = _acc(loss)
@@ -335,19 +338,19 @@ def fmlm_distill_loss(student, teacher, tokens: torch.Tensor, generator: Optiona
                 gd = g_in[dg].view(-1, 1, 1)
                 h_teacher = (1 - gd) * n_t + gd * Et.detach()[tokens[dg]]
     cd = _head_dtype(dev, dt)
-    u_main = student.trunk(h, ts.to(dt), tt.to(dt)).to(cd)
+    u_main = student.trunk(h, ts.to(dt), tt.to(dt), backend=TRUNK).to(cd)
     Wc, bc = _cast(cd, Ws, bs)
     parts = []
     if no:
         with torch.no_grad():
             h_off = h[off].detach()
-            u1 = student.trunk(h_off, ts[off].to(dt), tu[off].to(dt)).to(cd)
+            u1 = student.trunk(h_off, ts[off].to(dt), tu[off].to(dt), backend=TRUNK).to(cd)
             de, _ = vocab_attention(u1, Wc.detach(), bc.detach(), Es.detach().to(cd), cap, backend=backend)
-            u2 = student.trunk(a * h_off + b * de.to(dt), tu[off].to(dt), tt[off].to(dt)).to(cd)
+            u2 = student.trunk(a * h_off + b * de.to(dt), tu[off].to(dt), tt[off].to(dt), backend=TRUNK).to(cd)
         parts.append(soft_linear_cross_entropy(u_main[off], Wc, bc, u1, u2, lam[:, None], cap=cap, backend=backend))
     if B - no:
         with torch.no_grad():
-            u_t = teacher.trunk(h_teacher, tt[dg].to(dt)).to(cd)
+            u_t = teacher.trunk(h_teacher, tt[dg].to(dt), backend=TRUNK).to(cd)
         Wa = _augmented_head(Wc, bc, *_cast(cd, Wt, bt))
         ut_aug = _augment(u_t, 1)
         parts.append(soft_linear_cross_entropy(_augment(u_main[dg], 0), Wa, None, ut_aug, ut_aug,
