@@ -12,13 +12,12 @@ against the copy ceiling. Target (issue 4): ≥ 600 TFLOP/s at 16384×768×50258
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
 import torch
 
-from fmlm.bench.common import ceilings, markdown_table, peak_memory_bytes, time_fn, write_rows
+from fmlm.bench.common import child_json_row, ceilings, markdown_table, peak_memory_bytes, time_fn, write_rows
 
 V, VP, D = 50258, 50304, 768
 SHAPES = (16384, 1024, 128)
@@ -103,25 +102,13 @@ def run(quick: bool = False) -> list[dict]:
                  "meets_target": best["tflops"] >= TARGET_TFLOPS})
 
     left = PROCESS_LIMIT_S - (time.time() - t_start)
-    r = _compiled_reference_row(left) if DEVICE == "cuda" else {"note": "skipped on CPU"}
+    r = child_json_row("fmlm.bench.bench_logits_argmax", "--compiled-reference", left) if DEVICE == "cuda" else {"note": "skipped on CPU"}
     rows.append({"op": "logits_argmax", "impl": "torch.compile(reference)", "rows": SHAPES[0], **r})
     if "ms" in r:
         main["speedup_vs_compiled_ref"] = r["ms"] / main["ms"]
     for r in rows:
         r["bf16_ceiling_tflops"] = ceil["bf16_tflops"]
     return rows
-
-
-def _compiled_reference_row(timeout_s: float) -> dict:
-    if timeout_s < 10:
-        return {"note": f"skipped: {timeout_s:.0f} s left"}
-    try:
-        res = subprocess.run([sys.executable, "-m", "fmlm.bench.bench_logits_argmax", "--compiled-reference"],
-                             capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"note": f"compile + timing did not finish in {timeout_s:.0f} s"}
-    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
-    return json.loads(lines[-1]) if lines else {"note": f"failed: {res.stderr[-300:]!r}"}
 
 
 def _compiled_reference() -> dict:

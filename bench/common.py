@@ -162,3 +162,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         live += nbytes
         peak = max(peak, live)
     return int(peak)
+
+
+def child_json_row(module: str, flag: str, timeout_s: float) -> dict:
+    """Run `python -m <module> <flag>` (e.g. torch.compile of a reference, whose compile time and memory
+    stay out of this process) and return the last JSON line it prints, or a row noting why there is none."""
+    import json
+    import sys
+
+    if timeout_s < 10:
+        return {"note": f"skipped: {timeout_s:.0f} s left"}
+    try:
+        res = subprocess.run([sys.executable, "-m", module, flag], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"note": f"did not finish in {timeout_s:.0f} s"}
+    lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"note": f"failed: {res.stderr[-300:]!r}"}
