@@ -41,9 +41,10 @@ def word_pair_precision(texts: Iterable[str], corpus_pairs: set) -> np.ndarray:
 def summarize(ids, texts: Sequence[str], corpus_pairs: set) -> dict:
     """Mean entropy and word-pair precision (samples without pairs count as 0: they said nothing)."""
     ent = sample_entropy(ids)
-    wp = word_pair_precision(texts, corpus_pairs)
+    wp = np.nan_to_num(word_pair_precision(texts, corpus_pairs), nan=0.0)
+    n = max(len(wp), 1)
     return {"entropy": float(ent.mean()), "entropy_std": float(ent.std()),
-            "word_pairs": float(np.nan_to_num(wp, nan=0.0).mean()),
+            "word_pairs": float(wp.mean()), "word_pairs_se": float(wp.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
             "words_per_sample": float(np.mean([len(words(t)) for t in texts]))}
 
 

@@ -457,7 +457,7 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
             v = validation_loss(ema.model, kind, val, tc, dev, teacher, rows_per_rank)
             log({"step": step, "val_loss": v})
             bar.set_postfix(loss=f"{float(loss_sum):.4f}", val=f"{v:.4f}")
-        if d.main and tc.sample_every and (step % tc.sample_every == 0 or last):
+        if d.main and ((tc.sample_every and step % tc.sample_every == 0) or last):
             smp = few_step_samples(ema.model, kind, tc.sample_steps, tc.n_samples, tokenizer, dev)
             log({"step": step, "samples": smp})
             for s in smp[: len(tc.sample_steps)]:
