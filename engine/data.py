@@ -108,38 +108,55 @@ def source_signature(source: str, split: str = "train") -> str:
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, lowercase: bool = True,
-                    min_frequency: int = 2):
-    """Train a small WordPiece tokenizer (BERT-style normalizer and pre-tokenizer, like LM1B's
-    bert-base-uncased) with the specials [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4."""
+                    min_frequency: int = 2, kind: str = "wordpiece"):
+    """Train a small tokenizer with BERT's normalizer and pre-tokenizer (as LM1B's bert-base-uncased) and the
+    specials [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4.
+
+    kind="wordpiece": WordPiece (rare words split into ##pieces). kind="words": one token per word or
+    punctuation mark, the vocab_size−5 most frequent ones, [UNK] for the rest (the 2,043 most frequent cover
+    94.6% of the KJV's running words; bert-base-uncased's WordPiece on LM1B is likewise almost all whole words)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < len(SPECIALS) + 32:
         raise ValueError(f"vocab_size must be at least {len(SPECIALS) + 32}, got {vocab_size}")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIALS), show_progress=False)
+    elif kind == "words":
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.decoder = decoders.WordPiece(prefix="##")       # joins words, tidies the spaces before punctuation
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIALS), show_progress=False)
+    else:
+        raise ValueError(f"kind must be 'wordpiece' or 'words', got {kind!r}")
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIALS), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
+TRAIN_SPECS = {"train": "wordpiece", "words": "words"}
+
+
 def resolve_tokenizer(spec: str, source: str = "bundled", split: str = "train", cache_dir=None,
                       is_builder: bool = True):
-    """'train:<V>' trains a WordPiece of size V on the source; else a file, directory or known name
-    (fmlm.engine.tokenizer.load_tokenizer: tokenizer.json, vocab.txt, 'bert-base-uncased', 'gpt2').
+    """'train:<V>' trains a WordPiece of size V on the source, 'words:<V>' a word-level vocabulary; else a
+    file, directory or known name (fmlm.engine.tokenizer.load_tokenizer: tokenizer.json, vocab.txt,
+    'bert-base-uncased', 'gpt2').
 
     WordPiece training breaks frequency ties in no fixed order, so a trained tokenizer is saved in cache_dir
     (keyed by source and spec) and reused: DDP ranks (only `is_builder` trains) and resumed runs then share
     one vocabulary."""
-    if not (spec.startswith("train:") or spec == "train"):
+    head, _, v = spec.partition(":")
+    if head not in TRAIN_SPECS or (v and not v.isdigit()):
+        if head in TRAIN_SPECS:
+            raise ValueError(f"tokenizer spec {spec!r}: expected '{head}:<vocab size>'")
         from fmlm.engine.tokenizer import load_tokenizer  # noqa: PLC0415
 
         return load_tokenizer(spec)
-    v = spec.partition(":")[2] or "2048"
-    if not v.isdigit():
-        raise ValueError(f"tokenizer spec {spec!r}: expected 'train:<vocab size>'")
+    v = v or "2048"
     path = None
     if cache_dir is not None:
         key = hashlib.sha1(f"{source_signature(source, split)}|{spec}".encode()).hexdigest()[:20]
@@ -150,7 +167,7 @@ def resolve_tokenizer(spec: str, source: str = "bundled", split: str = "train", 
             return Tokenizer.from_file(str(path))
         if not is_builder:
             raise FileNotFoundError(f"trained tokenizer {path} missing (rank 0 should have written it)")
-    tok = train_tokenizer(iter_texts(source, split), int(v))
+    tok = train_tokenizer(iter_texts(source, split), int(v), kind=TRAIN_SPECS[head])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -489,7 +489,8 @@ def _add_train_args(p, distill: bool):
                    help="'bundled' (the packaged KJV Bible), a text file (.txt/.gz) or directory (one text per "
                         "line), or 'hf:<name>[:<config>]' via the optional `datasets` package")
     g.add_argument("--tokenizer", default=None,
-                   help="'train:<V>' (train a WordPiece of size V on the data), a tokenizer.json / directory, or "
+                   help="'train:<V>' (train a WordPiece of size V on the data), 'words:<V>' (word-level), a tokenizer.json / "
+                        "directory, or "
                         "'bert-base-uncased' / 'gpt2'. Default: train:2048 for train; the teacher's for distill")
     g.add_argument("--style", choices=("lm1b", "owt"), default="lm1b",
                    help="packing: lm1b = [CLS] … [SEP] blocks, texts separated by [SEP]; owt = EOS-separated")
@@ -563,7 +564,7 @@ def cmd_train(a) -> int:
     d = setup_distributed(a.device)
     tok_spec = a.tokenizer or "train:2048"
     ck = latest_checkpoint(a.out)
-    if ck is not None and not a.no_resume and tok_spec.startswith("train") and (ck / MODEL_DIR / "tokenizer.json").is_file():
+    if ck is not None and not a.no_resume and tok_spec.split(":")[0] in ("train", "words") and (ck / MODEL_DIR / "tokenizer.json").is_file():
         tok_spec = str(ck / MODEL_DIR / "tokenizer.json")      # resume with the vocabulary it was trained on
     corpus = load_corpus(a.data, tok_spec, a.seq_len, a.style, a.cache_dir, a.val_every_block,
                          is_builder=d.main, barrier=d.barrier)

@@ -46,6 +46,21 @@ def test_tokenizer_specials_and_roundtrip(small_tok):
         D.special_ids(small_tok, "bogus")
 
 
+def test_word_level_tokenizer():
+    texts = [ln for _, ln in zip(range(3000), D.iter_texts("bundled"))]
+    tok = D.train_tokenizer(texts, vocab_size=300, kind="words")
+    vocab = tok.get_vocab()
+    assert [vocab[s] for s in D.SPECIALS] == [0, 1, 2, 3, 4] and tok.get_vocab_size() == 300
+    enc = tok.encode("And God said, Let there be", add_special_tokens=False)
+    assert enc.tokens == ["and", "god", "said", ",", "let", "there", "be"]
+    assert tok.decode(enc.ids) == "and god said, let there be"
+    assert tok.encode("Zerubbabel", add_special_tokens=False).tokens == ["[UNK]"]
+    with pytest.raises(ValueError, match="kind"):
+        D.train_tokenizer(texts, 300, kind="bpe")
+    with pytest.raises(ValueError, match="vocab size"):
+        D.resolve_tokenizer("words:many")
+
+
 def test_wrap_packing_like_reference():
     stream = np.arange(100, 123, dtype=np.uint16)          # 23 ids; L=7 → blocks of 5 ids, 4 blocks, tail 3 dropped
     blocks = D.pack(stream, 7, bos=2, eos=3)
