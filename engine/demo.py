@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 
-EVAL_RESERVE_S = 45.0      # sampling 2 models × 4 step counts, scoring, plots, report on a 2-core CPU
+EVAL_RESERVE_S = 40.0      # sampling 2 models × 4 step counts × 128 samples, scoring, plots, report: ~30 s on 2 cores
 
 
 @dataclasses.dataclass
@@ -42,10 +42,10 @@ class DemoConfig:
     distill_lr: float
     warmup: int = 50
     ema: float = 0.999
-    n_samples: int = 256
+    n_samples: int = 128
     sample_steps: tuple = (1, 2, 4, 32)
-    time_budget: float = 480.0      # seconds for the whole demo; the training phases stop early to fit
-    flm_share: float = 0.78         # of the training time left after setup: FLM, the rest distillation
+    time_budget: float = 420.0      # seconds for the whole demo; the training phases stop early to fit
+    flm_share: float = 0.8          # of the training time left after setup: FLM, the rest distillation
     backend: str = "auto"           # fmlm.kernels backend of the training losses
     threads: int = 0                # 0: torch's default
 
@@ -59,7 +59,7 @@ class DemoConfig:
 # - distillation reaches its plateau in ~200 steps of batch 32, so the FLM gets most of the time.
 # The step counts are upper bounds: on a 2-core CPU the time budget ends the FLM phase first.
 CPU = DemoConfig(tokenizer="words:2048", seq_len=32, hidden=128, blocks=2, heads=2, cond_dim=64,
-                 flm_steps=8000, flm_batch=16, flm_lr=2e-3, distill_steps=400, distill_batch=32, distill_lr=1e-3,
+                 flm_steps=8000, flm_batch=16, flm_lr=2e-3, distill_steps=300, distill_batch=32, distill_lr=1e-3,
                  backend="reference")
 GPU = DemoConfig(tokenizer="words:4096", seq_len=64, hidden=384, blocks=6, heads=6, cond_dim=128,
                  flm_steps=8000, flm_batch=128, flm_lr=1e-3, distill_steps=2000, distill_batch=128, distill_lr=5e-4,
