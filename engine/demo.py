@@ -57,7 +57,9 @@ class DemoConfig:
 # - batch 16 beat 32 and 64 at equal wall time (more updates); 2 blocks of 128 beat 4 blocks or width 256;
 # - the materialized-logit backend ('reference') ran the loss 30% faster than the chunked one at V=2048;
 # - distillation reaches its plateau in ~200 steps of batch 32, so the FLM gets most of the time.
-# The step counts are upper bounds: on a 2-core CPU the time budget ends the FLM phase first.
+# The step counts are upper bounds: on a 2-core CPU the time budget ends the FLM phase first. One run there
+# (shared machine): 388 s in all; FLM 4,770 steps in 303 s, FMLM 300 steps in 62 s; one-step word pairs
+# FMLM 0.707 vs FLM 0.505 (s.e. 0.01), FMLM entropy 2.82 vs the corpus's 3.05.
 CPU = DemoConfig(tokenizer="words:2048", seq_len=32, hidden=128, blocks=2, heads=2, cond_dim=64,
                  flm_steps=8000, flm_batch=16, flm_lr=2e-3, distill_steps=300, distill_batch=32, distill_lr=1e-3,
                  backend="reference")
@@ -168,7 +170,9 @@ def _report(out: Path, m: dict, samples: dict, pngs: list) -> str:
     lines += ["Measures: *word pairs* = fraction of adjacent word pairs of a decoded sample that occur anywhere in "
               "the corpus (repetition like \"the the\" and random tokens score low); *entropy* = entropy of the "
               "token-id histogram within one sample, averaged (as the reference computes it). Speed: wall time of "
-              "one batch of samples on this device (engine sampler), after a warm-up call.", ""]
+              "one batch of samples on this device (engine sampler), after a warm-up call. The distillation loss is "
+              "a cross-entropy against soft targets, so it keeps their entropy and stays flat; what distillation "
+              "buys shows in the one-step samples.", ""]
     for f in pngs:
         lines += [f"![{f}]({f})", ""]
     lines += ["## Samples", ""]

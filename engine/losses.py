@@ -108,12 +108,23 @@ def _interp(tokens, gamma, embed, noise_seed: Optional[int], generator, backend,
     if noise_seed is not None or _use_vocab_noise(embed):
         seed = noise_seed if noise_seed is not None else _draw_seed(generator, tokens.device)
         return interp_embed(tokens, gamma, embed, noise="vocab", seed=seed, backend=backend)
+    if chol is None:
+        chol = _cholesky(embed)
     if xi is None and tokens.device.type == "cuda":       # Philox inside the kernel: no ξ tensor
         return interp_embed(tokens, gamma, embed, noise="hidden", seed=_draw_seed(generator, tokens.device),
                             chol=chol, backend=backend)
     if xi is None:      # CPU: torch.randn is ~10x cheaper than the counter-based stream in int64 torch ops
         xi = torch.randn((*tokens.shape, embed.shape[1]), generator=generator, device=tokens.device, dtype=embed.dtype)
     return interp_embed(tokens, gamma, embed, noise="hidden", xi=xi, chol=chol, backend=backend)
+
+
+def _cholesky(embed: torch.Tensor) -> torch.Tensor:
+    """C = chol(EᵀE)ᵀ, differentiable in E, with autocast off: a bf16 Gram matrix under the training autocast
+    would lose the precision the factorization needs."""
+    from fmlm.kernels.interp_embed import embed_cholesky  # noqa: PLC0415
+
+    with torch.autocast(device_type=embed.device.type, enabled=False):
+        return embed_cholesky(embed)
 
 
 def _vocab_eps(noise_seed: Optional[int], shape, generator, device, dtype) -> torch.Tensor:
@@ -326,14 +337,12 @@ def fmlm_distill_loss(student, teacher, tokens: torch.Tensor, generator: Optiona
         with torch.no_grad():
             h_teacher = _interp(tokens, g_in, Et.detach(), seed, None, backend)[dg] if B - no else None
     else:
-        from fmlm.kernels.interp_embed import embed_cholesky  # noqa: PLC0415
-
         xi = torch.randn((B, L, Es.shape[1]), generator=generator, device=dev, dtype=dt)
-        C = embed_cholesky(Es)
+        C = _cholesky(Es)
         h = _interp(tokens, g_in, Es, None, None, backend, chol=C, xi=xi)
         h_teacher = None
         if B - no:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
                 n_t = _teacher_hidden_noise(xi[dg] @ C.detach().to(dt), Es, Et, generator)
                 gd = g_in[dg].view(-1, 1, 1)
                 h_teacher = (1 - gd) * n_t + gd * Et.detach()[tokens[dg]]

@@ -310,3 +310,25 @@ def test_distill_rejects_one_time_student(tiny_cfg):
     teacher = _model(tiny_cfg)
     with pytest.raises(ValueError, match="two-time"):
         Lo.fmlm_distill_loss(teacher, teacher, torch.ones(2, 9, dtype=torch.long))
+
+
+def test_engine_paths_under_bf16_autocast(tiny_cfg):
+    """The trainer runs the losses under bf16 autocast on GPU: the head goes to the autocast dtype, the Cholesky
+    factor stays fp32. Checked here with CPU autocast against fp32 on the same noise and times."""
+    teacher = _model(tiny_cfg, torch.float32)
+    st = _student(teacher)
+    tok = torch.randint(0, 131, (6, 9), generator=torch.Generator().manual_seed(0))
+    tau = Lo.stratified_times(6, torch.Generator().manual_seed(1))
+    tm = Lo.distill_times(6, torch.Generator().manual_seed(2))
+    ref32 = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, backend="torch"),
+             Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, backend="torch"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, backend="torch"),
+              Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, backend="torch"))
+        hidden = Lo.flm_loss(teacher, tok, torch.Generator().manual_seed(0), backend="torch")
+    for a, b in zip(ref32, bf):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        assert abs(float(a.mean() - b.mean())) < 0.03 * float(a.mean())
+    (bf[0].mean() + bf[1].mean() + hidden.mean()).backward()
+    assert teacher.embed.grad is not None and torch.isfinite(teacher.embed.grad).all()
+    assert st.output_layer.linear.weight.grad.dtype == torch.float32
