@@ -204,3 +204,20 @@ def test_bench_train_rows():
     # the reference path materializes one-hot, noise, x_γ and logits at (B, L, V) fp32, 8 MiB each
     assert rows[0]["peak_MiB"] > 4 * (B * L * V * 4) / 2**20
     assert rows[1]["mem_ratio_vs_ref"] > 3
+
+
+@pytest.mark.gpu
+def test_train_loop_cuda_bf16(tmp_path, tiny_cfg):
+    """A few FLM and FMLM steps on CUDA with bf16 autocast and the Triton ops; EMA samples at the end."""
+    train, val = _blocks(V=1000, L=16, n=3000)
+    kw = dict(vocab_size=1000, seq_len=16, hidden=64, n_blocks=2, n_heads=2, cond_dim=32)
+    d = T.setup_distributed("cuda")
+    tc = _tc(steps=6, batch_size=8, backend="auto", amp="auto", sample_every=3)
+    flm = T.train_loop(_model(tiny_cfg, **kw), "flm", train, tc, tmp_path / "flm", val, dist=d, progress=False)
+    fm = T.train_loop(init_student(flm.ema_model), "fmlm", train, tc, tmp_path / "fmlm", val,
+                      teacher=flm.ema_model, dist=d, progress=False)
+    for r in (flm, fm):
+        losses = [x["loss"] for x in r.history if "loss" in x]
+        assert len(losses) == 6 and all(np.isfinite(losses))
+        assert any("samples" in x for x in r.history)
+    assert fmlm.load_checkpoint(tmp_path / "fmlm" / T.MODEL_DIR).cfg.two_time
