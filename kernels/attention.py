@@ -8,8 +8,11 @@ is never used here as if it were this one.
 Backends:
 - 'triton': a flash-attention forward (online softmax over key tiles, fp32 accumulators) that rotates q and
   k as it loads them (rotate-half, cos/sin tables rounded to q's dtype as in the reference), so the qkv
-  projection output is read once and no rotated copy is written. On CUDA the tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11,
-  below the bf16 rounding of q and k that precedes it); under TRITON_INTERPRET=1 an exact exp2 form.
+  projection output is read once and no rotated copy is written. Opt-in candidates (rotary_impl, not yet
+  timed; bench/bench_attention.py times them beside the default): 'prepass' / 'prepass_k' rotate q and k
+  (or k only) once in a separate pass (rotary_qk) so the key loop reads pre-rotated keys. On CUDA the
+  tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11, below the bf16 rounding of q and k that
+  precedes it); under TRITON_INTERPRET=1 an exact exp2 form.
 - 'flex': torch FlexAttention with a tanh score_mod (compiled on CUDA). DESIGN.md §3 measured it at 0.94 ms
   per layer at B=32, L=1024 on an H100; the fallback when triton is missing.
 - 'reference': attention_ref, materializes (B, H, L, L) scores.
@@ -42,7 +45,7 @@ if triton_available():
         stride_cl,
         L, H, qk_scale, softcap,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ROTARY: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
+        ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -57,8 +60,10 @@ if triton_available():
         # Rotary (rotate-half) splits the head dim into halves x1, x2: (x1·c − x2·s, x2·c + x1·s). With halves
         # of ≥ 16 columns the kernel keeps them apart (contiguous, vectorized, pipelined loads) and takes
         # q·kᵀ as q1·k1ᵀ + q2·k2ᵀ; narrower heads (tests) rotate one full tile through a partner gather.
+        # ROTARY_Q/ROTARY_K: rotate q/k on load; the measured default rotates both. ROTARY_K=False with
+        # ROTARY_Q=True is the 'prepass_k' candidate (K rotated once by _rotary_qk_fwd_kernel, read as-is).
         HALF: tl.constexpr = HEAD_DIM // 2
-        SPLIT: tl.constexpr = ROTARY and (HALF >= 16) and (HEAD_DIM == BLOCK_D)
+        SPLIT: tl.constexpr = ROTARY_Q and (HALF >= 16) and (HEAD_DIM == BLOCK_D)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -75,11 +80,12 @@ if triton_available():
         else:
             q_mask = m_ok[:, None] & d_ok[None, :]
             qa = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=q_mask, other=0.0)
-            if ROTARY:
+            if ROTARY_Q or ROTARY_K:
                 first = offs_d < HALF
                 partner = tl.where(first, offs_d + HALF, offs_d - HALF)
                 freq = tl.where(first, offs_d, offs_d - HALF)
                 sign = tl.where(first, -1.0, 1.0)
+            if ROTARY_Q:
                 q_p = tl.load(q_base + offs_m[:, None] * stride_ql + partner[None, :], mask=q_mask, other=0.0)
                 cq = tl.load(COS + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
                 sq = tl.load(SIN + offs_m[:, None] * stride_cl + freq[None, :], mask=q_mask, other=0.0)
@@ -97,12 +103,16 @@ if triton_available():
             if SPLIT:
                 kp = k_base + offs_n[:, None] * stride_kl + offs_h[None, :]
                 kcp = offs_n[:, None] * stride_cl + offs_h[None, :]
-                k1 = tl.load(kp, mask=row_mask, other=0.0).to(tl.float32)
-                k2 = tl.load(kp + HALF, mask=row_mask, other=0.0).to(tl.float32)
-                ck = tl.load(COS + kcp, mask=row_mask, other=0.0).to(tl.float32)
-                sk = tl.load(SIN + kcp, mask=row_mask, other=0.0).to(tl.float32)
-                ka = (k1 * ck - k2 * sk).to(K.dtype.element_ty)
-                kb = (k2 * ck + k1 * sk).to(K.dtype.element_ty)
+                if ROTARY_K:
+                    k1 = tl.load(kp, mask=row_mask, other=0.0).to(tl.float32)
+                    k2 = tl.load(kp + HALF, mask=row_mask, other=0.0).to(tl.float32)
+                    ck = tl.load(COS + kcp, mask=row_mask, other=0.0).to(tl.float32)
+                    sk = tl.load(SIN + kcp, mask=row_mask, other=0.0).to(tl.float32)
+                    ka = (k1 * ck - k2 * sk).to(K.dtype.element_ty)
+                    kb = (k2 * ck + k1 * sk).to(K.dtype.element_ty)
+                else:       # already rotated: the halves go straight to the dots
+                    ka = tl.load(kp, mask=row_mask, other=0.0)
+                    kb = tl.load(kp + HALF, mask=row_mask, other=0.0)
                 if IEEE:
                     s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
                     s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
@@ -112,7 +122,7 @@ if triton_available():
             else:
                 kv_mask = n_ok[:, None] & d_ok[None, :]
                 k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-                if ROTARY:
+                if ROTARY_K:
                     k_p = tl.load(k_base + offs_n[:, None] * stride_kl + partner[None, :], mask=kv_mask, other=0.0)
                     ck = tl.load(COS + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
                     sk = tl.load(SIN + offs_n[:, None] * stride_cl + freq[None, :], mask=kv_mask, other=0.0)
@@ -161,6 +171,43 @@ if triton_available():
         o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
         tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
+    @triton.jit
+    def _rotary_qk_fwd_kernel(
+        Q, K, QO, KO, COS, SIN,
+        stride_qb, stride_ql, stride_qh,
+        stride_kb, stride_kl, stride_kh,
+        stride_ob, stride_ol, stride_oh,
+        stride_cl,
+        L, H,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_L: tl.constexpr, ROTATE_Q: tl.constexpr,
+    ):
+        """The 'prepass' candidate: rotate-half rotary on BLOCK_L positions of one (batch, head) of k (and q
+        when ROTATE_Q), read from the strided qkv views, written to QO/KO (same strides, e.g. (B, H, L, d)
+        buffers). Same arithmetic as the attention kernel's on-load rotation: fp32 from tables in x's dtype,
+        one rounding to the output dtype."""
+        pid_l = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_c = tl.arange(0, BLOCK_HALF)
+        mask = (offs_l < L)[:, None] & (offs_c < HALF)[None, :]
+        cp = offs_l[:, None] * stride_cl + offs_c[None, :]
+        c = tl.load(COS + cp, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(SIN + cp, mask=mask, other=0.0).to(tl.float32)
+        o_off = b * stride_ob + h * stride_oh + offs_l[:, None] * stride_ol + offs_c[None, :]
+        kp = K + b * stride_kb + h * stride_kh + offs_l[:, None] * stride_kl + offs_c[None, :]
+        k1 = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(KO + o_off, (k1 * c - k2 * s).to(KO.dtype.element_ty), mask=mask)
+        tl.store(KO + o_off + HALF, (k2 * c + k1 * s).to(KO.dtype.element_ty), mask=mask)
+        if ROTATE_Q:
+            qp = Q + b * stride_qb + h * stride_qh + offs_l[:, None] * stride_ql + offs_c[None, :]
+            q1 = tl.load(qp, mask=mask, other=0.0).to(tl.float32)
+            q2 = tl.load(qp + HALF, mask=mask, other=0.0).to(tl.float32)
+            tl.store(QO + o_off, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=mask)
+            tl.store(QO + o_off + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=mask)
+
 
 @functools.lru_cache(maxsize=8)
 def _sm_count(index: int) -> int:
@@ -197,9 +244,12 @@ def _check(q, k, v, cos, sin):
 
 
 def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None, out=None,
-                          block_m: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
+                          block_m: Optional[int] = None, block_n: Optional[int] = None,
+                          k_rotated: bool = False, config: Optional[dict] = None) -> torch.Tensor:
     """Triton launcher. q, k, v (B, L, H, d) with unit stride on d (views into a (B, L, 3, H, d) qkv buffer
-    are fine); cos/sin (L, d/2), used in q's dtype. Returns (B, L, H·d) in q's dtype."""
+    are fine); cos/sin (L, d/2), used in q's dtype. Returns (B, L, H·d) in q's dtype. k_rotated: k was
+    already rotated (rotary_qk) and only q is rotated on load. config: overrides of _config's BLOCK_M,
+    BLOCK_N, num_warps, num_stages (the benchmark's sweep)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -214,8 +264,9 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
         cos = cos.to(q.dtype).contiguous()
         sin = sin.to(q.dtype).contiguous()
     else:
-        cos = sin = q      # never read (ROTARY=False)
+        cos = sin = q      # never read (ROTARY_Q = ROTARY_K = False)
     cfg = _config(B, H, L, d, q.device)
+    cfg.update(config or {})
     if block_m:
         cfg["BLOCK_M"] = block_m
     if block_n:
@@ -230,19 +281,71 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
         cos.stride(0) if rotary else 0,
         L, H, 1.0 / math.sqrt(d), float(softcap or 1.0),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        ROTARY=rotary, HAS_CAP=bool(softcap), FAST_TANH=q.device.type == "cuda" and not interpreting(),
+        ROTARY_Q=rotary, ROTARY_K=rotary and not k_rotated, HAS_CAP=bool(softcap),
+        FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(B, L, H * d)
 
 
+def rotary_qk(q, k, cos, sin, rotate_q: bool = True, out: Optional[torch.Tensor] = None):
+    """Rotated copies of k (and q when rotate_q) in q's dtype: one Triton pass over the strided qkv views.
+
+    Returns (q_rot, k_rot) as (B, L, H, d) views of a (2, B, H, L, d) buffer (q_rot is q itself when not
+    rotate_q). Why (B, H, L, d): the attention's key loop then reads each BLOCK_N×d key tile of a head as
+    one contiguous block (8 KiB at 64×64 bf16) instead of 64 rows of 128 B at a 1536 B stride, and one 2-D
+    view (B·H·L, d) covers every head, which a later TMA-descriptor version could use. Both layouts read
+    whole 128 B lines; which loads faster is unmeasured. out: a (2, B, H, L, d) buffer to write into."""
+    B, L, H, d = q.shape
+    if k.shape != q.shape or d % 2 or cos is None or sin is None or cos.shape != (L, d // 2):
+        raise ValueError(f"rotary_qk needs q, k (B, L, H, even d) and cos/sin (L, d/2), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {None if cos is None else tuple(cos.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q, k need unit stride on the head dim")
+    if out is None:
+        out = torch.empty(2, B, H, L, d, device=q.device, dtype=q.dtype)
+    if out.shape != (2, B, H, L, d) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous (2, B, H, L, d) = {(2, B, H, L, d)} {q.dtype} tensor")
+    qo, ko = out[0], out[1]
+    cos = cos.to(q.dtype).contiguous()      # rounded as reference.apply_rotary_ref and the on-load path do
+    sin = sin.to(q.dtype).contiguous()
+    on_gpu = q.device.type == "cuda" and not interpreting()
+    block_l = 64 if on_gpu else 32
+    grid = (triton.cdiv(L, block_l), B * H)
+    _rotary_qk_fwd_kernel[grid](
+        q, k, qo, ko, cos, sin,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        ko.stride(0), ko.stride(2), ko.stride(1),
+        cos.stride(0), L, H,
+        HALF=d // 2, BLOCK_HALF=max(2, triton.next_power_of_2(d // 2)), BLOCK_L=block_l, ROTATE_Q=rotate_q,
+        num_warps=4, num_stages=1)
+    return (qo.transpose(1, 2) if rotate_q else q), ko.transpose(1, 2)
+
+
+def softcap_attention_prepass_fwd(q, k, v, softcap: Optional[float], cos, sin, rotate_q: bool = True,
+                                  out=None, config: Optional[dict] = None) -> torch.Tensor:
+    """The opt-in candidates (unmeasured): rotary_qk once, then the attention kernel without k's on-load
+    rotation ('prepass': q and k rotated ahead, ROTARY_Q = ROTARY_K = False; 'prepass_k': only k, q still
+    rotated on load, as q is read once per program). Why: on load, every key tile is rotated again by each
+    of the L/BLOCK_M query tiles (8× at L=1024) and goes register → shared memory; pre-rotated, it is an
+    async copy straight to shared memory. Cost: one extra read + write of k (and q), ~100 MB (~67 µs at
+    3 TB/s, napkin) for both at B=32, L=1024, bf16. Same numbers as the default up to fp32 summation order
+    ('prepass' takes q·kᵀ as one K=d dot instead of two K=d/2 dots)."""
+    qr, kr = rotary_qk(q, k, cos, sin, rotate_q)
+    return softcap_attention_fwd(qr, kr, v, softcap, None if rotate_q else cos, None if rotate_q else sin,
+                                 out=out, k_rotated=True, config=config)
+
+
 def compile_specs() -> list[dict]:
     """Real configs for the sm_90a compile check (bench/compile_check.py): bf16, d = 64, each query tile
-    _config can pick, with and without rotary."""
+    _config can pick, with rotary on load, without it (also the 'prepass' candidate's attention) and with
+    only q rotated on load ('prepass_k'); the rotary_qk prepass kernel."""
     if not triton_available():
         return []
-    sig = {n: "*bf16" for n in ("Q", "K", "V", "O")}
-    sig.update({"COS": "*fp32", "SIN": "*fp32", "qk_scale": "fp32", "softcap": "fp32"})
+    # the launcher casts cos/sin to q's dtype
+    sig = {n: "*bf16" for n in ("Q", "K", "V", "O", "COS", "SIN")}
+    sig.update({"qk_scale": "fp32", "softcap": "fp32"})
     sig.update({n: "i32" for n in _softcap_attention_fwd_kernel.arg_names if n not in sig})  # strides, L, H
     # what the JIT specializes at run time for the DiT's qkv views (pointers 16-byte aligned, strides of
     # 3·D, d, d/2 elements divisible by 16): without it the compiler cannot vectorize or pipeline the loads
@@ -250,13 +353,25 @@ def compile_specs() -> list[dict]:
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                if sig[n].startswith("*") or n.startswith("stride_")}
     specs = []
+    variants = (("_rope", True, True), ("", False, False), ("_rope_q", True, False))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
-        for rotary in (True, False):
-            const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY=rotary, HAS_CAP=True,
-                         FAST_TANH=True, EVEN_N=True, IEEE=False)
-            specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{'_rope' if rotary else ''}]",
+        for suffix, rq, rk in variants:
+            if suffix == "_rope_q" and block_m != 128:
+                continue         # the candidate at the B=32 OWT tile only
+            const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
+                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False)
+            specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
+    rnames = _rotary_qk_fwd_kernel.arg_names
+    rsig = {n: ("*bf16" if n in ("Q", "K", "QO", "KO", "COS", "SIN") else "i32") for n in rnames}
+    raligned = {(rnames.index(n),): [["tt.divisibility", 16]] for n in rnames
+                if rsig[n].startswith("*") or n.startswith("stride_")}
+    for rotate_q in (True, False):
+        const = dict(HALF=32, BLOCK_HALF=32, BLOCK_L=64, ROTATE_Q=rotate_q)
+        specs.append(dict(name=f"_rotary_qk_fwd_kernel[l64{'' if rotate_q else '_k_only'}]", fn=_rotary_qk_fwd_kernel,
+                          signature={**rsig, **{k: "constexpr" for k in const}}, constexprs=const,
+                          attrs=raligned, num_warps=4, num_stages=1))
     return specs
 
 
@@ -284,8 +399,9 @@ def _attention_flex(q, k, v, softcap, cos, sin):
 
 
 def _rotate_like_kernel(x, cos, sin):
-    """Rotary in fp32, rounded once to x's dtype (the Triton kernel's numerics)."""
-    return ref.apply_rotary_ref(x.to(torch.float32), cos.float(), sin.float()).to(x.dtype)
+    """Rotary in fp32 from tables rounded to x's dtype, rounded once to x's dtype (the Triton kernels'
+    numerics: on load and rotary_qk)."""
+    return ref.apply_rotary_ref(x.to(torch.float32), cos.to(x.dtype).float(), sin.to(x.dtype).float()).to(x.dtype)
 
 
 def softcap_attention_ref(q, k, v, softcap: Optional[float], cos=None, sin=None) -> torch.Tensor:
@@ -310,6 +426,21 @@ def _(q, k, v, softcap, cos, sin):
     return q.new_empty(B, L, H * d)
 
 
+@torch.library.custom_op("fmlm::softcap_attention_prepass", mutates_args=())
+def _softcap_attention_prepass_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
+                                  cos: torch.Tensor, sin: torch.Tensor, rotate_q: bool) -> torch.Tensor:
+    return softcap_attention_prepass_fwd(q, k, v, softcap or None, cos, sin, rotate_q)
+
+
+@_softcap_attention_prepass_op.register_fake
+def _(q, k, v, softcap, cos, sin, rotate_q):
+    B, L, H, d = q.shape
+    return q.new_empty(B, L, H * d)
+
+
+ROTARY_IMPLS = ("load", "prepass", "prepass_k")
+
+
 def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -327,15 +458,24 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
                       cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", rotary_impl: str = "load") -> torch.Tensor:
     """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
-    cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention."""
+    cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
+    rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
+    as they are loaded), or the opt-in, not yet timed candidates 'prepass' (q and k rotated once by
+    rotary_qk, then the kernel without rotary) and 'prepass_k' (only k rotated ahead; q on load)."""
     _check(q, k, v, cos, sin)
+    if rotary_impl not in ROTARY_IMPLS:
+        raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
     be = resolve(backend, q.device)
     if be == "reference":
         return softcap_attention_ref(q, k, v, softcap, cos, sin)
     if be == "flex":
         return _attention_flex(q, k, v, softcap, cos, sin)
+    if rotary_impl != "load" and cos is not None:
+        if torch.compiler.is_compiling():
+            return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass")
+        return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass")
     if torch.compiler.is_compiling():
         return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin)
     return softcap_attention_fwd(q, k, v, softcap, cos, sin)
