@@ -127,3 +127,102 @@ def test_triton_bf16_on_gpu(B, L, H, d):
     q, k, v, cos, sin = _inputs(B, L, H, d, torch.bfloat16, "cuda", scale=3.0)
     out = A.softcap_attention(q, k, v, 50.0, cos, sin)
     _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
+# ---- the opt-in rotary prepass candidates (rotary_impl='prepass' / 'prepass_k') ---------------------
+PREPASS_CASES = [
+    pytest.param(3, 19, 2, 32, torch.float32, id="B3-L19-d32"),
+    pytest.param(3, 23, 2, 64, torch.float16, id="B3-L23-d64-fp16"),
+    pytest.param(3, 13, 2, 64, torch.float32, id="B3-L13-d64"),
+    pytest.param(2, 7, 2, 16, torch.float16, id="L7-d16-fp16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", PREPASS_CASES[:2] + [
+    pytest.param(1, 1, 3, 64, torch.float32, id="L1"), pytest.param(2, 5, 2, 48, torch.float16, id="d48")])
+def test_rotary_qk_is_the_kernels_rotation(B, L, H, d, dtype):
+    """rotary_qk = apply_rotary_ref in fp32 from tables rounded to x's dtype, rounded once (what the kernel
+    does on load; exact on the CPU), within the same-dtype reference's error of the fp64 rotation, and laid
+    out as (B, H, L, d) buffers. d=48: a half (24) that is not a power of two."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev)
+    qr, kr = A.rotary_qk(q, k, cos, sin)
+    q_only_k, kr2 = A.rotary_qk(q, k, cos, sin, rotate_q=False)
+    assert q_only_k is q and torch.equal(kr2, kr)
+    assert qr.shape == q.shape and qr.transpose(1, 2).is_contiguous() and kr.transpose(1, 2).is_contiguous()
+    for x, xr in ((q, qr), (k, kr)):
+        want = A._rotate_like_kernel(x, cos, sin)
+        if interpreting():
+            assert torch.equal(xr, want)
+        truth = ref.apply_rotary_ref(x.double(), cos.to(dtype).double(), sin.to(dtype).double())
+        ref_err = (ref.apply_rotary_ref(x, cos, sin).double() - truth).abs().max().item()
+        err = (xr.double() - truth).abs().max().item()
+        assert err <= ref_err + torch.finfo(dtype).eps * truth.abs().max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", PREPASS_CASES)
+def test_prepass_matches_reference_and_default(B, L, H, d, dtype):
+    """Both candidates meet the error budget and equal the default kernel up to fp32 summation order:
+    'prepass_k' runs the default's arithmetic exactly (bit-equal under the interpreter); 'prepass' takes q·kᵀ
+    as one K=d dot instead of two K=d/2 dots (at most an output ulp or two apart; bit-equal at d=16, where
+    the default also uses one dot)."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev)
+    out0 = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton")
+    for impl in ("prepass", "prepass_k"):
+        out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl=impl)
+        _check_budget(out, q, k, v, 50.0, cos, sin)
+        gap = (out.double() - out0.double()).abs().max().item()
+        ulp = torch.finfo(dtype).eps * out0.abs().max().item()
+        if interpreting() and (impl == "prepass_k" or d < 32):
+            assert torch.equal(out, out0), f"{impl}: {gap:.3g}"
+        else:
+            assert gap <= (64 if dtype == torch.float32 else 2) * ulp, f"{impl}: {gap:.3g} vs ulp {ulp:.3g}"
+
+
+@needs_triton
+def test_prepass_without_rotary_and_bad_impl():
+    """No cos/sin: every rotary_impl is the plain kernel; an unknown rotary_impl raises."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, _, _ = _inputs(1, 9, 2, 32, torch.float32, dev)
+    out0 = A.softcap_attention(q, k, v, 50.0, backend="triton")
+    assert torch.equal(A.softcap_attention(q, k, v, 50.0, backend="triton", rotary_impl="prepass"), out0)
+    with pytest.raises(ValueError):
+        A.softcap_attention(q, k, v, 50.0, backend="triton", rotary_impl="fused")
+
+
+@needs_triton
+def test_prepass_op_registration():
+    """The torch.library op the compiled block calls: fake impl and schema pass opcheck."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 5, 1, 16, torch.float32, dev)
+    for rotate_q in (True, False):
+        torch.library.opcheck(torch.ops.fmlm.softcap_attention_prepass.default, (q, k, v, 50.0, cos, sin, rotate_q),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
+                    reason="the CPU smoke run of the benchmark; make gpu-check runs it for real")
+def test_bench_attention_smoke(monkeypatch):
+    """bench/bench_attention.py end to end at tiny shapes on the CPU, so the one GPU run cannot die on a bug."""
+    from fmlm.bench import bench_attention as bench
+    from fmlm.bench import common
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", (("owt", 2, 19), ("lm1b", 1, 16)))
+    monkeypatch.setattr(bench, "H", 1)
+    monkeypatch.setattr(bench, "HEAD_DIM", 32)
+    monkeypatch.setattr(bench, "SWEEP", (dict(BLOCK_M=16, BLOCK_N=32, num_stages=2, num_warps=4),))
+    monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 0, 1, device))
+    rows = bench.run(quick=True)
+    impls = [r["impl"] for r in rows]
+    assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("best measured") for i in impls)
+    assert sum(i.startswith("sweep") for i in impls) == 2
+    assert any("no softcap" in i for i in impls) and any(i.startswith("reference") for i in impls)
+    assert all("failed" not in str(r.get("note", "")) for r in rows), rows
+    for r in rows:
+        if r["impl"].startswith(("triton", "sweep", "  part: attention")):
+            assert r["ms"] > 0 and r.get("max_abs_diff_vs_ref", 0) < 1e-4 and r.get("max_abs_diff_vs_default", 0) < 1e-4

@@ -1,0 +1,261 @@
+"""softcap_attention (flash forward with the tanh softcap, rotary) beside the reference in one process.
+
+Shapes (H = 12, d = 64, bf16, softcap 50, rotary on; q, k, v strided views of one (B, L, 3, H, d) qkv GEMM
+output, as engine/model.py `_fast_block` passes them; cos/sin (L, d/2) in bf16 as `_FastWeights.rope`):
+OWT B=32 and B=1 at L=1024, LM1B B=1 and B=512 at L=128. Rows:
+- triton, rotary on load: the default (measured 462 µs per layer at OWT B=32 on an H100, 223 TFLOP/s);
+- the opt-in candidates 'prepass' (rotary_qk rotates q and k once, then the kernel without rotary) and
+  'prepass_k' (only k rotated ahead, q still on load), plus their two parts timed alone;
+- reference (apply_rotary_ref + attention_ref, materialized scores; skipped above 20 GB);
+- FlexAttention with the tanh score_mod, torch.compile'd in a child process that compiles while this one
+  times (a cold inductor compile must not eat gpu-check's 60 s), on pre-rotated q, k;
+- SDPA WITHOUT the softcap on pre-rotated q, k: a different function, a ceiling, not a baseline.
+Then a config sweep (BLOCK_M = 128; BLOCK_N 64/128 × num_stages 2/3/4 × num_warps 4/8) at OWT B=32 for the
+default and the 'prepass' attention, as far as the time budget allows (each config is a fresh compile).
+
+FLOPs: 4·B·H·L²·d (q·kᵀ and p·v). Napkin floor (unmeasured): tanh and exp2 are one MUFU op each per score,
+2·B·H·L² = 806 M ops at OWT B=32 ≈ 0.2 ms at 16 MUFU/clk/SM × 132 SMs × 1.83 GHz.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from fmlm.bench.common import ceilings, markdown_table, time_fn, write_rows
+
+SHAPES = (("owt", 32, 1024), ("owt", 1, 1024), ("lm1b", 1, 128), ("lm1b", 512, 128))
+H, HEAD_DIM, CAP = 12, 64, 50.0
+DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny SHAPES/H/HEAD_DIM/SWEEP) sets "cpu"
+SWEEP = tuple(dict(BLOCK_M=128, BLOCK_N=bn, num_stages=st, num_warps=w)
+              for bn in (64, 128) for st in (3, 2, 4) for w in (8, 4))
+REF_LIMIT_BYTES = 20e9   # the reference materializes ~4 fp32 (B, H, L, L) tensors
+PROCESS_LIMIT_S = 50.0   # gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
+SWEEP_UNTIL_S = 38.0     # sweep configs start only before this; the flex child's result is awaited after
+
+
+def _dtype():
+    return torch.bfloat16 if DEVICE == "cuda" else torch.float32      # interpreter: no bf16 math
+
+
+def _inputs(B: int, L: int, seed: int = 0):
+    """q, k, v views of one (B, L, 3, H, d) buffer (std 2: scores of a few units, some near the cap's
+    bend) and the engine's cos/sin tables in the compute dtype."""
+    from fmlm.kernels import reference as ref
+
+    dt = _dtype()
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    qkv = (2.0 * torch.randn(B, L, 3, H, HEAD_DIM, device=DEVICE, generator=g)).to(dt)
+    inv_freq = 1.0 / (10_000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=DEVICE) / HEAD_DIM))
+    cos, sin = (t.to(dt).contiguous() for t in ref.rotary_cos_sin(L, inv_freq))
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], cos, sin
+
+
+def _flops(B: int, L: int) -> float:
+    return 4.0 * B * H * L * L * HEAD_DIM
+
+
+def _maxdiff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def run(quick: bool = False) -> list[dict]:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        return []
+    import importlib
+
+    A = importlib.import_module("fmlm.kernels.attention")
+    F = torch.nn.functional
+
+    t_start = time.time()
+    child = _start_flex_child(quick) if DEVICE == "cuda" else None
+    ceil = ceilings()
+    iters = 10 if quick else 30
+    dt_name = str(_dtype()).replace("torch.", "")
+    rows: list[dict] = []
+
+    def add(impl, name, B, L, fn, note="", flops=True, it=iters, nbytes=None, **extra):
+        tm = time_fn(fn, warmup=2, iters=it, device=DEVICE)
+        f = _flops(B, L) if flops else float("nan")
+        r = {"op": "softcap_attention", "shape": name, "impl": impl, "B": B, "L": L, "H": H, "d": HEAD_DIM,
+             "dtype": dt_name, "ms": tm["ms"], "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"],
+             "tflops": f / tm["ms"] / 1e9, "pct_bf16_ceiling": 100 * f / tm["ms"] / 1e9 / ceil["bf16_tflops"],
+             "gbs": nbytes / tm["ms"] / 1e6 if nbytes else float("nan"),
+             "pct_copy_ceiling": 100 * nbytes / tm["ms"] / 1e6 / ceil["copy_gbs"] if nbytes else float("nan"),
+             **extra, "note": note}
+        rows.append(r)
+        return r
+
+    owt_inputs = None
+    for name, B, L in SHAPES:
+        q, k, v, cos, sin = _inputs(B, L)
+        if owt_inputs is None:
+            owt_inputs = (name, B, L, q, k, v, cos, sin)
+        ref_bytes = 4 * 4.0 * B * H * L * L
+        ref_out = None
+        if ref_bytes <= REF_LIMIT_BYTES:
+            ref_out = A.softcap_attention_ref(q, k, v, CAP, cos, sin)
+        diff = (lambda o: _maxdiff(o, ref_out)) if ref_out is not None else (lambda o: float("nan"))
+
+        def tri(impl="load", q=q, k=k, v=v, cos=cos, sin=sin):
+            return A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", rotary_impl=impl)
+
+        out0 = tri()
+        cfg = A._config(B, H, L, HEAD_DIM, q.device)
+        main = add("triton: rotary on load (default)", name, B, L, tri, "default", max_abs_diff_vs_ref=diff(out0),
+                   config=str(cfg))
+        for impl, what in (("prepass", "rotary_qk(q, k) + attention without rotary"),
+                           ("prepass_k", "rotary_qk(k) + attention with q rotated on load")):
+            o = tri(impl)
+            r = add(f"triton: {impl} (candidate)", name, B, L, lambda impl=impl: tri(impl), what,
+                    max_abs_diff_vs_ref=diff(o), max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
+            r["speedup_vs_default"] = main["ms"] / r["ms"]
+        # the prepass's two parts alone: what the key loop gains vs what the extra pass costs
+        rq_bytes = 2 * 2 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size()
+        add("  part: rotary_qk(q, k) alone", name, B, L, lambda: A.rotary_qk(q, k, cos, sin), "no attention FLOPs",
+            flops=False, nbytes=rq_bytes)
+        qr, kr = A.rotary_qk(q, k, cos, sin)
+        add("  part: attention on pre-rotated q, k (no rotary)", name, B, L,
+            lambda: A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), "the prepass minus rotary_qk",
+            max_abs_diff_vs_default=_maxdiff(A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), out0))
+        if ref_out is not None:
+            r = add("reference (apply_rotary_ref + attention_ref)", name, B, L,
+                    lambda: A.softcap_attention_ref(q, k, v, CAP, cos, sin), "materialized scores",
+                    it=max(3, iters // 3), max_abs_diff_vs_default=_maxdiff(ref_out, out0))
+            main["speedup_vs_ref"] = r["ms"] / main["ms"]
+        else:
+            rows.append({"op": "softcap_attention", "shape": name, "impl": "reference", "B": B, "L": L,
+                         "note": f"skipped: needs ~{ref_bytes / 1e9:.0f} GB > {REF_LIMIT_BYTES / 1e9:.0f} GB"})
+        qt, kt, vt = qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2)
+        add("SDPA, different function (no softcap): a ceiling, not a baseline", name, B, L,
+            lambda: F.scaled_dot_product_attention(qt, kt, vt), "pre-rotated q, k; rotary not included")
+        del qr, kr, qt, kt, vt, ref_out
+
+    name, B, L, q, k, v, cos, sin = owt_inputs
+    out0 = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton")
+    tried = [r for r in rows if r["shape"] == name and r["B"] == B and r["impl"].startswith("triton")]
+    order = [(impl, c) for c in SWEEP for impl in ("load", "prepass")]
+    for impl, c in order:
+        label = f"sweep {impl} m{c['BLOCK_M']} n{c['BLOCK_N']} s{c['num_stages']} w{c['num_warps']}"
+        if time.time() - t_start > SWEEP_UNTIL_S:
+            rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
+                         "note": "skipped: time budget (run bench_attention.py alone for the full sweep)"})
+            continue
+        if impl == "load":
+            fn = lambda c=c: A.softcap_attention_fwd(q, k, v, CAP, cos, sin, config=c)  # noqa: E731
+        else:        # the whole candidate: rotary_qk + the attention under this config
+            fn = lambda c=c: A.softcap_attention_prepass_fwd(q, k, v, CAP, cos, sin, config=c)  # noqa: E731
+        try:
+            o = fn()
+            r = add(label, name, B, L, fn, "rotary_qk included" if impl == "prepass" else "",
+                    max_abs_diff_vs_default=_maxdiff(o, out0), config=str(c))
+            tried.append(r)
+        except Exception as e:  # a config that fails to compile or launch (shared memory) is reported
+            rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
+                         "note": f"failed: {e!r}"[:200]})
+    best = min(tried, key=lambda r: r["ms"])
+    rows.append({**best, "impl": f"best measured at this shape: {best['impl'].strip()}",
+                 "note": "min over the triton rows at this shape (the parts alone excluded)"})
+
+    if child is not None:
+        r = _finish_flex_child(child, PROCESS_LIMIT_S - (time.time() - t_start))
+        for fr in r:
+            if "ms" in fr:
+                fr["tflops"] = _flops(fr["B"], fr["L"]) / fr["ms"] / 1e9
+                fr["pct_bf16_ceiling"] = 100 * fr["tflops"] / ceil["bf16_tflops"]
+            rows.append({"op": "softcap_attention", "impl": "FlexAttention tanh score_mod (compiled)", **fr})
+    else:
+        rows.append({"op": "softcap_attention", "impl": "FlexAttention tanh score_mod (compiled)",
+                     "note": "skipped on CPU"})
+    for r in rows:
+        r["bf16_ceiling_tflops"] = ceil["bf16_tflops"]
+    return rows
+
+
+# ---- FlexAttention in a child process ----------------------------------------------------------------
+def _flex_shapes(quick: bool):
+    return SHAPES[:1] if quick else SHAPES
+
+
+def _start_flex_child(quick: bool):
+    """Start the child now: it compiles while the parent times, then waits for 'go' on stdin so the two
+    never time at once."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "4", "PYTHONUNBUFFERED": "1"}
+    err = tempfile.TemporaryFile(mode="w+")      # not a pipe: inductor's warnings must not fill it and block
+    p = subprocess.Popen([sys.executable, "-m", "fmlm.bench.bench_attention", "--flex-child",
+                          "quick" if quick else "full"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=err, text=True, env=env)
+    p.err_file = err
+    return p
+
+
+def _finish_flex_child(p, timeout_s: float) -> list[dict]:
+    if timeout_s < 3:
+        p.kill()
+        return [{"note": f"skipped: {timeout_s:.0f} s left"}]
+    try:
+        out, _ = p.communicate("go\n", timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return [{"note": f"did not finish in the {timeout_s:.0f} s left"}]
+    lines = [x for x in (out or "").splitlines() if x.startswith("[")]
+    if lines:
+        return json.loads(lines[-1])
+    p.err_file.seek(0)
+    return [{"note": f"failed: {p.err_file.read()[-300:]!r}"}]
+
+
+def _flex_child(quick: bool) -> list[dict]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fmlm.kernels import attention as A
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    cap = CAP
+
+    def score_mod(score, b, h, q_idx, kv_idx):     # score arrives already scaled by 1/√d
+        return cap * torch.tanh(score / cap)
+
+    cases = []
+    for name, B, L in _flex_shapes(quick):
+        q, k, v, cos, sin = _inputs(B, L)
+        qr, kr = A.rotary_qk(q, k, cos, sin)
+        qt, kt, vt = qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2)
+        fn = lambda qt=qt, kt=kt, vt=vt: compiled(qt, kt, vt, score_mod=score_mod)  # noqa: E731
+        t0 = time.time()
+        o = fn()
+        torch.cuda.synchronize()
+        sub = slice(0, min(B, 2))     # reference on ≤ 2 batch rows (memory)
+        diff = _maxdiff(o.transpose(1, 2).reshape(B, L, -1)[sub],
+                        A.softcap_attention_ref(q[sub], k[sub], v[sub], CAP, cos, sin))
+        cases.append((name, B, L, fn, time.time() - t0, diff))
+    sys.stdin.readline()              # the parent's timing is done
+    res = []
+    for name, B, L, fn, compile_s, diff in cases:
+        tm = time_fn(fn, warmup=2, iters=10 if quick else 30)
+        res.append({"shape": name, "B": B, "L": L, "H": H, "d": HEAD_DIM, "dtype": "bfloat16", "ms": tm["ms"],
+                    "p20_ms": tm["p20_ms"], "p80_ms": tm["p80_ms"], "max_abs_diff_vs_ref": diff,
+                    "note": f"pre-rotated q, k; compile {compile_s:.0f} s; diff vs ref on batch rows [0, 2)"})
+    return res
+
+
+def main() -> None:
+    if "--flex-child" in sys.argv:
+        print(json.dumps(_flex_child(sys.argv[-1] == "quick")))
+        return
+    rows = run(quick="--quick" in sys.argv)
+    if not rows:
+        print("bench_attention: needs CUDA, skipped")
+        return
+    print(markdown_table(rows))
+    write_rows("bench_attention", rows)
+
+
+if __name__ == "__main__":
+    main()
