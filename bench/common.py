@@ -54,6 +54,22 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, iters: int = 20, device: 
     return {"ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "n": len(times)}
 
 
+def graphed(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after `warmup` eager calls on a side stream); returns the replay. Timing a
+    replay measures the device work of fn without its host-side launch cost (Python, autograd, dispatch),
+    which for sub-millisecond ops can exceed the kernels' time. Raises if fn cannot be captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 @functools.lru_cache(maxsize=1)
 def ceilings() -> dict:
     """Measured device ceilings: bf16 GEMM TFLOP/s and copy GB/s (read + write), on random data."""

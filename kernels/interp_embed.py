@@ -36,10 +36,12 @@ import torch
 
 from . import reference as ref
 from ._backend import acc_dtype, interpreting, resolve
+from ._rng import fast_math
 
 try:
     import triton
     import triton.language as tl
+    from ._rng import box_muller
     HAS_TRITON = True
 except ImportError:  # the package imports without triton; backend='triton' then raises in resolve()
     HAS_TRITON = False
@@ -70,16 +72,8 @@ _TWO_PI = 6.283185307179586
 if HAS_TRITON:
 
     @triton.jit
-    def _box_muller(x, y):
-        """Two uint32 → two N(0, 1): u = (top 23 bits + ½)·2^-23 ∈ (0, 1), never 0, so log(u) is finite."""
-        u1 = ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        u2 = ((y >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        r = tl.sqrt(-2.0 * tl.log(u1))
-        th = 6.283185307179586 * u2
-        return r * tl.cos(th), r * tl.sin(th)
-
-    @triton.jit
-    def _normal_tile(seed, b, l, j0, STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    def _normal_tile(seed, b, l, j0, STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                     FAST: tl.constexpr):
         """(BLOCK_R, BLOCK_J) normals for rows (b, l) and columns j0 + [0, BLOCK_J), j0 % 4 == 0: Philox on the
         counter (j//4, l, b, STREAM) gives four uint32 → normals for columns 4·(j//4) + 0..3."""
         q = (j0 // 4 + tl.arange(0, BLOCK_J // 4)).to(tl.uint32)
@@ -89,19 +83,19 @@ if HAS_TRITON:
         c2 = zero + b.to(tl.uint32)[:, None]
         c3 = zero + STREAM
         x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
-        n0, n1 = _box_muller(x0, x1)
-        n2, n3 = _box_muller(x2, x3)
+        n0, n1 = box_muller(x0, x1, FAST)
+        n2, n3 = box_muller(x2, x3, FAST)
         # join(join(n0, n2), join(n1, n3))[r, q, i, k] = n_{2i+k}: row-major reshape puts it at column 4q + 2i + k
         return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_R, BLOCK_J))
 
     @triton.jit
     def _philox_normal_kernel(out_ptr, seed, R, L, J, stride_o,
-                              STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+                              STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, FAST: tl.constexpr):
         """Materialize the noise stream: out[r, j] for r = b·L + l < R, j < J."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows_c = tl.minimum(rows, R - 1)
         j0 = tl.program_id(1) * BLOCK_J
-        x = _normal_tile(seed, rows_c // L, rows_c % L, j0, STREAM, BLOCK_R, BLOCK_J)
+        x = _normal_tile(seed, rows_c // L, rows_c % L, j0, STREAM, BLOCK_R, BLOCK_J, FAST)
         cols = j0 + tl.arange(0, BLOCK_J)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], x.to(out_ptr.dtype.element_ty),
                  mask=(rows < R)[:, None] & (cols < J)[None, :])
@@ -142,7 +136,7 @@ if HAS_TRITON:
     @triton.jit
     def _interp_embed_vocab_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, out_ptr, seed, R, L, V, D, stride_e, stride_o,
                                        PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-                                       BLOCK_D: tl.constexpr):
+                                       BLOCK_D: tl.constexpr, FAST: tl.constexpr):
         """h[rows, dblock] = (1−γ)·Σ_v ε[r, v]·E[v, dblock] + γ·E[y, dblock], ε regenerated per V tile."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows_c = tl.minimum(rows, R - 1)
@@ -152,7 +146,7 @@ if HAS_TRITON:
         dmask = dcols < D
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            eps = _normal_tile(seed, b, l, v0, 0, BLOCK_R, BLOCK_V)
+            eps = _normal_tile(seed, b, l, v0, 0, BLOCK_R, BLOCK_V, FAST)
             vr = v0 + tl.arange(0, BLOCK_V)
             e = tl.load(e_ptr + vr[:, None] * stride_e + dcols[None, :], mask=(vr < V)[:, None] & dmask[None, :],
                         other=0.0)
@@ -162,7 +156,7 @@ if HAS_TRITON:
     @triton.jit
     def _interp_embed_vocab_bwd_kernel(gamma_ptr, dh_ptr, de_ptr, seed, R, L, V, D, stride_dh, stride_de,
                                        PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-                                       BLOCK_D: tl.constexpr):
+                                       BLOCK_D: tl.constexpr, FAST: tl.constexpr):
         """dE_noise[vblock, dblock] = Σ_r ε[r, v]·(1−γ_b)·dh[r, dblock] (fp32), ε regenerated per row tile."""
         v0 = tl.program_id(0) * BLOCK_V
         vr = v0 + tl.arange(0, BLOCK_V)
@@ -174,7 +168,7 @@ if HAS_TRITON:
             rmask = rows < R
             rows_c = tl.minimum(rows, R - 1)
             b = rows_c // L
-            eps = _normal_tile(seed, b, rows_c % L, v0, 0, BLOCK_R, BLOCK_V)
+            eps = _normal_tile(seed, b, rows_c % L, v0, 0, BLOCK_R, BLOCK_V, FAST)
             g = tl.load(gamma_ptr + b).to(tl.float32)
             dh = tl.load(dh_ptr + rows[:, None] * stride_dh + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                          other=0.0)
@@ -186,7 +180,7 @@ if HAS_TRITON:
     def _interp_embed_hidden_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, c_ptr, xi_ptr, out_ptr, seed, R, L, D,
                                         stride_e, stride_c, stride_xi, stride_o, XI_GIVEN: tl.constexpr,
                                         PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                                        BLOCK_D: tl.constexpr):
+                                        BLOCK_D: tl.constexpr, FAST: tl.constexpr):
         """h[rows, dblock] = (1−γ)·(ξ·C)[rows, dblock] + γ·E[y, dblock]; ξ loaded (XI_GIVEN) or drawn here."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows_c = tl.minimum(rows, R - 1)
@@ -203,7 +197,7 @@ if HAS_TRITON:
             if XI_GIVEN:
                 xi = tl.load(xi_ptr + rows_c[:, None] * stride_xi + kr[None, :], mask=kmask[None, :], other=0.0)
             else:
-                xi = _normal_tile(seed, b, l, k0, 1, BLOCK_R, BLOCK_K)
+                xi = _normal_tile(seed, b, l, k0, 1, BLOCK_R, BLOCK_K, FAST)
             acc = tl.dot(xi.to(c.dtype), c, acc, input_precision=PREC)
         _gather_epilogue(acc, tok_ptr, gamma_ptr, e_ptr, out_ptr, rows, rows_c, b, dcols, R, D, stride_e, stride_o)
 
@@ -238,7 +232,7 @@ def philox_normal_fwd(out: torch.Tensor, seed: int, L: int, stream: int) -> torc
     if R and J:
         _philox_normal_kernel[(triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(J, cfg["BLOCK_J"]))](
             out, seed, R, L, J, out.stride(0), STREAM=stream, BLOCK_R=cfg["BLOCK_R"], BLOCK_J=cfg["BLOCK_J"],
-            num_warps=cfg["num_warps"])
+            FAST=fast_math(), num_warps=cfg["num_warps"])
     return out
 
 
@@ -253,7 +247,7 @@ def interp_embed_vocab_fwd(tokens, gamma, embed, seed, n_valid, config=None):
     _interp_embed_vocab_fwd_kernel[(triton.cdiv(tok.shape[0], cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))](
         tok, gamma, embed, out, seed, tok.shape[0], L, n_valid, D, embed.stride(0), out.stride(0),
         PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=fast_math(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -269,7 +263,7 @@ def interp_embed_vocab_bwd(grad, tokens, gamma, embed, seed, n_valid, config=Non
     _interp_embed_vocab_bwd_kernel[(triton.cdiv(n_valid, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_D"]))](
         gamma, dh, dE, seed, tok.shape[0], L, n_valid, D, dh.stride(0), dE.stride(0),
         PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=fast_math(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _scatter_gather_grad(dE, grad, tokens, gamma).to(embed.dtype)
 
 
@@ -285,7 +279,7 @@ def interp_embed_hidden_fwd(tokens, gamma, embed, chol, xi, seed, config=None):
         tok, gamma, embed, chol, chol if xi is None else xi, out, seed, tok.shape[0], L, D,
         embed.stride(0), chol.stride(0), 0 if xi is None else xi.stride(0), out.stride(0), XI_GIVEN=xi is not None,
         PREC=_prec(embed.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FAST=fast_math(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -704,12 +698,12 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     specs = [_spec("interp_embed_vocab_fwd", _interp_embed_vocab_fwd_kernel,
                    dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64",
                         R="i32", L="i32", V="i32", D="i32", stride_e="i32", stride_o="i32"),
-                   dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"]), c)]
+                   dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"], FAST=True), c)]
     c = VOCAB_BWD_CONFIG
     specs.append(_spec("interp_embed_vocab_bwd", _interp_embed_vocab_bwd_kernel,
                        dict(gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr="*fp32", seed="i64", R="i32", L="i32",
                             V="i32", D="i32", stride_dh="i32", stride_de="i32"),
-                       dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"]), c))
+                       dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"], FAST=True), c))
     c = HIDDEN_FWD_CONFIG
     for xi_given in (False, True):
         specs.append(_spec(f"interp_embed_hidden_fwd{'_xi' if xi_given else ''}", _interp_embed_hidden_fwd_kernel,
@@ -717,7 +711,7 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                                 xi_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", D="i32",
                                 stride_e="i32", stride_c="i32", stride_xi="i32", stride_o="i32"),
                            dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
-                                BLOCK_D=c["BLOCK_D"]), c))
+                                BLOCK_D=c["BLOCK_D"], FAST=True), c))
     specs.append(_spec("embed_grad_rows", _embed_grad_rows_kernel,
                        dict(order_ptr="*i64", stok_ptr="*i64", gamma_ptr="*fp32", dh_ptr=f"*{dtype}",
                             de_ptr=f"*{dtype}", R="i32", L="i32", D="i32",
@@ -725,5 +719,5 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     c = NOISE_CONFIG
     specs.append(_spec("philox_normal", _philox_normal_kernel,
                        dict(out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", J="i32", stride_o="i32"),
-                       dict(STREAM=STREAM_VOCAB, BLOCK_R=c["BLOCK_R"], BLOCK_J=c["BLOCK_J"]), c))
+                       dict(STREAM=STREAM_VOCAB, BLOCK_R=c["BLOCK_R"], BLOCK_J=c["BLOCK_J"], FAST=True), c))
     return specs

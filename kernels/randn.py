@@ -3,8 +3,8 @@
 CUDA-graph safe: the seed is read by the kernel from device memory, so a captured graph draws fresh noise
 on every replay after `seed.fill_(s)`, with no recapture and no host round trip; the same (seed, stream)
 gives the same numbers eagerly and in a replay. Element i of stream k uses the Philox counter
-(k·2^32 + i), so the first n values of a stream do not depend on how many are drawn (a batch padded up
-to a bucket keeps its first rows' noise).
+(i // 4, 0, k, 0), so the first n values of a stream do not depend on how many are drawn (a batch padded up
+to a bucket keeps its first rows' noise). Four consecutive elements share one Philox call (lanes 0-3).
 
 Reference: none in reference.py (the published code draws with torch.randn; any N(0, 1) source is the
 same law). Backends: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1); 'torch' — torch.randn from a CPU
@@ -17,18 +17,34 @@ from typing import Optional, Sequence
 import torch
 
 from ._backend import resolve, triton_available
+from ._rng import fast_math
 
 if triton_available():
     import triton
     import triton.language as tl
 
+    from ._rng import box_muller
+
     # Triton specializes an int argument equal to 1 into a constexpr (stream=1 then has no .to()): keep them runtime.
     @triton.jit(do_not_specialize=["n", "stream"])
-    def _randn_philox_kernel(OUT, SEED, n, stream, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _randn_philox_kernel(OUT, SEED, n, stream, BLOCK: tl.constexpr, FAST: tl.constexpr):
+        """Element i = lane i % 4 of Philox4x32-10 on the counter (i // 4, 0, stream, 0): one Philox call and two
+        Box–Muller pairs per four normals (tl.randn spends one call per normal and uses the precise log/sin/cos;
+        on the H100 it drew 25M bf16 values in 127 µs, ~4x what the stores alone cost)."""
+        q = tl.program_id(0).to(tl.uint32) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+        zero = tl.zeros((BLOCK // 4,), dtype=tl.uint32)
         seed = tl.load(SEED)
-        z = tl.randn(seed, offs + stream.to(tl.int64) * 4294967296)
-        tl.store(OUT + offs, z.to(OUT.dtype.element_ty), mask=offs < n)
+        x0, x1, x2, x3 = tl.philox(seed, q, zero, zero + stream.to(tl.uint32), zero)
+        n0, n1 = box_muller(x0, x1, FAST)
+        n2, n3 = box_muller(x2, x3, FAST)
+        # join(join(n0, n2), join(n1, n3))[q, i, k] = n_{2i+k}: the row-major reshape puts it at 4q + 2i + k
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:    # full block: unmasked, so the stores vectorize (n is not specialized)
+            tl.store(OUT + offs, z.to(OUT.dtype.element_ty))
+        else:
+            tl.store(OUT + offs, z.to(OUT.dtype.element_ty), mask=offs < n)
 
 
 def randn_philox_fwd(out: torch.Tensor, seed: torch.Tensor, stream: int) -> torch.Tensor:
@@ -38,7 +54,7 @@ def randn_philox_fwd(out: torch.Tensor, seed: torch.Tensor, stream: int) -> torc
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     block = 1024 if out.device.type == "cuda" else max(16, min(4096, triton.next_power_of_2(n)))
-    _randn_philox_kernel[(triton.cdiv(n, block),)](out, seed, n, int(stream), BLOCK=block,
+    _randn_philox_kernel[(triton.cdiv(n, block),)](out, seed, n, int(stream), BLOCK=block, FAST=fast_math(),
                                                    num_warps=4 if out.device.type == "cuda" else 1)
     return out
 
@@ -49,8 +65,9 @@ def compile_specs() -> list[dict]:
     out = []
     for dt in ("fp16", "bf16", "fp32"):
         out.append(dict(name=f"_randn_philox_kernel[{dt}]", fn=_randn_philox_kernel,
-                        signature={"OUT": f"*{dt}", "SEED": "*i64", "n": "i32", "stream": "i32", "BLOCK": "constexpr"},
-                        constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1))
+                        signature={"OUT": f"*{dt}", "SEED": "*i64", "n": "i32", "stream": "i32", "BLOCK": "constexpr",
+                                   "FAST": "constexpr"},
+                        constexprs={"BLOCK": 1024, "FAST": True}, num_warps=4, num_stages=1))
     return out
 
 

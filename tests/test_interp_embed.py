@@ -350,3 +350,23 @@ def test_gpu_no_vocab_sized_buffer(noise):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < tokens.numel() * 50258 * 2 / 4, f"peak extra {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run of the benchmark; make gpu-check runs it")
+def test_bench_smoke(monkeypatch):
+    """bench/bench_interp_embed.py end to end at a tiny shape under the interpreter, so the one GPU run cannot die
+    on a bug in it (its graph rows need CUDA and say so)."""
+    from fmlm.bench import bench_interp_embed as bench
+    from fmlm.bench import common
+
+    for k, v in dict(DEVICE="cpu", B=2, L=8, V=61, VP=64, D=32).items():
+        monkeypatch.setattr(bench, k, v)
+    monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
+    monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)
+    rows = bench.run(quick=True)
+    timed = [r for r in rows if "ms" in r]
+    assert {r["impl"] for r in timed} >= {"triton hidden (C given)", "reference dense x·E (noise pre-drawn)",
+                                          "triton vocab (Philox regenerated per tile)"}
+    assert all(r["ms"] > 0 for r in timed)
+    assert [r["note"] for r in rows if "ms" not in r] == ["CUDA only", "CUDA only"]
+    assert rows[0]["speedup_vs_dense_xE"] > 0
