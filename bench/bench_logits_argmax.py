@@ -2,9 +2,13 @@
 
 Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = 768): the OWT final
 sampler step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default
-config, and the alternative configs of kernels/logits_argmax.py BENCH_CONFIGS at the OWT shape, each checked
-against the default); reference.logits_argmax_ref eager; torch.compile(reference) at the OWT shape in a
-child process; the cuBLAS GEMM h·Wᵀ of the padded weight with no epilogue (the matmul ceiling).
+config: the pointer kernel, whose config the label names), the alternative pointer configs of
+kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONFIGS) at the OWT shape, each
+checked against the default; the TMA kernel at the default configs of the smaller row counts; the default,
+the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step); reference.logits_argmax_ref
+eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM h·Wᵀ of the padded
+weight with no epilogue (the matmul ceiling). Every Triton row is timed with its host launch (the TMA path
+also encodes two descriptors per call on the host).
 
 FLOPs (useful, V = 50258): 2·rows·V·D. GB/s: compulsory traffic only (W and h read, indices written),
 against the copy ceiling. Target (issue 4): ≥ 600 TFLOP/s at 16384×768×50258.
@@ -21,6 +25,7 @@ from fmlm.bench.common import child_json_row, ceilings, markdown_table, peak_mem
 
 V, VP, D = 50258, 50304, 768
 SHAPES = (16384, 1024, 128)
+LARGE_ROWS = 32768       # B=32 × L=1024: timed for the default, the first TMA config and cuBLAS only
 DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny V/D/SHAPES) sets "cpu"
 TARGET_TFLOPS = 600.0
 PROCESS_LIMIT_S = 46.0   # gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
@@ -37,6 +42,13 @@ def _inputs(rows: int, seed: int = 0, dtype=None):
     return h, W, b
 
 
+def _cfg_label(cfg: dict) -> str:
+    kernel = "TMA" if cfg.get("tma") else "pointer"
+    split = f"_split{cfg['splits']}" if cfg.get("splits") else ""
+    return (f"{kernel} bm{cfg['BLOCK_M']}_bn{cfg['BLOCK_N']}_bk{cfg['BLOCK_K']}"
+            f"_w{cfg['num_warps']}_s{cfg['num_stages']}{split}")
+
+
 def run(quick: bool = False) -> list[dict]:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         return []
@@ -50,6 +62,10 @@ def run(quick: bool = False) -> list[dict]:
     iters = 10 if quick else 30
     rows: list[dict] = []
     h_all, W, b = _inputs(max(SHAPES))
+    dev = torch.device(DEVICE)
+
+    def default_label(n):
+        return f"triton default [{_cfg_label(LA.default_config(n, dev, D, V, h_all.dtype))}]"
 
     def add(impl, n, fn, note="", mem=True, it=iters):
         tm = time_fn(fn, warmup=2, iters=it, device=DEVICE)
@@ -68,7 +84,7 @@ def run(quick: bool = False) -> list[dict]:
     for n in SHAPES:
         h = h_all[:n]
         idx = LA.logits_argmax(h, W, b, V, backend="triton")
-        r = add("triton", n, lambda h=h: LA.logits_argmax(h, W, b, V, backend="triton"), "default config")
+        r = add(default_label(n), n, lambda h=h: LA.logits_argmax(h, W, b, V, backend="triton"), "default config")
         r["agree_with_ref"] = (idx == ref.logits_argmax_ref(h, W[:V], b[:V])).float().mean().item()
         mains[n] = (r, idx)
     main = mains[SHAPES[0]][0]
@@ -86,17 +102,42 @@ def run(quick: bool = False) -> list[dict]:
     gemm = add("cuBLAS h·Wᵀ (padded V, no epilogue)", n, lambda: h @ W.T, "matmul ceiling", mem=False)
     main["pct_of_cublas_gemm"] = 100 * gemm["ms"] / main["ms"]
 
-    tried = [main]
-    for name, cfg in LA.BENCH_CONFIGS.items():
-        if cfg == LA.GPU_CONFIG or time.time() - t_start > BUDGET_S:
-            continue
+    def try_config(n, cfg, h, ref_idx):
+        """Time one config (the TMA kernel checked to be the one launched); a failure is a row, not fatal."""
+        impl = f"triton [{_cfg_label(cfg)}]" + (" (opt-in)" if cfg.get("tma") else "")
+        if cfg.get("tma") and not LA.tma_usable(h, W, cfg["BLOCK_K"]):
+            rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": "skipped: TMA not usable here"})
+            return None
         try:
             idx1 = LA.logits_argmax_fwd(h, W, b, V, cfg)
-            r = add(f"triton [{name}]", n, lambda cfg=cfg: LA.logits_argmax_fwd(h, W, b, V, cfg), str(cfg), mem=False)
-            r["agree_with_default"] = (idx1 == mains[n][1]).float().mean().item()
-            tried.append(r)
+            r = add(impl, n, lambda: LA.logits_argmax_fwd(h, W, b, V, cfg), str(cfg), mem=False)
+            r["agree_with_default"] = (idx1 == ref_idx).float().mean().item()
+            return r
         except Exception as e:  # a config that fails to compile or launch is reported, not fatal
-            rows.append({"op": "logits_argmax", "impl": f"triton [{name}]", "rows": n, "note": f"failed: {e!r}"[:200]})
+            rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": f"failed: {e!r}"[:200]})
+            return None
+
+    tried = [main]
+    for cfg in [*LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
+        if cfg == LA.GPU_CONFIG or time.time() - t_start > BUDGET_S:
+            continue
+        r = try_config(n, cfg, h, mains[n][1])
+        if r is not None:
+            tried.append(r)
+    # the TMA kernel at the smaller row counts' default configs (the V-split path)
+    for m in SHAPES[1:]:
+        if time.time() - t_start < BUDGET_S:
+            try_config(m, {**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, h_all[:m], mains[m][1])
+    # the B=32 sampler's final step: default, the first TMA config, cuBLAS
+    if LARGE_ROWS and time.time() - t_start < BUDGET_S:
+        hl = torch.cat([h_all, _inputs(LARGE_ROWS - h_all.shape[0], seed=1)[0]]) if LARGE_ROWS > h_all.shape[0] \
+            else h_all[:LARGE_ROWS]
+        idx_l = LA.logits_argmax(hl, W, b, V, backend="triton")
+        add(default_label(LARGE_ROWS), LARGE_ROWS, lambda: LA.logits_argmax(hl, W, b, V, backend="triton"),
+            "default config", mem=False)
+        try_config(LARGE_ROWS, next(iter(LA.TMA_BENCH_CONFIGS.values())), hl, idx_l)
+        add("cuBLAS h·Wᵀ (padded V, no epilogue)", LARGE_ROWS, lambda: hl @ W.T, "matmul ceiling", mem=False)
+        del hl
     best = min(tried, key=lambda r: r["ms"])
     rows.append({**best, "impl": f"best measured: {best['impl']}", "note": "min over the configs above",
                  "meets_target": best["tflops"] >= TARGET_TFLOPS})

@@ -12,6 +12,13 @@ the V tiles are split across programs (grid axis 1) and a second tiny kernel red
 earlier tiles and splits win ties). Columns ≥ n_valid (the engine pads V to a multiple of 128) are
 masked to −inf. NaN logits are not handled like torch.argmax (which returns the first NaN).
 
+Opt-in TMA variant (`config={"tma": True}`, `_logits_argmax_tma_fwd_kernel`): the same loop and epilogue,
+h and W read through host tensor descriptors (bulk tensor copies, zero fill out of bounds, no load masks);
+the pointer kernel runs when a descriptor is impossible (tma_usable). No persistent-grid variant: at the
+large row counts every program already walks all of V for its row block (128 programs for 132 SMs at 16384
+rows, 256 at 32768), so a persistent loop over (row block, split) items would change nothing but the
+launch; small row counts are already spread by the V split.
+
 Napkin math (H100, bf16, h 16384×768, V = 50258): 2·16384·50258·768 = 1.26 TFLOP → 1.65 ms at the
 measured 766 TFLOP/s GEMM ceiling; reads h once per V tile from L2 like any GEMM (tile 128×256:
 85 FLOP/B), HBM traffic ~ W (77 MB) + h (25 MB): compute-bound. B=1, L=128: 9.9 GFLOP, HBM 77 MB
@@ -32,6 +39,10 @@ try:
     import triton.language as tl
 except ImportError:  # the package imports without triton; backend='triton' then raises
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no host tensor descriptors, config={"tma": True} runs the pointer kernel
+    TensorDescriptor = None
 
 TORCH_V_CHUNK = 4096
 TORCH_ROW_CHUNK = 8192
@@ -49,6 +60,15 @@ GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stag
 # Alternatives the benchmark times beside the default at the OWT shape.
 BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG, "bm128_bn128_s4": GPU_CONFIG_SMALL_M,
                  "bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4)}
+# The TMA kernel (config key "tma": True), opt-in until an H100 run shows it beats the default; the benchmark
+# times these beside the pointer kernel. Why try it (unmeasured reasoning): the pointer kernel computes
+# per-element addresses and masks for its cp.async loads; TMA copies a whole box with one instruction, as in
+# Triton's Hopper matmul tutorials. Compile-only evidence (sm_90a, bm128_bn256 w8 s3): the same 255 registers
+# (triton 3.7.1; 246 on 3.6: the 128×256 fp32 accumulator and the argmax epilogue set the pressure, not the
+# loads), static SASS 1896 instructions against 2192 (IMAD 181 vs 284, LEA 7 vs 67). Whether that moves the
+# 466 TFLOP/s is for the benchmark to say.
+TMA_BENCH_CONFIGS = {"tma_bm128_bn256_s3": dict(GPU_CONFIG, tma=True),
+                     "tma_bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4, tma=True)}
 # The interpreter runs each program in numpy with a fixed Python cost per loop iteration: few, wide V tiles
 # and a row block no taller than needed are fastest there.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_stages=1)
@@ -58,6 +78,31 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
+
+    @triton.jit
+    def _argmax_tile_update(acc, b_nx, best_val, best_idx, b_ptr, tile, n_valid,
+                            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Epilogue of one finished V tile (shared by both kernels): fold acc + bias into the running
+        (max, index) per row, with columns ≥ n_valid at −inf; returns the bias of the next tile, prefetched."""
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = tl.where((cols < n_valid)[None, :], acc + b_nx[None, :], float("-inf"))
+        if HAS_BIAS:
+            cols_nx = cols + BLOCK_N
+            b_nx = tl.load(b_ptr + cols_nx, mask=cols_nx < n_valid, other=0.0).to(tl.float32)
+        t_max, t_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = t_max > best_val          # strict: an equal value in a later tile keeps the lower index
+        best_val = tl.where(better, t_max, best_val)
+        best_idx = tl.where(better, tile * BLOCK_N + t_arg, best_idx)
+        return best_val, best_idx, b_nx
+
+    @triton.jit
+    def _store_best(best_val, best_idx, val_ptr, idx_ptr, out_ptr, rows, pid_s, M, SPLIT: tl.constexpr):
+        row_ok = rows < M
+        if SPLIT:
+            tl.store(val_ptr + pid_s * M + rows, best_val, mask=row_ok)
+            tl.store(idx_ptr + pid_s * M + rows, best_idx, mask=row_ok)
+        else:
+            tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
 
     @triton.jit
     def _logits_argmax_fwd_kernel(
@@ -107,21 +152,56 @@ if triton is not None:
             else:
                 acc = tl.dot(a, tl.trans(w), acc)
             if ki == k_iters - 1:
-                z = tl.where((cols < n_valid)[None, :], acc + b_nx[None, :], float("-inf"))
-                if HAS_BIAS:
-                    cols_nx = cols + BLOCK_N
-                    b_nx = tl.load(b_ptr + cols_nx, mask=cols_nx < n_valid, other=0.0).to(tl.float32)
-                t_max, t_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                better = t_max > best_val          # strict: an equal value in a later tile keeps the lower index
-                best_val = tl.where(better, t_max, best_val)
-                best_idx = tl.where(better, tile * BLOCK_N + t_arg, best_idx)
+                best_val, best_idx, b_nx = _argmax_tile_update(acc, b_nx, best_val, best_idx, b_ptr, tile, n_valid,
+                                                               HAS_BIAS, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 
-        if SPLIT:
-            tl.store(val_ptr + pid_s * M + rows, best_val, mask=row_ok)
-            tl.store(idx_ptr + pid_s * M + rows, best_idx, mask=row_ok)
-        else:
-            tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+        _store_best(best_val, best_idx, val_ptr, idx_ptr, out_ptr, rows, pid_s, M, SPLIT)
+
+    @triton.jit
+    def _logits_argmax_tma_fwd_kernel(
+        h_desc, w_desc, b_ptr, val_ptr, idx_ptr, out_ptr,
+        M, n_valid, D, tiles_per_split,
+        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """The same GEMM + running argmax, h and W read through host tensor descriptors (Hopper TMA: bulk
+        tensor copies into shared memory, no per-element address or mask math). The descriptors cover h
+        (M, D) and W[:n_valid] (n_valid, D) with boxes [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]; TMA fills
+        rows ≥ M, rows ≥ n_valid and the K tail ≥ D with zeros, so the loads need no masks and any D works.
+        The −inf masking of columns ≥ n_valid stays in the epilogue (a zero-filled column scores its bias, 0)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_tiles = tl.cdiv(n_valid, BLOCK_N)
+        t_begin = pid_s * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+        k_iters = tl.cdiv(D, BLOCK_K)
+        off_m = pid_m * BLOCK_M
+
+        best_val = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_M,), tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        b_nx = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_BIAS:
+            cols_nx = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_nx = tl.load(b_ptr + cols_nx, mask=cols_nx < n_valid, other=0.0).to(tl.float32)
+        # one flattened (V tile, K step) loop, as in the pointer kernel: the pipeliner issues the TMA copies
+        # num_stages − 1 iterations ahead across V-tile boundaries
+        for it in range(0, (t_end - t_begin) * k_iters):
+            tile = t_begin + it // k_iters
+            ki = it % k_iters
+            a = h_desc.load([off_m, ki * BLOCK_K])
+            w = w_desc.load([tile * BLOCK_N, ki * BLOCK_K])
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+            if ki == k_iters - 1:
+                best_val, best_idx, b_nx = _argmax_tile_update(acc, b_nx, best_val, best_idx, b_ptr, tile, n_valid,
+                                                               HAS_BIAS, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+        _store_best(best_val, best_idx, val_ptr, idx_ptr, out_ptr, off_m + tl.arange(0, BLOCK_M), pid_s, M, SPLIT)
 
     @triton.jit
     def _logits_argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, M, n_split, BLOCK: tl.constexpr):
@@ -162,6 +242,18 @@ def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304,
     return dict(GPU_CONFIG_TINY_M if M <= TINY_M else GPU_CONFIG_SMALL_M if M <= SMALL_M else GPU_CONFIG)
 
 
+def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
+    """Whether the TMA kernel can read h and weight: host tensor descriptors need a 16-byte aligned base and
+    16-byte aligned row strides (last stride 1, which _check_dtypes ensures), and a box row of a multiple of
+    16 bytes; on CUDA, TMA needs sm_90+. D % BLOCK_K need not be 0: TMA zero-fills the K tail."""
+    if TensorDescriptor is None:
+        return False
+    if h.device.type == "cuda" and torch.cuda.get_device_capability(h.device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
+               for t in (h, weight)) and (block_k * h.element_size()) % 16 == 0
+
+
 def _check_dtypes(h, weight, bias):
     if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton logits_argmax takes fp16/bf16/fp32 inputs, got {h.dtype} (use backend='torch')")
@@ -180,7 +272,13 @@ def _check_dtypes(h, weight, bias):
 def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n_valid: int,
                       config: Optional[dict] = None) -> torch.Tensor:
     """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None → int64 (M,). config overrides the
-    block sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and `splits` (programs along V)."""
+    block sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), `splits` (programs along V) and `tma`
+    (True: the TMA kernel where tma_usable, else the pointer kernel).
+
+    CUDA-graph capture: both kernels allocate only the torch.empty outputs below (from the capture pool). The
+    TMA path builds its descriptors on the host: the launcher encodes each CUtensorMap with a driver call
+    that touches no stream and passes it by value as a kernel parameter, which the graph copies at capture.
+    Replays therefore read the addresses h and weight had at capture, the usual static-buffer rule."""
     if triton is None:
         raise RuntimeError("logits_argmax_fwd needs the triton package")
     h, weight, bias = _check_dtypes(h, weight, bias)
@@ -207,11 +305,18 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         idxs = torch.empty(splits, M, device=h.device, dtype=torch.int32)
     else:
         vals, idxs = out, out      # unused pointers
-    _logits_argmax_fwd_kernel[(row_blocks, splits)](
-        h, weight, bias if bias is not None else h, vals, idxs, out,
-        M, n_valid, D, h.stride(0), weight.stride(0), tiles_per_split,
-        HAS_BIAS=bias is not None, SPLIT=split, IEEE=h.dtype == torch.float32, EVEN_K=D % BK == 0,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    b_arg = bias if bias is not None else h
+    common = dict(HAS_BIAS=bias is not None, SPLIT=split, IEEE=h.dtype == torch.float32,
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("tma") and tma_usable(h, weight, BK):
+        h_desc = TensorDescriptor.from_tensor(h, [BM, BK])
+        w_desc = TensorDescriptor.from_tensor(weight[:n_valid], [BN, BK])
+        _logits_argmax_tma_fwd_kernel[(row_blocks, splits)](
+            h_desc, w_desc, b_arg, vals, idxs, out, M, n_valid, D, tiles_per_split, **common)
+    else:
+        _logits_argmax_fwd_kernel[(row_blocks, splits)](
+            h, weight, b_arg, vals, idxs, out, M, n_valid, D, h.stride(0), weight.stride(0), tiles_per_split,
+            EVEN_K=D % BK == 0, **common)
     if split:
         RB = 256
         _logits_argmax_reduce_kernel[(triton.cdiv(M, RB),)](vals, idxs, out, M, splits, BLOCK=RB)
@@ -237,6 +342,21 @@ def compile_specs() -> list[dict]:
                           signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           divisible_by_16=div16))
+    # The TMA kernel: a host TensorDescriptor argument is typed "tensordesc<dtype[box]>" (what
+    # triton.runtime.jit.mangle_type returns, the same spelling in triton 3.6 and 3.7.1); the JIT gives
+    # descriptors no divisibility attributes, so only the pointers and D are listed.
+    for label, cfg, split in (("bm128_bn256_s3", GPU_CONFIG, False),
+                              ("bm128_bn256_s4", TMA_BENCH_CONFIGS["tma_bm128_bn256_s4"], False),
+                              ("bm128_bn128_s4_split", GPU_CONFIG_SMALL_M, True)):
+        BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        tsig = {"h_desc": f"tensordesc<bf16[{BM}, {BK}]>", "w_desc": f"tensordesc<bf16[{BN}, {BK}]>",
+                **{k: sig[k] for k in ("b_ptr", "val_ptr", "idx_ptr", "out_ptr", "M", "n_valid", "D",
+                                       "tiles_per_split")}}
+        const = dict(HAS_BIAS=True, SPLIT=split, IEEE=False, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        specs.append(dict(name=f"_logits_argmax_tma_fwd_kernel[{label}]", fn=_logits_argmax_tma_fwd_kernel,
+                          signature={**tsig, **{k: "constexpr" for k in const}}, constexprs=const,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          divisible_by_16=["b_ptr", "val_ptr", "idx_ptr", "out_ptr", "D"]))
     sig32 = {**sig, "h_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32"}
     cfg = GPU_CONFIG_FP32
     const = dict(HAS_BIAS=True, SPLIT=True, IEEE=True, EVEN_K=True,

@@ -156,6 +156,76 @@ def test_triton_functional_and_op():
     torch.library.opcheck(torch.ops.fmlm.logits_argmax.default, (h, W, None, 100))
 
 
+# ---- the opt-in TMA kernel (config={"tma": True}) --------------------------------------------------
+class _Forbidden:
+    """Stands in for a kernel that must not launch, so each TMA test proves which kernel ran."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+def _only(monkeypatch, kernel):
+    """Forbid the other kernel: 'tma' → the pointer kernel must not launch, 'pointer' → the TMA kernel."""
+    other = "_logits_argmax_fwd_kernel" if kernel == "tma" else "_logits_argmax_tma_fwd_kernel"
+    monkeypatch.setattr(LA, other, _Forbidden(other))
+
+
+TMA_CASES = [
+    pytest.param(37, 257, 384, 64, torch.float32, True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=3),
+                 id="rows37-V257-pad-split3"),
+    pytest.param(37, 257, 384, 72, torch.float16, False, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
+                 id="rows37-fp16-Ktail-nobias-nosplit"),
+    pytest.param(1, 101, 101, 24, torch.float32, True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=2),
+                 id="rows1-V101-Ktail-split2"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,V,Vp,D,dtype,bias,cfg", TMA_CASES)
+def test_triton_tma_matches_reference(monkeypatch, M, V, Vp, D, dtype, bias, cfg):
+    """Rows not a multiple of BLOCK_M, prime V, padded weight rows, D % BLOCK_K != 0: TMA zero-fills the
+    out-of-bounds parts of every box; padded columns must still lose (the epilogue's −inf)."""
+    h, W, b = _problem(M, V, Vp, D, dtype, bias)
+    assert LA.tma_usable(h, W, cfg["BLOCK_K"])
+    _only(monkeypatch, "tma")
+    idx = LA.logits_argmax_fwd(h, W, b, V, dict(cfg, tma=True))
+    _check(idx, h, W, b, V)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=4),
+                                 dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, splits=1)], ids=["split4", "nosplit"])
+def test_triton_tma_ties_lowest_index(monkeypatch, dtype, cfg):
+    h, W, b = _int_problem(19, 257, 320, 32, dtype)
+    _only(monkeypatch, "tma")
+    idx = LA.logits_argmax_fwd(h, W, b, 257, dict(cfg, tma=True))
+    assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
+    assert idx[0].item() == 5
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["offset-base", "row-stride", "weight-row-stride"])
+def test_triton_tma_falls_back_to_pointer_kernel(monkeypatch, layout):
+    """A base not 16-byte aligned or a row stride not a multiple of 16 bytes cannot be a TMA descriptor:
+    config={"tma": True} must then run the pointer kernel (and still be right)."""
+    M, V, Vp, D = 9, 100, 128, 32
+    h, W, b = _problem(M, V, Vp, D, torch.float32)
+    if layout == "offset-base":                       # data_ptr ≡ 4 mod 16
+        h = torch.cat([torch.zeros(1, device=h.device), h.reshape(-1)])[1:].view(M, D)
+    elif layout == "row-stride":                      # rows 33 floats = 132 bytes apart
+        h = torch.cat([h, torch.zeros(M, 1, device=h.device)], 1)[:, :D]
+    else:
+        W = torch.cat([W, torch.zeros(Vp, 1, device=W.device)], 1)[:, :D]
+    assert not LA.tma_usable(h, W, 16)
+    _only(monkeypatch, "pointer")
+    idx = LA.logits_argmax_fwd(h, W, b, V, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=2, tma=True))
+    _check(idx, h, W, b, V)
+
+
 @needs_triton
 @pytest.mark.skipif(ON_DEVICE, reason="the CPU smoke run of the benchmark; make gpu-check runs it for real")
 def test_triton_bench_smoke(monkeypatch):
@@ -163,14 +233,16 @@ def test_triton_bench_smoke(monkeypatch):
     from fmlm.bench import bench_logits_argmax as bench
     from fmlm.bench import common
 
-    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3)).items():
+    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3), LARGE_ROWS=40).items():
         monkeypatch.setattr(bench, k, v)
     monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
     monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)
     rows = bench.run(quick=True)
     impls = [r["impl"] for r in rows]
-    assert impls[0] == "triton" and any(i.startswith("best measured") for i in impls)
-    assert all("failed" not in str(r.get("note", "")) for r in rows), rows
+    assert impls[0].startswith("triton default [pointer") and any(i.startswith("best measured") for i in impls)
+    assert all(not str(r.get("note", "")).startswith(("failed", "skipped: TMA")) for r in rows), rows
+    tma = [r for r in rows if "[TMA" in r["impl"]]
+    assert {r["rows"] for r in tma} == {32, 8, 3, 40} and all(r["agree_with_default"] == 1.0 for r in tma), tma
     assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
 
 
@@ -226,3 +298,51 @@ def test_gpu_small_dtypes(dtype):
     _check(logits_argmax(h, W, b, 1000, backend="triton"), h, W, b, 1000)
     h, W, b = _int_problem(19, 257, 320, 64, dtype, device="cuda")
     assert logits_argmax(h, W, b, 257, backend="triton")[0].item() == 5
+
+
+@pytest.mark.gpu
+def test_gpu_tma_bf16_owt(monkeypatch):
+    """The TMA kernel at the OWT shape (and the V-split path at 128 rows) == the pointer kernel == the
+    reference argmax, under the same budget and clear-winner rule as test_gpu_bf16_owt."""
+    h, W, b = _owt()
+    rows = torch.arange(0, h.shape[0], 8, device="cuda")
+    for n, cfg in ((h.shape[0], LA.GPU_CONFIG), (128, LA.GPU_CONFIG_SMALL_M)):
+        hn = h[:n]
+        ptr = LA.logits_argmax_fwd(hn, W, b, 50258, cfg)
+        with monkeypatch.context() as mp:
+            _only(mp, "tma")
+            tma = LA.logits_argmax_fwd(hn, W, b, 50258, dict(cfg, tma=True))
+        sel = rows[rows < n]
+        _check(tma[sel], hn[sel], W, b, 50258)
+        _check(ptr[sel], hn[sel], W, b, 50258)
+        # same tiles and K order: any disagreement must be a near tie (the budget applies to both anyway)
+        assert (tma == ptr).float().mean().item() > 0.999
+    h, W, b = _int_problem(19, 257, 320, 64, torch.bfloat16, device="cuda")   # exact ties in bf16
+    for cfg in (dict(LA.GPU_CONFIG_SMALL_M, splits=1), dict(LA.GPU_CONFIG_SMALL_M, splits=2)):
+        idx = LA.logits_argmax_fwd(h, W, b, 257, dict(cfg, tma=True))
+        assert torch.equal(idx, ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,cfg", [(1024, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
+                                              splits=1)),
+                                   (128, None)], ids=["nosplit", "split"])
+def test_gpu_tma_cuda_graph(monkeypatch, n, cfg):
+    """Captured in a CUDA graph, the TMA path replays on new contents of the same buffers == eager: the
+    descriptors are encoded on the host at capture and baked into the graph by value."""
+    h, W, b = _owt(M=2 * n)
+    cfg = dict(cfg or LA.default_config(n, h.device), tma=True)
+    _only(monkeypatch, "tma")
+    static_h = h[:n].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        LA.logits_argmax_fwd(static_h, W, b, 50258, cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = LA.logits_argmax_fwd(static_h, W, b, 50258, cfg)
+    for part in (h[:n], h[n:]):
+        static_h.copy_(part)
+        g.replay()
+        assert torch.equal(out, LA.logits_argmax_fwd(part.contiguous(), W, b, 50258, cfg))
