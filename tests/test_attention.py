@@ -226,3 +226,36 @@ def test_bench_attention_smoke(monkeypatch):
     for r in rows:
         if r["impl"].startswith(("triton", "sweep", "  part: attention")):
             assert r["ms"] > 0 and r.get("max_abs_diff_vs_ref", 0) < 1e-4 and r.get("max_abs_diff_vs_default", 0) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rotary_impl", ["prepass", "prepass_k"])
+@pytest.mark.parametrize("B,L,H,d", [(2, 1024, 12, 64), (3, 33, 4, 32)], ids=["owt", "odd"])
+def test_prepass_bf16_on_gpu(B, L, H, d, rotary_impl):
+    """The candidates in bf16 on the GPU: the error budget, and at most an output ulp or two from the default."""
+    q, k, v, cos, sin = _inputs(B, L, H, d, torch.bfloat16, "cuda", scale=3.0)
+    out0 = A.softcap_attention(q, k, v, 50.0, cos, sin)
+    out = A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl=rotary_impl)
+    _check_budget(out, q, k, v, 50.0, cos, sin)
+    gap = (out.double() - out0.double()).abs().max().item()
+    assert gap <= 2 * torch.finfo(torch.bfloat16).eps * out0.abs().max().item(), gap
+
+
+@pytest.mark.gpu
+def test_prepass_cuda_graph_replay():
+    """rotary_qk allocates its buffer inside the call: capture works and replay equals eager on new inputs."""
+    q, k, v, cos, sin = _inputs(2, 129, 12, 64, torch.bfloat16, "cuda")
+    fn = lambda: A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass")  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    q2, k2, v2, _, _ = _inputs(2, 129, 12, 64, torch.bfloat16, "cuda", seed=5)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn())
