@@ -6,7 +6,10 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
   inside the call, host spline per step, dense x·E, materialized logits);
 - engine eager: fmlm.Sampler(graph=False) (fast bf16 trunk, fused head ops);
 - engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
-- engine graph + compile (full mode only): the blocks under torch.compile as well.
+- engine graph + compile (full mode only): the blocks under torch.compile as well;
+- engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
+  prepass before attention, the TMA logits_argmax) at the headline batch sizes, so one run shows whether a
+  candidate should become the default (--no-candidates skips them).
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
 speedup over the reference at the same point, % of floor (FLOPs of one sample over the measured bf16 GEMM
@@ -32,6 +35,10 @@ DATASETS = {"owt": (1, 8, 32, 64), "lm1b": (1, 64, 512)}
 TARGETS = {("owt", 32, 1): 0.6, ("owt", 1, 1): 1.1, ("lm1b", 1, 1): 0.35, ("lm1b", 512, 1): 0.07}
 REF_QUICK = {("owt", 1, 1), ("owt", 32, 1), ("lm1b", 1, 1), ("lm1b", 512, 1)}
 FOUR_STEP_RATIO = 4.5
+# opt-in kernel variants (engine/runner.py KERNEL_OPTIONS) timed beside the defaults at the headline batch sizes
+CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
+              "argmax tma": {"argmax_config": {"tma": True}}}
+HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 
 
 def flops_per_sample(cfg, steps: int) -> float:
@@ -101,16 +108,33 @@ def bench(args, quick: bool = False) -> list[dict]:
                     del call
                     gc.collect()
                     torch.cuda.empty_cache()
-            paths = [("engine eager", dict(graph=False)), ("engine graph", dict(graph=True))]
+            paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
             if args.compile and not quick:
-                paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True)))
-            for path, kw in paths:
-                sampler = Sampler(model, max(batches), steps, **kw)
-                for B in batches:
+                paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
+            if args.candidates and steps == 1:
+                cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
+                paths += [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb) for c, o in CANDIDATES.items()]
+            for path, kw, path_batches in paths:
+                try:
+                    sampler = Sampler(model, max(path_batches), steps, **kw)
+                except Exception as exc:       # a candidate that cannot run here is reported, not fatal
+                    rows.append({**_row(name, path, cfg, path_batches[0], steps, {"ms": float("nan"),
+                                 "p20_ms": float("nan"), "p80_ms": float("nan")}, float("nan"), rate),
+                                 "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
+                    continue
+                for B in path_batches:
                     def call(B=B, sampler=sampler):
                         return sampler.sample(args.seed, batch_size=B)
-                    peak = _peak(call)        # graph rows: capture (warm-up runs + pool) on the first call
-                    t = time_fn(call, warmup=1, iters=iters)
+                    try:
+                        peak = _peak(call)    # graph rows: capture (warm-up runs + pool) on the first call
+                        t = time_fn(call, warmup=1, iters=iters)
+                    except Exception as exc:
+                        if "[" not in path:   # the defaults must run; only a candidate may fail
+                            raise
+                        nan = float("nan")
+                        rows.append({**_row(name, path, cfg, B, steps, {"ms": nan, "p20_ms": nan, "p80_ms": nan}, nan,
+                                            rate), "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
+                        continue
                     rows.append(_row(name, path, cfg, B, steps, t, peak, rate))
                 del sampler
                 gc.collect()
@@ -126,10 +150,12 @@ def bench(args, quick: bool = False) -> list[dict]:
 def _annotate(rows):
     """speedup over the reference at the same point, the issue's targets, four-step / one-step ratio."""
     refs = {(r["dataset"], r["B"], r["steps"]): r["ms/sample"] for r in rows if r["path"].startswith("reference")}
+    default = {(r["dataset"], r["B"], r["steps"]): r["ms/sample"] for r in rows if r["path"] == "engine graph"}
     one = {(r["dataset"], r["path"], r["B"]): r["ms/sample"] for r in rows if r["steps"] == 1}
     for r in rows:
         key = (r["dataset"], r["B"], r["steps"])
         r["speedup"] = refs[key] / r["ms/sample"] if key in refs else float("nan")
+        r["vs engine graph"] = default[key] / r["ms/sample"] if "[" in r["path"] and key in default else float("nan")
         target = TARGETS.get(key)
         r["target ms/sample"] = target if target else float("nan")
         r["4-step/1-step"] = float("nan")
@@ -177,7 +203,7 @@ def plot(rows, path: Path) -> Path | None:
 
 
 COLUMNS = ["dataset", "path", "B", "steps", "ms/sample", "p20", "p80", "samples/s", "tokens/s", "peak MB",
-           "speedup", "% of floor", "target ms/sample", "4-step/1-step", "meets target"]
+           "speedup", "vs engine graph", "% of floor", "target ms/sample", "4-step/1-step", "meets target", "note"]
 
 
 def run(quick: bool = False, argv=None) -> list[dict]:
@@ -198,6 +224,8 @@ def parser(ap=None):
     ap.add_argument("--reference", choices=("headline", "all", "none"), default="headline",
                     help="where to run the reference sampler (headline: the issue's one-step points)")
     ap.add_argument("--compile", action="store_true", help="also time the blocks under torch.compile")
+    ap.add_argument("--no-candidates", dest="candidates", action="store_false",
+                    help="skip the opt-in kernel variants (one-step rows at the headline batch sizes)")
     ap.add_argument("--quick", action="store_true", help="the gpu-check budget (~90 s on an H100)")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

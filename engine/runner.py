@@ -58,10 +58,14 @@ class Sampler:
     chunked head elsewhere; 'fast' / 'reference' force the trunk path. graph: capture CUDA graphs (ignored
     without CUDA: the sampler runs eagerly). compile_blocks: run the fast trunk's blocks through
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
-    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call."""
+    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call.
+    kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
+    defaults): {"rotary_impl": "load" | "prepass" | "prepass_k"} (kernels/attention.py),
+    {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True})."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
-                 graph: bool = True, backend: str = "auto", compile_blocks: bool = False):
+                 graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
+                 kernel_options: Optional[dict] = None):
         cfg = model.cfg
         if method == "fmlm" and not cfg.two_time:
             raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
@@ -74,6 +78,7 @@ class Sampler:
         self.backend = backend
         self.graph = bool(graph)
         self.compile_blocks = bool(compile_blocks)
+        self.kernel_options = _check_kernel_options(kernel_options)
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()
@@ -182,8 +187,9 @@ class Sampler:
                 u = self._trunk(h, k, slot.tau_s[k][:n], None if tt is None else tt[:n])
                 with nvtx.range("head"):
                     if k == plan.steps - 1:
-                        slot.tokens[:n].copy_(kernels.logits_argmax(u, heads.weight, heads.bias, heads.n_valid,
-                                                                    backend=self.head_backend))
+                        slot.tokens[:n].copy_(kernels.logits_argmax(
+                            u, heads.weight, heads.bias, heads.n_valid, backend=self.head_backend,
+                            config=self.kernel_options.get("argmax_config")))
                         return
                     noise = self._noise(n, k + 1, generator).to(h.dtype) if plan.c[k] else None
                     h = self._update(u, h, k, noise, [t[:n] for t in slot.coef[k]] if slot.coef else None)
@@ -192,7 +198,8 @@ class Sampler:
     def _trunk(self, h, k: int, tau_s, tau_t):
         if self.trunk_backend == "fast":
             block_fn = _compiled_block() if self.compile_blocks else None
-            return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k])
+            return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k],
+                               rotary_impl=self.kernel_options.get("rotary_impl", "load"))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -296,7 +303,24 @@ class Sampler:
     def __repr__(self):
         p = self.plan
         return (f"Sampler(method={p.method!r}, steps={p.steps}, renoise={p.renoise}, batch_size={self.batch_size}, "
-                f"device={self.device}, graphs={self.use_graphs}, trunk={self.trunk_backend})")
+                f"device={self.device}, graphs={self.use_graphs}, trunk={self.trunk_backend}"
+                + (f", kernel_options={self.kernel_options}" if self.kernel_options else "") + ")")
+
+
+KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k"), "argmax_config": dict}
+
+
+def _check_kernel_options(opts: Optional[dict]) -> dict:
+    opts = dict(opts or {})
+    for k, v in opts.items():
+        if k not in KERNEL_OPTIONS:
+            raise ValueError(f"unknown kernel option {k!r}; known: {sorted(KERNEL_OPTIONS)}")
+        allowed = KERNEL_OPTIONS[k]
+        if isinstance(allowed, tuple) and v not in allowed:
+            raise ValueError(f"kernel option {k} must be one of {allowed}, got {v!r}")
+        if isinstance(allowed, type) and not isinstance(v, allowed):
+            raise ValueError(f"kernel option {k} must be a {allowed.__name__}, got {type(v).__name__}")
+    return opts
 
 
 _COMPILED = []

@@ -245,10 +245,13 @@ def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304,
 def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
     """Whether the TMA kernel can read h and weight: host tensor descriptors need a 16-byte aligned base and
     16-byte aligned row strides (last stride 1, which _check_dtypes ensures), and a box row of a multiple of
-    16 bytes; on CUDA, TMA needs sm_90+. D % BLOCK_K need not be 0: TMA zero-fills the K tail."""
+    16 bytes; on CUDA, TMA needs sm_90+. D % BLOCK_K need not be 0: TMA zero-fills the K tail.
+    fp32 on CUDA keeps the pointer kernel: the variant exists to feed wgmma (16-bit inputs), and with the exact
+    FMA dot at GPU_CONFIG_FP32 the TMA kernel spilled ~3.5 KB on sm_90a (compile check) where the pointer
+    kernel does not. The interpreter takes fp32 (its tests cannot use bf16)."""
     if TensorDescriptor is None:
         return False
-    if h.device.type == "cuda" and torch.cuda.get_device_capability(h.device)[0] < 9:
+    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
         return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
                for t in (h, weight)) and (block_k * h.element_size()) % 16 == 0
@@ -411,10 +414,12 @@ def _logits_argmax_torch(h, weight, bias, n_valid):
 
 
 def logits_argmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                  n_valid: Optional[int] = None, backend: str = "auto", config: Optional[dict] = None) -> torch.Tensor:
     """h (..., D) → LongTensor (...): argmax over the first n_valid rows of weight of h·Wᵀ+b.
 
-    backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise."""
+    backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise.
+    config: launcher overrides for the Triton kernel (see logits_argmax_fwd, e.g. {"tma": True}); eager calls
+    then go to the launcher directly, while torch.compile traces the registered op with the default config."""
     V = weight.shape[0] if n_valid is None else int(n_valid)
     if not 0 < V <= weight.shape[0] or h.shape[-1] != weight.shape[1]:
         raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {V}")
@@ -430,7 +435,10 @@ def logits_argmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         out = ref.logits_argmax_ref(h2.to(acc_dtype(h.dtype)), weight[:V].to(acc_dtype(h.dtype)),
                                     None if b is None else b.to(acc_dtype(h.dtype)))
     elif be == "triton":
-        out = torch.ops.fmlm.logits_argmax(h2, weight, b, V)
+        if config and not torch.compiler.is_compiling():
+            out = logits_argmax_fwd(h2, weight, b, V, config)
+        else:
+            out = torch.ops.fmlm.logits_argmax(h2, weight, b, V)
     else:
         out = _logits_argmax_torch(h2, weight, b, V)
     return out.reshape(lead)

@@ -173,6 +173,14 @@ def _only(monkeypatch, kernel):
     monkeypatch.setattr(LA, other, _Forbidden(other))
 
 
+def _expected_kernel(h, W, block_k):
+    """Aligned inputs take the TMA kernel, except fp32 on CUDA (pointer kernel by design, see tma_usable)."""
+    if LA.tma_usable(h, W, block_k):
+        return "tma"
+    assert ON_DEVICE and h.dtype == torch.float32, "aligned inputs must be able to take the TMA kernel"
+    return "pointer"
+
+
 TMA_CASES = [
     pytest.param(37, 257, 384, 64, torch.float32, True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=3),
                  id="rows37-V257-pad-split3"),
@@ -189,8 +197,7 @@ def test_triton_tma_matches_reference(monkeypatch, M, V, Vp, D, dtype, bias, cfg
     """Rows not a multiple of BLOCK_M, prime V, padded weight rows, D % BLOCK_K != 0: TMA zero-fills the
     out-of-bounds parts of every box; padded columns must still lose (the epilogue's −inf)."""
     h, W, b = _problem(M, V, Vp, D, dtype, bias)
-    assert LA.tma_usable(h, W, cfg["BLOCK_K"])
-    _only(monkeypatch, "tma")
+    _only(monkeypatch, _expected_kernel(h, W, cfg["BLOCK_K"]))
     idx = LA.logits_argmax_fwd(h, W, b, V, dict(cfg, tma=True))
     _check(idx, h, W, b, V)
 
@@ -201,7 +208,7 @@ def test_triton_tma_matches_reference(monkeypatch, M, V, Vp, D, dtype, bias, cfg
                                  dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, splits=1)], ids=["split4", "nosplit"])
 def test_triton_tma_ties_lowest_index(monkeypatch, dtype, cfg):
     h, W, b = _int_problem(19, 257, 320, 32, dtype)
-    _only(monkeypatch, "tma")
+    _only(monkeypatch, _expected_kernel(h, W, cfg["BLOCK_K"]))
     idx = LA.logits_argmax_fwd(h, W, b, 257, dict(cfg, tma=True))
     assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
     assert idx[0].item() == 5
@@ -213,13 +220,14 @@ def test_triton_tma_falls_back_to_pointer_kernel(monkeypatch, layout):
     """A base not 16-byte aligned or a row stride not a multiple of 16 bytes cannot be a TMA descriptor:
     config={"tma": True} must then run the pointer kernel (and still be right)."""
     M, V, Vp, D = 9, 100, 128, 32
-    h, W, b = _problem(M, V, Vp, D, torch.float32)
-    if layout == "offset-base":                       # data_ptr ≡ 4 mod 16
-        h = torch.cat([torch.zeros(1, device=h.device), h.reshape(-1)])[1:].view(M, D)
-    elif layout == "row-stride":                      # rows 33 floats = 132 bytes apart
-        h = torch.cat([h, torch.zeros(M, 1, device=h.device)], 1)[:, :D]
+    h, W, b = _problem(M, V, Vp, D, torch.float16)
+    assert LA.tma_usable(h, W, 16)                    # the same data, aligned
+    if layout == "offset-base":                       # data_ptr ≡ 2 mod 16
+        h = torch.cat([torch.zeros(1, device=h.device, dtype=h.dtype), h.reshape(-1)])[1:].view(M, D)
+    elif layout == "row-stride":                      # rows 33 halves = 66 bytes apart
+        h = torch.cat([h, torch.zeros(M, 1, device=h.device, dtype=h.dtype)], 1)[:, :D]
     else:
-        W = torch.cat([W, torch.zeros(Vp, 1, device=W.device)], 1)[:, :D]
+        W = torch.cat([W, torch.zeros(Vp, 1, device=W.device, dtype=W.dtype)], 1)[:, :D]
     assert not LA.tma_usable(h, W, 16)
     _only(monkeypatch, "pointer")
     idx = LA.logits_argmax_fwd(h, W, b, V, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=2, tma=True))
@@ -346,3 +354,16 @@ def test_gpu_tma_cuda_graph(monkeypatch, n, cfg):
         static_h.copy_(part)
         g.replay()
         assert torch.equal(out, LA.logits_argmax_fwd(part.contiguous(), W, b, 50258, cfg))
+
+
+@needs_triton
+def test_functional_config_reaches_the_launcher(monkeypatch):
+    """logits_argmax(config=...) runs the launcher with that config (the engine's kernel_options path)."""
+    seen = []
+    real = LA.logits_argmax_fwd
+    monkeypatch.setattr(LA, "logits_argmax_fwd", lambda *a: seen.append(a[-1]) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    h, W, b = (torch.randn(*s, generator=g).to(DEV) for s in ((5, 32), (67, 32), (67,)))
+    out = LA.logits_argmax(h, W, b, 61, backend="triton", config={"BLOCK_N": 32})
+    assert seen == [{"BLOCK_N": 32}]
+    assert torch.equal(out, (h @ W[:61].T + b[:61]).argmax(-1))

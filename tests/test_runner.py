@@ -223,6 +223,20 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
     out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton")
     assert out.dtype == torch.float32 and out.shape == h.shape
     _assert_budget(out, reference, truth, 1e-6)
+    # the opt-in rotary prepass (Sampler kernel_options) computes the same trunk
+    pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
+                                rotary_impl="prepass")
+    _assert_budget(pre, reference, truth, 1e-6)
+
+
+def test_sampler_kernel_options_validated():
+    m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
+    for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}):
+        with pytest.raises(ValueError, match="kernel option"):
+            Sampler(m, 2, 1, graph=False, kernel_options=bad)
+    s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
+    assert "kernel_options" in repr(s)
+    assert s.sample(0).shape == (2, 5)          # CPU: the reference trunk and the torch head ignore them
 
 
 def _bf16_reference(m, h, ts, tt):
@@ -322,6 +336,20 @@ def test_graph_replay_equals_eager(steps, renoise):
         assert torch.equal(a, e.sample(seed)) and torch.equal(a, g.sample(seed))
     assert not torch.equal(g.sample(0), g.sample(1))
     assert set(g._slots[4].graphs) == {True}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
+                                  {"argmax_config": {"tma": True}}], ids=["prepass", "prepass_k", "argmax_tma"])
+def test_kernel_option_candidates_match_default(opts):
+    """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
+    rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles."""
+    m = _gpu_model()
+    base = Sampler(m, 3, 2, renoise=0.5)
+    cand = Sampler(m, 3, 2, renoise=0.5, kernel_options=opts)
+    for seed in (0, 1):
+        a, b = base.sample(seed), cand.sample(seed)
+        assert (a == b).float().mean().item() >= 0.999, (a != b).sum().item()
 
 
 @pytest.mark.gpu
