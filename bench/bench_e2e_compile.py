@@ -1,0 +1,72 @@
+"""The fast trunk's blocks with and without torch.compile, one process, CUDA graphs on (issue 5's "measured both
+ways"). Sampler(compile_blocks=True) compiles engine/model.py `_fast_block` (the Triton ops stay opaque custom
+ops; inductor fuses what is left between them), off by default.
+
+Points: one-step OWT B=32 and LM1B B=1 (the headline batch sizes of bench_e2e), random never-zero weights of the
+released small model. The cold compile takes tens of seconds, so this is its own process in `make gpu-check`,
+run last: a timeout here loses only these rows. Columns as bench_e2e, plus the compile time and the ratio.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+
+import torch
+
+from fmlm.bench.bench_e2e import _peak, _row
+from fmlm.bench.common import ceilings, markdown_table, time_fn, write_rows
+
+POINTS = (("owt", 32), ("lm1b", 1))
+
+
+def run(quick: bool = False) -> list[dict]:
+    from fmlm.engine.profile import build_model
+    from fmlm.engine.runner import Sampler
+
+    if not torch.cuda.is_available():
+        print("bench_e2e_compile: needs CUDA, skipped", file=sys.stderr)
+        return []
+    rate = ceilings()["bf16_tflops"]
+    iters = 5 if quick else 20
+    rows = []
+    for name, B in POINTS:
+        model = build_model(None, name, "cuda", 0)
+        cfg = model.cfg
+        plain = None
+        for path, compile_blocks in (("engine graph", False), ("engine graph + compile", True)):
+            sampler = Sampler(model, B, 1, compile_blocks=compile_blocks)
+
+            def call(sampler=sampler):
+                return sampler.sample(0, batch_size=B)
+            t0 = time.perf_counter()
+            peak = _peak(call)              # first call: warm-up (and the compile), capture
+            first_s = time.perf_counter() - t0
+            t = time_fn(call, warmup=1, iters=iters)
+            r = _row(name, path, cfg, B, 1, t, peak, rate)
+            r["first call s"] = first_s
+            if plain is None:
+                plain = r
+            else:
+                r["vs engine graph"] = plain["ms/sample"] / r["ms/sample"]
+                r["tokens equal to engine graph"] = (call() == plain_tokens).float().mean().item()
+            plain_tokens = call()
+            rows.append(r)
+            del sampler
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    rows = run()
+    if rows:
+        print(markdown_table(rows))
+        write_rows("bench_e2e_compile", rows)
+
+
+if __name__ == "__main__":
+    main()
