@@ -455,3 +455,17 @@ def test_profile_sample_writes_trace_and_table(tmp_path):
     assert (tmp_path / "trace.json").stat().st_size > 1000
     table = (tmp_path / "kernels.md").read_text()
     assert "aten::" in table and table.count("\n|") >= 5
+
+
+@pytest.mark.gpu
+def test_gpu_randn_philox_moments_and_prefix():
+    """The sampler's noise on CUDA (fast-math Box–Muller, four normals per Philox call): N(0, 1) moments over
+    2^22 draws, uncorrelated neighbours (lanes of one call), and the prefix property across lengths."""
+    from fmlm.kernels.randn import randn_philox
+    seed = torch.tensor([12345], dtype=torch.int64, device="cuda")
+    x = randn_philox((2 ** 22,), seed, 3).double()
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 / n ** 0.5 and abs(x.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert abs((x ** 4).mean().item() - 3) < 5 * (96 / n) ** 0.5
+    assert abs((x[1:] * x[:-1]).mean().item()) < 5 / n ** 0.5
+    assert torch.equal(randn_philox((1001,), seed, 3), x[:1001].float())
