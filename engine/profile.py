@@ -64,29 +64,39 @@ def kernel_table(prof, top: int = 40) -> list[dict]:
     return rows[:top]
 
 
+def profile_run(sampler, iters: int = 3, seed: int = 0):
+    """Run sampler.sample `iters` times under torch.profiler (after two unprofiled runs: JIT, capture,
+    allocator) → (the profiler, device kernel µs per call or None without device activity)."""
+    from fmlm.engine import nvtx
+
+    cuda = sampler.device.type == "cuda"
+    sampler.warmup()
+    for _ in range(2):
+        sampler.sample(seed)
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof, nvtx.record_functions():
+        for i in range(iters):
+            with nvtx.range(f"sample{i}"):
+                sampler.sample(seed + i)
+        if cuda:
+            torch.cuda.synchronize()
+    dev = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU
+           and not getattr(e, "is_user_annotation", False)]
+    per_call = sum(e.time_range.elapsed_us() for e in dev) / iters if dev else None
+    return prof, per_call
+
+
 def profile_sample(args) -> int:
     from fmlm.bench.common import markdown_table
-    from fmlm.engine import nvtx
     from fmlm.engine.runner import Sampler
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.checkpoint, args.preset, device, args.seed)
     method = args.method or ("fmlm" if model.cfg.two_time else "flm")
     sampler = Sampler(model, args.batch_size, args.steps, method, args.renoise, graph=not args.no_graph)
-    sampler.warmup()
-    for _ in range(2):                      # first runs: JIT, capture, allocator
-        sampler.sample(args.seed)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof, nvtx.record_functions():
-        for i in range(args.iters):
-            with nvtx.range(f"sample{i}"):
-                sampler.sample(args.seed + i)
-        if device == "cuda":
-            torch.cuda.synchronize()
+    prof, _ = profile_run(sampler, args.iters, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = out / "trace.json"

@@ -469,3 +469,15 @@ def test_gpu_randn_philox_moments_and_prefix():
     assert abs((x ** 4).mean().item() - 3) < 5 * (96 / n) ** 0.5
     assert abs((x[1:] * x[:-1]).mean().item()) < 5 / n ** 0.5
     assert torch.equal(randn_philox((1001,), seed, 3), x[:1001].float())
+
+
+def test_bench_profile_cpu_smoke(monkeypatch):
+    """bench/bench_profile.py's rows on the CPU with the tiny preset (make gpu-check runs it for real)."""
+    from fmlm.bench import bench_profile as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2),))
+    rows = bench.run(quick=True)
+    assert rows[0]["point"] == "tiny B=2" and rows[0]["replay ms"] > 0 and rows[0]["kernel launches per call"] > 0
+    assert "no device activity" in rows[0]["note"]
+    assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows[1:])

@@ -1,0 +1,65 @@
+"""Where a one-step sample's time goes at the points whose targets are open: per-kernel device time of one
+CUDA-graph replay (torch.profiler), beside the replay's own time measured with events.
+
+Points: OWT B=1, LM1B B=1 (latency-bound: the gap between the replay time and the summed kernel time is the
+launch/dependency overhead of the graph), OWT B=32 (throughput). Rows: the top kernels of each point (µs per
+call, % of the summed kernel time) and one summary row per point ("replay ms", "kernels ms", "gaps ms",
+"kernel launches per call"). Random never-zero weights of the released small model.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+from fmlm.bench.common import markdown_table, time_fn, write_rows
+
+POINTS = (("lm1b", 1), ("owt", 1), ("owt", 32))
+TOP = 12
+DEVICE = "cuda"          # the CPU smoke test sets "cpu" (and the tiny preset)
+
+
+def run(quick: bool = False) -> list[dict]:
+    from fmlm.engine.profile import build_model, kernel_table, profile_run
+    from fmlm.engine.runner import Sampler
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("bench_profile: needs CUDA, skipped", file=sys.stderr)
+        return []
+    rows = []
+    iters = 3
+    for name, B in POINTS:
+        model = build_model(None, name, DEVICE, 0)
+        sampler = Sampler(model, B, 1)
+        prof, kernel_us = profile_run(sampler, iters)
+        replay = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
+        table = kernel_table(prof, top=1000)
+        launches = sum(r["calls"] for r in table) / iters
+        point = f"{name} B={B}"
+        summary = {"point": point, "kernel": "(one-step call: summary)", "replay ms": replay["ms"],
+                   "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches}
+        summary["gaps ms"] = summary["replay ms"] - summary["kernels ms"]
+        if kernel_us is None:
+            summary["note"] = ("no device activity recorded (CPU run, or the profiler saw no kernels in the "
+                               "graph replay)")
+        rows.append(summary)
+        for r in table[:TOP]:
+            key = next(k for k in r if k.endswith("total µs"))     # "device total µs" ("cpu self" on a CPU)
+            rows.append({"point": point, "kernel": r["kernel"], "calls per call": r["calls"] / iters,
+                         "µs per call": r[key] / iters, "% of kernel time": r["%"]})
+        del sampler, model, prof
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    rows = run()
+    if rows:
+        print(markdown_table(rows))
+        write_rows("bench_profile", rows)
+
+
+if __name__ == "__main__":
+    main()
