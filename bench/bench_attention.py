@@ -36,6 +36,11 @@ DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny SHAPES/H/HE
 # warpgroups of m64 wgmma for BLOCK_M = 128) before 4, the default's 3 stages before 2 and 4
 SWEEP = tuple(dict(BLOCK_M=128, BLOCK_N=bn, num_stages=st, num_warps=w)
               for w in (8, 4) for st in (3, 4, 2) for bn in (64, 128))
+# batch-1 shapes (the open latency targets): the row-block size alone, rotary on load. The default picks the
+# largest BLOCK_M that still gives ≥ 2 programs per SM (OWT B=1: 32; LM1B B=1: 16), i.e. mma.sync tiles below
+# wgmma's 64 rows; bigger blocks trade programs for wgmma (unmeasured which wins)
+SMALL_B_SWEEP = tuple(dict(BLOCK_M=bm, BLOCK_N=64, num_stages=3, num_warps=8 if bm == 128 else 4)
+                      for bm in (64, 128, 32, 16))
 REF_LIMIT_BYTES = 20e9   # the reference materializes ~4 fp32 (B, H, L, L) tensors
 PROCESS_LIMIT_S = 48.0   # quick: gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
 SWEEP_UNTIL_S = 36.0     # quick: sweep configs start only before this; the flex child's result is awaited after
@@ -94,10 +99,13 @@ def run(quick: bool = False) -> list[dict]:
         return r
 
     owt_inputs = None
+    small_b = []
     for name, B, L in SHAPES:
         q, k, v, cos, sin = _inputs(B, L)
         if owt_inputs is None:
             owt_inputs = (name, B, L, q, k, v, cos, sin)
+        if B == 1:
+            small_b.append((name, B, L, q, k, v, cos, sin))
         ref_bytes = 4 * 4.0 * B * H * L * L
         ref_out = None
         if ref_bytes <= REF_LIMIT_BYTES:
@@ -137,6 +145,29 @@ def run(quick: bool = False) -> list[dict]:
         add("SDPA, different function (no softcap): a ceiling, not a baseline", name, B, L,
             lambda: F.scaled_dot_product_attention(qt, kt, vt), "pre-rotated q, k; rotary not included")
         del qr, kr, qt, kt, vt, ref_out
+
+    for name, B, L, q, k, v, cos, sin in small_b:
+        out0 = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton")
+        default_cfg = A._config(B, H, L, HEAD_DIM, q.device)
+        for c in SMALL_B_SWEEP:
+            if c["BLOCK_M"] == default_cfg["BLOCK_M"] or c["BLOCK_M"] > max(16, 1 << (L - 1).bit_length()):
+                continue
+            label = f"sweep load m{c['BLOCK_M']} n{c['BLOCK_N']} s{c['num_stages']} w{c['num_warps']}"
+            if quick and time.time() - t_start > SWEEP_UNTIL_S:
+                rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
+                             "note": "skipped: time budget"})
+                continue
+            fn = lambda c=c, q=q, k=k, v=v, cos=cos, sin=sin: A.softcap_attention_fwd(  # noqa: E731
+                q, k, v, CAP, cos, sin, config=c)
+            try:
+                o = fn()
+                r = add(label, name, B, L, fn, "batch-1 row-block size", max_abs_diff_vs_default=_maxdiff(o, out0),
+                        config=str(c))
+                base = next(x for x in rows if x["shape"] == name and x["B"] == B and "(default)" in x["impl"])
+                r["speedup_vs_default"] = base["ms"] / r["ms"]
+            except Exception as e:  # a config that fails to compile or launch is reported
+                rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
+                             "note": f"failed: {e!r}"[:200]})
 
     name, B, L, q, k, v, cos, sin = owt_inputs
     out0 = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton")

@@ -212,15 +212,16 @@ def test_bench_attention_smoke(monkeypatch):
     from fmlm.bench import common
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "SHAPES", (("owt", 2, 19), ("lm1b", 1, 16)))
+    monkeypatch.setattr(bench, "SHAPES", (("owt", 2, 19), ("lm1b", 1, 40)))
     monkeypatch.setattr(bench, "H", 1)
     monkeypatch.setattr(bench, "HEAD_DIM", 32)
     monkeypatch.setattr(bench, "SWEEP", (dict(BLOCK_M=16, BLOCK_N=32, num_stages=2, num_warps=4),))
+    monkeypatch.setattr(bench, "SMALL_B_SWEEP", (dict(BLOCK_M=32, BLOCK_N=32, num_stages=1, num_warps=4),))
     monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 0, 1, device))
     rows = bench.run(quick=True)
     impls = [r["impl"] for r in rows]
     assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("best measured") for i in impls)
-    assert sum(i.startswith("sweep") for i in impls) == 2
+    assert sum(i.startswith("sweep") for i in impls) == 3        # 2 at the first shape, 1 at batch 1
     assert any("no softcap" in i for i in impls) and any(i.startswith("reference") for i in impls)
     assert all("failed" not in str(r.get("note", "")) for r in rows), rows
     for r in rows:
