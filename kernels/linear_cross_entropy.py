@@ -38,6 +38,10 @@ try:
     HAS_TRITON = True
 except ImportError:  # the package imports without triton; backend='triton' then raises in resolve()
     HAS_TRITON = False
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no host tensor descriptors, config={"tma": True} runs the pointer kernels
+    TensorDescriptor = None
 
 # Hopper defaults (bf16, D=768): 128×128×64 tiles, 8 warps, 3 stages (96-128 KB of shared memory); ptxas
 # gives 178-210 registers and no spills (compile_specs()), so one CTA per SM. FLATTEN: Triton flattens the
@@ -51,6 +55,13 @@ BWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, 
 SOFT_FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, ctas_per_sm=1, FLATTEN=False)
 SOFT_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, ctas_per_sm=1,
                        FLATTEN=False, persistent=True, v_chunk=8192)
+# Opt-in TMA variants (config "tma": True; "tma_store": True also writes the backward's dS through a descriptor),
+# label → (forward config, backward config) overrides. Unmeasured: the benchmark times them beside the default
+# at the OWT shape so that one H100 run decides. Why try them (reasoning, not a measurement): the pointer
+# kernels compute per-element addresses, clamps and masks for every cp.async load; TMA copies a whole box per
+# instruction and frees those registers, as in Triton's Hopper matmul tutorials.
+TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
+                  "tma+store": (dict(tma=True), dict(tma=True, tma_store=True))}
 # The interpreter costs ~0.5 ms per program plus per-op numpy overhead: small tiles keep CPU tests fast.
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
                         ctas_per_sm=2, FLATTEN=False, persistent=True, v_chunk=96)
@@ -115,6 +126,45 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _dot_tile_tma(x_desc, off_m, w_desc, off_n, D, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The TMA twin of _dot_tile: x[off_m:+BLOCK_M] · W[off_n:+BLOCK_N]ᵀ through host tensor descriptors
+        (boxes [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]). TMA zero-fills rows ≥ N, vocabulary rows ≥ n_valid
+        (the W descriptor covers W[:n_valid]) and the K tail ≥ D, so no clamps or masks; the epilogues keep
+        every mask on results (columns ≥ n_valid: no probability, zero gradient)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            a = x_desc.load([off_m, k])
+            b = w_desc.load([off_n, k])
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _logit_tile(x, rows_c, off_m, stride_x, w, cols_c, off_n, stride_w, D,
+                    PREC: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (BLOCK_M × BLOCK_N) fp32 logit tile before bias and cap. TMA (constexpr): x and w are host tensor
+        descriptors (Hopper bulk tensor copies, see _dot_tile_tma), else pointers with clamped rows/cols. Every
+        kernel below takes either kind in the same argument slots; the JIT specializes on the argument types
+        and the branch not taken is never compiled, so the default (pointer) kernels are unchanged."""
+        if TMA:
+            acc = _dot_tile_tma(x, off_m, w, off_n, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc = _dot_tile(x, rows_c, stride_x, w, cols_c, stride_w, D, PREC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        return acc
+
+    @triton.jit
+    def _store_ds(ds, d, rows, lcols, off_m, off_n, n_cols, N, stride_ds,
+                  TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dS tile → ds (N, n_cols) in the input dtype: a masked pointer store, or (TMA_STORE) a bulk tensor
+        store through a descriptor over ds[:, :n_cols], which clips rows ≥ N and columns ≥ n_cols itself."""
+        if TMA_STORE:
+            ds.store([off_m, off_n], d.to(ds.dtype))
+        else:
+            tl.store(ds + rows[:, None] * stride_ds + lcols[None, :], d.to(ds.dtype.element_ty),
+                     mask=(rows < N)[:, None] & (lcols < n_cols)[None, :])
+
+    @triton.jit
     def _capped(acc, b_ptr, cols, cap, inv_cap,
                 HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr):
         """(S, tanh(z/cap)) for z = acc + b: S = cap·tanh(z/cap); without a cap, (z, z)."""
@@ -143,10 +193,11 @@ if HAS_TRITON:
             h_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr,
             N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
-            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
+            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program (row block, vocabulary split): online (max, sum-exp) and the target logit over its V tiles.
-        part: (3, splits, N) fp32 = (m, l, S[target]); the host combines the splits."""
+        part: (3, splits, N) fp32 = (m, l, S[target]); the host combines the splits. TMA: h_ptr and w_ptr are
+        tensor descriptors of h and W[:V] (see _logit_tile)."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -161,8 +212,8 @@ if HAS_TRITON:
         for i in tl.range(0, t1 - t0, flatten=FLATTEN):
             cols = (t0 + i) * BLOCK_N + tl.arange(0, BLOCK_N)
             cols_c = tl.minimum(cols, V - 1)
-            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, (t0 + i) * BLOCK_N, stride_w,
+                              D, PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where((cols < V)[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -180,11 +231,12 @@ if HAS_TRITON:
             h_ptr, w_ptr, b_ptr, tgt_ptr, stats_ptr, g_ptr, ds_ptr, dbp_ptr,
             N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
-            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
+            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Tiles (row block, column block) of the chunk [col0, col0+n_cols), strided over the programs
         (persistent when the grid is smaller than the tile count): recompute S, write
-        dS = g·(p − onehot)·cap' to ds (N, n_cols) in the input dtype, and its column sums to dbp[row block]."""
+        dS = g·(p − onehot)·cap' to ds (N, n_cols) in the input dtype, and its column sums to dbp[row block].
+        TMA: h_ptr, w_ptr are tensor descriptors; TMA_STORE: ds_ptr is one over ds[:, :n_cols] (_store_ds)."""
         num_m = tl.cdiv(N, BLOCK_M)
         num_n = tl.cdiv(n_cols, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
@@ -194,8 +246,8 @@ if HAS_TRITON:
             lcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             cols = col0 + lcols
             cols_c = tl.minimum(cols, V - 1)
-            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, col0 + pid_n * BLOCK_N,
+                              stride_w, D, PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, t = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             m = tl.load(stats_ptr + rows_c)
             logl = tl.load(stats_ptr + N + rows_c)
@@ -207,8 +259,8 @@ if HAS_TRITON:
                 d = d * (1.0 - t * t)
             rmask = rows < N
             cmask = lcols < n_cols
-            tl.store(ds_ptr + rows[:, None] * stride_ds + lcols[None, :], d.to(ds_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & cmask[None, :])
+            _store_ds(ds_ptr, d, rows, lcols, pid_m * BLOCK_M, pid_n * BLOCK_N, n_cols, N, stride_ds, TMA_STORE,
+                      BLOCK_M, BLOCK_N)
             if HAS_BIAS:
                 colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=cmask)
@@ -218,7 +270,7 @@ if HAS_TRITON:
             h_ptr, h1_ptr, h2_ptr, w_ptr, b_ptr, part_ptr,
             N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
-            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
+            EVEN_K: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Three streams per W tile: online (m0, l0) of S0 = cap(h·Wᵀ+b) and, for k = 1, 2, online (m_k, l_k)
         of S_k plus t_k = Σ exp(S_k − m_k)·S0. part: (8, splits, N) fp32."""
@@ -241,15 +293,15 @@ if HAS_TRITON:
             cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
             cols_c = tl.minimum(cols, V - 1)
             cmask = (cols < V)[None, :]
-            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, t * BLOCK_N, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s0, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s0 = tl.where(cmask, s0, 0.0)       # finite on masked columns: it multiplies e_k = 0 there
             m_new = tl.maximum(m0, tl.max(tl.where(cmask, s0, float("-inf")), 1))
             l0 = l0 * tl.exp(m0 - m_new) + tl.sum(tl.where(cmask, tl.exp(s0 - m_new[:, None]), 0.0), 1)
             m0 = m_new
-            acc = _dot_tile(h1_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h1_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, t * BLOCK_N, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where(cmask, s, float("-inf"))
             m_new = tl.maximum(m1, tl.max(s, 1))
@@ -258,8 +310,8 @@ if HAS_TRITON:
             l1 = l1 * a + tl.sum(e, 1)
             t1 = t1 * a + tl.sum(e * s0, 1)
             m1 = m_new
-            acc = _dot_tile(h2_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h2_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, t * BLOCK_N, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where(cmask, s, float("-inf"))
             m_new = tl.maximum(m2, tl.max(s, 1))
@@ -285,8 +337,8 @@ if HAS_TRITON:
             h_ptr, h1_ptr, h2_ptr, w_ptr, b_ptr, stats_ptr, lam_ptr, g_ptr, ds_ptr, dbp_ptr,
             N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
-            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
+            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile; stats (6, N): (max, log l) of the h, h1, h2
         streams.
         The target streams go first so that only dS and one accumulator are live at a time."""
@@ -300,19 +352,20 @@ if HAS_TRITON:
             cols = col0 + lcols
             cols_c = tl.minimum(cols, V - 1)
             cmask = (cols < V)[None, :]
+            off_n = col0 + pid_n * BLOCK_N
             lam = tl.load(lam_ptr + rows_c)
-            acc = _dot_tile(h1_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h1_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, off_n, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             d = -lam[:, None] * tl.exp((s - tl.load(stats_ptr + 2 * N + rows_c)[:, None])
                                        - tl.load(stats_ptr + 3 * N + rows_c)[:, None])
-            acc = _dot_tile(h2_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h2_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, off_n, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             d -= (1.0 - lam)[:, None] * tl.exp((s - tl.load(stats_ptr + 4 * N + rows_c)[:, None])
                                                - tl.load(stats_ptr + 5 * N + rows_c)[:, None])
-            acc = _dot_tile(h_ptr, rows_c, stride_h, w_ptr, cols_c, stride_w, D, PREC, EVEN_K,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _logit_tile(h_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, off_n, stride_w, D,
+                              PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, t = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             d += tl.exp((s - tl.load(stats_ptr + rows_c)[:, None]) - tl.load(stats_ptr + N + rows_c)[:, None])
             d = tl.where(cmask, d, 0.0) * tl.load(g_ptr + rows_c)[:, None]
@@ -320,8 +373,8 @@ if HAS_TRITON:
                 d = d * (1.0 - t * t)
             rmask = rows < N
             lmask = lcols < n_cols
-            tl.store(ds_ptr + rows[:, None] * stride_ds + lcols[None, :], d.to(ds_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & lmask[None, :])
+            _store_ds(ds_ptr, d, rows, lcols, pid_m * BLOCK_M, pid_n * BLOCK_N, n_cols, N, stride_ds, TMA_STORE,
+                      BLOCK_M, BLOCK_N)
             if HAS_BIAS:
                 colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=lmask)
@@ -348,16 +401,54 @@ def _config(kind: str, dtype: torch.dtype, D: int, config: Optional[dict]) -> di
     return cfg
 
 
-def _flags(h: torch.Tensor, bias, cap, D: int, cfg: dict) -> dict:
+def _flags(h: torch.Tensor, bias, cap, D: int, cfg: dict, tma: bool = False) -> dict:
     """Constexpr flags: fp32 inputs keep IEEE fp32 dots (no TF32) and an fp64 tanh; bf16 on a GPU uses the
-    MUFU tanh (see _tanh)."""
+    MUFU tanh (see _tanh). tma: the operands are tensor descriptors (_operands)."""
     if h.dtype == torch.float32:
         tanh = 2
     else:
         tanh = 0 if h.dtype == torch.bfloat16 and h.device.type == "cuda" and not interpreting() else 1
     return dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), TANH=tanh,
                 PREC="ieee" if h.dtype == torch.float32 else "tf32", EVEN_K=D % cfg["BLOCK_K"] == 0,
-                FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                FLATTEN=cfg["FLATTEN"], TMA=bool(tma), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"])
+
+
+def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int, *more: torch.Tensor) -> bool:
+    """Whether the TMA variant can read h (and the other row operands `more`, e.g. h1, h2) and weight, as
+    logits_argmax.tma_usable: host tensor descriptors need a 16-byte aligned base, 16-byte aligned row strides
+    (last stride 1, which _contig ensures) and a box row of a multiple of 16 bytes; on CUDA, TMA needs sm_90+.
+    D % BLOCK_K need not be 0: TMA zero-fills the K tail. fp32 on CUDA keeps the pointer kernels: the variant
+    exists to feed wgmma 16-bit tiles (fp32 runs the exact FMA dot, and backend='auto' in training runs bf16).
+    The interpreter takes fp32 (its tests cannot use bf16)."""
+    if TensorDescriptor is None or h.shape[0] == 0:
+        return False
+    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
+               for t in (h, weight, *more)) and (block_k * h.element_size()) % 16 == 0
+
+
+def _operands(cfg: dict, n_valid: int, weight: torch.Tensor, *xs: torch.Tensor):
+    """(tma, [x operands], weight operand): tensor descriptors (boxes [BLOCK_M, BLOCK_K] over each x (N, D),
+    [BLOCK_N, BLOCK_K] over W[:n_valid], so vocabulary rows ≥ n_valid read as zeros) when cfg asks for TMA
+    ("tma": True) and tma_usable; otherwise the tensors themselves, for the pointer kernels.
+
+    CUDA-graph capture (as logits_argmax): the launcher encodes each CUtensorMap on the host (a driver call
+    touching no stream) and passes it by value, so a replay reads the addresses the tensors had at capture."""
+    if cfg.get("tma") and tma_usable(xs[0], weight, cfg["BLOCK_K"], *xs[1:]):
+        BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        return (True, [TensorDescriptor.from_tensor(x, [BM, BK]) for x in xs],
+                TensorDescriptor.from_tensor(weight[:n_valid], [BN, BK]))
+    return False, list(xs), weight
+
+
+def _ds_operand(tma: bool, cfg: dict, ds: torch.Tensor, nc: int):
+    """(TMA_STORE, ds operand): config "tma_store": True (with the TMA loads) writes dS through a descriptor
+    over ds[:, :nc] (box [BLOCK_M, BLOCK_N]); ds is allocated here, so it is always aligned."""
+    if tma and cfg.get("tma_store"):
+        return True, TensorDescriptor.from_tensor(ds[:, :nc], [cfg["BLOCK_M"], cfg["BLOCK_N"]])
+    return False, ds
 
 
 def _check_triton_inputs(*tensors):
@@ -392,10 +483,11 @@ def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_vali
     n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])
     splits, per = _splits(N, n_tiles, cfg, h.device)
     part = torch.empty(3, splits, N, device=h.device, dtype=torch.float32)
+    tma, (h_op,), w_op = _operands(cfg, n_valid, weight, h)
     _linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
-        h, weight, weight if bias is None else bias, targets, part,
+        h_op, w_op, weight if bias is None else bias, targets, part,
         N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
-        **_flags(h, bias, cap, D, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_flags(h, bias, cap, D, cfg, tma), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     m, logl = _combine(part[0], part[1])
     loss = torch.where(targets != ignore_index, (m - part[2].sum(0)) + logl, 0.0)
     return loss, torch.stack([m, logl])
@@ -438,11 +530,13 @@ def linear_cross_entropy_bwd(grad, h, weight, bias, targets, stats, cap, ignore_
     D = h.shape[1]
 
     def launch(ds, dbp, c0, nc, cfg, grid):
+        tma, (h_op,), w_op = _operands(cfg, n_valid, weight, h)
+        tma_store, ds_op = _ds_operand(tma, cfg, ds, nc)
         _linear_cross_entropy_bwd_kernel[grid](
-            h, weight, weight if bias is None else bias, targets, stats, g, ds, ds if dbp is None else dbp,
+            h_op, w_op, weight if bias is None else bias, targets, stats, g, ds_op, ds if dbp is None else dbp,
             h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
             0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
-            GROUP_M=cfg["GROUP_M"], **_flags(h, bias, cap, D, cfg),
+            GROUP_M=cfg["GROUP_M"], TMA_STORE=tma_store, **_flags(h, bias, cap, D, cfg, tma),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     return _bwd_chunks(h, weight, bias, n_valid, "bwd", config, launch)
@@ -456,10 +550,11 @@ def soft_linear_cross_entropy_fwd(h, weight, bias, h1, h2, lam, cap, n_valid, co
     n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])
     splits, per = _splits(N, n_tiles, cfg, h.device)
     part = torch.empty(8, splits, N, device=h.device, dtype=torch.float32)
+    tma, xs, w_op = _operands(cfg, n_valid, weight, h, h1, h2)
     _soft_linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
-        h, h1, h2, weight, weight if bias is None else bias, part,
+        *xs, w_op, weight if bias is None else bias, part,
         N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
-        **_flags(h, bias, cap, D, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_flags(h, bias, cap, D, cfg, tma), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     m0, ll0 = _combine(part[0], part[1])
     m1, ll1, e1 = _combine(part[2], part[3], part[4])
     m2, ll2, e2 = _combine(part[5], part[6], part[7])
@@ -473,11 +568,13 @@ def soft_linear_cross_entropy_bwd(grad, h, weight, bias, h1, h2, lam, stats, cap
     D = h.shape[1]
 
     def launch(ds, dbp, c0, nc, cfg, grid):
+        tma, xs, w_op = _operands(cfg, n_valid, weight, h, h1, h2)
+        tma_store, ds_op = _ds_operand(tma, cfg, ds, nc)
         _soft_linear_cross_entropy_bwd_kernel[grid](
-            h, h1, h2, weight, weight if bias is None else bias, stats, lam, g, ds, ds if dbp is None else dbp,
+            *xs, w_op, weight if bias is None else bias, stats, lam, g, ds_op, ds if dbp is None else dbp,
             h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
             0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
-            GROUP_M=cfg["GROUP_M"], **_flags(h, bias, cap, D, cfg),
+            GROUP_M=cfg["GROUP_M"], TMA_STORE=tma_store, **_flags(h, bias, cap, D, cfg, tma),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     return _bwd_chunks(h, weight, bias, n_valid, "soft_bwd", config, launch)
@@ -842,45 +939,80 @@ def soft_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optio
 # ---------------------------------------------------------------------------------------------
 def _spec(name, fn, sig, const, cfg) -> dict:
     """One compile spec. attrs: the 16-divisibility the JIT infers at run time for pointers, strides, D and N
-    (with it Triton pipelines the loads with cp.async; without it the K loop is not pipelined)."""
-    div = [k for k in sig if k.endswith("_ptr") or k.startswith("stride") or k in ("D", "N")]
+    (with it Triton pipelines the loads with cp.async; without it the K loop is not pipelined). Tensor
+    descriptor arguments ("tensordesc<...>") get none: the JIT gives descriptors no divisibility attributes."""
+    div = [k for k, ty in sig.items() if not ty.startswith("tensordesc")
+           and (k.endswith("_ptr") or k.startswith("stride") or k in ("D", "N"))]
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
     return dict(name=name, fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                 attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _tma_sig(sig: dict, cfg: dict, dtype: str, rows: tuple, store: bool) -> dict:
+    """The signature of the TMA variant: a host TensorDescriptor argument is typed "tensordesc<dtype[box]>"
+    (what triton.runtime.jit.mangle_type returns, the same spelling in triton 3.6 and 3.7.1)."""
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    out = {**sig, **{k: f"tensordesc<{dtype}[{BM}, {BK}]>" for k in rows}, "w_ptr": f"tensordesc<{dtype}[{BN}, {BK}]>"}
+    if store:
+        out["ds_ptr"] = f"tensordesc<{dtype}[{BM}, {BN}]>"
+    return out
+
+
 def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     """Kernels at the real configs for bench/compile_check.py: build each with
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-    options=dict(num_warps=..., num_stages=...))."""
+    options=dict(num_warps=..., num_stages=...)). The default (pointer) kernels, then the opt-in TMA variants
+    (config "tma": True, and "tma_store": True for the backward's dS) at the configs the benchmark times."""
     if not HAS_TRITON:
         return []
     common = dict(HAS_BIAS=True, HAS_CAP=True, TANH={"bf16": 0, "fp16": 1, "fp32": 2}[dtype],
                   PREC="ieee" if dtype == "fp32" else "tf32")
     specs = []
-    for name, fn, cfg, ptrs in (
-            ("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, FWD_CONFIG,
+    fwd_sig = {"N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+               "tiles_per_split": "i32", "cap": "fp32", "inv_cap": "fp32"}
+    bwd_sig = {"N": "i32", "V": "i32", "D": "i32", "col0": "i32", "n_cols": "i32", "stride_h": "i32",
+               "stride_w": "i32", "stride_ds": "i32", "stride_dbp": "i32", "cap": "fp32", "inv_cap": "fp32"}
+    fwds = (("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, FWD_CONFIG, ("h_ptr",),
              dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", tgt_ptr="*i64", part_ptr="*fp32")),
             ("soft_linear_cross_entropy_fwd", _soft_linear_cross_entropy_fwd_kernel, SOFT_FWD_CONFIG,
+             ("h_ptr", "h1_ptr", "h2_ptr"),
              dict(h_ptr=f"*{dtype}", h1_ptr=f"*{dtype}", h2_ptr=f"*{dtype}", w_ptr=f"*{dtype}",
-                  b_ptr=f"*{dtype}", part_ptr="*fp32"))):
-        sig = {**ptrs, "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
-               "tiles_per_split": "i32", "cap": "fp32", "inv_cap": "fp32"}
-        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], BLOCK_M=cfg["BLOCK_M"],
-                     BLOCK_N=cfg["BLOCK_N"],
-                     BLOCK_K=cfg["BLOCK_K"])
-        specs.append(_spec(name, fn, sig, const, cfg))
-    for name, fn, cfg, ptrs in (
-            ("linear_cross_entropy_bwd", _linear_cross_entropy_bwd_kernel, BWD_CONFIG,
+                  b_ptr=f"*{dtype}", part_ptr="*fp32")))
+    bwds = (("linear_cross_entropy_bwd", _linear_cross_entropy_bwd_kernel, BWD_CONFIG, ("h_ptr",),
              dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", tgt_ptr="*i64", stats_ptr="*fp32",
                   g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32")),
             ("soft_linear_cross_entropy_bwd", _soft_linear_cross_entropy_bwd_kernel, SOFT_BWD_CONFIG,
+             ("h_ptr", "h1_ptr", "h2_ptr"),
              dict(h_ptr=f"*{dtype}", h1_ptr=f"*{dtype}", h2_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
-                  stats_ptr="*fp32", lam_ptr="*fp32", g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32"))):
-        sig = {**ptrs, "N": "i32", "V": "i32", "D": "i32", "col0": "i32", "n_cols": "i32", "stride_h": "i32",
-               "stride_w": "i32", "stride_ds": "i32", "stride_dbp": "i32", "cap": "fp32", "inv_cap": "fp32"}
+                  stats_ptr="*fp32", lam_ptr="*fp32", g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32")))
+    for name, fn, cfg, _, ptrs in fwds:
+        const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], TMA=False,
+                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+        specs.append(_spec(name, fn, {**ptrs, **fwd_sig}, const, cfg))
+    for name, fn, cfg, _, ptrs in bwds:
         const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
-                     BLOCK_M=cfg["BLOCK_M"],
-                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-        specs.append(_spec(name, fn, sig, const, cfg))
+                     TMA=False, TMA_STORE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     BLOCK_K=cfg["BLOCK_K"])
+        specs.append(_spec(name, fn, {**ptrs, **bwd_sig}, const, cfg))
+    if dtype == "fp32" or TensorDescriptor is None:     # fp32 never takes the TMA variant (tma_usable)
+        return specs
+    seen = set()
+    for label, (fcfg, bcfg) in TMA_CANDIDATES.items():
+        for name, fn, base, rows, ptrs in fwds:
+            if (name, tuple(sorted(fcfg.items()))) in seen:      # "tma+store" has the same forward as "tma"
+                continue
+            seen.add((name, tuple(sorted(fcfg.items()))))
+            cfg = {**base, **fcfg}
+            const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], TMA=True,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+            specs.append(_spec(f"{name}[{label}]", fn, _tma_sig({**ptrs, **fwd_sig}, cfg, dtype, rows, False),
+                               const, cfg))
+        for name, fn, base, rows, ptrs in bwds:
+            cfg = {**base, **bcfg}
+            store = bool(cfg.get("tma_store"))
+            const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
+                         TMA=True, TMA_STORE=store, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_K=cfg["BLOCK_K"])
+            specs.append(_spec(f"{name}[{label}]", fn, _tma_sig({**ptrs, **bwd_sig}, cfg, dtype, rows, store),
+                               const, cfg))
     return specs

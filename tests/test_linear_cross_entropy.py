@@ -226,6 +226,128 @@ def test_soft_no_grad_to_targets_and_lam_broadcast():
     torch.testing.assert_close(out.reshape(-1), expect, rtol=1e-5, atol=1e-5)
 
 
+# ---- the opt-in TMA variant (config {"tma": True}, "tma_store": True) --------------------------------
+KERNELS = ("_linear_cross_entropy_fwd_kernel", "_linear_cross_entropy_bwd_kernel",
+           "_soft_linear_cross_entropy_fwd_kernel", "_soft_linear_cross_entropy_bwd_kernel")
+
+
+class _Spy:
+    """Stands in for a kernel: records (kernel, TMA, TMA_STORE, positions of descriptor arguments) per launch,
+    then launches it. One kernel per pass serves both variants (the JIT specializes on pointer vs descriptor
+    arguments), so the flags and the argument types prove which variant ran."""
+
+    def __init__(self, name, kernel, seen):
+        self.name, self.kernel, self.seen = name, kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            descs = tuple(i for i, a in enumerate(args) if type(a).__name__ == "TensorDescriptor")
+            self.seen.append((self.name, kw["TMA"], kw.get("TMA_STORE", False), descs))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def _spy(monkeypatch):
+    seen = []
+    for name in KERNELS:
+        monkeypatch.setattr(lce_mod, name, _Spy(name, getattr(lce_mod, name), seen))
+    return seen
+
+
+def _launchers(h, W, b, t, up, cap, V, fcfg, bcfg):
+    """(loss, dh, dW, db) of Σ up·loss through the Triton launchers with explicit configs."""
+    loss, stats = lce_mod.linear_cross_entropy_fwd(h, W, b, t, cap, -100, V, fcfg)
+    dh, dW, db = lce_mod.linear_cross_entropy_bwd(up, h, W, b, t, stats, cap, -100, V, bcfg)
+    return loss, dh, dW, (db if b is not None else None)
+
+
+TMA_CASES = [
+    # V prime and padded, rows not a multiple of BLOCK_M (16), ignored rows, vocabulary splits (fwd) and several
+    # chunks and a persistent grid (bwd); the loops flattened as FWD_CONFIG / BWD_CONFIG run them on the GPU
+    pytest.param(37, 257, 300, 64, torch.float32, True, 30.0, 5, dict(FLATTEN=True),
+                 dict(FLATTEN=True, persistent=True), id="fp32-rows37-Vprime-pad-ignore-flat-persistent"),
+    pytest.param(37, 257, 300, 64, torch.float16, True, 30.0, 5, dict(FLATTEN=True),
+                 dict(FLATTEN=True, persistent=True, tma_store=True), id="fp16-rows37-Vprime-pad-ignore-store"),
+    # D % BLOCK_K != 0 (TMA zero-fills the K tail), no bias, one program per tile, dS through the descriptor
+    pytest.param(23, 101, 128, 72, torch.float16, False, 30.0, 1, dict(FLATTEN=False),
+                 dict(FLATTEN=False, persistent=False, tma_store=True), id="fp16-rows23-Ktail-nobias-grid-store"),
+    pytest.param(1, 37, 40, 24, torch.float32, True, None, 0, dict(FLATTEN=True),
+                 dict(FLATTEN=True, persistent=True, tma_store=True), id="fp32-rows1-D24-nocap-store"),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("N,V,Vp,D,dtype,bias,cap,ignore,fcfg,bcfg", TMA_CASES)
+def test_lce_triton_tma(monkeypatch, N, V, Vp, D, dtype, bias, cap, ignore, fcfg, bcfg):
+    """The TMA variant against the fp64 truth with the error budget (loss, dh, dW, db), padded vocabulary rows
+    and ignored rows with exactly zero gradient; and, as the interpreter runs the same numpy ops on the same
+    tiles either way, bitwise equal to the pointer kernels (zero fill ≡ clamped loads under the masks)."""
+    h, W, b, t, up = _problem(N, V, D, Vp, dtype, bias, seed=1, ignore=ignore)
+    seen = _spy(monkeypatch)
+    out = _launchers(h, W, b, t, up, cap, V, dict(fcfg, tma=True), dict(bcfg, tma=True))
+    store = bool(bcfg.get("tma_store"))
+    # descriptors: h and W (arguments 0, 1), and ds (argument 6) in the backward with tma_store
+    assert set(seen) == {(KERNELS[0], True, False, (0, 1)), (KERNELS[1], True, store, (0, 1, 6) if store else (0, 1))}
+    assert lce_mod.tma_usable(h, W, 16)
+    truth = _truth(h, W, b, t, cap, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], None if b is None else b[:V], **kw),
+              h, W, b, up, targets=t, cap=cap)
+    for name, o, r, tr in zip(("loss", "dh", "dW", "db"), out, rf, truth):
+        if tr is not None:
+            _budget(f"tma {name}", o, r, tr, dtype)
+    assert out[2][V:].abs().max() == 0 and (b is None or out[3][V:].abs().max() == 0), "padded rows got gradient"
+    if ignore:
+        assert (out[0][t == -100] == 0).all() and out[1][t == -100].abs().max() == 0
+    seen.clear()
+    ptr = _launchers(h, W, b, t, up, cap, V, fcfg, bcfg)
+    assert {s[1] for s in seen} == {False}
+    for name, o, p in zip(("loss", "dh", "dW", "db"), out, ptr):
+        if p is not None:
+            assert torch.equal(o, p), f"{name}: TMA != pointer kernel in the interpreter"
+
+
+@needs_interp
+def test_soft_triton_tma(monkeypatch):
+    """The soft-target kernels take the same TMA operands (three row descriptors h, h1, h2)."""
+    N, V, Vp, D, dtype = 19, 97, 128, 32, torch.float32
+    h, W, b, h1, h2, lam, up = _soft_problem(N, V, D, Vp, dtype, True, seed=2)
+    seen = _spy(monkeypatch)
+    fcfg, bcfg = dict(tma=True, FLATTEN=True), dict(tma=True, tma_store=True, FLATTEN=True)
+    loss, stats = lce_mod.soft_linear_cross_entropy_fwd(h, W, b, h1, h2, lam, 30.0, V, fcfg)
+    out = (loss, *lce_mod.soft_linear_cross_entropy_bwd(up, h, W, b, h1, h2, lam, stats, 30.0, V, bcfg))
+    assert set(seen) == {(KERNELS[2], True, False, (0, 1, 2, 3)), (KERNELS[3], True, True, (0, 1, 2, 3, 8))}, seen
+    truth = _soft_truth(h, W, b, h1, h2, lam, 30.0, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.soft_linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up,
+              h1=h1, h2=h2, lam=lam, cap=30.0)
+    for name, o, r, tr in zip(("loss", "dh", "dW", "db"), out, rf, truth):
+        _budget(f"soft tma {name}", o, r, tr, dtype)
+    assert out[2][V:].abs().max() == 0 and out[3][V:].abs().max() == 0
+
+
+@needs_interp
+@pytest.mark.parametrize("layout", ["offset-base", "weight-row-stride"])
+def test_lce_triton_tma_falls_back_to_pointer_kernels(monkeypatch, layout):
+    """A base not 16-byte aligned or a row stride not a multiple of 16 bytes cannot be a TMA descriptor:
+    config {"tma": True} must then run the pointer kernels (and still be right)."""
+    N, V, Vp, D, dtype = 9, 50, 64, 32, torch.float16
+    h, W, b, t, up = _problem(N, V, D, Vp, dtype, True, seed=3, ignore=1)
+    assert lce_mod.tma_usable(h, W, 16)                   # the same data, aligned
+    if layout == "offset-base":                           # data_ptr ≡ 2 mod 16
+        h = torch.cat([torch.zeros(1, dtype=dtype), h.reshape(-1)])[1:].view(N, D)
+    else:                                                 # weight rows 33 halves = 66 bytes apart
+        W = torch.cat([W, torch.zeros(Vp, 1, dtype=dtype)], 1)[:, :D]
+    assert not lce_mod.tma_usable(h, W, 16)
+    seen = _spy(monkeypatch)
+    tma = dict(tma=True, tma_store=True)
+    out = _launchers(h, W, b, t, up, 30.0, V, tma, tma)
+    assert {s[1:] for s in seen} == {(False, False, ())}, seen
+    truth = _truth(h, W, b, t, 30.0, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up,
+              targets=t, cap=30.0)
+    for name, o, r, tr in zip(("loss", "dh", "dW", "db"), out, rf, truth):
+        _budget(f"fallback {name}", o, r, tr, dtype)
+
+
 # ---- torch.library registration ------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
 def test_opcheck(backend):
@@ -258,8 +380,11 @@ def test_compile_specs_build():
     if not mod.HAS_TRITON or INTERP:
         pytest.skip("needs the triton compiler (TRITON_INTERPRET is set: make compile-check covers it)")
     specs = mod.compile_specs()
-    assert {s["name"] for s in specs} == {"linear_cross_entropy_fwd", "linear_cross_entropy_bwd",
-                                          "soft_linear_cross_entropy_fwd", "soft_linear_cross_entropy_bwd"}
+    base = {"linear_cross_entropy_fwd", "linear_cross_entropy_bwd", "soft_linear_cross_entropy_fwd",
+            "soft_linear_cross_entropy_bwd"}
+    tma = {f"{n}[{label}]" for label in mod.TMA_CANDIDATES for n in base
+           if not (label == "tma+store" and n.endswith("_fwd"))}        # the same forward as "tma"
+    assert {s["name"] for s in specs} == base | (tma if mod.TensorDescriptor is not None else set())
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     s = next(s for s in specs if s["name"] == "linear_cross_entropy_fwd")
