@@ -427,7 +427,10 @@ def _fp32_matmul_highest():
     torch.set_float32_matmul_precision(prev)
 
 
-def _owt(dtype=torch.bfloat16, N=16384, V=50258, D=768, Vp=50304, seed=0):
+OWT_V = 50258
+
+
+def _owt(dtype=torch.bfloat16, N=16384, V=OWT_V, D=768, Vp=50304, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     h = torch.randn(N, D, device="cuda", generator=g).to(dtype)
     W = (torch.randn(Vp, D, device="cuda", generator=g) * (4.0 / D ** 0.5)).to(dtype)
@@ -457,6 +460,70 @@ def test_lce_gpu_bf16_owt():
     full_t = _run(linear_cross_entropy, h.float(), W.float(), b.float(), up, targets=t, n_valid=V, backend="torch")
     for i, name in ((2, "dW"), (3, "db")):
         _budget(f"gpu {name}", out[i], full_r[i], full_t[i], torch.bfloat16)
+
+
+def _needs_tma():
+    if torch.cuda.get_device_capability()[0] < 9 or lce_mod.TensorDescriptor is None:
+        pytest.skip("the TMA variant needs sm_90+ and triton host tensor descriptors")
+
+
+@pytest.mark.gpu
+def test_lce_gpu_tma_bf16_owt(monkeypatch):
+    """Each TMA candidate (TMA_CANDIDATES, what the benchmark times) at the OWT shape, bf16, through the
+    launchers: the TMA variant ran (spy), padded rows get zero gradient, and every output is within the budget
+    both against the bf16 reference (the spec rule, truths as in test_lce_gpu_bf16_owt) and against the default
+    pointer kernels (error at most 2x the default's plus the floor: TMA == default within budget)."""
+    _needs_tma()
+    h, W, b, t = _owt()
+    V = OWT_V
+    up = torch.randn(h.shape[0], device=h.device)
+    seen = _spy(monkeypatch)
+    default = _launchers(h, W, b, t, up, 30.0, V, None, None)
+    assert {s[1] for s in seen} == {False}
+    rows = slice(0, 2048)
+    spec = lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], b[:V], **kw)  # noqa: E731
+    rf = _run(spec, h[rows], W, b, up[rows], targets=t[rows])
+    tr = _truth(h[rows], W, b, t[rows], 30.0, V, up[rows])
+    full_r = _run(spec, h, W, b, up, targets=t)
+    full_t = _run(linear_cross_entropy, h.float(), W.float(), b.float(), up, targets=t, n_valid=V, backend="torch")
+    for label, (fcfg, bcfg) in lce_mod.TMA_CANDIDATES.items():
+        seen.clear()
+        out = _launchers(h, W, b, t, up, 30.0, V, fcfg, bcfg)
+        store = bool(bcfg.get("tma_store"))
+        assert {x[:3] for x in seen} == {(KERNELS[0], True, False), (KERNELS[1], True, store)}, (label, seen)
+        assert out[2][V:].abs().max() == 0 and out[3][V:].abs().max() == 0, label
+        for i, name in ((0, "loss"), (1, "dh")):
+            _budget(f"{label} {name}", out[i][rows], rf[i], tr[i], torch.bfloat16)
+            _budget(f"{label} {name} vs default", out[i][rows], default[i][rows], tr[i], torch.bfloat16)
+        for i, name in ((2, "dW"), (3, "db")):
+            _budget(f"{label} {name}", out[i], full_r[i], full_t[i], torch.bfloat16)
+            _budget(f"{label} {name} vs default", out[i], default[i], full_t[i], torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_lce_gpu_soft_tma_bf16(monkeypatch):
+    """The soft-target kernels with the TMA candidates' configs: within the budget of the torch fp32 truth."""
+    _needs_tma()
+    h, W, b, _ = _owt(N=4096)
+    V = OWT_V
+    g = torch.Generator(device=h.device).manual_seed(1)
+    h1 = torch.randn(h.shape, device=h.device, generator=g).to(h.dtype)
+    h2 = torch.randn(h.shape, device=h.device, generator=g).to(h.dtype)
+    lam = torch.rand(h.shape[0], device=h.device, generator=g)
+    up = torch.randn(h.shape[0], device=h.device, generator=g)
+    tr = _run(soft_linear_cross_entropy, h.float(), W.float(), b.float(), up, h1=h1.float(), h2=h2.float(),
+              lam=lam, n_valid=V, backend="torch")
+    rf = _run(lambda h, W, b, **kw: ref.soft_linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up,
+              h1=h1, h2=h2, lam=lam)
+    seen = _spy(monkeypatch)
+    for label, (fcfg, bcfg) in lce_mod.TMA_CANDIDATES.items():
+        seen.clear()
+        loss, stats = lce_mod.soft_linear_cross_entropy_fwd(h, W, b, h1, h2, lam, 30.0, V, fcfg)
+        out = (loss, *lce_mod.soft_linear_cross_entropy_bwd(up, h, W, b, h1, h2, lam, stats, 30.0, V, bcfg))
+        assert {x[1] for x in seen} == {True}, (label, seen)
+        assert out[2][V:].abs().max() == 0, label
+        for name, o, r, x in zip(("loss", "dh", "dW", "db"), out, rf, tr):
+            _budget(f"gpu soft {label} {name}", o, r, x, torch.bfloat16)
 
 
 @pytest.mark.gpu
