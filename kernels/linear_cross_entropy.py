@@ -20,6 +20,12 @@ fmlm::soft_linear_cross_entropy (with fake impls and registered autograd) are wh
 eager calls go through LinearCrossEntropyFn / SoftLinearCrossEntropyFn, the same impls without the
 ~0.1 ms Python dispatch of a custom op. Weight rows may be padded past n_valid (the engine pads V to a
 multiple of 128): those columns get no probability and zero gradient.
+
+Opt-in TMA variant (launcher config {"tma": True}; {"tma_store": True} in the backward also writes dS through a
+descriptor), as logits_argmax's: the same kernels read h (h1, h2) and W through host tensor descriptors (Hopper
+bulk tensor copies, zero fill out of bounds) instead of clamped pointer loads (_logit_tile → _dot_tile_tma);
+every mask on results stays. The pointer kernels run when a descriptor is impossible (tma_usable). Default off
+until the benchmark (bench/bench_linear_cross_entropy.py times TMA_CANDIDATES beside the default) shows a gain.
 """
 from __future__ import annotations
 
@@ -59,7 +65,11 @@ SOFT_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps
 # label → (forward config, backward config) overrides. Unmeasured: the benchmark times them beside the default
 # at the OWT shape so that one H100 run decides. Why try them (reasoning, not a measurement): the pointer
 # kernels compute per-element addresses, clamps and masks for every cp.async load; TMA copies a whole box per
-# instruction and frees those registers, as in Triton's Hopper matmul tutorials.
+# instruction and frees those registers, as in Triton's Hopper matmul tutorials. Compile-only evidence (sm_90a,
+# bf16, default tiles; registers default → tma, no spills on either): triton 3.7.1 fwd 178 → 147, bwd 213 → 208
+# (211 with tma_store), soft fwd 208 → 191, soft bwd 252 → 196 (172); triton 3.6 fwd 189 → 185, bwd 255 → 254
+# (255), soft fwd 210 → 177, soft bwd 254 → 203 (160). Shared memory as before plus 24 B of barriers (tma_store:
+# +4 KB, soft +17 KB). Whether any of that moves the 432-462 TFLOP/s is for the benchmark to say.
 TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
                   "tma+store": (dict(tma=True), dict(tma=True, tma_store=True))}
 # The interpreter costs ~0.5 ms per program plus per-op numpy overhead: small tiles keep CPU tests fast.
