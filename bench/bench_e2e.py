@@ -39,6 +39,7 @@ FOUR_STEP_RATIO = 4.5
 CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
               "argmax tma": {"argmax_config": {"tma": True}}}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
+DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
 
 
 def flops_per_sample(cfg, steps: int) -> float:
@@ -49,6 +50,9 @@ def flops_per_sample(cfg, steps: int) -> float:
 
 
 def _peak(fn) -> float:
+    if DEVICE != "cuda":
+        fn()
+        return float("nan")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -57,15 +61,25 @@ def _peak(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _reference_call(model, B: int, steps: int, seed: int):
     from fmlm.kernels import reference as ref
 
     p, cfg = model.params(), model.cfg
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def call():
         with torch.no_grad():
-            z0 = torch.randn(B, cfg.seq_len, cfg.vocab_size, device="cuda", generator=g)
+            z0 = torch.randn(B, cfg.seq_len, cfg.vocab_size, device=DEVICE, generator=g)
             return ref.fmlm_sample_ref(p, cfg, z0, steps, 0.0, amp_dtype=torch.bfloat16)
     return call
 
@@ -83,7 +97,7 @@ def bench(args, quick: bool = False) -> list[dict]:
     from fmlm.engine.profile import build_model
     from fmlm.engine.runner import Sampler
 
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench e2e: no CUDA device, skipped", file=sys.stderr)
         return []
     rate = ceilings()["bf16_tflops"]
@@ -93,21 +107,21 @@ def bench(args, quick: bool = False) -> list[dict]:
     rows = []
     for name in ([None] if args.checkpoint else args.datasets):
         t0 = time.perf_counter()
-        model = build_model(args.checkpoint, name or "owt", "cuda", args.seed)
+        model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
         cfg = model.cfg
         if name is None:         # a checkpoint: name it by its shape
             name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
         batches = args.batch_sizes or DATASETS.get(name, (1, 8, 32))
-        torch.cuda.synchronize()
+        _sync()
         for steps in steps_list:
             for B in batches:
                 if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
                     call = _reference_call(model, B, steps, args.seed)
-                    t = time_fn(call, warmup=1, iters=ref_iters)
+                    t = time_fn(call, warmup=1, iters=ref_iters, device=DEVICE)
                     rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
                     del call
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    _empty_cache()
             paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
             if args.compile and not quick:
                 paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
@@ -127,7 +141,7 @@ def bench(args, quick: bool = False) -> list[dict]:
                         return sampler.sample(args.seed, batch_size=B)
                     try:
                         peak = _peak(call)    # graph rows: capture (warm-up runs + pool) on the first call
-                        t = time_fn(call, warmup=1, iters=iters)
+                        t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
                     except Exception as exc:
                         if "[" not in path:   # the defaults must run; only a candidate may fail
                             raise
@@ -138,11 +152,11 @@ def bench(args, quick: bool = False) -> list[dict]:
                     rows.append(_row(name, path, cfg, B, steps, t, peak, rate))
                 del sampler
                 gc.collect()
-                torch.cuda.empty_cache()
+                _empty_cache()
         print(f"bench e2e: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        _empty_cache()
     _annotate(rows)
     return rows
 

@@ -14,24 +14,27 @@ import time
 
 import torch
 
-from fmlm.bench.bench_e2e import _peak, _row
+from fmlm.bench import bench_e2e
+from fmlm.bench.bench_e2e import _row
 from fmlm.bench.common import ceilings, markdown_table, time_fn, write_rows
 
 POINTS = (("owt", 32), ("lm1b", 1))
+DEVICE = "cuda"          # the CPU smoke test sets "cpu" (there the reference trunk runs and compile_blocks is moot)
 
 
 def run(quick: bool = False) -> list[dict]:
     from fmlm.engine.profile import build_model
     from fmlm.engine.runner import Sampler
 
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_e2e_compile: needs CUDA, skipped", file=sys.stderr)
         return []
+    bench_e2e.DEVICE = DEVICE
     rate = ceilings()["bf16_tflops"]
     iters = 5 if quick else 20
     rows = []
     for name, B in POINTS:
-        model = build_model(None, name, "cuda", 0)
+        model = build_model(None, name, DEVICE, 0)
         cfg = model.cfg
         plain = None
         for path, compile_blocks in (("engine graph", False), ("engine graph + compile", True)):
@@ -40,9 +43,9 @@ def run(quick: bool = False) -> list[dict]:
             def call(sampler=sampler):
                 return sampler.sample(0, batch_size=B)
             t0 = time.perf_counter()
-            peak = _peak(call)              # first call: warm-up (and the compile), capture
+            peak = bench_e2e._peak(call)    # first call: warm-up (and the compile), capture
             first_s = time.perf_counter() - t0
-            t = time_fn(call, warmup=1, iters=iters)
+            t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
             r = _row(name, path, cfg, B, 1, t, peak, rate)
             r["first call s"] = first_s
             if plain is None:
@@ -54,10 +57,10 @@ def run(quick: bool = False) -> list[dict]:
             rows.append(r)
             del sampler
             gc.collect()
-            torch.cuda.empty_cache()
+            bench_e2e._empty_cache()
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        bench_e2e._empty_cache()
     return rows
 
 

@@ -481,3 +481,38 @@ def test_bench_profile_cpu_smoke(monkeypatch):
     assert rows[0]["point"] == "tiny B=2" and rows[0]["replay ms"] > 0 and rows[0]["kernel launches per call"] > 0
     assert "no device activity" in rows[0]["note"]
     assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows[1:])
+
+
+def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
+    """bench/bench_e2e.py's whole row logic (reference, eager, graph, the opt-in candidates, annotations, plot) on
+    the CPU at the tiny preset, so the one GPU run of the headline benchmark cannot die on a bug in it."""
+    from fmlm.bench import bench_e2e as bench
+    from fmlm.bench.common import markdown_table
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    args = bench.parser().parse_args(["--batch-sizes", "1", "2", "--steps", "1", "2", "--reference", "all",
+                                      "--iters", "1"])
+    args.datasets = ["tiny"]
+    rows = bench.bench(args, quick=True)
+    paths = {r["path"] for r in rows}
+    assert {"reference (bf16 autocast)", "engine eager", "engine graph"} <= paths
+    assert {f"engine graph [{c}]" for c in bench.CANDIDATES} <= paths
+    assert all(r["ms/sample"] > 0 and "note" not in r for r in rows), [r for r in rows if "note" in r]
+    cand = [r for r in rows if "[" in r["path"]]
+    assert all(r["steps"] == 1 and r["vs engine graph"] > 0 for r in cand)
+    two = [r for r in rows if r["path"] == "engine graph" and r["steps"] == 2]
+    assert all(r["4-step/1-step"] != r["4-step/1-step"] for r in two)     # only 4-step rows get the ratio
+    assert "vs engine graph" in markdown_table(rows, bench.COLUMNS)
+    assert bench.plot(rows, tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_bench_e2e_compile_cpu_smoke(monkeypatch):
+    """bench/bench_e2e_compile.py's row logic on the CPU (tiny preset; the reference trunk runs there)."""
+    from fmlm.bench import bench_e2e, bench_e2e_compile as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2),))
+    monkeypatch.setattr(bench_e2e, "DEVICE", "cuda")       # run() sets it; monkeypatch restores it afterwards
+    rows = bench.run(quick=True)
+    assert [r["path"] for r in rows] == ["engine graph", "engine graph + compile"]
+    assert rows[1]["vs engine graph"] > 0 and rows[1]["tokens equal to engine graph"] == 1.0
