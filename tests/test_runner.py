@@ -516,3 +516,30 @@ def test_bench_e2e_compile_cpu_smoke(monkeypatch):
     rows = bench.run(quick=True)
     assert [r["path"] for r in rows] == ["engine graph", "engine graph + compile"]
     assert rows[1]["vs engine graph"] > 0 and rows[1]["tokens equal to engine graph"] == 1.0
+
+
+def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
+    """bench/gpu_check.py's driver without a GPU: the GPU tests step, then the benchmarks headline first; with
+    the budget spent, the rest are reported as skipped (exit 0), never silently dropped."""
+    import subprocess
+    import types
+
+    from fmlm.bench import common, gpu_check
+
+    calls = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common, "ceilings", lambda: {"bf16_tflops": 1.0, "copy_gbs": 1.0})
+    monkeypatch.setattr(common, "device_name", lambda: "fake")
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[-1])
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(common, "meta", lambda: {})
+    assert gpu_check.main(["--budget", "1000"]) == 0
+    assert calls[0] == "--continue-on-collection-errors" and calls[1] == "bench_e2e"
+    assert calls[1:] == gpu_check.bench_modules()
+    calls.clear()
+    assert gpu_check.main(["--budget", "0", "--skip-tests"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [] and out.count("SKIPPED (budget)") == len(gpu_check.bench_modules())
