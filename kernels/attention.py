@@ -12,7 +12,9 @@ Backends:
   timed; bench/bench_attention.py times them beside the default): 'prepass' / 'prepass_k' rotate q and k
   (or k only) once in a separate pass (rotary_qk) so the key loop reads pre-rotated keys. On CUDA the
   tanh is the sm_75+ `tanh.approx.f32` (max rel. error 2^-11, below the bf16 rounding of q and k that
-  precedes it); under TRITON_INTERPRET=1 an exact exp2 form.
+  precedes it); under TRITON_INTERPRET=1 an exact exp2 form. 'prepass_tma': 'prepass' with the attention
+  kernel's Q, K, V tiles read through Hopper TMA host descriptors (_softcap_attention_tma_fwd_kernel, sm_90+,
+  16-bit inputs; the 'prepass' pointer kernel where a descriptor is impossible, see tma_usable).
 - 'flex': torch FlexAttention with a tanh score_mod (compiled on CUDA). DESIGN.md §3 measured it at 0.94 ms
   per layer at B=32, L=1024 on an H100; the fallback when triton is missing.
 - 'reference': attention_ref, materializes (B, H, L, L) scores.
@@ -31,9 +33,41 @@ from ._backend import interpreting, triton_available
 BACKENDS = ("auto", "reference", "triton", "flex")
 LOG2E = 1.4426950408889634
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no triton, or triton < 3.4 (no host tensor descriptors): 'prepass_tma' runs 'prepass'
+    TensorDescriptor = None
+
 if triton_available():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _softcap_scores_log2(s, n_ok, qk_scale, softcap, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr,
+                             EVEN_N: tl.constexpr):
+        """Raw q·kᵀ tile → capped scores in log2 units (cap·tanh(s·scale/cap)·log2 e), key columns ≥ L at −inf:
+        shared by the pointer and the TMA kernels so both run the same arithmetic."""
+        if HAS_CAP:
+            y = s * (qk_scale / softcap)
+            if FAST_TANH:
+                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
+                                              is_pure=True, pack=1)
+            else:
+                # tanh(y) = 1 − 2/(e^{2y}+1) (exact limits ±1 where exp2 over/underflows) loses ~1e-7
+                # absolutely to cancellation near 0; there the Taylor series to y^13 (error < 3e-11 for
+                # |y| < 0.3) keeps fp32 scores within a few ulps of torch.tanh.
+                y2 = y * y
+                t_small = y * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
+                    -0.05396825396825397 + y2 * (0.021869488536155203 + y2 * (
+                        -0.008863235529902197 + y2 * 0.003592128036572481))))))
+                t_big = 1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0)
+                t = tl.where(tl.abs(y) < 0.3, t_small, t_big)
+            s = t * (softcap * 1.4426950408889634)
+        else:
+            s = s * (qk_scale * 1.4426950408889634)
+        if not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        return s
 
     @triton.jit
     def _softcap_attention_fwd_kernel(
@@ -132,26 +166,7 @@ if triton_available():
                     s = tl.dot(qa, tl.trans(k), input_precision="ieee")
                 else:
                     s = tl.dot(qa, tl.trans(k))
-            if HAS_CAP:
-                y = s * (qk_scale / softcap)
-                if FAST_TANH:
-                    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
-                                                  is_pure=True, pack=1)
-                else:
-                    # tanh(y) = 1 − 2/(e^{2y}+1) (exact limits ±1 where exp2 over/underflows) loses ~1e-7
-                    # absolutely to cancellation near 0; there the Taylor series to y^13 (error < 3e-11 for
-                    # |y| < 0.3) keeps fp32 scores within a few ulps of torch.tanh.
-                    y2 = y * y
-                    t_small = y * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
-                        -0.05396825396825397 + y2 * (0.021869488536155203 + y2 * (
-                            -0.008863235529902197 + y2 * 0.003592128036572481))))))
-                    t_big = 1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0)
-                    t = tl.where(tl.abs(y) < 0.3, t_small, t_big)
-                s = t * (softcap * 1.4426950408889634)
-            else:
-                s = s * (qk_scale * 1.4426950408889634)
-            if not EVEN_N:
-                s = tl.where(n_ok[None, :], s, float("-inf"))
+            s = _softcap_scores_log2(s, n_ok, qk_scale, softcap, HAS_CAP, FAST_TANH, EVEN_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -170,6 +185,56 @@ if triton_available():
         o = acc / l_i[:, None]
         o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
         tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _softcap_attention_tma_fwd_kernel(
+        q_desc, k_desc, v_desc, O,
+        stride_ob, stride_ol, stride_oh,
+        L, H, qk_scale, softcap,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """The 'prepass_tma' candidate: the no-rotary path of _softcap_attention_fwd_kernel (q, k already rotated
+        by rotary_qk) with the Q, K and V tiles read through host tensor descriptors (Hopper TMA: one bulk
+        tensor copy per tile into shared memory, which wgmma reads; no per-element address or mask math).
+        3-D descriptors so a tile never crosses into the next head: q_desc/k_desc cover the rotary_qk buffer
+        as (B·H, L, d) with boxes [1, BLOCK_M | BLOCK_N, d] at (b·H + h, row, 0); v_desc covers the strided v
+        view of the qkv buffer as (B, L, H·d) (row stride 3·H·d) with box [1, BLOCK_N, d] at (b, row, h·d).
+        Rows ≥ L are zero-filled, as the pointer kernel's masked loads (other=0) do, so the dots, their order
+        and the −inf masking of key columns ≥ L are the pointer kernel's (a zero K row scores 0, not −inf)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = q_desc.load([pid_bh, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            n_ok = start_n + tl.arange(0, BLOCK_N) < L
+            k = k_desc.load([pid_bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = _softcap_scores_log2(s, n_ok, qk_scale, softcap, HAS_CAP, FAST_TANH, EVEN_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = v_desc.load([b, start_n, h * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None])
 
     @triton.jit
     def _rotary_qk_fwd_kernel(
@@ -337,10 +402,69 @@ def softcap_attention_prepass_fwd(q, k, v, softcap: Optional[float], cos, sin, r
                                  out=out, k_rotated=True, config=config)
 
 
+def tma_usable(q, v) -> bool:
+    """Whether the 'prepass_tma' kernel can read these inputs (else the launcher runs 'prepass'): host tensor
+    descriptors (triton ≥ 3.4); on CUDA sm_90+ and 16-bit inputs (fp32 keeps the pointer kernel, as in
+    logits_argmax: the variant exists to feed wgmma; the interpreter takes fp32, its tests cannot use bf16);
+    a power-of-two head dim of 16..256 (the box is exactly one head wide, so no column of the next head is
+    read); v mergeable into a (B, L, H·d) view with a 16-byte aligned base and 16-byte multiple strides
+    (true for the DiT's qkv views: row stride 3·H·d). The rotary_qk buffer is a fresh contiguous
+    allocation, aligned whenever d is."""
+    if TensorDescriptor is None or v.dtype != q.dtype:
+        return False
+    if q.device.type == "cuda" and (q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return False
+    d, es = q.shape[-1], q.element_size()
+    if d < 16 or d > 256 or d & (d - 1):
+        return False
+    return (v.stride(3) == 1 and v.stride(2) == d and v.data_ptr() % 16 == 0
+            and (v.stride(0) * es) % 16 == 0 and (v.stride(1) * es) % 16 == 0)
+
+
+def softcap_attention_prepass_tma_fwd(q, k, v, softcap: Optional[float], cos, sin, out=None,
+                                      config: Optional[dict] = None) -> torch.Tensor:
+    """The opt-in 'prepass_tma' candidate (unmeasured): rotary_qk, then _softcap_attention_tma_fwd_kernel,
+    whose Q, K, V tiles arrive by TMA. Same numbers as 'prepass' (same tiles, dots and order; bit-equal under
+    the interpreter). Why try it (unmeasured reasoning): in the pointer kernel each key/value tile is a
+    cp.async gather with per-element addresses and masks (64 rows × 8 16-byte vectors at BLOCK_N = 64,
+    d = 64); TMA moves the whole 8 KiB box with one instruction issued by one thread, leaving the issue slots
+    to the tanh/exp2 work that bounds this kernel (napkin floor in bench_attention.py). Falls back to
+    softcap_attention_prepass_fwd where tma_usable is False.
+
+    CUDA graphs: the descriptors are encoded on the host at each call and passed by value, so a captured graph
+    replays with the addresses of capture time: rotary_qk's buffer comes from the capture pool, v must be
+    the same static buffer (the usual rule)."""
+    _check(q, k, v, cos, sin)
+    if cos is None:
+        raise ValueError("prepass_tma needs cos/sin")
+    if not tma_usable(q, v):
+        return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, out=out, config=config)
+    B, L, H, d = q.shape
+    buf = torch.empty(2, B, H, L, d, device=q.device, dtype=q.dtype)
+    rotary_qk(q, k, cos, sin, out=buf)
+    if out is None:
+        out = torch.empty(B, L, H, d, device=q.device, dtype=q.dtype)
+    o4 = out.view(B, L, H, d)
+    cfg = _config(B, H, L, d, q.device)
+    cfg.update(config or {})
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    q_desc = TensorDescriptor.from_tensor(buf[0].view(B * H, L, d), [1, BM, d])
+    k_desc = TensorDescriptor.from_tensor(buf[1].view(B * H, L, d), [1, BN, d])
+    v_desc = TensorDescriptor.from_tensor(v.view(B, L, H * d), [1, BN, d])
+    _softcap_attention_tma_fwd_kernel[(triton.cdiv(L, BM), B * H)](
+        q_desc, k_desc, v_desc, o4,
+        o4.stride(0), o4.stride(1), o4.stride(2),
+        L, H, 1.0 / math.sqrt(d), float(softcap or 1.0),
+        HEAD_DIM=d, BLOCK_M=BM, BLOCK_N=BN, HAS_CAP=bool(softcap),
+        FAST_TANH=q.device.type == "cuda" and not interpreting(),
+        EVEN_N=L % BN == 0, IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(B, L, H * d)
+
 def compile_specs() -> list[dict]:
     """Real configs for the sm_90a compile check (bench/compile_check.py): bf16, d = 64, each query tile
     _config can pick, with rotary on load, without it (also the 'prepass' candidate's attention) and with
-    only q rotated on load ('prepass_k'); the rotary_qk prepass kernel."""
+    only q rotated on load ('prepass_k'); the 'prepass_tma' kernel; the rotary_qk prepass kernel."""
     if not triton_available():
         return []
     # the launcher casts cos/sin to q's dtype
@@ -363,6 +487,21 @@ def compile_specs() -> list[dict]:
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
+    # The 'prepass_tma' kernel at the same tiles: a host descriptor argument is typed "tensordesc<dtype[box]>"
+    # (triton.runtime.jit.mangle_type's spelling in triton 3.6 and 3.7.1); the JIT gives descriptors no
+    # divisibility attributes, so only O and the output strides (d, H·d, L·H·d) are marked.
+    tnames = _softcap_attention_tma_fwd_kernel.arg_names
+    for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
+        tsig = {"q_desc": f"tensordesc<bf16[1, {block_m}, 64]>", "k_desc": "tensordesc<bf16[1, 64, 64]>",
+                "v_desc": "tensordesc<bf16[1, 64, 64]>", "O": "*bf16", "qk_scale": "fp32", "softcap": "fp32"}
+        tsig.update({n: "i32" for n in tnames if n not in tsig})
+        const = dict(HEAD_DIM=64, BLOCK_M=block_m, BLOCK_N=64, HAS_CAP=True, FAST_TANH=True, EVEN_N=True,
+                     IEEE=False)
+        tsig.update({k: "constexpr" for k in const})
+        specs.append(dict(name=f"_softcap_attention_tma_fwd_kernel[m{block_m}]", fn=_softcap_attention_tma_fwd_kernel,
+                          signature=tsig, constexprs=const, num_warps=warps, num_stages=3,
+                          attrs={(tnames.index(n),): [["tt.divisibility", 16]]
+                                 for n in ("O", "stride_ob", "stride_ol", "stride_oh")}))
     rnames = _rotary_qk_fwd_kernel.arg_names
     rsig = {n: ("*bf16" if n in ("Q", "K", "QO", "KO", "COS", "SIN") else "i32") for n in rnames}
     raligned = {(rnames.index(n),): [["tt.divisibility", 16]] for n in rnames
@@ -438,7 +577,19 @@ def _(q, k, v, softcap, cos, sin, rotate_q):
     return q.new_empty(B, L, H * d)
 
 
-ROTARY_IMPLS = ("load", "prepass", "prepass_k")
+@torch.library.custom_op("fmlm::softcap_attention_prepass_tma", mutates_args=())
+def _softcap_attention_prepass_tma_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
+                                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return softcap_attention_prepass_tma_fwd(q, k, v, softcap or None, cos, sin)
+
+
+@_softcap_attention_prepass_tma_op.register_fake
+def _(q, k, v, softcap, cos, sin):
+    B, L, H, d = q.shape
+    return q.new_empty(B, L, H * d)
+
+
+ROTARY_IMPLS = ("load", "prepass", "prepass_k", "prepass_tma")
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -463,7 +614,8 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
     rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
     as they are loaded), or the opt-in, not yet timed candidates 'prepass' (q and k rotated once by
-    rotary_qk, then the kernel without rotary) and 'prepass_k' (only k rotated ahead; q on load)."""
+    rotary_qk, then the kernel without rotary), 'prepass_k' (only k rotated ahead; q on load) and
+    'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot)."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
@@ -472,6 +624,10 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
         return softcap_attention_ref(q, k, v, softcap, cos, sin)
     if be == "flex":
         return _attention_flex(q, k, v, softcap, cos, sin)
+    if rotary_impl == "prepass_tma" and cos is not None:
+        if torch.compiler.is_compiling():
+            return _softcap_attention_prepass_tma_op(q, k, v, float(softcap or 0.0), cos, sin)
+        return softcap_attention_prepass_tma_fwd(q, k, v, softcap, cos, sin)
     if rotary_impl != "load" and cos is not None:
         if torch.compiler.is_compiling():
             return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass")

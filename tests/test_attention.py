@@ -260,3 +260,155 @@ def test_prepass_cuda_graph_replay():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fn())
+
+
+# ---- the opt-in TMA candidate (rotary_impl='prepass_tma') ----------------------------------------------
+class _Forbidden:
+    """Stands in for a kernel that must not launch, so each test proves which attention kernel ran."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+def _only(monkeypatch, kernel):
+    """'tma': the pointer attention kernel must not launch; 'pointer': the TMA kernel must not."""
+    other = "_softcap_attention_fwd_kernel" if kernel == "tma" else "_softcap_attention_tma_fwd_kernel"
+    monkeypatch.setattr(A, other, _Forbidden(other))
+
+
+TMA_CASES = [
+    pytest.param(3, 19, 2, 32, torch.float32, 50.0, None, id="B3-L19-d32"),
+    pytest.param(3, 23, 2, 64, torch.float16, 50.0, None, id="B3-L23-d64-fp16"),
+    pytest.param(3, 13, 2, 64, torch.float32, 50.0, None, id="B3-L13-d64-L<BLOCK_N"),
+    pytest.param(2, 7, 2, 16, torch.float16, None, None, id="L7-d16-fp16-nocap"),
+    pytest.param(1, 1, 2, 32, torch.float32, 50.0, None, id="L1"),
+    pytest.param(1, 37, 2, 32, torch.float32, 50.0, dict(BLOCK_M=32, BLOCK_N=16), id="L37-m32-n16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype,cap,cfg", TMA_CASES)
+def test_prepass_tma_matches_prepass_and_reference(monkeypatch, B, L, H, d, dtype, cap, cfg):
+    """The TMA kernel runs (the pointer attention kernel is forbidden), meets the error budget and equals
+    'prepass': bit-equal under the interpreter (same tiles, dots and order; zero-filled rows ≥ L, per head, as
+    the masked pointer loads; −inf on key columns ≥ L), at most an output ulp apart on the GPU. L prime, L <
+    BLOCK_N, L = 1, ragged query and key tiles (L37-m32-n16: 2 query × 3 key tiles), no cap."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev)
+    want = A.softcap_attention_prepass_fwd(q, k, v, cap, cos, sin, config=cfg)
+    assert A.tma_usable(q, v) or (dev == "cuda" and dtype == torch.float32)
+    if A.tma_usable(q, v):
+        _only(monkeypatch, "tma")
+    if cfg is None:
+        out = A.softcap_attention(q, k, v, cap, cos, sin, backend="triton", rotary_impl="prepass_tma")
+    else:
+        out = A.softcap_attention_prepass_tma_fwd(q, k, v, cap, cos, sin, config=cfg)
+    _check_budget(out, q, k, v, cap, cos, sin)
+    if interpreting():
+        assert torch.equal(out, want)
+    else:
+        assert (out.double() - want.double()).abs().max() <= torch.finfo(dtype).eps * want.abs().max()
+
+
+def _odd_layout(q, k, v, layout):
+    """v (and q, k) in a layout no TMA descriptor can read; same values."""
+    B, L, H, d = q.shape
+    if layout == "offset-base":          # v's data_ptr 4 bytes off a 16-byte boundary
+        flat = torch.zeros(v.numel() + 1, device=v.device, dtype=v.dtype)
+        v = flat[1:].view(B, L, H, d).copy_(v)
+    elif layout == "row-stride":         # qkv rows of 3·H·d + 1 elements: not a multiple of 16 bytes
+        pad = torch.zeros(B, L, 3 * H * d + 1, device=v.device, dtype=v.dtype)
+        qkv = pad[..., :3 * H * d].view(B, L, 3, H, d)
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2] = q, k, v
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:                                # "heads-major": v a (B, H, L, d) buffer seen as (B, L, H, d)
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    return q, k, v
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["offset-base", "row-stride", "heads-major", "d48"])
+def test_prepass_tma_falls_back_to_prepass(monkeypatch, layout):
+    """Where a descriptor is impossible (v misaligned or not mergeable into (B, L, H·d), a head dim not a
+    power of two) 'prepass_tma' runs the 'prepass' pointer kernel (the TMA kernel is forbidden) and equals it."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    dtype = torch.float16
+    q, k, v, cos, sin = _inputs(2, 9, 2, 48 if layout == "d48" else 32, dtype, dev)
+    if layout != "d48":
+        assert A.tma_usable(q, v) or dev == "cuda"
+        q, k, v = _odd_layout(q, k, v, layout)
+    assert not A.tma_usable(q, v)
+    want = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl="prepass")
+    _only(monkeypatch, "pointer")
+    out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl="prepass_tma")
+    assert torch.equal(out, want)
+
+
+@needs_triton
+def test_prepass_tma_op_registration_and_no_rotary():
+    """The torch.library op (fake impl, schema) passes opcheck; without cos/sin 'prepass_tma' is the plain
+    kernel, as every rotary_impl."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 5, 1, 16, torch.float32, dev)
+    torch.library.opcheck(torch.ops.fmlm.softcap_attention_prepass_tma.default, (q, k, v, 50.0, cos, sin),
+                          test_utils=("test_schema", "test_faketensor"))
+    out0 = A.softcap_attention(q, k, v, 50.0, backend="triton")
+    assert torch.equal(A.softcap_attention(q, k, v, 50.0, backend="triton", rotary_impl="prepass_tma"), out0)
+
+
+@pytest.mark.skipif(not triton_available() or interpreting(), reason="compile-only check needs the compiling triton")
+def test_tma_kernel_compiles_to_bulk_tensor_copies_and_wgmma():
+    """At the B=32 OWT tile (BLOCK_M = 128): TMA copies (cp.async.bulk.tensor), no cp.async gathers, wgmma,
+    the fast tanh, no spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sp = next(s for s in A.compile_specs() if s["name"] == "_softcap_attention_tma_fwd_kernel[m128]")
+    k = triton.compile(triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp.get("attrs")),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=sp["num_warps"], num_stages=sp["num_stages"]))
+    ptx = k.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx and "tanh.approx.f32" in ptx
+    assert "cp.async.cg" not in ptx and "cp.async.ca" not in ptx and ".local" not in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,H,d", [(2, 1024, 12, 64), (3, 33, 4, 32)], ids=["owt", "odd"])
+def test_prepass_tma_bf16_on_gpu(monkeypatch, B, L, H, d):
+    """bf16 on the GPU, the TMA kernel forced: the error budget, within an output ulp of 'prepass' (same dots)
+    and two of the default."""
+    q, k, v, cos, sin = _inputs(B, L, H, d, torch.bfloat16, "cuda", scale=3.0)
+    out0 = A.softcap_attention(q, k, v, 50.0, cos, sin)
+    want = A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass")
+    assert A.tma_usable(q, v)
+    _only(monkeypatch, "tma")
+    out = A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass_tma")
+    _check_budget(out, q, k, v, 50.0, cos, sin)
+    ulp = torch.finfo(torch.bfloat16).eps * out0.abs().max().item()
+    assert (out.double() - want.double()).abs().max().item() <= ulp
+    assert (out.double() - out0.double()).abs().max().item() <= 2 * ulp
+
+
+@pytest.mark.gpu
+def test_prepass_tma_cuda_graph_replay(monkeypatch):
+    """Descriptors are encoded on the host at capture and baked into the graph by value (the rotary_qk buffer
+    from the capture pool, v the static input): replay on new contents of the same buffers == eager."""
+    q, k, v, cos, sin = _inputs(2, 1024, 12, 64, torch.bfloat16, "cuda")
+    _only(monkeypatch, "tma")
+    fn = lambda: A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass_tma")  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    q2, k2, v2, _, _ = _inputs(2, 1024, 12, 64, torch.bfloat16, "cuda", seed=5)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn())
