@@ -4,8 +4,10 @@ Shapes (H = 12, d = 64, bf16, softcap 50, rotary on; q, k, v strided views of on
 output, as engine/model.py `_fast_block` passes them; cos/sin (L, d/2) in bf16 as `_FastWeights.rope`):
 OWT B=32 and B=1 at L=1024, LM1B B=1 and B=512 at L=128. Rows:
 - triton, rotary on load: the default (measured 462 µs per layer at OWT B=32 on an H100, 223 TFLOP/s);
-- the opt-in candidates 'prepass' (rotary_qk rotates q and k once, then the kernel without rotary) and
-  'prepass_k' (only k rotated ahead, q still on load), plus their two parts timed alone;
+- the opt-in candidates 'prepass' (rotary_qk rotates q and k once, then the kernel without rotary),
+  'prepass_k' (only k rotated ahead, q still on load) and 'prepass_tma' ('prepass' with the attention's
+  Q/K/V tiles read through TMA descriptors: its row minus the 'prepass' row is what TMA changes, the
+  rotary_qk part being the same), plus the prepass's two parts timed alone;
 - reference (apply_rotary_ref + attention_ref, materialized scores; skipped above 20 GB);
 - FlexAttention with the tanh score_mod, torch.compile'd in a child process that compiles while this one
   times (a cold inductor compile must not eat gpu-check's 60 s), on pre-rotated q, k;
@@ -119,8 +121,11 @@ def run(quick: bool = False) -> list[dict]:
         cfg = A._config(B, H, L, HEAD_DIM, q.device)
         main = add("triton: rotary on load (default)", name, B, L, tri, "default", max_abs_diff_vs_ref=diff(out0),
                    config=str(cfg))
+        tma_note = ("rotary_qk(q, k) + attention without rotary, Q/K/V tiles by TMA" if A.tma_usable(q, v)
+                    else "fell back to 'prepass' (tma_usable is False here): not the TMA kernel")
         for impl, what in (("prepass", "rotary_qk(q, k) + attention without rotary"),
-                           ("prepass_k", "rotary_qk(k) + attention with q rotated on load")):
+                           ("prepass_k", "rotary_qk(k) + attention with q rotated on load"),
+                           ("prepass_tma", tma_note)):
             o = tri(impl)
             r = add(f"triton: {impl} (candidate)", name, B, L, lambda impl=impl: tri(impl), what,
                     max_abs_diff_vs_ref=diff(o), max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))

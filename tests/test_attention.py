@@ -223,6 +223,8 @@ def test_bench_attention_smoke(monkeypatch):
     assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("best measured") for i in impls)
     assert sum(i.startswith("sweep") for i in impls) == 3        # 2 at the first shape, 1 at batch 1
     assert any("no softcap" in i for i in impls) and any(i.startswith("reference") for i in impls)
+    tma = [r for r in rows if r["impl"] == "triton: prepass_tma (candidate)"]
+    assert len(tma) == 2 and all("by TMA" in r["note"] and r["max_abs_diff_vs_default"] < 1e-4 for r in tma), tma
     assert all("failed" not in str(r.get("note", "")) for r in rows), rows
     for r in rows:
         if r["impl"].startswith(("triton", "sweep", "  part: attention")):
