@@ -45,8 +45,8 @@ if triton_available():
     @triton.jit
     def _softcap_scores_log2(s, n_ok, qk_scale, softcap, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr,
                              EVEN_N: tl.constexpr):
-        """Raw q·kᵀ tile → capped scores in log2 units (cap·tanh(s·scale/cap)·log2 e), key columns ≥ L at −inf:
-        shared by the pointer and the TMA kernels so both run the same arithmetic."""
+        """Raw q·kᵀ tile → capped scores in log2 units (cap·tanh(s·scale/cap)·log2 e), key columns ≥ L at
+        −inf: shared by the pointer and the TMA kernels so both run the same arithmetic."""
         if HAS_CAP:
             y = s * (qk_scale / softcap)
             if FAST_TANH:
@@ -433,7 +433,8 @@ def softcap_attention_prepass_tma_fwd(q, k, v, softcap: Optional[float], cos, si
     w8: 114 vs 112 registers, 0 spills, 65592 vs 65536 B shared memory (the mbarriers), the TMA box lands in
     the shared buffer wgmma reads (no reshape copy), static SASS 952 vs 904 instructions (IMAD 39 vs 53, LEA
     12 vs 57, the mbarrier waits add ISETP/branches); m64: 108 vs 127 registers, m32: 80 vs 96, m16: 64 vs 66
-    (triton 3.7.1; 3.6 the same registers). Whether any of it moves the time is for the benchmark to say.
+    (triton 3.7.1; the TMA kernel's registers are the same on 3.6). Whether it moves the time is for the
+    benchmark to say.
     Falls back to softcap_attention_prepass_fwd where tma_usable is False.
 
     CUDA graphs: the descriptors are encoded on the host at each call and passed by value, so a captured graph
