@@ -37,7 +37,7 @@ REF_QUICK = {("owt", 1, 1), ("owt", 32, 1), ("lm1b", 1, 1), ("lm1b", 512, 1)}
 FOUR_STEP_RATIO = 4.5
 # opt-in kernel variants (engine/runner.py KERNEL_OPTIONS) timed beside the defaults at the headline batch sizes
 CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
-              "argmax tma": {"argmax_config": {"tma": True}}}
+              "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}}}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
 

@@ -231,7 +231,7 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     """One DiT block from (x = residual stream fp32, y = adaLN-modulated norm1(x) in the compute dtype) to
     (x', y' = the next adaLN input: the next block's norm1 or the final layer's norm). in_place: x may be
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
-    passed to softcap_attention ('load' default; 'prepass'/'prepass_k' opt-in candidates)."""
+    passed to softcap_attention ('load' default; 'prepass'/'prepass_k'/'prepass_tma' opt-in candidates)."""
     from fmlm.kernels import adaln, attention  # noqa: PLC0415
 
     B, L, D = x.shape

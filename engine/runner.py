@@ -60,7 +60,7 @@ class Sampler:
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
     replaced (in place, load_state_dict, .to()) invalidate every graph on the next call.
     kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
-    defaults): {"rotary_impl": "load" | "prepass" | "prepass_k"} (kernels/attention.py),
+    defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True})."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
@@ -307,7 +307,7 @@ class Sampler:
                 + (f", kernel_options={self.kernel_options}" if self.kernel_options else "") + ")")
 
 
-KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k"), "argmax_config": dict}
+KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:

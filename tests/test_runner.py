@@ -223,10 +223,11 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
     out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton")
     assert out.dtype == torch.float32 and out.shape == h.shape
     _assert_budget(out, reference, truth, 1e-6)
-    # the opt-in rotary prepass (Sampler kernel_options) computes the same trunk
-    pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
-                                rotary_impl="prepass")
-    _assert_budget(pre, reference, truth, 1e-6)
+    # the opt-in rotary prepass variants (Sampler kernel_options) compute the same trunk
+    for impl in ("prepass", "prepass_tma"):
+        pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
+                                    rotary_impl=impl)
+        _assert_budget(pre, reference, truth, 1e-6)
 
 
 def test_sampler_kernel_options_validated():
@@ -340,7 +341,8 @@ def test_graph_replay_equals_eager(steps, renoise):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
-                                  {"argmax_config": {"tma": True}}], ids=["prepass", "prepass_k", "argmax_tma"])
+                                  {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}}],
+                         ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles."""
