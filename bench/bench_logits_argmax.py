@@ -112,6 +112,10 @@ def run(quick: bool = False) -> list[dict]:
             idx1 = LA.logits_argmax_fwd(h, W, b, V, cfg)
             r = add(impl, n, lambda: LA.logits_argmax_fwd(h, W, b, V, cfg), str(cfg), mem=False)
             r["agree_with_default"] = (idx1 == ref_idx).float().mean().item()
+            base = next((x for x in rows if x.get("rows") == n and str(x.get("impl", "")).startswith("triton default")
+                         and "ms" in x), None)
+            if base is not None:
+                r["speedup_vs_default"] = base["ms"] / r["ms"]
             return r
         except Exception as e:  # a config that fails to compile or launch is reported, not fatal
             rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": f"failed: {e!r}"[:200]})

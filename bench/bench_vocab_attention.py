@@ -110,6 +110,7 @@ def run(quick: bool = False) -> list[dict]:
             r = add(f"triton [{name}]", n, lambda cfg=cfg: VA.vocab_attention_fwd(h, W, b, E, CAP, V, cfg),
                     str({k: v for k, v in cfg.items()}), mem=False)
             r["max_abs_diff_vs_default"] = (out1 - mains[n][1]).abs().max().item()
+            r["speedup_vs_default"] = main["ms"] / r["ms"]
             tried.append(r)
         except Exception as e:  # a config that fails to compile or launch is reported, not fatal
             rows.append({"op": "vocab_attention", "impl": f"triton [{name}]", "rows": n,

@@ -31,6 +31,33 @@ def bench_modules() -> list[str]:
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
+def _md_rows(path: Path) -> list[dict]:
+    """Rows of a markdown table written by common.write_rows (cells as strings)."""
+    lines = [x for x in path.read_text().splitlines() if x.startswith("|")]
+    if len(lines) < 2:
+        return []
+    keys = [k.strip() for k in lines[0].strip("|").split("|")]
+    return [dict(zip(keys, (c.strip() for c in x.strip("|").split("|")))) for x in lines[2:]]
+
+
+def candidate_table(names) -> str:
+    """Every row of this run's benchmarks that compares an opt-in variant with the default it would replace
+    (columns speedup_vs_default or "vs engine graph": the default's time over the variant's, > 1 = faster)."""
+    out = []
+    for name in names:
+        md = common.RESULTS_DIR / f"{name}.md"
+        if not md.exists():
+            continue
+        for r in _md_rows(md):
+            sp = r.get("speedup_vs_default") or r.get("vs engine graph") or ""
+            if sp in ("", "—"):
+                continue
+            where = " ".join(f"{k}={r[k]}" for k in ("shape", "dataset", "rows", "B", "pass") if r.get(k))
+            out.append({"benchmark": name, "variant": r.get("impl") or r.get("path", ""), "where": where,
+                        "ms": r.get("ms") or r.get("ms/sample", ""), "speedup vs default": sp})
+    return common.markdown_table(out) if out else "(no candidate rows)\n"
+
+
 def run_one(name: str) -> int:
     mod = importlib.import_module(f"fmlm.bench.{name}")
     rows = mod.run(quick=True)
@@ -85,12 +112,15 @@ def main(argv=None) -> int:
     if out:      # the device tool returns at most 8 files: one archive of all results
         with tarfile.open(Path(out) / "results.tar.gz", "w:gz") as tar:
             tar.add(common.RESULTS_DIR, arcname="results")
-    print(f"\n## gpu-check summary ({time.time() - t_begin:.0f} s)")
+    # printed last, so that a tail of the output (what a remote runner returns) holds the summaries
+    ran = [n for n in (a.only or bench_modules()) if status.get(n, ("",))[0] == "ok"
+           and (common.RESULTS_DIR / f"{n}.md").exists()]
+    for name in ran:
+        print(f"### {name}\n{(common.RESULTS_DIR / f'{name}.md').read_text()}")
+    print("## opt-in candidates vs the defaults they would replace (speedup > 1: the candidate is faster)")
+    print(candidate_table(ran))
+    print(f"## gpu-check summary ({time.time() - t_begin:.0f} s)")
     print(common.markdown_table([{"step": k, "status": v[0], "seconds": round(v[1], 1)} for k, v in status.items()]))
-    for name in a.only or bench_modules():
-        md = common.RESULTS_DIR / f"{name}.md"
-        if md.exists() and status.get(name, ("",))[0] == "ok":
-            print(f"### {name}\n{md.read_text()}")
     return 0 if all(v[0] in ("ok", "pass") or v[0].startswith("SKIPPED") for v in status.values()) else 1
 
 

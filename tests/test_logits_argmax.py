@@ -250,7 +250,7 @@ def test_triton_bench_smoke(monkeypatch):
     assert impls[0].startswith("triton default [pointer") and any(i.startswith("best measured") for i in impls)
     assert all(not str(r.get("note", "")).startswith(("failed", "skipped: TMA")) for r in rows), rows
     tma = [r for r in rows if "[TMA" in r["impl"]]
-    assert {r["rows"] for r in tma} == {32, 8, 3, 40} and all(r["agree_with_default"] == 1.0 for r in tma), tma
+    assert {r["rows"] for r in tma} == {32, 8, 3, 40} and all(r["agree_with_default"] == 1.0 and r["speedup_vs_default"] > 0 for r in tma), tma
     assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
 
 

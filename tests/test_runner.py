@@ -545,3 +545,18 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
     assert gpu_check.main(["--budget", "0", "--skip-tests"]) == 0
     out = capsys.readouterr().out
     assert calls == [] and out.count("SKIPPED (budget)") == len(gpu_check.bench_modules())
+
+
+def test_gpu_check_candidate_table(tmp_path, monkeypatch):
+    """The decision table gpu-check prints: rows with a speedup over the default, from each benchmark's md."""
+    from fmlm.bench import common, gpu_check
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    common.write_rows("bench_x", [{"impl": "default", "rows": 8, "ms": 2.0},
+                                  {"impl": "cand", "rows": 8, "ms": 1.0, "speedup_vs_default": 2.0}])
+    common.write_rows("bench_e2e", [{"dataset": "owt", "path": "engine graph [c]", "B": 32, "ms/sample": 0.5,
+                                     "vs engine graph": 1.25}])
+    table = gpu_check.candidate_table(["bench_x", "bench_e2e", "bench_missing"])
+    assert "| bench_x | cand | rows=8 | 1 | 2 |" in table
+    assert "| bench_e2e | engine graph [c] | dataset=owt B=32 | 0.5 | 1.25 |" in table
+    assert "| bench_x | default |" not in table
