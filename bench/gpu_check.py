@@ -22,7 +22,7 @@ LIMITS = {"bench_e2e": 150, "bench_attention": 75, "bench_e2e_compile": 150}   #
 # the headline first: when the total budget runs out, the benchmarks at the end are the ones skipped
 ORDER = ("bench_e2e", "bench_logits_argmax", "bench_attention", "bench_profile", "bench_interp_embed",
          "bench_linear_cross_entropy",
-         "bench_vocab_attention", "bench_sample", "bench_e2e_compile")
+         "bench_vocab_attention", "bench_sample", "bench_train", "bench_e2e_compile")
 
 
 def bench_modules() -> list[str]:

@@ -203,9 +203,12 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup))
 
 
+def _amp_enabled(tc: TrainConfig, device: torch.device) -> bool:
+    return tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
+
+
 def _autocast(tc: TrainConfig, device: torch.device):
-    use = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=_amp_enabled(tc, device))
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
@@ -646,8 +649,10 @@ def cmd_bench_train(a) -> int:
 
 
 def bench_train(vocab: int = 30522, seq_len: int = 128, batch: int = 16, hidden: int = 128, blocks: int = 2,
-                heads: int = 4, device: str = "auto", iters: int = 5, kind: str = "flm") -> list[dict]:
-    """One FLM training step (loss forward + backward), reference path vs engine path, random weights.
+                heads: int = 4, device: str = "auto", iters: int = 5, kind: str = "flm", amp: str = "auto",
+                cond_dim: int = 128) -> list[dict]:
+    """One FLM training step (loss forward + backward), reference path vs engine path, random weights, under
+    the training loop's autocast (amp: "auto" = bf16 on CUDA, none on CPU).
 
     Peak memory: bytes of tensors allocated during the step above those live before it (weights and
     inputs excluded): on CUDA the allocator's peak; on CPU the profiler's allocation events summed in time
@@ -659,19 +664,21 @@ def bench_train(vocab: int = 30522, seq_len: int = 128, batch: int = 16, hidden:
 
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     cfg = ModelConfig(vocab_size=vocab, seq_len=seq_len, hidden=hidden, n_blocks=blocks, n_heads=heads,
-                      cond_dim=min(128, hidden))
+                      cond_dim=min(cond_dim, hidden))
     model = FlowLM(cfg).to(dev)
     model.reset_parameters(seed=0)
     g = torch.Generator(device=dev).manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=g, device=dev)
-    tc = TrainConfig(amp="none")
+    tc = TrainConfig(amp=amp)
     rows = []
     for path in ("reference", "engine"):
         tcp = dataclasses.replace(tc, path=path)
 
         def step():
             model.zero_grad(set_to_none=True)
-            compute_loss(model, kind, tokens, g, tcp).mean().backward()
+            with _autocast(tcp, torch.device(dev)):
+                loss = compute_loss(model, kind, tokens, g, tcp).mean()
+            loss.backward()
 
         step()
         model.zero_grad(set_to_none=True)
@@ -679,7 +686,8 @@ def bench_train(vocab: int = 30522, seq_len: int = 128, batch: int = 16, hidden:
         model.zero_grad(set_to_none=True)
         t = time_fn(step, warmup=1, iters=iters, device=dev)
         rows.append({"op": f"train_step_{kind}", "path": path, "V": vocab, "L": seq_len, "B": batch, "hidden": hidden,
-                     "blocks": blocks, "ms": t["ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                     "blocks": blocks, "amp": "bf16" if _amp_enabled(tcp, torch.device(dev)) else "none",
+                     "ms": t["ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
                      "tok_s": batch * seq_len / (t["ms"] / 1e3), "peak_MiB": peak / 2**20})
     ref_peak = rows[0]["peak_MiB"]
     for r in rows:

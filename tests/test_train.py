@@ -221,3 +221,15 @@ def test_train_loop_cuda_bf16(tmp_path, tiny_cfg):
         assert len(losses) == 6 and all(np.isfinite(losses))
         assert any("samples" in x for x in r.history)
     assert fmlm.load_checkpoint(tmp_path / "fmlm" / T.MODEL_DIR).cfg.two_time
+
+
+def test_bench_train_module_cpu_smoke(monkeypatch):
+    """bench/bench_train.py (make gpu-check's training-step row) at a tiny shape on the CPU."""
+    from fmlm.bench import bench_train as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPE", dict(vocab=1031, seq_len=16, batch=4, hidden=32, blocks=1, heads=2,
+                                             cond_dim=32))
+    rows = bench.run(quick=True)
+    assert [r["path"] for r in rows] == ["reference", "engine"] and rows[1]["speedup_vs_ref"] > 0
+    assert all(r["amp"] == "none" for r in rows)         # auto: bf16 autocast on CUDA only
