@@ -102,6 +102,8 @@ def run(quick: bool = False) -> list[dict]:
     gemm = add("cuBLAS h·Wᵀ (padded V, no epilogue)", n, lambda: h @ W.T, "matmul ceiling", mem=False)
     main["pct_of_cublas_gemm"] = 100 * gemm["ms"] / main["ms"]
 
+    launcher_base = {}
+
     def try_config(n, cfg, h, ref_idx):
         """Time one config (the TMA kernel checked to be the one launched); a failure is a row, not fatal."""
         impl = f"triton [{_cfg_label(cfg)}]" + (" (opt-in)" if cfg.get("tma") else "")
@@ -112,10 +114,11 @@ def run(quick: bool = False) -> list[dict]:
             idx1 = LA.logits_argmax_fwd(h, W, b, V, cfg)
             r = add(impl, n, lambda: LA.logits_argmax_fwd(h, W, b, V, cfg), str(cfg), mem=False)
             r["agree_with_default"] = (idx1 == ref_idx).float().mean().item()
-            base = next((x for x in rows if x.get("rows") == n and str(x.get("impl", "")).startswith("triton default")
-                         and "ms" in x), None)
-            if base is not None:
-                r["speedup_vs_default"] = base["ms"] / r["ms"]
+            if n not in launcher_base:      # the default through the same launcher call: no op-dispatch gap
+                launcher_base[n] = add(default_label(n) + " via the launcher, as the candidates", n,
+                                       lambda: LA.logits_argmax_fwd(h, W, b, V), "baseline of speedup_vs_default",
+                                       mem=False)
+            r["speedup_vs_default"] = launcher_base[n]["ms"] / r["ms"]
             return r
         except Exception as e:  # a config that fails to compile or launch is reported, not fatal
             rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": f"failed: {e!r}"[:200]})
