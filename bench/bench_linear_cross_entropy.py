@@ -168,7 +168,7 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
                 r["max_dh_diff_vs_default"] = (dh1.float() - dh0.float()).abs().max().item()
                 if name == "default config":
                     base["fwd+bwd"] = r["ms"]
-                if "fwd+bwd" in base:
+                elif "fwd+bwd" in base:
                     r["speedup_vs_default"] = base["fwd+bwd"] / r["ms"]
                 tried.append(r)
                 key = tuple(sorted(fcfg.items()))
@@ -179,7 +179,7 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
                              note.replace("launchers called", "launcher called") + "; forward only", mem=False)
                     if name == "default config":
                         base["fwd"] = rf["ms"]
-                    if "fwd" in base:
+                    elif "fwd" in base:
                         rf["speedup_vs_default"] = base["fwd"] / rf["ms"]
         except Exception as e:
             rows.append({"op": "linear_cross_entropy", "impl": impl, "note": f"failed: {e!r}"[:200]})
