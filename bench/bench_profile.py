@@ -2,9 +2,12 @@
 CUDA-graph replay (torch.profiler), beside the replay's own time measured with events.
 
 Points: OWT B=1, LM1B B=1 (latency-bound: the gap between the replay time and the summed kernel time is the
-launch/dependency overhead of the graph), OWT B=32 (throughput). Rows: the top kernels of each point (µs per
-call, % of the summed kernel time) and one summary row per point ("replay ms", "kernels ms", "gaps ms",
-"kernel launches per call"). Random never-zero weights of the released small model.
+launch/dependency overhead of the graph), OWT B=32 (throughput); LM1B B=1 again with cuBLASLt preferred for
+the GEMMs (torch.backends.cuda.preferred_blas_library): an H100 profile of OWT B=32 showed one device memset per
+cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other library may differ.
+Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
+("replay ms", "kernels ms", "gaps ms", "kernel launches per call", "memsets per call"). Random never-zero
+weights of the released small model.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 from fmlm.bench.common import markdown_table, time_fn, write_rows
 
-POINTS = (("lm1b", 1), ("owt", 1), ("owt", 32))
+POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("owt", 1, None), ("owt", 32, None))   # (preset, B, BLAS)
 TOP = 12
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (and the tiny preset)
 
@@ -29,16 +32,24 @@ def run(quick: bool = False) -> list[dict]:
         return []
     rows = []
     iters = 3
-    for name, B in POINTS:
-        model = build_model(None, name, DEVICE, 0)
-        sampler = Sampler(model, B, 1)
-        prof, kernel_us = profile_run(sampler, iters)
-        replay = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
+    for name, B, blas in POINTS:
+        before = torch.backends.cuda.preferred_blas_library() if DEVICE == "cuda" else None
+        if blas and DEVICE == "cuda":
+            torch.backends.cuda.preferred_blas_library(blas)      # before the capture: the graph keeps its GEMMs
+        try:
+            model = build_model(None, name, DEVICE, 0)
+            sampler = Sampler(model, B, 1)
+            prof, kernel_us = profile_run(sampler, iters)
+            replay = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
+        finally:
+            if before is not None:
+                torch.backends.cuda.preferred_blas_library(before)
         table = kernel_table(prof, top=1000)
         launches = sum(r["calls"] for r in table) / iters
-        point = f"{name} B={B}"
+        point = f"{name} B={B}" + (f" {blas}" if blas else "")
         summary = {"point": point, "kernel": "(one-step call: summary)", "replay ms": replay["ms"],
-                   "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches}
+                   "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches,
+                   "memsets per call": sum(r["calls"] for r in table if "memset" in r["kernel"].lower()) / iters}
         summary["gaps ms"] = summary["replay ms"] - summary["kernels ms"]
         if kernel_us is None:
             summary["note"] = ("no device activity recorded (CPU run, or the profiler saw no kernels in the "
