@@ -35,7 +35,11 @@ def run(quick: bool = False) -> list[dict]:
     for name, B, blas in POINTS:
         before = torch.backends.cuda.preferred_blas_library() if DEVICE == "cuda" else None
         if blas and DEVICE == "cuda":
-            torch.backends.cuda.preferred_blas_library(blas)      # before the capture: the graph keeps its GEMMs
+            try:
+                torch.backends.cuda.preferred_blas_library(blas)  # before the capture: the graph keeps its GEMMs
+            except RuntimeError as exc:
+                rows.append({"point": f"{name} B={B} {blas}", "note": f"skipped: {exc}"[:160]})
+                continue
         try:
             model = build_model(None, name, DEVICE, 0)
             sampler = Sampler(model, B, 1)
