@@ -56,6 +56,10 @@ try:
     import triton.language as tl
 except ImportError:  # the package imports without triton; backend='triton' then raises
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no host tensor descriptors, {"impl": "gemm_fused", "tma": True} runs pointers
+    TensorDescriptor = None
 
 TORCH_V_CHUNK = 4096     # (rows × 4096) fp32 logits per chunk: 16 MB at 1024 rows
 TORCH_ROW_CHUNK = 8192
@@ -319,6 +323,128 @@ if triton is not None:
         tl.store(s_ptr + rows, s + acc, mask=rmask)
 
 
+# ---- "gemm_fused": the cap/exp pass moved into the epilogue of the first GEMM (opt-in candidate) ----------------
+# config={"impl": "gemm_fused"} (pointer loads) or {"impl": "gemm_fused", "tma": True} (TMA loads and a TMA store).
+# Per V chunk a Triton GEMM computes each (row block × V tile) of h·W[chunk]ᵀ (K = D) and, in its epilogue, adds the
+# bias, applies the cap, exponentiates (the formula of _cap_exp_rowsum_kernel), zeroes columns ≥ n_valid, stores p
+# (the inputs' dtype) into the chunk buffer and writes the tile's row sums of the stored (rounded) p into a
+# (tiles, rows) fp32 buffer, summed by torch after the last chunk (deterministic: no atomics). Then the same cuBLAS
+# out += p·E. The logits are never rounded to bf16 before the cap (cuBLAS's z is), so this is slightly closer to the
+# fp32-logit reference than "gemm".
+# Why (napkin, H100, 16384 rows, 8192-column chunks): the pass reads and writes each 268 MB chunk: 3.3 GB of
+# traffic per call, ~1.1 ms at ~3 TB/s of the measured 5.45 ms; the fused GEMM writes p once and reads nothing extra.
+# Why it may not win (napkin, unmeasured): the epilogue costs 3 MUFU ops per element (exp, reciprocal, exp):
+# 128·256·3 / 16 per clk = 6144 clk per 128×256 tile against 12288 clk of MMA at the tensor-core peak. At
+# 128×256×64 with 3 stages (~144 KiB of shared memory, ~255 registers) one CTA fits per SM, so nothing overlaps
+# that epilogue: the GEMM may run at ≤ 2/3 of its MMA rate (~2.7 ms if the MMA part ran at logits_argmax's measured
+# ~500 TFLOP/s), against cuBLAS (~1.8 ms) + the pass (~1.1 ms). "bm128_bn128" (64 accumulator registers per thread
+# at 8 warps, ~2 CTAs per SM if registers ≤ 128 and shared memory ≤ ~113 KiB, see the compile check) lets one CTA's
+# epilogue overlap the other's MMA. bench/bench_vocab_attention.py times each beside the default.
+# Program order: grouped (GROUP_M row blocks per sweep over the chunk's V tiles, as in Triton's matmul tutorial).
+# Unmeasured reasoning: h (25 MB) and the W chunk (12.6 MB) would both fit the 50 MB L2, but the p stores (268 MB per
+# chunk) stream through it; grouping keeps a wave's working set small (132 CTAs ≈ 8 h blocks (1.6 MB) + ~17 W tiles
+# (6.5 MB), row-major order: ~4 h blocks + all 32 W tiles (12.6 MB)), so W and h are more likely to be L2 hits.
+GEMM_FUSED_CONFIGS = {
+    "bm128_bn256": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "bm128_bn128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+}
+GEMM_FUSED_CONFIG = "bm128_bn256"
+# fp32 on CUDA: the exact (FMA) dot needs small tiles (logits_argmax's fp32 config: no spills on sm_90a).
+GEMM_FUSED_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+if triton is not None:
+    @triton.jit
+    def _tile_order(pid, M, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, V tile of the chunk) of program pid: GROUP_M row blocks per sweep over the V tiles."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * tl.cdiv(C, BLOCK_N)
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
+    def _cap_exp_tile(acc, bias, col_ok, cap, inv_cap2):
+        """p = exp(cap·tanh((acc + bias)/cap) − cap) in fp32, 0 where not col_ok (the _cap_exp_rowsum_kernel formula:
+        cap·tanh(z/cap) − cap = −2·cap / (1 + e^{2z/cap}), one exp, exact at both ends)."""
+        z = acc + bias[None, :]
+        t = -2.0 * cap / (1.0 + tl.exp(z * inv_cap2))
+        return tl.where(col_ok[None, :], tl.exp(t), 0.0)
+
+    @triton.jit
+    def _vocab_logits_cap_exp_kernel(
+        h_ptr, w_ptr, b_ptr, p_ptr, ps_ptr,
+        M, C, col0, n_valid, D, stride_h, stride_w, stride_p, ps_row0, cap, inv_cap2,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """One (row block × V tile) of the chunk [col0, col0 + C): p[rows, cols − col0] = capped exp of h·Wᵀ + b
+        (stored in p's dtype; 0 for columns ≥ n_valid); ps[ps_row0 + tile, rows] = row sums of the stored p.
+        A tile that crosses the chunk end computes the next chunk's first columns and discards them."""
+        pid_m, pid_n = _tile_order(tl.program_id(0), M, C, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        lcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        gcols = col0 + lcols
+        row_ok = rows < M
+        col_ok = (lcols < C) & (gcols < n_valid)
+        rows64 = rows.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        h_rows = h_ptr + rows64[:, None] * stride_h
+        w_rows = w_ptr + gcols.to(tl.int64)[:, None] * stride_w
+        # the bias is not a dot operand (never prefetched by the pipeliner): loaded before the K loop so its
+        # latency hides behind it
+        bias = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + gcols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + offs_k
+            if EVEN_K:
+                a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+            else:
+                a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        p = _cap_exp_tile(acc, bias, col_ok, cap, inv_cap2).to(p_ptr.dtype.element_ty)
+        tl.store(p_ptr + rows64[:, None] * stride_p + lcols[None, :], p, mask=row_ok[:, None] & (lcols < C)[None, :])
+        tl.store(ps_ptr + (ps_row0 + pid_n).to(tl.int64) * M + rows, tl.sum(p.to(tl.float32), axis=1), mask=row_ok)
+
+    @triton.jit
+    def _vocab_logits_cap_exp_tma_kernel(
+        h_desc, w_desc, b_ptr, p_desc, ps_ptr,
+        M, C, col0, n_valid, D, ps_row0, cap, inv_cap2,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """The same tile through host tensor descriptors (Hopper TMA): h (M, D) boxes [BLOCK_M, BLOCK_K], W[:n_valid]
+        (n_valid, D) boxes [BLOCK_N, BLOCK_K] (zero fill past M, n_valid and the K tail: no load masks), and p's
+        chunk view (M, C) boxes [BLOCK_M, BLOCK_N]: the store goes through shared memory as one bulk copy that
+        TMA clips at rows ≥ M and columns ≥ C."""
+        pid_m, pid_n = _tile_order(tl.program_id(0), M, C, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        lcols = off_n + tl.arange(0, BLOCK_N)
+        gcols = col0 + lcols
+        col_ok = (lcols < C) & (gcols < n_valid)
+        bias = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + gcols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for ki in range(0, tl.cdiv(D, BLOCK_K)):
+            a = h_desc.load([off_m, ki * BLOCK_K])
+            w = w_desc.load([col0 + off_n, ki * BLOCK_K])
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        p = _cap_exp_tile(acc, bias, col_ok, cap, inv_cap2).to(p_desc.dtype)
+        p_desc.store([off_m, off_n], p)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        tl.store(ps_ptr + (ps_row0 + pid_n).to(tl.int64) * M + rows, tl.sum(p.to(tl.float32), axis=1), mask=rows < M)
+
+
 _ADDMM_FP32_OUT: dict = {}      # device → whether addmm(out_dtype=float32) accumulates in place, correctly
 
 
@@ -359,13 +485,36 @@ def _use_gemm(h, cap, config) -> bool:
     config = config or {}
     impl = config.get("impl", "fused" if "BLOCK_M" in config or "BLOCK_N" in config else None)
     if impl is not None:
-        return impl == "gemm"
+        return impl in ("gemm", "gemm_fused")
     return (h.device.type == "cuda" and h.dtype == torch.bfloat16 and bool(cap) and 0.0 < float(cap) <= 40.0
             and h.shape[0] >= GEMM_MIN_ROWS)
 
 
+def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
+    """Whether the "gemm_fused" TMA kernel can read h and weight (logits_argmax.tma_usable's rule): host tensor
+    descriptors need a 16-byte aligned base and row stride and a box row of a multiple of 16 bytes; on CUDA,
+    sm_90+ and 16-bit inputs (fp32 takes the FMA dot, for which the variant brings nothing). The p buffer's
+    descriptor is aligned by construction (its row stride is padded, see _vocab_attention_gemm)."""
+    if TensorDescriptor is None:
+        return False
+    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
+               for t in (h, weight)) and (block_k * h.element_size()) % 16 == 0
+
+
+def gemm_fused_config(M: int, device: torch.device, dtype: torch.dtype, D: int, chunk: int) -> dict:
+    if device.type != "cuda":
+        # interpreter: few, wide programs (a fixed Python cost per program and per K step)
+        return dict(BLOCK_M=min(32, _pow2(M)), BLOCK_N=min(512, max(16, _pow2(chunk))),
+                    BLOCK_K=min(256, max(16, _pow2(D))), GROUP_M=8, num_warps=4, num_stages=1)
+    return dict(GEMM_FUSED_CONFIG_FP32 if dtype == torch.float32 else GEMM_FUSED_CONFIGS[GEMM_FUSED_CONFIG])
+
+
 def _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config=None):
-    """(out fp32 (M, De), lse fp32 (M,)) by V chunks: cuBLAS z = h·Wᵀ, fused cap/exp/row-sum, cuBLAS o += p·E.
+    """(out fp32 (M, De), lse fp32 (M,)) by V chunks: z = h·Wᵀ, capped exp and row sums, cuBLAS o += p·E.
+    impl "gemm": cuBLAS z, then _cap_exp_rowsum_kernel in place; impl "gemm_fused": one Triton GEMM with the
+    cap/exp epilogue (config keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, tma).
     Columns past n_valid inside the last chunk (the engine pads V to a multiple of 128) get p = 0."""
     if triton is None:
         raise RuntimeError("vocab_attention needs the triton package for backend='triton'")
@@ -373,24 +522,67 @@ def _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config=None):
         raise ValueError("the gemm implementation needs a logit cap in (0, 40] and bf16/fp32 inputs "
                          "(exp(z − cap) down to e^{−2·cap} underflows in fp16)")
     h, weight, bias, embed = _prepare(h, weight, bias, embed)
+    config = config or {}
     M = h.shape[0]
-    chunk = int((config or {}).get("v_chunk", GEMM_V_CHUNK))
-    fp32_addmm = bool((config or {}).get("fp32_addmm", True))
+    chunk = int(config.get("v_chunk", GEMM_V_CHUNK))
+    fp32_addmm = bool(config.get("fp32_addmm", True))
     out = torch.zeros(M, embed.shape[1], device=h.device, dtype=torch.float32)
-    ssum = torch.zeros(M, device=h.device, dtype=torch.float32)
     Vp = min(weight.shape[0], embed.shape[0])
-    bm, bc = (16, 256) if h.device.type == "cuda" else (min(16, _pow2(M)), 256)
-    for v0 in range(0, n_valid, chunk):
-        v1 = min(Vp, v0 + chunk)                 # padded end: aligned GEMM shapes; the kernel masks the pad
-        z = h @ weight[v0:v1].T
-        ncols = min(n_valid, v1) - v0
-        _cap_exp_rowsum_kernel[(triton.cdiv(M, bm),)](
-            z, bias[v0:] if bias is not None else z, ssum, M, v1 - v0, ncols, z.stride(0), float(cap),
-            2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
-        _accumulate_mm(out, z, embed[v0:v1], fp32_addmm)
-        del z                                    # free this chunk before the next one is allocated
+    spans = [(v0, min(Vp, v0 + chunk)) for v0 in range(0, n_valid, chunk)]   # padded ends: aligned GEMM shapes
+    if config.get("impl") == "gemm_fused":
+        ssum = _gemm_fused_chunks(h, weight, bias, embed, float(cap), n_valid, spans, out, fp32_addmm, config)
+    else:
+        ssum = torch.zeros(M, device=h.device, dtype=torch.float32)
+        bm, bc = (16, 256) if h.device.type == "cuda" else (min(16, _pow2(M)), 256)
+        for v0, v1 in spans:
+            z = h @ weight[v0:v1].T
+            _cap_exp_rowsum_kernel[(triton.cdiv(M, bm),)](
+                z, bias[v0:] if bias is not None else z, ssum, M, v1 - v0, min(n_valid, v1) - v0, z.stride(0),
+                float(cap), 2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
+            _accumulate_mm(out, z, embed[v0:v1], fp32_addmm)
+            del z                                # free this chunk before the next one is allocated
     out /= ssum[:, None]
     return out, float(cap) + torch.log(ssum)
+
+
+def _gemm_fused_chunks(h, weight, bias, embed, cap, n_valid, spans, out, fp32_addmm, config):
+    """The "gemm_fused" chunk loop: per chunk one launch of the cap/exp GEMM into a reused (M, chunk) buffer, then
+    out += p·E; returns the row sums (M,) fp32, the per-tile partials summed in one torch reduction at the end."""
+    M, D = h.shape
+    width = max(v1 - v0 for v0, v1 in spans)
+    cfg = {**gemm_fused_config(M, h.device, h.dtype, D, width), **config}
+    BM, BN, BK, GM = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"]
+    # one buffer for every chunk (the last may be narrower: a view), its row stride padded to 16 elements so that
+    # it is always a valid TMA descriptor (16-byte aligned rows) and the cuBLAS operand rows stay 32-byte aligned
+    p_buf = torch.empty(M, triton.cdiv(width, 16) * 16, device=h.device, dtype=h.dtype)
+    tiles = [triton.cdiv(v1 - v0, BN) for v0, v1 in spans]
+    parts = torch.empty(sum(tiles), M, device=h.device, dtype=torch.float32)
+    if M == 0:
+        return parts.sum(0)
+    common = dict(HAS_BIAS=bias is not None, IEEE=h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                  GROUP_M=GM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    b_arg = bias if bias is not None else h
+    scal = (cap, 2.0 / cap)
+    use_tma = bool(cfg.get("tma")) and tma_usable(h, weight, BK)
+    if use_tma:
+        h_desc = TensorDescriptor.from_tensor(h, [BM, BK])
+        w_desc = TensorDescriptor.from_tensor(weight[:n_valid], [BN, BK])
+    row0 = 0
+    for (v0, v1), nt in zip(spans, tiles):
+        C = v1 - v0
+        p = p_buf[:, :C]
+        grid = (triton.cdiv(M, BM) * nt,)
+        if use_tma:
+            _vocab_logits_cap_exp_tma_kernel[grid](
+                h_desc, w_desc, b_arg, TensorDescriptor.from_tensor(p, [BM, BN]), parts,
+                M, C, v0, n_valid, D, row0, *scal, **common)
+        else:
+            _vocab_logits_cap_exp_kernel[grid](
+                h, weight, b_arg, p, parts, M, C, v0, n_valid, D, h.stride(0), weight.stride(0), p.stride(0),
+                row0, *scal, EVEN_K=D % BK == 0, **common)
+        _accumulate_mm(out, p, embed[v0:v1], fp32_addmm)
+        row0 += nt
+    return parts.sum(0)
 
 
 # Launcher
@@ -505,7 +697,8 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
 
 def vocab_attention_fwd(h, weight, bias, embed, cap, n_valid, config=None):
     """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None, embed (Vp, De)
-    → (out (M, De), lse (M,)), fp32. config={"impl": "gemm" | "fused", ...} overrides the choice."""
+    → (out (M, De), lse (M,)), fp32. config={"impl": "gemm" | "gemm_fused" | "fused", ...} overrides the choice
+    ("gemm_fused": opt-in, see GEMM_FUSED_CONFIGS; flow_map_step_fwd routes it like "gemm")."""
     if _use_gemm(h, cap, config):
         return _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config)
     return _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, None, config)
