@@ -335,18 +335,19 @@ if triton is not None:
 # traffic per call, ~1.1 ms at ~3 TB/s of the measured 5.45 ms; the fused GEMM writes p once and reads nothing extra.
 # Why it may not win (napkin, unmeasured): the epilogue costs 3 MUFU ops per element (exp, reciprocal, exp):
 # 128·256·3 / 16 per clk = 6144 clk per 128×256 tile against 12288 clk of MMA at the tensor-core peak. At
-# 128×256×64 with 3 stages (~144 KiB of shared memory, ~255 registers) one CTA fits per SM, so nothing overlaps
-# that epilogue: the GEMM may run at ≤ 2/3 of its MMA rate (~2.7 ms if the MMA part ran at logits_argmax's measured
-# ~500 TFLOP/s), against cuBLAS (~1.8 ms) + the pass (~1.1 ms). "bm128_bn128" (64 accumulator registers per thread
-# at 8 warps, ~2 CTAs per SM if registers ≤ 128 and shared memory ≤ ~113 KiB, see the compile check) lets one CTA's
-# epilogue overlap the other's MMA. bench/bench_vocab_attention.py times each beside the default.
+# 128×256×64, 8 warps, 3 stages (compile check, sm_90a: 144 KiB of shared memory, 222 registers pointer / 255 TMA)
+# one CTA fits per SM, so nothing overlaps that epilogue: the GEMM may run at ≤ 2/3 of its MMA rate (~2.7 ms if the
+# MMA part ran at logits_argmax's measured ~500 TFLOP/s), against cuBLAS (~1.8 ms) + the pass (~1.1 ms).
+# "bm128_bn128_w4" (one warpgroup, 96 KiB of shared memory, 168 registers TMA / 255 pointer, so 2 CTAs fit per SM)
+# lets one CTA's epilogue overlap the other's MMA; the 8-warp 128×128 tile took 151-181 registers (one CTA per SM:
+# a smaller tile for nothing, dropped). bench/bench_vocab_attention.py times them beside the default.
 # Program order: grouped (GROUP_M row blocks per sweep over the chunk's V tiles, as in Triton's matmul tutorial).
 # Unmeasured reasoning: h (25 MB) and the W chunk (12.6 MB) would both fit the 50 MB L2, but the p stores (268 MB per
 # chunk) stream through it; grouping keeps a wave's working set small (132 CTAs ≈ 8 h blocks (1.6 MB) + ~17 W tiles
 # (6.5 MB), row-major order: ~4 h blocks + all 32 W tiles (12.6 MB)), so W and h are more likely to be L2 hits.
 GEMM_FUSED_CONFIGS = {
     "bm128_bn256": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "bm128_bn128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "bm128_bn128_w4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
 }
 GEMM_FUSED_CONFIG = "bm128_bn256"
 # fp32 on CUDA: the exact (FMA) dot needs small tiles (logits_argmax's fp32 config: no spills on sm_90a).
@@ -756,6 +757,34 @@ def compile_specs() -> list[dict]:
                                  **{k: "constexpr" for k in const}},
                       constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                       divisible_by_16=div16))
+    # "gemm_fused": the cap/exp GEMM at its real configs (bf16, D = 768, 8192-column chunks)
+    gsig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "p_ptr": "*bf16", "ps_ptr": "*fp32",
+            **{n: "i32" for n in ("M", "C", "col0", "n_valid", "D", "stride_h", "stride_w", "stride_p", "ps_row0")},
+            "cap": "fp32", "inv_cap2": "fp32"}
+    gdiv = ["h_ptr", "w_ptr", "b_ptr", "p_ptr", "ps_ptr", "C", "col0", "D", "stride_h", "stride_w", "stride_p"]
+    for label, cfg in GEMM_FUSED_CONFIGS.items():
+        const = dict(HAS_BIAS=True, IEEE=False, EVEN_K=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"])
+        specs.append(dict(name=f"_vocab_logits_cap_exp_kernel[{label}]", fn=_vocab_logits_cap_exp_kernel,
+                          signature={**gsig, **{k: "constexpr" for k in const}}, constexprs=const,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=gdiv))
+        BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        # host TensorDescriptor arguments are typed "tensordesc<dtype[box]>" (as in logits_argmax.compile_specs)
+        tsig = {"h_desc": f"tensordesc<bf16[{BM}, {BK}]>", "w_desc": f"tensordesc<bf16[{BN}, {BK}]>",
+                "b_ptr": "*bf16", "p_desc": f"tensordesc<bf16[{BM}, {BN}]>", "ps_ptr": "*fp32",
+                **{n: "i32" for n in ("M", "C", "col0", "n_valid", "D", "ps_row0")}, "cap": "fp32", "inv_cap2": "fp32"}
+        const = {k: v for k, v in const.items() if k != "EVEN_K"}
+        specs.append(dict(name=f"_vocab_logits_cap_exp_tma_kernel[{label}]", fn=_vocab_logits_cap_exp_tma_kernel,
+                          signature={**tsig, **{k: "constexpr" for k in const}}, constexprs=const,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          divisible_by_16=["b_ptr", "ps_ptr", "C", "col0", "D"]))
+    cfg = GEMM_FUSED_CONFIG_FP32
+    const = dict(HAS_BIAS=True, IEEE=True, EVEN_K=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"])
+    specs.append(dict(name="_vocab_logits_cap_exp_kernel[fp32]", fn=_vocab_logits_cap_exp_kernel,
+                      signature={**gsig, **{n: "*fp32" for n in ("h_ptr", "w_ptr", "b_ptr", "p_ptr")},
+                                 **{k: "constexpr" for k in const}},
+                      constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible_by_16=gdiv))
     csig = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
             "hs_ptr": "*bf16", "noise_ptr": "*bf16", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "cc_ptr": "*fp32"}
     csig.update({n: "i32" for n in ("M", "DE", "seq_len", "n_split", "stride_out", "stride_hs", "stride_noise")})

@@ -184,6 +184,73 @@ def test_gemm_impl_matches_reference(M, V, Vp, chunk):
         VA.vocab_attention_fwd(h.half(), W.half(), b.half(), E.half(), 30.0, V, dict(impl="gemm"))
 
 
+class _Forbidden:
+    """Stands in for a kernel that must not launch, so a test proves which kernel ran."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+def _only(monkeypatch, tma):
+    """gemm_fused: forbid the pointer kernel (tma=True) or the TMA kernel (tma=False)."""
+    other = "_vocab_logits_cap_exp_kernel" if tma else "_vocab_logits_cap_exp_tma_kernel"
+    monkeypatch.setattr(VA, other, _Forbidden(other))
+
+
+GEMM_FUSED_CASES = [
+    # prime rows and V, V padded, D % BLOCK_K != 0, 200-column chunks: V tiles of 64 cross every chunk end, the
+    # last chunk ends inside the padding; GROUP_M=2 over 3 row blocks leaves a partial last group
+    *(pytest.param(37, 1009, 1024, 40, dict(v_chunk=200, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=2, tma=tma),
+                   id=f"37x1009-pad-chunk200-bn64-Ktail-{k}") for k, tma in (("pointer", False), ("tma", True))),
+    *(pytest.param(1, 257, 384, 32, dict(v_chunk=128, tma=tma), id=f"1x257-chunk128-{k}")     # interpreter defaults
+      for k, tma in (("pointer", False), ("tma", True))),
+    # the real V in 8192-column chunks, once: the TMA kernel differs only in its loads and store
+    pytest.param(3, 50258, 50304, 32, dict(BLOCK_N=2048, tma=False), id="3x50258-pointer"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,V,Vp,D,cfg", GEMM_FUSED_CASES)
+def test_triton_gemm_fused_matches_reference_and_gemm(monkeypatch, M, V, Vp, D, cfg):
+    """impl "gemm_fused" (cap/exp/row-sum in the logits GEMM's epilogue) against the reference (error budget) and
+    against impl "gemm" at the same chunking (a few fp32 ulps: only the logits' summation order differs).
+    Padded columns carry W = 1 and b = 100: unmasked, they would take all the mass."""
+    h, W, b, E = _problem(M, V, Vp, D, 48, torch.float32)
+    W[V:], b[V:] = 1.0, 100.0
+    gemm_out, gemm_lse = VA.vocab_attention_fwd(h, W, b, E, 30.0, V, dict(impl="gemm", v_chunk=cfg.get("v_chunk", 8192)))
+    if ON_DEVICE:       # tile sizes chosen for the interpreter; CUDA runs its fp32 config
+        cfg = {k: v for k, v in cfg.items() if k in ("v_chunk", "tma")}
+    # the TMA kernel must run where it can (fp32 on CUDA takes the pointer kernel by design, see tma_usable)
+    tma = cfg["tma"] and VA.tma_usable(h, W, 16)
+    assert tma == cfg["tma"] or ON_DEVICE
+    _only(monkeypatch, tma)
+    out, lse = VA.vocab_attention_fwd(h, W, b, E, 30.0, V, dict(cfg, impl="gemm_fused"))
+    _check("gemm_fused", out, lse, h, W, b, E, 30.0, V)
+    # out is a weighted mean of E rows: a logit difference δ moves it by ~δ·|E|. The logits (|h·w| sums of ~20 here)
+    # differ by a few of their ulps between the two summation orders: measured ≤ 7.2 ulps of max |E| on this CPU.
+    ulp = torch.finfo(torch.float32).eps
+    assert (out - gemm_out).abs().max().item() <= 32 * ulp * E[:V].abs().max().item()
+    assert (lse - gemm_lse).abs().max().item() <= 16 * ulp * gemm_lse.abs().max().item()
+
+
+@needs_triton
+def test_triton_gemm_fused_no_bias_flow_map_step_and_fp16(monkeypatch):
+    """Without a bias; flow_map_step_fwd routes "gemm_fused" like "gemm"; fp16 is refused (e^{−2·cap} underflows)."""
+    h, W, _, E = _problem(19, 257, 300, 24, 40, torch.float32, bias=False)
+    cfg = dict(impl="gemm_fused", v_chunk=96, BLOCK_N=64)
+    out, lse = VA.vocab_attention_fwd(h, W, None, E, 30.0, 257, cfg)
+    _check("gemm_fused no bias", out, lse, h, W, None, E, 30.0, 257)
+    args = _flow_problem(2, 7, 257, 300, 24, 40, torch.float32, True)
+    monkeypatch.setattr(VA, "_vocab_attention_launch", _Forbidden("_vocab_attention_launch"))   # no fused-kernel path
+    got = VA.flow_map_step_fwd(*args, 30.0, 257, cfg)
+    _check_flow("flow gemm_fused", got, *args, 30.0, 257)
+    with pytest.raises(ValueError, match="fp16"):
+        VA.vocab_attention_fwd(h.half(), W.half(), None, E.half(), 30.0, 257, cfg)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype,cap", [(torch.float32, None), (torch.float16, 30.0)])
 @pytest.mark.parametrize("splits", [1, 3])
@@ -275,6 +342,24 @@ def test_gpu_bf16_owt():
     _check("gpu owt", out[rows], lse[rows], h[rows], W, b, E, 30.0, 50258)
     small, small_lse = vocab_attention(h[:128], W, b, E, 30.0, 50258, backend="triton")   # B=1, L=128: V split
     _check("gpu 128 rows", small, small_lse, h[:128], W, b, E, 30.0, 50258)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [dict(impl="gemm_fused"), dict(impl="gemm_fused", tma=True),
+                                 dict(impl="gemm_fused", tma=True, **VA.GEMM_FUSED_CONFIGS["bm128_bn128_w4"])],
+                         ids=["pointer", "tma", "tma-bm128_bn128_w4"])
+def test_gpu_gemm_fused_bf16_owt(monkeypatch, cfg):
+    """The opt-in "gemm_fused" impl at the OWT shape (bf16, 16384 rows, padded V) against the reference (the same
+    budget as test_gpu_bf16_owt), and 300 rows (one partial row block per tile column)."""
+    h, W, b, E = _owt()
+    if cfg.get("tma"):
+        assert VA.tma_usable(h, W, 64)
+    _only(monkeypatch, bool(cfg.get("tma")))
+    out, lse = VA.vocab_attention_fwd(h, W, b, E, 30.0, 50258, cfg)
+    rows = torch.arange(0, h.shape[0], 16, device="cuda")
+    _check("gpu owt gemm_fused", out[rows], lse[rows], h[rows], W, b, E, 30.0, 50258)
+    out, lse = VA.vocab_attention_fwd(h[:300], W, b, E, 30.0, 50258, cfg)
+    _check("gpu 300 rows gemm_fused", out, lse, h[:300], W, b, E, 30.0, 50258)
 
 
 @pytest.mark.gpu
