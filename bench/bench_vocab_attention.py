@@ -2,8 +2,9 @@
 
 Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = De = 768): the OWT
 sampler step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default
-config, and the alternative configs of kernels/vocab_attention.py CONFIGS at the OWT shape, each checked
-against the default); flow_map_step (the op with the flow-map update fused) against vocab_attention + the
+config, then at the OWT shape the alternatives, each checked against the default (max abs diff) and timed
+against it (speedup_vs_default = default ms / variant ms): first the opt-in "gemm_fused" candidates (pointer and
+TMA kernels), then the "gemm" chunkings and the fused kernel's CONFIGS); flow_map_step (the op with the flow-map update fused) against vocab_attention + the
 update in PyTorch; reference.vocab_attention_ref eager; torch.compile(reference) at the OWT shape in a child
 process (a cold inductor compile must not cost the rows above if gpu-check's time limit hits); two cuBLAS
 GEMMs of the same shapes with a materialized bf16 P (the matmul ceiling of an unfused implementation).
@@ -97,8 +98,17 @@ def run(quick: bool = False) -> list[dict]:
     tried = [main]
     n = SHAPES[0]
     h = h_all[:n]
-    # the gemm variants first: the fused kernel's configs (~20-34 ms a call here) can exhaust the time budget
-    variants = {"gemm v_chunk 4096": dict(impl="gemm", v_chunk=4096),
+    # the gemm variants first: the fused kernel's configs (~20-34 ms a call here) can exhaust the time budget.
+    # First of all the opt-in "gemm_fused" candidates (cap/exp/row sums in a Triton logits GEMM's epilogue, then
+    # cuBLAS p·E; see kernels/vocab_attention.py GEMM_FUSED_CONFIGS), not yet timed on a GPU. Napkin for the three
+    # in quick mode: 13 calls of ~5 ms each (< 0.3 s) plus one cold Triton compile each (the compile check took
+    # 3.0 / 2.8 / 1.0 s on a 2-core CPU) unless the GPU tests, which run the same configs at this shape, left them
+    # in the cache: ≤ ~7 s.
+    w4 = VA.GEMM_FUSED_CONFIGS["bm128_bn128_w4"]
+    variants = {"gemm_fused bm128_bn256 (pointer)": dict(impl="gemm_fused"),
+                "gemm_fused bm128_bn256 TMA": dict(impl="gemm_fused", tma=True),
+                "gemm_fused bm128_bn128_w4 TMA (2 CTAs/SM)": dict(impl="gemm_fused", tma=True, **w4),
+                "gemm v_chunk 4096": dict(impl="gemm", v_chunk=4096),
                 "gemm v_chunk 8192, bf16 P·E + add (before 2026-11-27 session 2)":
                     dict(impl="gemm", v_chunk=8192, fp32_addmm=False),
                 **{f"fused {k}": v for k, v in VA.CONFIGS.items()}}
@@ -107,8 +117,11 @@ def run(quick: bool = False) -> list[dict]:
             continue
         try:
             out1, _ = VA.vocab_attention_fwd(h, W, b, E, CAP, V, cfg)
+            note = str({k: v for k, v in cfg.items()})
+            if cfg.get("tma") and not VA.tma_usable(h, W, cfg.get("BLOCK_K", 64)):
+                note += " (TMA not usable here: ran the pointer kernel)"
             r = add(f"triton [{name}]", n, lambda cfg=cfg: VA.vocab_attention_fwd(h, W, b, E, CAP, V, cfg),
-                    str({k: v for k, v in cfg.items()}), mem=False)
+                    note, mem=False)
             r["max_abs_diff_vs_default"] = (out1 - mains[n][1]).abs().max().item()
             r["speedup_vs_default"] = main["ms"] / r["ms"]
             tried.append(r)

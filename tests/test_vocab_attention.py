@@ -308,6 +308,11 @@ def test_triton_bench_smoke(monkeypatch):
     assert impls[0] == "triton" and any(i.startswith("best measured") for i in impls)
     assert all("failed" not in str(r.get("note", "")) for r in rows), rows
     assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
+    variants = [r for r in rows if r["impl"].startswith("triton [")]
+    assert [r["impl"] for r in variants[:3]] == ["triton [gemm_fused bm128_bn256 (pointer)]",
+                                                 "triton [gemm_fused bm128_bn256 TMA]",
+                                                 "triton [gemm_fused bm128_bn128_w4 TMA (2 CTAs/SM)]"], variants
+    assert all(r["speedup_vs_default"] > 0 and r["max_abs_diff_vs_default"] < 1e-3 for r in variants[:3]), variants
 
 
 @pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")
