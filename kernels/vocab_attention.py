@@ -336,8 +336,9 @@ if triton is not None:
 # Why it may not win (napkin, unmeasured): the epilogue costs 3 MUFU ops per element (exp, reciprocal, exp):
 # 128·256·3 / 16 per clk = 6144 clk per 128×256 tile against 12288 clk of MMA at the tensor-core peak. At
 # 128×256×64, 8 warps, 3 stages (compile check, sm_90a: 144 KiB of shared memory, 222 registers pointer / 255 TMA)
-# one CTA fits per SM, so nothing overlaps that epilogue: the GEMM may run at ≤ 2/3 of its MMA rate (~2.7 ms if the
-# MMA part ran at logits_argmax's measured ~500 TFLOP/s), against cuBLAS (~1.8 ms) + the pass (~1.1 ms).
+# one CTA fits per SM, so nothing overlaps that epilogue: ≤ 2/3 of the MMA rate. Per call the MUFU work alone is
+# ~0.67 ms (16384·50304·3 ops at 16 per clk per SM, 132 SMs, ~1.75 GHz): ~2.5-3.2 ms in all with the MMA part at
+# 700-500 TFLOP/s (cuBLAS / logits_argmax, measured), against cuBLAS (~1.8 ms) + the pass (~1.1 ms) today.
 # "bm128_bn128_w4" (one warpgroup, 96 KiB of shared memory, 168 registers TMA / 255 pointer, so 2 CTAs fit per SM)
 # lets one CTA's epilogue overlap the other's MMA; the 8-warp 128×128 tile took 151-181 registers (one CTA per SM:
 # a smaller tile for nothing, dropped). bench/bench_vocab_attention.py times them beside the default.
