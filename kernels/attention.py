@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import interpreting, triton_available
+from ._backend import interpreting, tma_device_ok, triton_available
 
 BACKENDS = ("auto", "reference", "triton", "flex")
 LOG2E = 1.4426950408889634
@@ -410,9 +410,7 @@ def tma_usable(q, v) -> bool:
     read); v mergeable into a (B, L, H·d) view with a 16-byte aligned base and 16-byte multiple strides
     (true for the DiT's qkv views: row stride 3·H·d). The rotary_qk buffer is a fresh contiguous
     allocation, aligned whenever d is."""
-    if TensorDescriptor is None or v.dtype != q.dtype:
-        return False
-    if q.device.type == "cuda" and (q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device)[0] < 9):
+    if v.dtype != q.dtype or not tma_device_ok(q):
         return False
     d, es = q.shape[-1], q.element_size()
     if d < 16 or d > 256 or d & (d - 1):

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, interpreting, resolve
+from ._backend import acc_dtype, interpreting, resolve, tma_device_ok, tma_rows_ok
 
 try:
     import triton
@@ -432,12 +432,7 @@ def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int, *more: torch
     D % BLOCK_K need not be 0: TMA zero-fills the K tail. fp32 on CUDA keeps the pointer kernels: the variant
     exists to feed wgmma 16-bit tiles (fp32 runs the exact FMA dot, and backend='auto' in training runs bf16).
     The interpreter takes fp32 (its tests cannot use bf16)."""
-    if TensorDescriptor is None or h.shape[0] == 0:
-        return False
-    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
-        return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
-               for t in (h, weight, *more)) and (block_k * h.element_size()) % 16 == 0
+    return h.shape[0] > 0 and tma_device_ok(h) and tma_rows_ok(block_k, h, weight, *more)
 
 
 def _operands(cfg: dict, n_valid: int, weight: torch.Tensor, *xs: torch.Tensor):

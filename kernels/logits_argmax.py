@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, resolve
+from ._backend import acc_dtype, resolve, tma_device_ok, tma_rows_ok
 
 try:
     import triton
@@ -249,12 +249,7 @@ def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
     fp32 on CUDA keeps the pointer kernel: the variant exists to feed wgmma (16-bit inputs), and with the exact
     FMA dot at GPU_CONFIG_FP32 the TMA kernel spilled ~3.5 KB on sm_90a (compile check) where the pointer
     kernel does not. The interpreter takes fp32 (its tests cannot use bf16)."""
-    if TensorDescriptor is None:
-        return False
-    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
-        return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
-               for t in (h, weight)) and (block_k * h.element_size()) % 16 == 0
+    return tma_device_ok(h) and tma_rows_ok(block_k, h, weight)
 
 
 def _check_dtypes(h, weight, bias):

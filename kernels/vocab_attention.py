@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, resolve
+from ._backend import acc_dtype, resolve, tma_device_ok, tma_rows_ok
 
 try:
     import triton
@@ -497,12 +497,7 @@ def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
     descriptors need a 16-byte aligned base and row stride and a box row of a multiple of 16 bytes; on CUDA,
     sm_90+ and 16-bit inputs (fp32 takes the FMA dot, for which the variant brings nothing). The p buffer's
     descriptor is aligned by construction (its row stride is padded, see _vocab_attention_gemm)."""
-    if TensorDescriptor is None:
-        return False
-    if h.device.type == "cuda" and (h.dtype == torch.float32 or torch.cuda.get_device_capability(h.device)[0] < 9):
-        return False
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
-               for t in (h, weight)) and (block_k * h.element_size()) % 16 == 0
+    return tma_device_ok(h) and tma_rows_ok(block_k, h, weight)
 
 
 def gemm_fused_config(M: int, device: torch.device, dtype: torch.dtype, D: int, chunk: int) -> dict:

@@ -7,6 +7,7 @@ import torch
 from fmlm.kernels import attention as A
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
+from kernel_test_utils import capture, forbid
 
 needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -249,14 +250,7 @@ def test_prepass_cuda_graph_replay():
     """rotary_qk allocates its buffer inside the call: capture works and replay equals eager on new inputs."""
     q, k, v, cos, sin = _inputs(2, 129, 12, 64, torch.bfloat16, "cuda")
     fn = lambda: A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass")  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    g, out = capture(fn)
     q2, k2, v2, _, _ = _inputs(2, 129, 12, 64, torch.bfloat16, "cuda", seed=5)
     q.copy_(q2), k.copy_(k2), v.copy_(v2)
     g.replay()
@@ -265,20 +259,10 @@ def test_prepass_cuda_graph_replay():
 
 
 # ---- the opt-in TMA candidate (rotary_impl='prepass_tma') ----------------------------------------------
-class _Forbidden:
-    """Stands in for a kernel that must not launch, so each test proves which attention kernel ran."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __getitem__(self, grid):
-        raise AssertionError(f"{self.name} launched")
-
-
 def _only(monkeypatch, kernel):
     """'tma': the pointer attention kernel must not launch; 'pointer': the TMA kernel must not."""
     other = "_softcap_attention_fwd_kernel" if kernel == "tma" else "_softcap_attention_tma_fwd_kernel"
-    monkeypatch.setattr(A, other, _Forbidden(other))
+    forbid(monkeypatch, A, other)
 
 
 TMA_CASES = [
@@ -401,14 +385,7 @@ def test_prepass_tma_cuda_graph_replay(monkeypatch):
     q, k, v, cos, sin = _inputs(2, 1024, 12, 64, torch.bfloat16, "cuda")
     _only(monkeypatch, "tma")
     fn = lambda: A.softcap_attention(q, k, v, 50.0, cos, sin, rotary_impl="prepass_tma")  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    g, out = capture(fn)
     q2, k2, v2, _, _ = _inputs(2, 1024, 12, 64, torch.bfloat16, "cuda", seed=5)
     q.copy_(q2), k.copy_(k2), v.copy_(v2)
     g.replay()

@@ -19,6 +19,7 @@ import torch
 
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
+from kernel_test_utils import capture, forbid
 
 LA = importlib.import_module("fmlm.kernels.logits_argmax")   # the module (the package re-exports the function)
 logits_argmax = LA.logits_argmax
@@ -157,20 +158,10 @@ def test_triton_functional_and_op():
 
 
 # ---- the opt-in TMA kernel (config={"tma": True}) --------------------------------------------------
-class _Forbidden:
-    """Stands in for a kernel that must not launch, so each TMA test proves which kernel ran."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __getitem__(self, grid):
-        raise AssertionError(f"{self.name} launched")
-
-
 def _only(monkeypatch, kernel):
     """Forbid the other kernel: 'tma' → the pointer kernel must not launch, 'pointer' → the TMA kernel."""
     other = "_logits_argmax_fwd_kernel" if kernel == "tma" else "_logits_argmax_tma_fwd_kernel"
-    monkeypatch.setattr(LA, other, _Forbidden(other))
+    forbid(monkeypatch, LA, other)
 
 
 def _expected_kernel(h, W, block_k):
@@ -342,14 +333,7 @@ def test_gpu_tma_cuda_graph(monkeypatch, n, cfg):
     cfg = dict(cfg or LA.default_config(n, h.device), tma=True)
     _only(monkeypatch, "tma")
     static_h = h[:n].clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        LA.logits_argmax_fwd(static_h, W, b, 50258, cfg)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = LA.logits_argmax_fwd(static_h, W, b, 50258, cfg)
+    g, out = capture(lambda: LA.logits_argmax_fwd(static_h, W, b, 50258, cfg))
     for part in (h[:n], h[n:]):
         static_h.copy_(part)
         g.replay()

@@ -17,6 +17,7 @@ import torch
 
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
+from kernel_test_utils import forbid
 
 VA = importlib.import_module("fmlm.kernels.vocab_attention")   # the module (the package re-exports the function)
 vocab_attention, flow_map_step = VA.vocab_attention, VA.flow_map_step
@@ -184,20 +185,10 @@ def test_gemm_impl_matches_reference(M, V, Vp, chunk):
         VA.vocab_attention_fwd(h.half(), W.half(), b.half(), E.half(), 30.0, V, dict(impl="gemm"))
 
 
-class _Forbidden:
-    """Stands in for a kernel that must not launch, so a test proves which kernel ran."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __getitem__(self, grid):
-        raise AssertionError(f"{self.name} launched")
-
-
 def _only(monkeypatch, tma):
     """gemm_fused: forbid the pointer kernel (tma=True) or the TMA kernel (tma=False)."""
     other = "_vocab_logits_cap_exp_kernel" if tma else "_vocab_logits_cap_exp_tma_kernel"
-    monkeypatch.setattr(VA, other, _Forbidden(other))
+    forbid(monkeypatch, VA, other)
 
 
 GEMM_FUSED_CASES = [
@@ -245,7 +236,7 @@ def test_triton_gemm_fused_no_bias_flow_map_step_and_fp16(monkeypatch):
     out, lse = VA.vocab_attention_fwd(h, W, None, E, 30.0, 257, cfg)
     _check("gemm_fused no bias", out, lse, h, W, None, E, 30.0, 257)
     args = _flow_problem(2, 7, 257, 300, 24, 40, torch.float32, True)
-    monkeypatch.setattr(VA, "_vocab_attention_launch", _Forbidden("_vocab_attention_launch"))   # no fused-kernel path
+    forbid(monkeypatch, VA, "_vocab_attention_launch")   # no fused-kernel path
     got = VA.flow_map_step_fwd(*args, 30.0, 257, cfg)
     _check_flow("flow gemm_fused", got, *args, 30.0, 257)
     with pytest.raises(ValueError, match="fp16"):
