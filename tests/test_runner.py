@@ -513,7 +513,7 @@ def test_bench_e2e_compile_cpu_smoke(monkeypatch):
     from fmlm.bench import bench_e2e, bench_e2e_compile as bench
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None),))
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2),))
     monkeypatch.setattr(bench_e2e, "DEVICE", "cuda")       # run() sets it; monkeypatch restores it afterwards
     rows = bench.run(quick=True)
     assert [r["path"] for r in rows] == ["engine graph", "engine graph + compile"]
