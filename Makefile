@@ -43,7 +43,7 @@ gpu-check:
 	$(GPU_PY) -m fmlm.bench.gpu_check $(GPU_CHECK_ARGS)
 
 gpu-check-full:
-	$(MAKE) gpu-check GPU_CHECK_ARGS="--budget 540 $(GPU_CHECK_ARGS)"
+	$(MAKE) gpu-check GPU_CHECK_ARGS="--budget 540 --tests-limit 220 $(GPU_CHECK_ARGS)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out
