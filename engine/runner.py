@@ -175,7 +175,7 @@ class Sampler:
     @torch.no_grad()
     def _run(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator] = None,
              n: Optional[int] = None) -> None:
-        plan, heads, cap = self.plan, self.heads, self.cfg.logit_cap
+        plan, heads = self.plan, self.heads
         n = n or slot.bucket
         h = slot.h[:n]
         if from_seed:
