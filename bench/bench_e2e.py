@@ -8,7 +8,8 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
 - engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
 - engine graph + compile (full mode only): the blocks under torch.compile as well;
 - engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
-  prepass before attention, the TMA logits_argmax) at the headline batch sizes, so one run shows whether a
+  prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows) at the
+  headline batch sizes, so one run shows whether a
   candidate should become the default (--no-candidates skips them).
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fmlm.bench.common import RESULTS_DIR, ceilings, markdown_table, time_fn, write_rows
+from fmlm.kernels.linear import SMALL_ROWS
 
 DATASETS = {"owt": (1, 8, 32, 64), "lm1b": (1, 64, 512)}
 # ms/sample targets of the issue (one step, H100, bf16)
@@ -37,7 +39,9 @@ REF_QUICK = {("owt", 1, 1), ("owt", 32, 1), ("lm1b", 1, 1), ("lm1b", 512, 1)}
 FOUR_STEP_RATIO = 4.5
 # opt-in kernel variants (engine/runner.py KERNEL_OPTIONS) timed beside the defaults at the headline batch sizes
 CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
-              "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}}}
+              "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}},
+              "gemm triton small": {"gemm_impl": "triton_small"}}
+CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS}    # rows (B·L) up to which the candidate acts
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
 
@@ -127,7 +131,11 @@ def bench(args, quick: bool = False) -> list[dict]:
                 paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
             if args.candidates and steps == 1:
                 cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
-                paths += [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb) for c, o in CANDIDATES.items()]
+                for c, o in CANDIDATES.items():
+                    # a candidate that only acts up to some row count is timed only where it acts
+                    cbc = [b for b in cb if b * cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * cfg.seq_len)]
+                    if cbc:
+                        paths.append((f"engine graph [{c}]", dict(graph=True, kernel_options=o), cbc))
             for path, kw, path_batches in paths:
                 try:
                     sampler = Sampler(model, max(path_batches), steps, **kw)

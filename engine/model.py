@@ -226,16 +226,36 @@ def _linear_gelu_tanh(y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torc
     return torch.nn.functional.gelu(torch.nn.functional.linear(y, w, b), approximate="tanh")
 
 
+GEMM_IMPLS = ("cublas", "triton_small")
+
+
 def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale, cos, sin,
-                n_heads: int, softcap, in_place: bool, kb: str, ab: str, rotary_impl: str = "load"):
+                n_heads: int, softcap, in_place: bool, kb: str, ab: str, rotary_impl: str = "load",
+                gemm_impl: str = "cublas"):
     """One DiT block from (x = residual stream fp32, y = adaLN-modulated norm1(x) in the compute dtype) to
     (x', y' = the next adaLN input: the next block's norm1 or the final layer's norm). in_place: x may be
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
-    passed to softcap_attention ('load' default; 'prepass'/'prepass_k'/'prepass_tma' opt-in candidates)."""
+    passed to softcap_attention ('load' default; 'prepass'/'prepass_k'/'prepass_tma' opt-in candidates).
+    gemm_impl: 'cublas' (default) or the opt-in 'triton_small' (kernels/linear.py), which at ≤ SMALL_ROWS rows
+    runs the four GEMMs as Triton kernels, the two that feed the residual as split-K partials summed by
+    gate_residual (no memsets, every GEMM spread over the GPU at batch 1); cuBLAS above SMALL_ROWS rows."""
     from fmlm.kernels import adaln, attention  # noqa: PLC0415
+    from fmlm.kernels import linear as lin  # noqa: PLC0415
 
     B, L, D = x.shape
     F = torch.nn.functional
+    if gemm_impl not in GEMM_IMPLS:
+        raise ValueError(f"gemm_impl must be one of {GEMM_IMPLS}, got {gemm_impl!r}")
+    if gemm_impl == "triton_small" and B * L <= lin.SMALL_ROWS:
+        qkv = lin.linear(y, wb["wqkv"], backend=kb).view(B, L, 3, n_heads, D // n_heads)
+        att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, cos, sin,
+                                          backend=ab, rotary_impl=rotary_impl)
+        p = lin.linear_partials(att, wb["wout"], backend=kb)
+        x, y = adaln.gate_residual(x, gate_msa, p, wb["norm2"], shift_mlp, scale_mlp, out_dtype=y.dtype,
+                                   x_out=x if in_place else None, backend=kb)
+        p = lin.linear_partials(lin.linear(y, wb["w0"], wb["b0"], "gelu_tanh", backend=kb), wb["w2"], backend=kb)
+        return adaln.gate_residual(x, gate_mlp, p, next_w, next_shift, next_scale, out_dtype=y.dtype,
+                                   x_out=x if in_place else None, backend=kb, y_bias=wb["b2"])
     qkv = F.linear(y, wb["wqkv"]).view(B, L, 3, n_heads, D // n_heads)
     att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, cos, sin, backend=ab,
                                       rotary_impl=rotary_impl)
@@ -259,13 +279,15 @@ def _fast_modulation(model: "FlowLM", tau_s: torch.Tensor, tau_t: Optional[torch
 
 def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor], tau_t: Optional[torch.Tensor],
                 dtype: torch.dtype = torch.bfloat16, kernel_backend: str = "auto", attn_backend: str = "auto",
-                block_fn=None, mods: Optional[torch.Tensor] = None, rotary_impl: str = "load") -> torch.Tensor:
+                block_fn=None, mods: Optional[torch.Tensor] = None, rotary_impl: str = "load",
+                gemm_impl: str = "cublas") -> torch.Tensor:
     """trunk_ref computed with the fused ops: GEMMs in `dtype` (fp32 accumulate), residual stream fp32,
     LayerNorm/modulate/gate in fp32, softcap attention with rotary fused on load. Returns u in `dtype`.
     block_fn: a replacement for _fast_block (e.g. torch.compile(_fast_block)); kernel_backend/attn_backend
     select the op backends (tests run 'triton' under TRITON_INTERPRET=1 with dtype=float32). mods: the
     precomputed _fast_modulation rows, (B, ·) or (1, ·) broadcast over the batch, instead of the times.
-    rotary_impl: how the attention applies rotary (kernels/attention.py softcap_attention)."""
+    rotary_impl: how the attention applies rotary (kernels/attention.py softcap_attention). gemm_impl: the
+    blocks' GEMMs, 'cublas' or the opt-in 'triton_small' (see _fast_block)."""
     from fmlm.kernels import adaln  # noqa: PLC0415
     from . import nvtx  # noqa: PLC0415
 
@@ -301,5 +323,5 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
         with nvtx.range(f"block{i}"):
             # block 0 must not write into the caller's h; later blocks update their own stream in place
             x, y = block_fn(x, y, wb, *blk_mods, cos, sin, cfg.n_heads, cfg.attn_softcap, in_place and i > 0,
-                            kernel_backend, attn_backend, rotary_impl)
+                            kernel_backend, attn_backend, rotary_impl, gemm_impl)
     return y

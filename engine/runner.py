@@ -25,7 +25,7 @@ import torch
 from fmlm import kernels
 from fmlm.kernels import reference as ref
 from . import nvtx
-from .model import _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
+from .model import GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
 from .sampling import Heads, hidden_noise_factor, make_plan
 
 BACKENDS = ("auto", "fast", "reference")
@@ -61,7 +61,9 @@ class Sampler:
     replaced (in place, load_state_dict, .to()) invalidate every graph on the next call.
     kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
-    {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True})."""
+    {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
+    {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py;
+    'triton_small' does not combine with compile_blocks)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -79,6 +81,9 @@ class Sampler:
         self.graph = bool(graph)
         self.compile_blocks = bool(compile_blocks)
         self.kernel_options = _check_kernel_options(kernel_options)
+        if self.compile_blocks and self.kernel_options.get("gemm_impl", "cublas") != "cublas":
+            raise ValueError("kernel option gemm_impl='triton_small' does not combine with compile_blocks=True "
+                             "(its split-K partials are not registered for torch.compile)")
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()
@@ -199,7 +204,8 @@ class Sampler:
         if self.trunk_backend == "fast":
             block_fn = _compiled_block() if self.compile_blocks else None
             return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k],
-                               rotary_impl=self.kernel_options.get("rotary_impl", "load"))
+                               rotary_impl=self.kernel_options.get("rotary_impl", "load"),
+                               gemm_impl=self.kernel_options.get("gemm_impl", "cublas"))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -307,7 +313,8 @@ class Sampler:
                 + (f", kernel_options={self.kernel_options}" if self.kernel_options else "") + ")")
 
 
-KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict}
+KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
+                  "gemm_impl": GEMM_IMPLS}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:

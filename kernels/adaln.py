@@ -29,12 +29,14 @@ if triton_available():
 
     @triton.jit
     def _gate_residual_adaln_kernel(
-        X, Y, GATE, XOUT, W, SHIFT, SCALE, OUT,
+        X, Y, GATE, XOUT, W, SHIFT, SCALE, OUT, YBIAS,
         n_rows, L, D, eps,
-        stride_x, stride_y, stride_xo, stride_o, stride_gb, stride_mb,
-        HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
+        stride_x, stride_y, stride_xo, stride_o, stride_gb, stride_mb, stride_ys,
+        HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, NUM_Y: tl.constexpr, HAS_YBIAS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        # y = Σ_{s < NUM_Y} Y[s] (+ YBIAS): NUM_Y > 1 reads the fp32 split-K partials of linear_partials,
+        # summed in split order (deterministic), instead of a finished GEMM output
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
@@ -45,7 +47,13 @@ if triton_available():
         bidx = rows64 // L                       # batch index of each row: the modulation is per batch
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            y = tl.load(Y + rows64[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y_ptrs = Y + rows64[:, None] * stride_y + cols[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            for _s in tl.static_range(1, NUM_Y):
+                y_ptrs += stride_ys          # pointer steps: 64-bit address math at any S·rows·D
+                y += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_YBIAS:
+                y += tl.load(YBIAS + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
             g = tl.load(GATE + bidx[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             x = x + g * y
             tl.store(XOUT + rows64[:, None] * stride_xo + cols[None, :], x.to(XOUT.dtype.element_ty), mask=mask)
@@ -80,14 +88,22 @@ def _mod(t: torch.Tensor, B: int, D: int) -> torch.Tensor:
 
 
 def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale=None, eps: float = EPS,
-                            x_out=None, out=None, out_dtype=None):
-    """Triton launcher. x, y (B, L, D); gate/shift/scale (B, D) (strided views into a (B, k·D) modulation
-    are fine). Returns (x_out or None, out or None)."""
+                            x_out=None, out=None, out_dtype=None, y_bias=None):
+    """Triton launcher. x, y (B, L, D), or y (S, B, L, D) split-K partials summed in split order; y_bias
+    (D,) added to y; gate/shift/scale (B, D) (strided views into a (B, k·D) modulation are fine). Returns
+    (x_out or None, out or None)."""
     B, L, D = x.shape
     has_res, has_norm = gate is not None, weight is not None
     x2 = _rows(x, D)
+    n_y, stride_ys = 1, 0
     if has_res:
-        y2 = _rows(y, D)
+        if y.dim() == 4:               # (S, B, L, D) partials
+            n_y = y.shape[0]
+            y = y if y[0].is_contiguous() else y.contiguous()
+            stride_ys = y.stride(0)
+            y2 = y[0].view(-1, D)
+        else:
+            y2 = _rows(y, D)
         gate = _mod(gate, B, D)
         if x_out is None:
             x_out = torch.empty(B, L, D, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -106,15 +122,17 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
         weight = weight.contiguous()
     else:
         o2 = shift = scale = weight = x2
+    y_bias = y_bias.contiguous() if (has_res and y_bias is not None) else None
     n_rows = B * L
     block_d = triton.next_power_of_2(D)
     block_r = _block_r(n_rows, block_d, x.device)
     grid = (triton.cdiv(n_rows, block_r),)
     _gate_residual_adaln_kernel[grid](
-        x2, y2, gate, xo2, weight, shift, scale, o2,
+        x2, y2, gate, xo2, weight, shift, scale, o2, y_bias if y_bias is not None else x2,
         n_rows, L, D, float(eps),
-        x2.stride(0), y2.stride(0), xo2.stride(0), o2.stride(0), gate.stride(0), shift.stride(0),
-        HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_R=block_r, BLOCK_D=block_d,
+        x2.stride(0), y2.stride(0), xo2.stride(0), o2.stride(0), gate.stride(0), shift.stride(0), stride_ys,
+        HAS_RESIDUAL=has_res, HAS_NORM=has_norm, NUM_Y=n_y, HAS_YBIAS=y_bias is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if x.device.type == "cuda" else 1)
     return (x_out if has_res else None), (out if has_norm else None)
 
@@ -123,17 +141,20 @@ def compile_specs() -> list[dict]:
     """Real configs for the sm_90a compile check: fp32 residual stream, bf16 GEMM operands, D = 768."""
     if not triton_available():
         return []
-    sig = {"X": "*fp32", "Y": "*bf16", "GATE": "*bf16", "XOUT": "*fp32", "W": "*fp32", "SHIFT": "*bf16",
-           "SCALE": "*bf16", "OUT": "*bf16", "eps": "fp32"}
-    sig.update({n: "i32" for n in ("n_rows", "L", "D", "stride_x", "stride_y", "stride_xo", "stride_o",
-                                   "stride_gb", "stride_mb")})
+    base = {"X": "*fp32", "Y": "*bf16", "GATE": "*bf16", "XOUT": "*fp32", "W": "*fp32", "SHIFT": "*bf16",
+            "SCALE": "*bf16", "OUT": "*bf16", "YBIAS": "*bf16", "eps": "fp32"}
+    base.update({n: "i32" for n in ("n_rows", "L", "D", "stride_x", "stride_y", "stride_xo", "stride_o",
+                                    "stride_gb", "stride_mb", "stride_ys")})
     names = _gate_residual_adaln_kernel.arg_names
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-               if sig.get(n, "").startswith("*") or n.startswith("stride_") or n == "D"}
+               if base.get(n, "").startswith("*") or n.startswith("stride_") or n == "D"}
     specs = []
-    for res, norm in ((True, True), (False, True), (True, False)):
-        const = dict(HAS_RESIDUAL=res, HAS_NORM=norm, BLOCK_R=4, BLOCK_D=1024)
-        specs.append(dict(name=f"_gate_residual_adaln_kernel[{'res' if res else ''}{'+norm' if norm else ''}]",
+    # the last: the "triton_small" GEMM path's consumer of 4 fp32 split-K partials + the GEMM bias
+    for res, norm, n_y in ((True, True, 1), (False, True, 1), (True, False, 1), (True, True, 4)):
+        sig = dict(base, Y="*fp32") if n_y > 1 else base
+        const = dict(HAS_RESIDUAL=res, HAS_NORM=norm, NUM_Y=n_y, HAS_YBIAS=n_y > 1, BLOCK_R=4, BLOCK_D=1024)
+        tag = f"{'res' if res else ''}{'+norm' if norm else ''}{f'+{n_y}partials' if n_y > 1 else ''}"
+        specs.append(dict(name=f"_gate_residual_adaln_kernel[{tag}]",
                           fn=_gate_residual_adaln_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                           constexprs=const, attrs=aligned, num_warps=4, num_stages=1))
     return specs
@@ -152,9 +173,15 @@ def adaln_modulate_ref(x, weight, shift, scale, eps: float = EPS):
     return ref.modulate(y, shift.to(acc)[:, None], scale.to(acc)[:, None])
 
 
-def gate_residual_ref(x, gate, y):
+def gate_residual_ref(x, gate, y, y_bias=None):
+    """x + gate·y; y (S, B, L, D) split-K partials are summed first, y_bias (D,) added to y."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.to(acc) + gate.to(acc)[:, None] * y.to(acc)
+    y = y.to(acc)
+    if y.dim() == x.dim() + 1:
+        y = y.sum(0)
+    if y_bias is not None:
+        y = y + y_bias.to(acc)
+    return x.to(acc) + gate.to(acc)[:, None] * y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,24 +226,35 @@ def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, s
 def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = EPS,
                   out_dtype: Optional[torch.dtype] = None, x_out: Optional[torch.Tensor] = None,
-                  backend: str = "auto"):
+                  backend: str = "auto", y_bias: Optional[torch.Tensor] = None):
     """x + gate·y (x, y (B, L, D), gate (B, D)) in fp32 (x's dtype if wider). With weight/shift/scale, also
     returns the next adaLN input: (x_new, LayerNorm(x_new)·w·(1+scale)+shift in out_dtype, default y.dtype).
-    x_out: optional destination for x_new (may be x itself: in-place residual stream)."""
+    x_out: optional destination for x_new (may be x itself: in-place residual stream).
+    y may also be (S, B, L, D) fp32 split-K partials (kernels/linear.py linear_partials), summed in split
+    order, and y_bias (D,) is added to y: the GEMM's bias, for partials that carry none."""
     with_norm = weight is not None
     if with_norm and (shift is None or scale is None):
         raise ValueError("the fused LayerNorm needs weight, shift and scale")
+    partials = y.dim() == x.dim() + 1
+    if (y.shape[1:] if partials else y.shape) != x.shape:
+        raise ValueError(f"y must be x's shape {tuple(x.shape)} or (S, *x.shape) partials, got {tuple(y.shape)}")
+    if y_bias is not None and y_bias.shape != (x.shape[-1],):
+        raise ValueError(f"y_bias must be ({x.shape[-1]},), got {tuple(y_bias.shape)}")
     out_dtype = out_dtype or y.dtype
     be = resolve(backend, x.device)
     if be != "triton":
-        xn = gate_residual_ref(x, gate, y).to(torch.promote_types(x.dtype, torch.float32))
+        xn = gate_residual_ref(x, gate, y, y_bias).to(torch.promote_types(x.dtype, torch.float32))
         if x_out is not None:
             xn = x_out.copy_(xn)
         if not with_norm:
             return xn
         return xn, adaln_modulate_ref(xn, weight, shift, scale, eps).to(out_dtype)
     if torch.compiler.is_compiling() and x_out is None:
+        if partials or y_bias is not None:
+            raise NotImplementedError("gate_residual with split-K partials or y_bias is not registered for "
+                                      "torch.compile (the 'triton_small' GEMM path runs without compile_blocks)")
         if with_norm:
             return _gate_residual_adaln_op(x, gate, y, weight, shift, scale, float(eps), out_dtype)
-    xn, out = gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, x_out=x_out, out_dtype=out_dtype)
+    xn, out = gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, x_out=x_out, out_dtype=out_dtype,
+                                      y_bias=y_bias)
     return (xn, out) if with_norm else xn

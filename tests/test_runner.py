@@ -228,13 +228,19 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
         pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
                                     rotary_impl=impl)
         _assert_budget(pre, reference, truth, 1e-6)
+    # the opt-in Triton GEMMs (split-K partials summed by gate_residual) compute the same trunk
+    small = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
+                                  gemm_impl="triton_small")
+    _assert_budget(small, reference, truth, 1e-6)
 
 
 def test_sampler_kernel_options_validated():
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
-    for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}):
+    for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}, {"gemm_impl": "cutlass"}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
+    with pytest.raises(ValueError, match="compile_blocks"):
+        Sampler(m, 2, 1, graph=False, compile_blocks=True, kernel_options={"gemm_impl": "triton_small"})
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
     assert "kernel_options" in repr(s)
     assert s.sample(0).shape == (2, 5)          # CPU: the reference trunk and the torch head ignore them
@@ -293,6 +299,9 @@ def test_fast_sampler_on_cpu_runs():
     s = Sampler(m, 2, 2, backend="fast")
     a = s.sample(3)
     assert a.shape == (2, 9) and torch.equal(a, s.sample(3)) and int(a.max()) < 131
+    # gemm_impl='triton_small' on the CPU runs the same ops through their torch backends
+    t = Sampler(m, 2, 2, backend="fast", kernel_options={"gemm_impl": "triton_small"})
+    assert (t.sample(3) == a).float().mean() >= 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +322,9 @@ def test_fast_trunk_bf16_gpu(B, L):
     out = m.trunk(h, ts, tt)              # auto → fast on CUDA
     assert out.dtype == torch.bfloat16
     _assert_budget(out, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+    # the opt-in Triton GEMMs at batch 1 (kernel option gemm_impl='triton_small'): the same error budget
+    small = model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_small")
+    _assert_budget(small, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
 
 
 @pytest.mark.gpu
@@ -341,11 +353,14 @@ def test_graph_replay_equals_eager(steps, renoise):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
-                                  {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}}],
-                         ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma"])
+                                  {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}},
+                                  {"gemm_impl": "triton_small"}],
+                         ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
-    rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles."""
+    rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
+    GEMMs differ from cuBLAS only in summation order and in skipping the bf16 rounding of the two GEMM outputs
+    that feed the residual (near-ties may flip: the 0.999 agreement bound)."""
     m = _gpu_model()
     base = Sampler(m, 3, 2, renoise=0.5)
     cand = Sampler(m, 3, 2, renoise=0.5, kernel_options=opts)

@@ -1,0 +1,272 @@
+"""linear / linear_partials: a Triton GEMM for the DiT trunk at small row counts, with its epilogue fused.
+
+Reference (the published DiT's nn.Linear layers, reference.py):
+    linear(a, w, b, activation)   = act(a·wᵀ + b) in a.dtype, act ∈ {None, "gelu_tanh"}
+    linear_partials(a, w, split)  = P of shape (S, *a.shape[:-1], N), fp32, with Σ_s P[s] = a·wᵀ
+                                    (fp32 accumulation; each P[s] is the product over one slice of K)
+The partials are consumed by adaln.gate_residual(x, gate, P, ..., y_bias=b), which sums them in a fixed order
+while it reads them anyway: split-K with no atomics, no memset and no extra reduction kernel, so the result is
+deterministic (graph replay == eager, bit for bit).
+
+Why (napkin, H100, not yet measured: the engine uses it only with Sampler(kernel_options={"gemm_impl":
+"triton_small"})): at batch 1 the trunk's GEMMs have 128 (LM1B) or 1024 (OWT) rows. With 128×128 tiles the
+attention output projection (N = K = 768) and the MLP's second GEMM (N = 768, K = 3072) run on 6 programs at
+LM1B B=1, 6 of 132 SMs streaming 1.2–4.7 MB of weights each at one SM's load rate, and cuBLAS adds one device
+memset per GEMM (a graph node each; the H100 profile shows 49 per call). Here those two GEMMs split K so that
+about one wave of programs shares each weight matrix (LM1B B=1: 24 tiles × 4 splits), and the small-tile
+configs give the qkv and first MLP GEMMs 72–96 programs. The block then runs the same 7 kernels as the cuBLAS
+path, with no memsets and every GEMM spread over the GPU. Above SMALL_ROWS rows cuBLAS tiles fill the GPU and
+the engine keeps cuBLAS.
+
+Numerics: fp32 accumulation; the partials skip the bf16 rounding of the GEMM output that F.linear does before
+the residual add (so the candidate's trunk is slightly closer to the fp64 truth than the reference's).
+GELU(tanh) is evaluated on the fp32 accumulator + bias (as cuBLASLt's GELU epilogue in the default path), with
+the MUFU tanh.approx on CUDA for 16-bit outputs (relative error 2^-11, below the output's bf16 rounding).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._backend import interpreting, resolve, triton_available
+
+ACTIVATIONS = (None, "gelu_tanh")
+SMALL_ROWS = 4096        # the engine's "triton_small" GEMMs: rows (B·L) up to here, cuBLAS above
+WAVE = 132               # programs to aim for (H100 SXM: 132 SMs)
+MIN_K_PER_SPLIT = 256    # a split keeps ≥ 4 K steps of 64 to pipeline
+MAX_SPLIT = 8
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gelu_tanh(z, FAST_TANH: tl.constexpr):
+        """0.5·z·(1 + tanh(√(2/π)·(z + 0.044715·z³))), z fp32. FAST_TANH: MUFU tanh.approx (CUDA only); else
+        tanh(u) = sign(u)·(1 − e)/(1 + e), e = exp(−2|u|), whose cancellation near 0 costs absolute error
+        ≤ ~1e-7·|z|: below fp32's rounding of the product 0.5·z·(1 + t) at the scales that matter."""
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        if FAST_TANH:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            e = tl.exp(-2.0 * tl.abs(u))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(u < 0, -t, t)
+        return 0.5 * z * (1.0 + t)
+
+    @triton.jit
+    def _linear_kernel(
+        A, W, BIAS, OUT,
+        M, N, K, k_per_split,
+        stride_am, stride_wn, stride_os, stride_om,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr, PARTIAL: tl.constexpr,
+        IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One (BLOCK_M × BLOCK_N) output tile over the K slice [pid_s·k_per_split, +k_per_split) ∩ [0, K).
+        PARTIAL: store the fp32 tile into OUT[pid_s] (no bias, no activation); else act(acc + bias) in OUT's
+        dtype. Program axis 0 walks the row blocks, so the programs that share a weight tile run side by side
+        (at small M the weights are the traffic: each W tile is read from HBM once and from L2 after)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        col_ok = cols < N
+        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
+        k_begin = pid_s * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(k_begin, k_end, BLOCK_K):
+            ks = k + offs_k
+            if EVEN_K:       # K and k_per_split are multiples of BLOCK_K: no K mask
+                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks < k_end)[None, :], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < k_end)[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        mask = row_ok[:, None] & col_ok[None, :]
+        out = OUT + pid_s.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        if PARTIAL:
+            tl.store(out, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                acc = _gelu_tanh(acc, FAST_TANH)
+            tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and launcher
+# ---------------------------------------------------------------------------------------------
+# Hopper, 16-bit operands: 64×64 tiles (one warpgroup's wgmma m64) when the 128-wide tiles would leave most
+# SMs idle, 128×128 otherwise; K steps of 64 with 4 stages (32 KiB of shared memory per 64×64 stage pair).
+GPU_CONFIG_SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+GPU_CONFIG_MID = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+GPU_CONFIG_LARGE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# fp32 on CUDA: the exact (ieee) dot, a smaller footprint (a correctness path: the engine runs bf16)
+GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+# the interpreter: few programs, each a few numpy dots
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, split_k: Optional[int] = None,
+                config: Optional[dict] = None) -> dict:
+    """Tile config and split count. split_k None: 1 (linear) — linear_partials passes 0 for "choose": enough
+    splits that tiles × splits reaches a wave, each split ≥ MIN_K_PER_SPLIT deep. Returns BLOCK_*, num_warps,
+    num_stages, SPLIT and K_PER_SPLIT (a multiple of BLOCK_K)."""
+    if config is not None:
+        cfg = dict(config)
+    elif device.type != "cuda":
+        cfg = dict(INTERPRET_CONFIG)
+    elif dtype == torch.float32:
+        cfg = dict(GPU_CONFIG_FP32)
+    else:                             # the widest tiles that still make a wave, else the smallest
+        for c in (GPU_CONFIG_LARGE, GPU_CONFIG_MID, GPU_CONFIG_SMALL):
+            cfg = dict(c)
+            if _cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"]) >= WAVE:
+                break
+    bk = cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(K)))
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if device.type != "cuda":     # the interpreter: no wider than needed
+            cfg[key] = max(16, min(cfg[key], triton.next_power_of_2(M if key == "BLOCK_M" else N)))
+    tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
+    if split_k is None:
+        split = 1
+    elif split_k == 0:
+        split = max(1, min(MAX_SPLIT, _cdiv(WAVE, tiles), K // MIN_K_PER_SPLIT))
+    else:
+        split = int(split_k)
+    k_per = _cdiv(_cdiv(K, split), bk) * bk
+    cfg["SPLIT"] = _cdiv(K, k_per)          # a requested split may shrink so that no split is empty
+    cfg["K_PER_SPLIT"] = k_per
+    return cfg
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    if a.dim() < 1 or weight.dim() != 2 or a.shape[-1] != weight.shape[1]:
+        raise ValueError(f"a (..., K) and weight (N, K) must agree on K: {tuple(a.shape)}, {tuple(weight.shape)}")
+    if a.dtype != weight.dtype:
+        raise ValueError(f"a and weight must share a dtype, got {a.dtype} and {weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if a.device != weight.device or (bias is not None and bias.device != a.device):
+        raise ValueError("a, weight and bias must be on one device")
+
+
+def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: Optional[str] = None, split_k: Optional[int] = None, config: Optional[dict] = None):
+    """Triton launcher. split_k None: act(a·wᵀ + b) of shape (*a.shape[:-1], N) in a.dtype. Otherwise (0 =
+    choose by shape): fp32 partials (S, *a.shape[:-1], N), no bias or activation applied."""
+    a2 = _rows(a)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    M, K = a2.shape
+    N = w.shape[0]
+    cfg = pick_config(M, N, K, a.dtype, a.device, split_k, config)
+    partial = split_k is not None
+    S = cfg["SPLIT"] if partial else 1
+    if partial:
+        out = torch.empty(S, M, N, device=a.device, dtype=torch.float32)
+        shape = (S, *a.shape[:-1], N)
+    else:
+        out = torch.empty(1, M, N, device=a.device, dtype=a.dtype)
+        shape = (*a.shape[:-1], N)
+    if M == 0 or N == 0:
+        return out.view(shape)
+    if K == 0:      # an empty product: the bias alone (fp32 zeros for partials)
+        out.zero_()
+        if not partial:
+            z = out[0].float() + (bias.float() if bias is not None else 0.0)
+            out[0].copy_(torch.nn.functional.gelu(z, approximate="tanh") if activation == "gelu_tanh" else z)
+        return out.view(shape)
+    bk = cfg["BLOCK_K"]
+    b = bias.contiguous() if bias is not None else w
+    grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]), S)
+    _linear_kernel[grid](
+        a2, w, b, out, M, N, K, cfg["K_PER_SPLIT"],
+        a2.stride(0), w.stride(0), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None and not partial, ACT=int(activation == "gelu_tanh" and not partial),
+        FAST_TANH=a.device.type == "cuda" and not interpreting() and a.dtype != torch.float32,
+        PARTIAL=partial, IEEE=a.dtype == torch.float32,
+        EVEN_K=K % bk == 0 and cfg["K_PER_SPLIT"] % bk == 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference (F.linear, as the published layers) and the functional API
+# ---------------------------------------------------------------------------------------------
+def linear_ref(a, weight, bias=None, activation=None):
+    """nn.Linear (+ GELU(tanh)) in a's dtype, as the published DiT computes it."""
+    y = torch.nn.functional.linear(a, weight, bias)
+    return torch.nn.functional.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+
+
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           activation: Optional[str] = None, backend: str = "auto", config: Optional[dict] = None) -> torch.Tensor:
+    """act(a·wᵀ + b): a (..., K), weight (N, K), bias (N,) → (..., N) in a.dtype, activation None | 'gelu_tanh'.
+    backend 'triton' runs the small-row-count Triton GEMM; 'reference'/'torch' run F.linear."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check(a, weight, bias)
+    if resolve(backend, a.device) != "triton":
+        return linear_ref(a, weight, bias, activation)
+    return linear_fwd(a, weight, bias, activation, None, config)
+
+
+def linear_partials(a: torch.Tensor, weight: torch.Tensor, split_k: int = 0, backend: str = "auto",
+                    config: Optional[dict] = None) -> torch.Tensor:
+    """Split-K partial products of a·wᵀ: (S, ..., N) fp32 with Σ_s P[s] = a·wᵀ. split_k 0 chooses S by shape
+    (pick_config); a requested S may shrink so that every split holds K. 'reference'/'torch': S = 1, the
+    product in fp32 (fp64 for fp64 inputs)."""
+    _check(a, weight, None)
+    if split_k < 0:
+        raise ValueError(f"split_k must be ≥ 0 (0 = by shape), got {split_k}")
+    if resolve(backend, a.device) != "triton":
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return torch.nn.functional.linear(a.to(acc), weight.to(acc))[None]
+    if a.dtype == torch.float64:
+        raise ValueError("backend='triton' takes 16-bit or fp32 inputs")
+    return linear_fwd(a, weight, None, None, split_k, config)
+
+
+def compile_specs() -> list[dict]:
+    """The sm_90a compile check: the engine's configs at D = 768 (bf16 operands)."""
+    if not triton_available():
+        return []
+    specs = []
+    for tag, cfg in (("small", GPU_CONFIG_SMALL), ("mid", GPU_CONFIG_MID), ("large", GPU_CONFIG_LARGE)):
+        for partial, act in ((False, 0), (False, 1), (True, 0)):
+            out = "*fp32" if partial else "*bf16"
+            sig = {"A": "*bf16", "W": "*bf16", "BIAS": "*bf16", "OUT": out, "M": "i32", "N": "i32", "K": "i32",
+                   "k_per_split": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_os": "i32",
+                   "stride_om": "i32"}
+            const = dict(HAS_BIAS=not partial, ACT=act, FAST_TANH=True, PARTIAL=partial, IEEE=False, EVEN_K=True,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+            sig.update({k: "constexpr" for k in const})
+            kind = "partial" if partial else ("gelu" if act else "bias")
+            specs.append(dict(name=f"_linear_kernel[{tag},{kind}]", fn=_linear_kernel, signature=sig,
+                              constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                              divisible_by_16=["A", "W", "BIAS", "OUT", "N", "K", "k_per_split", "stride_am",
+                                               "stride_wn", "stride_os", "stride_om"]))
+    return specs

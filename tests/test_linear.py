@@ -1,0 +1,157 @@
+"""kernels/linear.py (the Triton GEMM of the 'triton_small' trunk path) against F.linear (+ GELU(tanh)), the
+published layers, with an fp64 ground truth and the DESIGN.md §6 error budget; split-K partials against the
+fp64 product; gate_residual's consumption of the partials."""
+import importlib
+
+import pytest
+import torch
+
+from fmlm.kernels import adaln
+from fmlm.kernels._backend import interpreting, triton_available
+
+lin = importlib.import_module("fmlm.kernels.linear")
+
+needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
+                                  reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def _inputs(M, N, K, dtype, device="cpu", seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*lead, M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    b = (0.5 * torch.randn(N, generator=g)).to(device, dtype)
+    return a, w, b
+
+
+def _budget(out, reference, truth, dtype, floor_eps=4):
+    err = (out.double() - truth).abs().max().item()
+    ref_err = (reference.double() - truth).abs().max().item()
+    floor = floor_eps * torch.finfo(dtype).eps * max(truth.abs().max().item(), 1.0)
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} > 2·{ref_err:.3g} + {floor:.3g}"
+
+
+CASES = [
+    pytest.param(1, 17, 5, torch.float32, id="M1-K5"),
+    pytest.param(7, 33, 40, torch.float32, id="odd"),
+    pytest.param(37, 96, 256, torch.float16, id="fp16"),
+    pytest.param(3, 64, 768, torch.float16, id="K768-fp16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,dtype", CASES)
+@pytest.mark.parametrize("act", [None, "gelu_tanh"])
+def test_linear_matches_reference(M, N, K, dtype, act):
+    a, w, b = _inputs(M, N, K, dtype, _dev(), lead=(2,))          # (2, M, K): leading dims flatten into rows
+    out = lin.linear(a, w, b, act, backend="triton")
+    assert out.shape == (2, M, N) and out.dtype == dtype
+    truth = lin.linear_ref(a.double(), w.double(), b.double(), act)
+    _budget(out, lin.linear_ref(a, w, b, act), truth, dtype)
+    nob = lin.linear(a, w, None, act, backend="triton")            # no bias
+    _budget(nob, lin.linear_ref(a, w, None, act), lin.linear_ref(a.double(), w.double(), None, act), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_partials_sum_to_the_product(dtype):
+    """Forced splits (BLOCK_K 16, so a 100-deep K holds up to 7 splits): every split count sums to a·wᵀ within
+    the fp32-accumulation budget; a requested count shrinks so that no split is empty."""
+    a, w, _ = _inputs(19, 40, 100, dtype, _dev(), seed=2)
+    truth = a.double() @ w.double().T
+    reference = torch.nn.functional.linear(a.float(), w.float())
+    cfg = dict(lin.INTERPRET_CONFIG, BLOCK_K=16) if _dev() == "cpu" else dict(lin.GPU_CONFIG_SMALL, BLOCK_K=16)
+    for split, want_s in ((1, 1), (2, 2), (3, 3), (7, 7), (8, 7), (50, 7)):
+        p = lin.linear_partials(a, w, split, backend="triton", config=cfg)
+        assert p.shape == (want_s, 19, 40) and p.dtype == torch.float32, (split, p.shape)
+        _budget(p.sum(0), reference, truth, torch.float32)
+        assert p[-1].abs().sum() > 0                        # the last split did hold K
+    # the split chosen by shape: a wave of programs, each split ≥ MIN_K_PER_SPLIT deep
+    cfg = lin.pick_config(128, 768, 3072, torch.bfloat16, torch.device("cuda"), split_k=0)
+    tiles = (128 // cfg["BLOCK_M"]) * (768 // cfg["BLOCK_N"])
+    assert cfg["SPLIT"] > 1 and tiles * cfg["SPLIT"] >= lin.WAVE // 2
+    assert cfg["K_PER_SPLIT"] >= lin.MIN_K_PER_SPLIT and cfg["K_PER_SPLIT"] % cfg["BLOCK_K"] == 0
+
+
+def test_pick_config_spreads_small_row_counts():
+    """At batch 1 (LM1B: 128 rows; OWT: 1024) each engine GEMM gets ≥ half a wave of programs; the many-row
+    shapes take the 128×128 tiles."""
+    dev = torch.device("cuda")
+    for M in (128, 1024):
+        for N, K, split in ((2304, 768, None), (768, 768, 0), (3072, 768, None), (768, 3072, 0)):
+            c = lin.pick_config(M, N, K, torch.bfloat16, dev, split)
+            programs = -(-M // c["BLOCK_M"]) * -(-N // c["BLOCK_N"]) * c["SPLIT"]
+            assert programs >= lin.WAVE // 2, (M, N, K, c)
+    assert lin.pick_config(4096, 2304, 768, torch.bfloat16, dev)["BLOCK_M"] == 128
+
+
+def test_torch_backend_and_errors():
+    a, w, b = _inputs(5, 6, 7, torch.float32)
+    assert torch.equal(lin.linear(a, w, b, backend="torch"), torch.nn.functional.linear(a, w, b))
+    p = lin.linear_partials(a, w, backend="torch")
+    assert p.shape == (1, 5, 6) and torch.allclose(p[0], a @ w.T)
+    assert lin.linear_partials(a.double(), w.double(), backend="torch").dtype == torch.float64
+    with pytest.raises(ValueError, match="activation"):
+        lin.linear(a, w, b, "relu")
+    with pytest.raises(ValueError, match="agree on K"):
+        lin.linear(a, w[:, :3], b)
+    with pytest.raises(ValueError, match="bias"):
+        lin.linear(a, w, b[:2])
+    with pytest.raises(ValueError, match="dtype"):
+        lin.linear(a.half(), w, b)
+    with pytest.raises(ValueError, match="split_k"):
+        lin.linear_partials(a, w, -1)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_split", [1, 3])
+def test_gate_residual_sums_partials(n_split):
+    """gate_residual(x, gate, P, ..., y_bias=b) = x + gate·(Σ_s P[s] + b), then the next adaLN input."""
+    dev = _dev()
+    g = torch.Generator().manual_seed(3)
+    B, L, D = 2, 5, 48
+    x = (3 * torch.randn(B, L, D, generator=g)).to(dev)
+    P = torch.randn(n_split, B, L, D, generator=g).to(dev)
+    yb = torch.randn(D, generator=g).to(dev)
+    gate, sh, sc = (0.5 * torch.randn(3, B, D, generator=g)).to(dev).unbind(0)
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(dev)
+    xn, out = adaln.gate_residual(x, gate, P, w, sh, sc, out_dtype=torch.float32, backend="triton", y_bias=yb)
+    xt = x.double() + gate.double()[:, None] * (P.double().sum(0) + yb.double())
+    xr, outr = adaln.gate_residual(x, gate, P, w, sh, sc, out_dtype=torch.float32, backend="reference", y_bias=yb)
+    _budget(xn, xr, xt, torch.float32)
+    _budget(out, outr, adaln.adaln_modulate_ref(xt, w.double(), sh.double(), sc.double()), torch.float32)
+    x_keep = x.clone()
+    plain = adaln.gate_residual(x, gate, P, backend="triton", y_bias=yb)          # no norm, not in place
+    assert torch.equal(x, x_keep)
+    _budget(plain, xr, xt, torch.float32)
+    with pytest.raises(ValueError, match="partials"):
+        adaln.gate_residual(x, gate, P[:, :, :2], backend="triton")
+    with pytest.raises(ValueError, match="y_bias"):
+        adaln.gate_residual(x, gate, P, backend="triton", y_bias=yb[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [128, 1024, 77])
+def test_bf16_engine_shapes_on_gpu(M):
+    """The four GEMMs of a released-small block at batch 1 (LM1B 128 rows, OWT 1024) and an odd row count, bf16,
+    against F.linear in bf16; the split-K pair through gate_residual against the bf16 GEMM + residual."""
+    for N, K, act in ((2304, 768, None), (3072, 768, "gelu_tanh")):
+        a, w, b = _inputs(M, N, K, torch.bfloat16, "cuda")
+        out = lin.linear(a, w, b if act else None, act)
+        truth = lin.linear_ref(a.double(), w.double(), b.double() if act else None, act)
+        _budget(out, lin.linear_ref(a, w, b if act else None, act), truth, torch.bfloat16)
+    for N, K in ((768, 768), (768, 3072)):
+        a, w, b = _inputs(M, N, K, torch.bfloat16, "cuda", seed=1)
+        p = lin.linear_partials(a, w)
+        assert p.shape[0] >= 1 and p.dtype == torch.float32
+        truth = a.double() @ w.double().T
+        _budget(p.sum(0), torch.nn.functional.linear(a, w), truth, torch.bfloat16)
+        x = torch.randn(1, M, N, device="cuda")
+        gate = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+        xn = adaln.gate_residual(x, gate, p.view(-1, 1, M, N), y_bias=b)
+        xt = x.double() + gate.double()[:, None] * (truth + b.double())[None]
+        xr = adaln.gate_residual(x, gate, torch.nn.functional.linear(a, w, b)[None])
+        _budget(xn, xr, xt, torch.float32)
