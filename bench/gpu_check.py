@@ -22,7 +22,7 @@ LIMITS = {"bench_e2e": 150, "bench_attention": 75, "bench_e2e_compile": 150}   #
 # the benchmarks that carry the issues' targets first, then the diagnostic ones (attention sweep, profile) and the
 # extras: when the total budget runs out, the ones at the end are skipped (and reported so)
 ORDER = ("bench_e2e", "bench_logits_argmax", "bench_interp_embed", "bench_linear_cross_entropy",
-         "bench_vocab_attention", "bench_attention", "bench_profile", "bench_sample", "bench_train",
+         "bench_vocab_attention", "bench_linear", "bench_attention", "bench_profile", "bench_sample", "bench_train",
          "bench_e2e_compile")
 
 

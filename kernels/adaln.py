@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import interpreting, resolve, triton_available
+from ._backend import resolve, triton_available
 
 EPS = 1e-5          # F.layer_norm's default, used by the published DiT
 

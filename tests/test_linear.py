@@ -155,3 +155,19 @@ def test_bf16_engine_shapes_on_gpu(M):
         xt = x.double() + gate.double()[:, None] * (truth + b.double())[None]
         xr = adaln.gate_residual(x, gate, torch.nn.functional.linear(a, w, b)[None])
         _budget(xn, xr, xt, torch.float32)
+
+
+def test_bench_linear_cpu_smoke(monkeypatch):
+    """bench/bench_linear.py's row logic on the CPU (tiny row count, the ops' CPU paths), so the one GPU run cannot
+    die on a bug in it: every (pass, impl) row has a time, each candidate row a speedup over its cublas row."""
+    from fmlm.bench import bench_linear as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "ROWS", (16,))
+    rows = bench.run(quick=True)
+    assert all("note" not in r and r["ms"] > 0 for r in rows), [r for r in rows if "note" in r]
+    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("qkv", "mlp1 (gelu)", "out + resid",
+                                                                       "mlp2 + resid", "block")
+                                                      for i in ("cublas", "triton_small")}
+    cand = [r for r in rows if r["impl"] == "triton_small"]
+    assert all(r["speedup_vs_default"] > 0 for r in cand)

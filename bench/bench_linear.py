@@ -1,0 +1,142 @@
+"""The trunk's GEMMs at batch 1: cuBLAS (the default) beside the opt-in Triton GEMMs (kernels/linear.py, Sampler
+kernel option gemm_impl='triton_small'), one process, bf16, released small model (D = 768, MLP 3072).
+
+Rows (rows = B·L: 128 is LM1B at B=1, 1024 OWT at B=1), each GEMM as the block uses it:
+- qkv:          y·Wqkvᵀ                      cublas: F.linear            triton: linear
+- mlp1:         GELU(y·W0ᵀ + b0)             cublas: cuBLASLt GELU epilogue (_linear_gelu_tanh) | triton: linear
+- out + resid:  x += g·(o·Woutᵀ); next adaLN cublas: F.linear + gate_residual | triton: split-K partials summed
+                                              by gate_residual
+- mlp2 + resid: x += g·(m·W2ᵀ + b2); adaLN    the same pair with the bias
+- block:        one whole _fast_block (attention included), gemm_impl 'cublas' vs 'triton_small'
+Timing: REPS calls captured in one CUDA graph, replayed; ms = replay time / REPS (device time with the graph's
+inter-kernel gaps, as the engine's sampler replays its graph; no host launch cost), median of many replays.
+speedup_vs_default = cublas ms / triton ms at the same row (> 1: the candidate is faster).
+TFLOP/s counts the GEMM FLOPs (2·rows·N·K) only.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+
+import torch
+
+from fmlm.bench.common import graphed, markdown_table, time_fn, write_rows
+
+DEVICE = "cuda"                       # the CPU smoke test sets "cpu" (interpreter, tiny shapes, eager timing)
+D, HEADS, MLP = 768, 12, 3072
+ROWS = (128, 1024)
+REPS = 20
+BUDGET_S = 40.0
+
+
+def _block_inputs(rows: int, seed: int = 0):
+    """A one-block released-small model's fast weights and block inputs at B=1, L=rows, random never-zero."""
+    import fmlm
+    from fmlm.engine import model as model_mod
+
+    cfg = fmlm.ModelConfig(vocab_size=256, seq_len=rows, hidden=D, n_blocks=1, n_heads=HEADS, cond_dim=128,
+                           two_time=True)
+    m = fmlm.FlowLM(cfg)
+    m.reset_parameters(seed=seed)
+    m = m.to(DEVICE)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    w = model_mod._fast_weights(m, torch.device(DEVICE), dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = 2 * torch.randn(1, rows, D, device=DEVICE, generator=g)
+    y = torch.randn(1, rows, D, device=DEVICE, generator=g).to(dtype)
+    mods = (0.3 * torch.randn(1, 7, D, device=DEVICE, generator=g)).to(dtype)
+    cos, sin = w.rope(rows)
+    return w, x, y, mods, cos, sin, dtype
+
+
+def run(quick: bool = False) -> list[dict]:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        return []
+    lin = importlib.import_module("fmlm.kernels.linear")
+    from fmlm.engine import model as model_mod
+    from fmlm.kernels import adaln
+
+    F = torch.nn.functional
+    t_start = time.time()
+    iters = 20 if quick else 50
+    kb = "auto"          # Triton on CUDA; the CPU smoke run takes the ops' torch paths
+    rows_out = []
+    for rows in ROWS:
+        w, x, y, mods, cos, sin, dtype = _block_inputs(rows)
+        wb = w.blocks[0]
+        g = torch.Generator(device=DEVICE).manual_seed(1)
+        att = torch.randn(1, rows, D, device=DEVICE, generator=g).to(dtype)
+        hid = torch.randn(1, rows, MLP, device=DEVICE, generator=g).to(dtype)
+        gate, sh, sc = mods[:, 0], mods[:, 1], mods[:, 2]
+        xo = x.clone()
+
+        def resid_cublas(a, wt, bias):
+            o = F.linear(a, wt, bias)
+            return adaln.gate_residual(x, gate, o, wb["norm2"], sh, sc, out_dtype=dtype, x_out=xo, backend=kb)
+
+        def resid_triton(a, wt, bias):
+            p = lin.linear_partials(a, wt, backend=kb)
+            return adaln.gate_residual(x, gate, p, wb["norm2"], sh, sc, out_dtype=dtype, x_out=xo, backend=kb,
+                                       y_bias=bias)
+
+        def block(impl):
+            return lambda: model_mod._fast_block(x, y, wb, gate, sh, sc, mods[:, 3], wb["norm1"], mods[:, 4],
+                                                 mods[:, 5], cos, sin, HEADS, 50.0, False, kb, kb, "load", impl)
+
+        cases = [
+            ("qkv", 2 * rows * 3 * D * D, lambda: F.linear(y, wb["wqkv"]),
+             lambda: lin.linear(y, wb["wqkv"], backend=kb)),
+            ("mlp1 (gelu)", 2 * rows * MLP * D, lambda: model_mod._linear_gelu_tanh(y, wb["w0"], wb["b0"]),
+             lambda: lin.linear(y, wb["w0"], wb["b0"], "gelu_tanh", backend=kb)),
+            ("out + resid", 2 * rows * D * D, lambda: resid_cublas(att, wb["wout"], None),
+             lambda: resid_triton(att, wb["wout"], None)),
+            ("mlp2 + resid", 2 * rows * D * MLP, lambda: resid_cublas(hid, wb["w2"], wb["b2"]),
+             lambda: resid_triton(hid, wb["w2"], wb["b2"])),
+            ("block", 2 * rows * 12 * D * D, block("cublas"), block("triton_small")),
+        ]
+        for what, flops, f_cublas, f_triton in cases:
+            if time.time() - t_start > BUDGET_S:
+                rows_out.append({"pass": what, "rows": rows, "note": "skipped: benchmark budget spent"})
+                continue
+            base_ms = None
+            for impl, fn in (("cublas", f_cublas), ("triton_small", f_triton)):
+                row = {"op": "trunk GEMM", "pass": what, "rows": rows, "impl": impl, "D": D,
+                       "dtype": str(dtype).replace("torch.", "")}
+                try:
+                    if DEVICE == "cuda":
+                        timed = graphed(lambda fn=fn: [fn() for _ in range(REPS)])
+                        t = time_fn(timed, warmup=3, iters=iters, device=DEVICE)
+                        ms = t["ms"] / REPS
+                        row.update(ms=ms, p20_ms=t["p20_ms"] / REPS, p80_ms=t["p80_ms"] / REPS)
+                    else:
+                        t = time_fn(fn, warmup=1, iters=2, device=DEVICE)
+                        ms = t["ms"]
+                        row.update(ms=ms, p20_ms=t["p20_ms"], p80_ms=t["p80_ms"])
+                except Exception as exc:       # report, do not hide: the row says why it has no time
+                    row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+                    rows_out.append(row)
+                    continue
+                row["tflops"] = flops / (ms * 1e-3) / 1e12
+                if impl == "cublas":
+                    base_ms = ms
+                elif base_ms:
+                    row["speedup_vs_default"] = base_ms / ms
+                rows_out.append(row)
+    return rows_out
+
+
+COLUMNS = ["op", "pass", "rows", "impl", "dtype", "ms", "p20_ms", "p80_ms", "tflops", "speedup_vs_default", "note"]
+
+
+def main() -> int:
+    rows = run()
+    if rows:
+        write_rows("bench_linear", rows)
+        print(markdown_table(rows, COLUMNS))
+    else:
+        print("bench_linear needs CUDA")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
