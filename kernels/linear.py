@@ -13,8 +13,8 @@ Why (napkin, H100, not yet measured: the engine uses it only with Sampler(kernel
 attention output projection (N = K = 768) and the MLP's second GEMM (N = 768, K = 3072) run on 6 programs at
 LM1B B=1, 6 of 132 SMs streaming 1.2–4.7 MB of weights each at one SM's load rate, and cuBLAS adds one device
 memset per GEMM (a graph node each; the H100 profile shows 49 per call). Here those two GEMMs split K so that
-about one wave of programs shares each weight matrix (LM1B B=1: 24 tiles × 4 splits), and the small-tile
-configs give the qkv and first MLP GEMMs 72–96 programs. The block then runs the same 7 kernels as the cuBLAS
+about one wave of programs shares each weight matrix (LM1B B=1: 24 tiles × 3 splits and 12 × 8; OWT B=1:
+48 × 3), and the small-tile configs give the qkv and first MLP GEMMs 72–96 programs at LM1B B=1. The block then runs the same 7 kernels as the cuBLAS
 path, with no memsets and every GEMM spread over the GPU. Above SMALL_ROWS rows cuBLAS tiles fill the GPU and
 the engine keeps cuBLAS.
 
@@ -124,21 +124,30 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _auto_split(tiles: int, K: int) -> int:
+    """Splits that bring tiles × splits to about a wave, each split ≥ MIN_K_PER_SPLIT deep, at most MAX_SPLIT."""
+    return max(1, min(MAX_SPLIT, _cdiv(WAVE, tiles), K // MIN_K_PER_SPLIT))
+
+
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, split_k: Optional[int] = None,
                 config: Optional[dict] = None) -> dict:
-    """Tile config and split count. split_k None: 1 (linear) — linear_partials passes 0 for "choose": enough
-    splits that tiles × splits reaches a wave, each split ≥ MIN_K_PER_SPLIT deep. Returns BLOCK_*, num_warps,
-    num_stages, SPLIT and K_PER_SPLIT (a multiple of BLOCK_K)."""
+    """Tile config and split count. split_k None: 1 (linear) — linear_partials passes 0 for "choose"
+    (_auto_split). On CUDA (16-bit) the widest tiles whose programs (tiles × splits) reach half a wave win, else
+    the smallest: wide tiles read each operand fewer times (at OWT B=1, 64×64 tiles would pull ~150 MB through
+    L2 for the 1024×3072 by 3072×768 GEMM, 128×128 tiles split 3 ways ~75 MB), and splitting K is cheaper
+    than narrowing tiles while the splits stay deep. Returns BLOCK_*, num_warps, num_stages, SPLIT and
+    K_PER_SPLIT (a multiple of BLOCK_K)."""
     if config is not None:
         cfg = dict(config)
     elif device.type != "cuda":
         cfg = dict(INTERPRET_CONFIG)
     elif dtype == torch.float32:
         cfg = dict(GPU_CONFIG_FP32)
-    else:                             # the widest tiles that still make a wave, else the smallest
+    else:
         for c in (GPU_CONFIG_LARGE, GPU_CONFIG_MID, GPU_CONFIG_SMALL):
             cfg = dict(c)
-            if _cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"]) >= WAVE:
+            tiles = _cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"])
+            if tiles * (_auto_split(tiles, K) if split_k == 0 else 1) >= WAVE // 2:
                 break
     bk = cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(K)))
     for key in ("BLOCK_M", "BLOCK_N"):
@@ -148,7 +157,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     if split_k is None:
         split = 1
     elif split_k == 0:
-        split = max(1, min(MAX_SPLIT, _cdiv(WAVE, tiles), K // MIN_K_PER_SPLIT))
+        split = _auto_split(tiles, K)
     else:
         split = int(split_k)
     k_per = _cdiv(_cdiv(K, split), bk) * bk
