@@ -8,8 +8,8 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
 - engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
 - engine graph + compile (full mode only): the blocks under torch.compile as well;
 - engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
-  prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows) at the
-  headline batch sizes, so one run shows whether a
+  prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
+  programmatic dependent launch of the Triton kernels) at the headline batch sizes, so one run shows whether a
   candidate should become the default (--no-candidates skips them).
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
@@ -40,8 +40,10 @@ FOUR_STEP_RATIO = 4.5
 # opt-in kernel variants (engine/runner.py KERNEL_OPTIONS) timed beside the defaults at the headline batch sizes
 CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}},
-              "gemm triton small": {"gemm_impl": "triton_small"}}
-CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS}    # rows (B·L) up to which the candidate acts
+              "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
+              "gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True}}
+# rows (B·L) up to which a candidate acts
+CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
 

@@ -63,7 +63,8 @@ class Sampler:
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
     {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py;
-    'triton_small' does not combine with compile_blocks)."""
+    'triton_small' does not combine with compile_blocks), {"pdl": True} (the Triton trunk and argmax kernels
+    launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -180,6 +181,13 @@ class Sampler:
     @torch.no_grad()
     def _run(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator] = None,
              n: Optional[int] = None) -> None:
+        from fmlm.kernels._backend import pdl_launches  # noqa: PLC0415
+
+        with pdl_launches(self.kernel_options.get("pdl", False)):
+            self._run_steps(slot, from_seed, generator, n)
+
+    def _run_steps(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator],
+                   n: Optional[int]) -> None:
         plan, heads = self.plan, self.heads
         n = n or slot.bucket
         h = slot.h[:n]
@@ -314,7 +322,7 @@ class Sampler:
 
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
-                  "gemm_impl": GEMM_IMPLS}
+                  "gemm_impl": GEMM_IMPLS, "pdl": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:

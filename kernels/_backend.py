@@ -1,8 +1,10 @@
 """Backend selection shared by the ops: 'reference' | 'torch' (chunked, any device) | 'triton' | 'auto'."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -65,3 +67,65 @@ def tma_rows_ok(block_k: int, *tensors: torch.Tensor) -> bool:
     zero-fills out-of-bounds boxes, so neither the row count nor D % block_k matters."""
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
                for t in tensors) and (block_k * tensors[0].element_size()) % 16 == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Programmatic dependent launch (opt-in: Sampler kernel option "pdl")
+# ---------------------------------------------------------------------------------------------
+_PDL = threading.local()
+
+
+@contextlib.contextmanager
+def pdl_launches(enabled: bool = True):
+    """Within this block the launchers that support it (linear, adaln, softcap attention, logits_argmax) launch
+    their kernels with programmatic dependent launch on sm_90+: a kernel may be scheduled while its predecessor
+    in the stream finishes (hiding the launch gap between two short kernels, which at batch 1 is a large part of
+    a graph replay), and it waits (griddepcontrol.wait) for the predecessor's completion and memory before its
+    first load or store, so every read-after-write and write-after-read order is kept. A CUDA graph captured in
+    the block keeps the programmatic edges."""
+    prev = getattr(_PDL, "on", False)
+    _PDL.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _PDL.on = prev
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device_ok(index: int) -> bool:
+    try:
+        import triton.language.extra.cuda as tlc  # noqa: PLC0415
+    except Exception:
+        return False
+    return hasattr(tlc, "gdc_wait") and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_active(t: torch.Tensor) -> bool:
+    """Whether a launch for tensor t's device should use programmatic dependent launch now (see pdl_launches):
+    inside the block, on CUDA sm_90+ (never under the interpreter), with a triton that has griddepcontrol."""
+    if not getattr(_PDL, "on", False) or t.device.type != "cuda" or interpreting():
+        return False
+    return _pdl_device_ok(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch_kwargs(active: bool) -> dict:
+    """The launch keywords for a kernel with a USE_PDL constexpr: USE_PDL, and launch_pdl when active (the
+    interpreter's launcher does not take launch_pdl)."""
+    return {"USE_PDL": True, "launch_pdl": True} if active else {"USE_PDL": False}
+
+
+def with_default_constexprs(specs: list[dict]) -> list[dict]:
+    """Compile specs (bench/compile_check.py) completed with every trailing constexpr parameter that has a
+    default and that the spec leaves out (e.g. USE_PDL = False): triton.compile's ASTSource wants a value for
+    each parameter. A spec that names such a parameter keeps its own value."""
+    import inspect  # noqa: PLC0415
+
+    out = []
+    for spec in specs:
+        sig, const = dict(spec["signature"]), dict(spec.get("constexprs", {}))
+        for name, p in inspect.signature(spec["fn"].fn).parameters.items():
+            if name not in sig and p.default is not inspect.Parameter.empty:
+                sig[name] = "constexpr"
+                const.setdefault(name, p.default)
+        out.append({**spec, "signature": sig, "constexprs": const})
+    return out

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import resolve, triton_available
+from ._backend import pdl_active, pdl_launch_kwargs, resolve, triton_available, with_default_constexprs
 
 EPS = 1e-5          # F.layer_norm's default, used by the published DiT
 
@@ -33,10 +33,13 @@ if triton_available():
         n_rows, L, D, eps,
         stride_x, stride_y, stride_xo, stride_o, stride_gb, stride_mb, stride_ys,
         HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, NUM_Y: tl.constexpr, HAS_YBIAS: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
         # y = Σ_{s < NUM_Y} Y[s] (+ YBIAS): NUM_Y > 1 reads the fp32 split-K partials of linear_partials,
         # summed in split order (deterministic), instead of a finished GEMM output
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
@@ -133,7 +136,7 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
         x2.stride(0), y2.stride(0), xo2.stride(0), o2.stride(0), gate.stride(0), shift.stride(0), stride_ys,
         HAS_RESIDUAL=has_res, HAS_NORM=has_norm, NUM_Y=n_y, HAS_YBIAS=y_bias is not None,
         BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=4 if x.device.type == "cuda" else 1)
+        num_warps=4 if x.device.type == "cuda" else 1, **pdl_launch_kwargs(pdl_active(x)))
     return (x_out if has_res else None), (out if has_norm else None)
 
 
@@ -157,7 +160,10 @@ def compile_specs() -> list[dict]:
         specs.append(dict(name=f"_gate_residual_adaln_kernel[{tag}]",
                           fn=_gate_residual_adaln_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                           constexprs=const, attrs=aligned, num_warps=4, num_stages=1))
-    return specs
+    specs.append(dict(specs[-1], name=specs[-1]["name"][:-1] + ",pdl]",     # the 'pdl' kernel option's launch
+                      signature={**specs[-1]["signature"], "USE_PDL": "constexpr"},
+                      constexprs={**specs[-1]["constexprs"], "USE_PDL": True}))
+    return with_default_constexprs(specs)
 
 
 # ---------------------------------------------------------------------------------------------

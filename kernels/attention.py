@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import interpreting, tma_device_ok, triton_available
+from ._backend import (interpreting, pdl_active, pdl_launch_kwargs, tma_device_ok, triton_available,
+                       with_default_constexprs)
 
 BACKENDS = ("auto", "reference", "triton", "flex")
 LOG2E = 1.4426950408889634
@@ -80,8 +81,11 @@ if triton_available():
         L, H, qk_scale, softcap,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -349,7 +353,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
         ROTARY_Q=rotary, ROTARY_K=rotary and not k_rotated, HAS_CAP=bool(softcap),
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_launch_kwargs(pdl_active(q)))
     return out.view(B, L, H * d)
 
 
@@ -482,12 +487,14 @@ def compile_specs() -> list[dict]:
                if sig[n].startswith("*") or n.startswith("stride_")}
     specs = []
     variants = (("_rope", True, True), ("", False, False), ("_rope_q", True, False))
+    # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile
+    variants += (("_rope_pdl", True, True),)
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
-            if suffix == "_rope_q" and block_m != 128:
-                continue         # the candidate at the B=32 OWT tile only
+            if (suffix == "_rope_q" and block_m != 128) or (suffix == "_rope_pdl" and block_m != 64):
+                continue         # the candidates at one tile each
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
-                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False)
+                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix == "_rope_pdl")
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -515,7 +522,7 @@ def compile_specs() -> list[dict]:
         specs.append(dict(name=f"_rotary_qk_fwd_kernel[l64{'' if rotate_q else '_k_only'}]", fn=_rotary_qk_fwd_kernel,
                           signature={**rsig, **{k: "constexpr" for k in const}}, constexprs=const,
                           attrs=raligned, num_warps=4, num_stages=1))
-    return specs
+    return with_default_constexprs(specs)
 
 
 # ---------------------------------------------------------------------------------------------

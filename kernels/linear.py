@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import interpreting, resolve, triton_available
+from ._backend import interpreting, pdl_active, pdl_launch_kwargs, resolve, triton_available, with_default_constexprs
 
 ACTIVATIONS = (None, "gelu_tanh")
 SMALL_ROWS = 4096        # the engine's "triton_small" GEMMs: rows (B·L) up to here, cuBLAS above
@@ -63,12 +63,15 @@ if triton_available():
         stride_am, stride_wn, stride_os, stride_om,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
         """One (BLOCK_M × BLOCK_N) output tile over the K slice [pid_s·k_per_split, +k_per_split) ∩ [0, K).
         PARTIAL: store the fp32 tile into OUT[pid_s] (no bias, no activation); else act(acc + bias) in OUT's
         dtype. Program axis 0 walks the row blocks, so the programs that share a weight tile run side by side
         (at small M the weights are the traffic: each W tile is read from HBM once and from L2 after)."""
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -218,7 +221,7 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         PARTIAL=partial, IEEE=a.dtype == torch.float32,
         EVEN_K=K % bk == 0 and cfg["K_PER_SPLIT"] % bk == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch_kwargs(pdl_active(a)))
     return out.view(shape)
 
 
@@ -278,4 +281,8 @@ def compile_specs() -> list[dict]:
                               constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                               divisible_by_16=["A", "W", "BIAS", "OUT", "N", "K", "k_per_split", "stride_am",
                                                "stride_wn", "stride_os", "stride_om"]))
-    return specs
+    # the 'pdl' kernel option's launch (griddepcontrol.wait / launch_dependents at the top)
+    specs.append(dict(specs[2], name="_linear_kernel[small,partial,pdl]",
+                      signature={**specs[2]["signature"], "USE_PDL": "constexpr"},
+                      constexprs={**specs[2]["constexprs"], "USE_PDL": True}))
+    return with_default_constexprs(specs)

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, resolve, tma_device_ok, tma_rows_ok
+from ._backend import (acc_dtype, pdl_active, pdl_launch_kwargs, resolve, tma_device_ok, tma_rows_ok,
+                       with_default_constexprs)
 
 try:
     import triton
@@ -109,8 +110,11 @@ if triton is not None:
         h_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, out_ptr,
         M, n_valid, D, stride_h, stride_w, tiles_per_split,
         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_tiles = tl.cdiv(n_valid, BLOCK_N)
@@ -163,13 +167,16 @@ if triton is not None:
         h_desc, w_desc, b_ptr, val_ptr, idx_ptr, out_ptr,
         M, n_valid, D, tiles_per_split,
         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
         """The same GEMM + running argmax, h and W read through host tensor descriptors (Hopper TMA: bulk
         tensor copies into shared memory, no per-element address or mask math). The descriptors cover h
         (M, D) and W[:n_valid] (n_valid, D) with boxes [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]; TMA fills
         rows ≥ M, rows ≥ n_valid and the K tail ≥ D with zeros, so the loads need no masks and any D works.
         The −inf masking of columns ≥ n_valid stays in the epilogue (a zero-filled column scores its bias, 0)."""
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_tiles = tl.cdiv(n_valid, BLOCK_N)
@@ -204,7 +211,11 @@ if triton is not None:
         _store_best(best_val, best_idx, val_ptr, idx_ptr, out_ptr, off_m + tl.arange(0, BLOCK_M), pid_s, M, SPLIT)
 
     @triton.jit
-    def _logits_argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, M, n_split, BLOCK: tl.constexpr):
+    def _logits_argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, M, n_split, BLOCK: tl.constexpr,
+                                     USE_PDL: tl.constexpr = False):
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < M
         best_val = tl.load(val_ptr + rows, mask=ok, other=float("-inf"))
@@ -304,8 +315,9 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     else:
         vals, idxs = out, out      # unused pointers
     b_arg = bias if bias is not None else h
+    pdl = pdl_launch_kwargs(pdl_active(h))
     common = dict(HAS_BIAS=bias is not None, SPLIT=split, IEEE=h.dtype == torch.float32,
-                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl)
     if cfg.get("tma") and tma_usable(h, weight, BK):
         h_desc = TensorDescriptor.from_tensor(h, [BM, BK])
         w_desc = TensorDescriptor.from_tensor(weight[:n_valid], [BN, BK])
@@ -317,7 +329,7 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             EVEN_K=D % BK == 0, **common)
     if split:
         RB = 256
-        _logits_argmax_reduce_kernel[(triton.cdiv(M, RB),)](vals, idxs, out, M, splits, BLOCK=RB)
+        _logits_argmax_reduce_kernel[(triton.cdiv(M, RB),)](vals, idxs, out, M, splits, BLOCK=RB, **pdl)
     return out
 
 
@@ -367,7 +379,11 @@ def compile_specs() -> list[dict]:
                       signature={"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "M": "i32",
                                  "n_split": "i32", "BLOCK": "constexpr"},
                       constexprs={"BLOCK": 256}, num_warps=4, num_stages=1))
-    return specs
+    tiny = next(s for s in specs if s["name"] == "_logits_argmax_fwd_kernel[bm64_bn128_w4_split]")
+    specs.append(dict(tiny, name="_logits_argmax_fwd_kernel[bm64_bn128_w4_split_pdl]",     # the 'pdl' option
+                      signature={**tiny["signature"], "USE_PDL": "constexpr"},
+                      constexprs={**tiny["constexprs"], "USE_PDL": True}))
+    return with_default_constexprs(specs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,3 +72,34 @@ def test_compile_error_raises(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+PDL_PTX = """
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fmlm.bench import compile_check as cc
+
+def ptx(mod, name):
+    spec = next(s for s in importlib.import_module(mod).compile_specs() if s["name"] == name)
+    src = triton.compiler.ASTSource(spec["fn"], spec["signature"], spec["constexprs"], cc._attrs(spec))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"])).asm["ptx"]
+
+for mod, base in (("fmlm.kernels.linear", "_linear_kernel[small,partial]"),
+                  ("fmlm.kernels.adaln", "_gate_residual_adaln_kernel[res+norm+4partials]")):
+    on, off = ptx(mod, base[:-1] + ",pdl]"), ptx(mod, base)
+    assert "griddepcontrol.wait" in on and "griddepcontrol.launch_dependents" in on, base
+    assert "griddepcontrol" not in off, base
+print("ok")
+"""
+
+
+def test_pdl_variants_emit_griddepcontrol(tmp_path):
+    """The 'pdl' kernel option's kernels (USE_PDL) wait on the predecessor grid and release the dependents in their
+    sm_90a PTX; the default launch carries no griddepcontrol at all."""
+    script = tmp_path / "pdl_ptx.py"
+    script.write_text(PDL_PTX)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -236,7 +236,8 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
 
 def test_sampler_kernel_options_validated():
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
-    for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}, {"gemm_impl": "cutlass"}):
+    for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}, {"gemm_impl": "cutlass"},
+                {"pdl": 1}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     with pytest.raises(ValueError, match="compile_blocks"):
@@ -354,8 +355,10 @@ def test_graph_replay_equals_eager(steps, renoise):
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
                                   {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}},
-                                  {"gemm_impl": "triton_small"}],
-                         ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small"])
+                                  {"gemm_impl": "triton_small"}, {"pdl": True},
+                                  {"gemm_impl": "triton_small", "pdl": True}],
+                         ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
+                              "gemm_triton_small_pdl"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
@@ -367,6 +370,48 @@ def test_kernel_option_candidates_match_default(opts):
     for seed in (0, 1):
         a, b = base.sample(seed), cand.sample(seed)
         assert (a == b).float().mean().item() >= 0.999, (a != b).sum().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm_impl", ["cublas", "triton_small"])
+def test_pdl_is_bit_exact(gemm_impl):
+    """Programmatic dependent launch changes when kernels start, never what they compute: the fast trunk's output
+    is bit-identical with and without it (a kernel reading before its predecessor finished would show here, over
+    repeated runs), and the sampler's tokens are identical, graph and eager."""
+    from fmlm.kernels._backend import pdl_launches
+
+    m = _model(device="cuda", vocab_size=1000, seq_len=128, hidden=768, n_heads=12, n_blocks=2, cond_dim=128)
+    h, ts, tt = _trunk_inputs(m, 1, 128, device="cuda")
+    want = model_mod._fast_trunk(m, h * 8.0, ts, tt, gemm_impl=gemm_impl)
+    with pdl_launches():
+        for _ in range(5):
+            assert torch.equal(model_mod._fast_trunk(m, h * 8.0, ts, tt, gemm_impl=gemm_impl), want)
+    s = _gpu_model()
+    opts = {"gemm_impl": gemm_impl}
+    base = Sampler(s, 3, 2, renoise=0.5, kernel_options=opts)
+    pdl = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True})
+    eager = Sampler(s, 3, 2, renoise=0.5, graph=False, kernel_options={**opts, "pdl": True})
+    for seed in (0, 1):
+        a = base.sample(seed)
+        assert torch.equal(a, pdl.sample(seed)) and torch.equal(a, eager.sample(seed))
+
+
+def test_pdl_flag_scoping_and_cpu():
+    """pdl_launches is a scoped flag (restored on exit, nested blocks keep their own value); it never activates off
+    CUDA, and a Sampler asked for it samples on the CPU like any other."""
+    from fmlm.kernels import _backend as be
+
+    t = torch.zeros(1)
+    assert be.pdl_launch_kwargs(False) == {"USE_PDL": False}
+    assert be.pdl_launch_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
+    with be.pdl_launches():
+        assert be._PDL.on and not be.pdl_active(t)
+        with be.pdl_launches(False):
+            assert not be._PDL.on
+        assert be._PDL.on
+    assert not be._PDL.on
+    m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
+    assert Sampler(m, 2, 1, graph=False, kernel_options={"pdl": True}).sample(0).shape == (2, 5)
 
 
 @pytest.mark.gpu
