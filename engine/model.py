@@ -237,8 +237,9 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
     passed to softcap_attention ('load' default; 'prepass'/'prepass_k'/'prepass_tma' opt-in candidates).
     gemm_impl: 'cublas' (default) or the opt-in 'triton_small' (kernels/linear.py), which at ≤ SMALL_ROWS rows
-    runs the four GEMMs as Triton kernels, the two that feed the residual as split-K partials summed by
-    gate_residual (no memsets, every GEMM spread over the GPU at batch 1); cuBLAS above SMALL_ROWS rows."""
+    runs the four GEMMs as Triton kernels: rotary applied to q and k in the qkv GEMM's epilogue (attention then
+    rotates nothing; rotary_impl does not apply), the two GEMMs that feed the residual as split-K partials
+    summed by gate_residual (no memsets, every GEMM spread over the GPU at batch 1); cuBLAS above SMALL_ROWS."""
     from fmlm.kernels import adaln, attention  # noqa: PLC0415
     from fmlm.kernels import linear as lin  # noqa: PLC0415
 
@@ -247,9 +248,14 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     if gemm_impl not in GEMM_IMPLS:
         raise ValueError(f"gemm_impl must be one of {GEMM_IMPLS}, got {gemm_impl!r}")
     if gemm_impl == "triton_small" and B * L <= lin.SMALL_ROWS:
-        qkv = lin.linear(y, wb["wqkv"], backend=kb).view(B, L, 3, n_heads, D // n_heads)
-        att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, cos, sin,
-                                          backend=ab, rotary_impl=rotary_impl)
+        # rotary in the qkv GEMM's epilogue (q and k: the first 2·D columns), then attention without rotation
+        d = D // n_heads
+        in_gemm = cos is not None and d >= 16 and d & (d - 1) == 0
+        qkv = lin.linear(y, wb["wqkv"], backend=kb, rotary=(cos, sin, 2 * D) if in_gemm else None)
+        qkv = qkv.view(B, L, 3, n_heads, d)
+        att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap,
+                                          None if in_gemm else cos, None if in_gemm else sin, backend=ab,
+                                          rotary_impl=rotary_impl)
         p = lin.linear_partials(att, wb["wout"], backend=kb)
         x, y = adaln.gate_residual(x, gate_msa, p, wb["norm2"], shift_mlp, scale_mlp, out_dtype=y.dtype,
                                    x_out=x if in_place else None, backend=kb)

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from . import reference as ref
 from ._backend import interpreting, pdl_active, pdl_launch_kwargs, resolve, triton_available, with_default_constexprs
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -57,18 +58,38 @@ if triton_available():
         return 0.5 * z * (1.0 + t)
 
     @triton.jit
+    def _rotary_tile(y, rows, row_ok, COS, SIN, stride_cl, seq_len, out_dtype: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Rotate-half rotary on every HEAD_DIM-column head of an output tile whose columns start on a head
+        boundary, at position l = row mod seq_len: (y1·c − y2·s, y2·c + y1·s) with c, s = cos/sin[l]. The
+        same arithmetic as the attention kernel's on-load rotation and the rotary prepass: y rounded to the
+        output dtype first (as stored qkv would be), fp32 from tables in that dtype, one rounding after."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        NH: tl.constexpr = BLOCK_N // HEAD_DIM
+        y = y.to(out_dtype).to(tl.float32)
+        y1, y2 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, NH, 2, HALF)), (0, 1, 3, 2)))   # (BM, NH, HALF)
+        tab = (rows % seq_len).to(tl.int64)[:, None] * stride_cl + tl.arange(0, HALF)[None, :]
+        c = tl.load(COS + tab, mask=row_ok[:, None], other=0.0).to(tl.float32)[:, None, :]
+        s = tl.load(SIN + tab, mask=row_ok[:, None], other=0.0).to(tl.float32)[:, None, :]
+        rot = tl.join(y1 * c - y2 * s, y2 * c + y1 * s)                                       # (BM, NH, HALF, 2)
+        return tl.reshape(tl.permute(rot, (0, 1, 3, 2)), (BLOCK_M, BLOCK_N))
+
+    @triton.jit
     def _linear_kernel(
-        A, W, BIAS, OUT,
-        M, N, K, k_per_split,
-        stride_am, stride_wn, stride_os, stride_om,
+        A, W, BIAS, OUT, COS, SIN,
+        M, N, K, k_per_split, seq_len, rot_cols,
+        stride_am, stride_wn, stride_os, stride_om, stride_cl,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROTARY: tl.constexpr = False, HEAD_DIM: tl.constexpr = 64, USE_PDL: tl.constexpr = False,
     ):
         """One (BLOCK_M × BLOCK_N) output tile over the K slice [pid_s·k_per_split, +k_per_split) ∩ [0, K).
         PARTIAL: store the fp32 tile into OUT[pid_s] (no bias, no activation); else act(acc + bias) in OUT's
-        dtype. Program axis 0 walks the row blocks, so the programs that share a weight tile run side by side
-        (at small M the weights are the traffic: each W tile is read from HBM once and from L2 after)."""
+        dtype, and with ROTARY the tiles of columns < rot_cols (q and k of a qkv projection; rot_cols is a
+        multiple of BLOCK_N, BLOCK_N of HEAD_DIM) are rotated by _rotary_tile. Program axis 0 walks the row
+        blocks, so the programs that share a weight tile run side by side (at small M the weights are the
+        traffic: each W tile is read from HBM once and from L2 after)."""
         if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -106,6 +127,10 @@ if triton_available():
                 acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if ACT == 1:
                 acc = _gelu_tanh(acc, FAST_TANH)
+            if ROTARY:
+                if pid_n * BLOCK_N < rot_cols:
+                    acc = _rotary_tile(acc, rows, row_ok, COS, SIN, stride_cl, seq_len, OUT.dtype.element_ty,
+                                       BLOCK_M, BLOCK_N, HEAD_DIM)
             tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -185,16 +210,45 @@ def _check(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         raise ValueError("a, weight and bias must be on one device")
 
 
+def _check_rotary(a: torch.Tensor, N: int, rotary) -> tuple:
+    """(cos, sin, rot_cols, head_dim) of a rotary=(cos, sin, rot_cols) argument, validated against a (B, L, K)."""
+    cos, sin, rot_cols = rotary
+    if a.dim() != 3 or cos.dim() != 2 or cos.shape[0] != a.shape[1] or sin.shape != cos.shape:
+        raise ValueError(f"rotary needs a (B, L, K) and cos/sin (L, d/2); got a {tuple(a.shape)}, cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    d = 2 * cos.shape[1]
+    if rot_cols % d or rot_cols > N or rot_cols < 0:
+        raise ValueError(f"rotary columns ({rot_cols}) must be whole heads of {d} within N = {N}")
+    return cos, sin, int(rot_cols), d
+
+
 def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               activation: Optional[str] = None, split_k: Optional[int] = None, config: Optional[dict] = None):
-    """Triton launcher. split_k None: act(a·wᵀ + b) of shape (*a.shape[:-1], N) in a.dtype. Otherwise (0 =
-    choose by shape): fp32 partials (S, *a.shape[:-1], N), no bias or activation applied."""
+               activation: Optional[str] = None, split_k: Optional[int] = None, config: Optional[dict] = None,
+               rotary=None):
+    """Triton launcher. split_k None: act(a·wᵀ + b) of shape (*a.shape[:-1], N) in a.dtype, rotary as in
+    linear(). Otherwise (0 = choose by shape): fp32 partials (S, *a.shape[:-1], N), no bias or activation."""
     a2 = _rows(a)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     M, K = a2.shape
     N = w.shape[0]
     cfg = pick_config(M, N, K, a.dtype, a.device, split_k, config)
     partial = split_k is not None
+    if rotary is not None and partial:
+        raise ValueError("rotary applies to finished outputs, not to split-K partials")
+    rot = None
+    if rotary is not None:
+        cos, sin, rot_cols, d = _check_rotary(a, N, rotary)
+        if rot_cols:
+            if d < 16 or d & (d - 1):
+                raise ValueError(f"the rotary epilogue needs a power-of-two head dim ≥ 16, got {d}")
+            # a tile holds whole heads and lies wholly inside or outside the rotated columns
+            bn = cfg["BLOCK_N"]
+            while bn > d and (bn % d or rot_cols % bn):
+                bn //= 2
+            cfg["BLOCK_N"] = max(bn, d)
+            if cfg["BLOCK_N"] % d or rot_cols % cfg["BLOCK_N"]:
+                raise ValueError(f"no tile width fits heads of {d} and {rot_cols} rotated columns")
+            rot = (cos.to(a.dtype).contiguous(), sin.to(a.dtype).contiguous(), rot_cols, d, a.shape[1])
     S = cfg["SPLIT"] if partial else 1
     if partial:
         out = torch.empty(S, M, N, device=a.device, dtype=torch.float32)
@@ -213,10 +267,12 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     bk = cfg["BLOCK_K"]
     b = bias.contiguous() if bias is not None else w
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]), S)
+    cos_t, sin_t, rot_cols, head_dim, seq_len = rot if rot is not None else (w, w, 0, 64, 1)
     _linear_kernel[grid](
-        a2, w, b, out, M, N, K, cfg["K_PER_SPLIT"],
-        a2.stride(0), w.stride(0), out.stride(0), out.stride(1),
+        a2, w, b, out, cos_t, sin_t, M, N, K, cfg["K_PER_SPLIT"], seq_len, rot_cols,
+        a2.stride(0), w.stride(0), out.stride(0), out.stride(1), cos_t.stride(0) if rot is not None else 0,
         HAS_BIAS=bias is not None and not partial, ACT=int(activation == "gelu_tanh" and not partial),
+        ROTARY=rot is not None, HEAD_DIM=head_dim,
         FAST_TANH=a.device.type == "cuda" and not interpreting() and a.dtype != torch.float32,
         PARTIAL=partial, IEEE=a.dtype == torch.float32,
         EVEN_K=K % bk == 0 and cfg["K_PER_SPLIT"] % bk == 0,
@@ -228,22 +284,34 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # The reference (F.linear, as the published layers) and the functional API
 # ---------------------------------------------------------------------------------------------
-def linear_ref(a, weight, bias=None, activation=None):
-    """nn.Linear (+ GELU(tanh)) in a's dtype, as the published DiT computes it."""
+def linear_ref(a, weight, bias=None, activation=None, rotary=None):
+    """nn.Linear (+ GELU(tanh)) in a's dtype, as the published DiT computes it; rotary=(cos, sin, rot_cols): then
+    reference.apply_rotary_ref on the first rot_cols output columns, heads of 2·cos.shape[1] (the DiT's q, k)."""
     y = torch.nn.functional.linear(a, weight, bias)
-    return torch.nn.functional.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+    y = torch.nn.functional.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+    if rotary is not None:
+        cos, sin, rot_cols, d = _check_rotary(a, weight.shape[0], rotary)
+        if rot_cols:
+            B, L = a.shape[:2]
+            qk = ref.apply_rotary_ref(y[..., :rot_cols].reshape(B, L, rot_cols // d, d), cos, sin)
+            y = torch.cat([qk.reshape(B, L, rot_cols), y[..., rot_cols:]], dim=-1)
+    return y
 
 
 def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           activation: Optional[str] = None, backend: str = "auto", config: Optional[dict] = None) -> torch.Tensor:
+           activation: Optional[str] = None, backend: str = "auto", config: Optional[dict] = None,
+           rotary=None) -> torch.Tensor:
     """act(a·wᵀ + b): a (..., K), weight (N, K), bias (N,) → (..., N) in a.dtype, activation None | 'gelu_tanh'.
-    backend 'triton' runs the small-row-count Triton GEMM; 'reference'/'torch' run F.linear."""
+    rotary=(cos, sin, rot_cols), with a (B, L, K) and cos/sin (L, d/2): the first rot_cols output columns are
+    heads of d columns rotated rotate-half at their row's position (the DiT's q and k in a qkv projection:
+    rot_cols = 2·D), the rest left as they are; the Triton kernel does it in its epilogue. backend 'triton'
+    runs the small-row-count Triton GEMM; 'reference'/'torch' run F.linear (+ reference.apply_rotary_ref)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check(a, weight, bias)
     if resolve(backend, a.device) != "triton":
-        return linear_ref(a, weight, bias, activation)
-    return linear_fwd(a, weight, bias, activation, None, config)
+        return linear_ref(a, weight, bias, activation, rotary)
+    return linear_fwd(a, weight, bias, activation, None, config, rotary)
 
 
 def linear_partials(a: torch.Tensor, weight: torch.Tensor, split_k: int = 0, backend: str = "auto",
@@ -270,17 +338,24 @@ def compile_specs() -> list[dict]:
     for tag, cfg in (("small", GPU_CONFIG_SMALL), ("mid", GPU_CONFIG_MID), ("large", GPU_CONFIG_LARGE)):
         for partial, act in ((False, 0), (False, 1), (True, 0)):
             out = "*fp32" if partial else "*bf16"
-            sig = {"A": "*bf16", "W": "*bf16", "BIAS": "*bf16", "OUT": out, "M": "i32", "N": "i32", "K": "i32",
-                   "k_per_split": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_os": "i32",
-                   "stride_om": "i32"}
+            sig = {"A": "*bf16", "W": "*bf16", "BIAS": "*bf16", "OUT": out, "COS": "*bf16", "SIN": "*bf16",
+                   "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "seq_len": "i32", "rot_cols": "i32",
+                   "stride_am": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32",
+                   "stride_cl": "i32"}
             const = dict(HAS_BIAS=not partial, ACT=act, FAST_TANH=True, PARTIAL=partial, IEEE=False, EVEN_K=True,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
             sig.update({k: "constexpr" for k in const})
             kind = "partial" if partial else ("gelu" if act else "bias")
             specs.append(dict(name=f"_linear_kernel[{tag},{kind}]", fn=_linear_kernel, signature=sig,
                               constexprs=const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                              divisible_by_16=["A", "W", "BIAS", "OUT", "N", "K", "k_per_split", "stride_am",
-                                               "stride_wn", "stride_os", "stride_om"]))
+                              divisible_by_16=["A", "W", "BIAS", "OUT", "COS", "SIN", "N", "K", "k_per_split",
+                                               "rot_cols", "stride_am", "stride_wn", "stride_os", "stride_om",
+                                               "stride_cl"]))
+    # the qkv projection with the rotary epilogue, at the batch-1 tiles (small: LM1B B=1; large: OWT B=1)
+    for i, tag in ((0, "small"), (6, "large")):
+        specs.append(dict(specs[i], name=f"_linear_kernel[{tag},rotary]",
+                          signature={**specs[i]["signature"], "ROTARY": "constexpr", "HEAD_DIM": "constexpr"},
+                          constexprs={**specs[i]["constexprs"], "HAS_BIAS": False, "ROTARY": True, "HEAD_DIM": 64}))
     # the 'pdl' kernel option's launch (griddepcontrol.wait / launch_dependents at the top)
     specs.append(dict(specs[2], name="_linear_kernel[small,partial,pdl]",
                       signature={**specs[2]["signature"], "USE_PDL": "constexpr"},

@@ -55,6 +55,59 @@ def test_linear_matches_reference(M, N, K, dtype, act):
     _budget(nob, lin.linear_ref(a, w, None, act), lin.linear_ref(a.double(), w.double(), None, act), dtype)
 
 
+def _rope(L, d, dtype, device="cpu"):
+    from fmlm.kernels import reference as ref
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos, sin = ref.rotary_cos_sin(L, inv_freq)
+    return cos.to(device, dtype), sin.to(device, dtype)
+
+
+ROTARY_CASES = [
+    pytest.param(2, 7, 2, 32, torch.float32, id="L7-d32"),
+    pytest.param(1, 5, 3, 16, torch.float32, id="H3-d16"),      # 96 rotated columns: 32-wide tiles
+    pytest.param(3, 1, 2, 64, torch.float16, id="L1-B3-fp16"),
+    pytest.param(1, 33, 2, 32, torch.float16, id="L33-fp16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", ROTARY_CASES)
+def test_rotary_epilogue_matches_reference(B, L, H, d, dtype):
+    """The qkv projection with rotary fused into its epilogue: q and k (the first 2·D columns) rotated at each
+    row's position, v untouched; against F.linear + reference.apply_rotary_ref, fp64 truth, error budget."""
+    D = H * d
+    a, w, _ = _inputs(L, 3 * D, D, dtype, _dev(), seed=4, lead=(B,))
+    cos, sin = _rope(L, d, dtype, _dev())
+    out = lin.linear(a, w, rotary=(cos, sin, 2 * D), backend="triton")
+    assert out.shape == (B, L, 3 * D) and out.dtype == dtype
+    truth = lin.linear_ref(a.double(), w.double(), rotary=(cos.double(), sin.double(), 2 * D))
+    _budget(out, lin.linear_ref(a, w, rotary=(cos, sin, 2 * D)), truth, dtype)
+    # v (the last D columns) is the plain product (up to the summation order of another tile width); the
+    # rotation really happened on q and k
+    plain = lin.linear(a, w, backend="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out[..., 2 * D:], plain[..., 2 * D:], rtol=tol, atol=tol)
+    if L > 1:
+        assert not torch.allclose(out[:, 1:, :2 * D], plain[:, 1:, :2 * D])
+
+
+def test_rotary_argument_errors():
+    a, w, _ = _inputs(5, 96, 32, torch.float32, lead=(2,))
+    cos, sin = _rope(5, 16, torch.float32)
+    with pytest.raises(ValueError, match="whole heads"):
+        lin.linear(a, w, rotary=(cos, sin, 40), backend="torch")
+    with pytest.raises(ValueError, match=r"\(B, L, K\)"):
+        lin.linear(a[0], w, rotary=(cos, sin, 64), backend="torch")
+    with pytest.raises(ValueError, match=r"\(B, L, K\)"):
+        lin.linear(a, w, rotary=(cos[:4], sin[:4], 64), backend="torch")
+    if triton_available() and (interpreting() or torch.cuda.is_available()):
+        with pytest.raises(ValueError, match="partials"):
+            lin.linear_fwd(a.to(_dev()), w.to(_dev()), split_k=0, rotary=(cos, sin, 64))
+        c6, s6 = _rope(5, 12, torch.float32)          # head dim 12: not a power of two
+        with pytest.raises(ValueError, match="power-of-two"):
+            lin.linear(a.to(_dev()), w.to(_dev()), rotary=(c6.to(_dev()), s6.to(_dev()), 24), backend="triton")
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_partials_sum_to_the_product(dtype):
@@ -143,6 +196,12 @@ def test_bf16_engine_shapes_on_gpu(M):
         out = lin.linear(a, w, b if act else None, act)
         truth = lin.linear_ref(a.double(), w.double(), b.double() if act else None, act)
         _budget(out, lin.linear_ref(a, w, b if act else None, act), truth, torch.bfloat16)
+    # the qkv projection with the rotary epilogue (12 heads of 64), 128 positions per sequence
+    a, w, _ = _inputs(M, 2304, 768, torch.bfloat16, "cuda", seed=2, lead=(1,))
+    cos, sin = _rope(M, 64, torch.bfloat16, "cuda")
+    out = lin.linear(a, w, rotary=(cos, sin, 1536))
+    truth = lin.linear_ref(a.double(), w.double(), rotary=(cos.double(), sin.double(), 1536))
+    _budget(out, lin.linear_ref(a, w, rotary=(cos, sin, 1536)), truth, torch.bfloat16)
     for N, K in ((768, 768), (768, 3072)):
         a, w, b = _inputs(M, N, K, torch.bfloat16, "cuda", seed=1)
         p = lin.linear_partials(a, w)
