@@ -62,8 +62,8 @@ class Sampler:
     kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
-    {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py;
-    'triton_small' does not combine with compile_blocks), {"pdl": True} (the Triton trunk and argmax kernels
+    {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py),
+    {"pdl": True} (the Triton trunk and argmax kernels
     launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
@@ -82,9 +82,6 @@ class Sampler:
         self.graph = bool(graph)
         self.compile_blocks = bool(compile_blocks)
         self.kernel_options = _check_kernel_options(kernel_options)
-        if self.compile_blocks and self.kernel_options.get("gemm_impl", "cublas") != "cublas":
-            raise ValueError("kernel option gemm_impl='triton_small' does not combine with compile_blocks=True "
-                             "(its split-K partials are not registered for torch.compile)")
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()

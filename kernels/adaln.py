@@ -207,12 +207,13 @@ def _(x, weight, shift, scale, eps, out_dtype):
 @torch.library.custom_op("fmlm::gate_residual_adaln", mutates_args=())
 def _gate_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                             shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, out_dtype=out_dtype)
+                            out_dtype: torch.dtype, y_bias: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, out_dtype=out_dtype, y_bias=y_bias)
 
 
 @_gate_residual_adaln_op.register_fake
-def _(x, gate, y, weight, shift, scale, eps, out_dtype):
+def _(x, gate, y, weight, shift, scale, eps, out_dtype, y_bias=None):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32)), x.new_empty(x.shape, dtype=out_dtype)
 
 
@@ -255,12 +256,8 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: 
         if not with_norm:
             return xn
         return xn, adaln_modulate_ref(xn, weight, shift, scale, eps).to(out_dtype)
-    if torch.compiler.is_compiling() and x_out is None:
-        if partials or y_bias is not None:
-            raise NotImplementedError("gate_residual with split-K partials or y_bias is not registered for "
-                                      "torch.compile (the 'triton_small' GEMM path runs without compile_blocks)")
-        if with_norm:
-            return _gate_residual_adaln_op(x, gate, y, weight, shift, scale, float(eps), out_dtype)
+    if torch.compiler.is_compiling() and x_out is None and with_norm:
+        return _gate_residual_adaln_op(x, gate, y, weight, shift, scale, float(eps), out_dtype, y_bias)
     xn, out = gate_residual_adaln_fwd(x, gate, y, weight, shift, scale, eps, x_out=x_out, out_dtype=out_dtype,
                                       y_bias=y_bias)
     return (xn, out) if with_norm else xn

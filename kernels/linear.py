@@ -298,6 +298,33 @@ def linear_ref(a, weight, bias=None, activation=None, rotary=None):
     return y
 
 
+# ---------------------------------------------------------------------------------------------
+# Op registration (opaque to torch.compile: used when compiling the block)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmlm::linear", mutates_args=())
+def _linear_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+               cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], rot_cols: int) -> torch.Tensor:
+    return linear_fwd(a, weight, bias, activation or None, None, None,
+                      (cos, sin, rot_cols) if cos is not None else None)
+
+
+@_linear_op.register_fake
+def _(a, weight, bias, activation, cos, sin, rot_cols):
+    return a.new_empty(*a.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fmlm::linear_partials", mutates_args=())
+def _linear_partials_op(a: torch.Tensor, weight: torch.Tensor, split_k: int) -> torch.Tensor:
+    return linear_fwd(a, weight, None, None, split_k)
+
+
+@_linear_partials_op.register_fake
+def _(a, weight, split_k):
+    M = a.numel() // a.shape[-1] if a.shape[-1] else 0
+    S = pick_config(M, weight.shape[0], a.shape[-1], a.dtype, a.device, split_k)["SPLIT"]
+    return a.new_empty(S, *a.shape[:-1], weight.shape[0], dtype=torch.float32)
+
+
 def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            activation: Optional[str] = None, backend: str = "auto", config: Optional[dict] = None,
            rotary=None) -> torch.Tensor:
@@ -311,6 +338,9 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     _check(a, weight, bias)
     if resolve(backend, a.device) != "triton":
         return linear_ref(a, weight, bias, activation, rotary)
+    if torch.compiler.is_compiling() and config is None:
+        cos, sin, rot_cols = rotary if rotary is not None else (None, None, 0)
+        return _linear_op(a, weight, bias, activation or "", cos, sin, int(rot_cols))
     return linear_fwd(a, weight, bias, activation, None, config, rotary)
 
 
@@ -327,6 +357,8 @@ def linear_partials(a: torch.Tensor, weight: torch.Tensor, split_k: int = 0, bac
         return torch.nn.functional.linear(a.to(acc), weight.to(acc))[None]
     if a.dtype == torch.float64:
         raise ValueError("backend='triton' takes 16-bit or fp32 inputs")
+    if torch.compiler.is_compiling() and config is None:
+        return _linear_partials_op(a, weight, int(split_k))
     return linear_fwd(a, weight, None, None, split_k, config)
 
 

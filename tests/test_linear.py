@@ -230,3 +230,20 @@ def test_bench_linear_cpu_smoke(monkeypatch):
                                                       for i in ("cublas", "triton_small")}
     cand = [r for r in rows if r["impl"] == "triton_small"]
     assert all(r["speedup_vs_default"] > 0 for r in cand)
+
+
+@needs_triton
+def test_registered_ops_opcheck():
+    """fmlm::linear, fmlm::linear_partials and gate_residual_adaln with partials (what torch.compile of the block
+    calls) pass torch.library.opcheck: schema, fake (meta) shapes against the real kernels."""
+    dev = _dev()
+    a, w, b = _inputs(6, 96, 64, torch.float32, dev, seed=5, lead=(2,))
+    cos, sin = _rope(6, 32, torch.float32, dev)
+    torch.library.opcheck(torch.ops.fmlm.linear.default, (a, w, b, "gelu_tanh", None, None, 0))
+    torch.library.opcheck(torch.ops.fmlm.linear.default, (a, w, None, "", cos, sin, 64))
+    torch.library.opcheck(torch.ops.fmlm.linear_partials.default, (a, w, 0))
+    p = torch.ops.fmlm.linear_partials.default(a, w[:32], 2)
+    x = torch.randn(2, 6, 32, device=dev)
+    gate, sh, sc = torch.randn(3, 2, 32, device=dev).unbind(0)
+    torch.library.opcheck(torch.ops.fmlm.gate_residual_adaln.default,
+                          (x, gate, p, torch.ones(32, device=dev), sh, sc, 1e-5, torch.float32, b[:32]))
