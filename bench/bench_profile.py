@@ -4,7 +4,9 @@ CUDA-graph replay (torch.profiler), beside the replay's own time measured with e
 Points: OWT B=1, LM1B B=1 (latency-bound: the gap between the replay time and the summed kernel time is the
 launch/dependency overhead of the graph), OWT B=32 (throughput); LM1B B=1 again with cuBLASLt preferred for
 the GEMMs (torch.backends.cuda.preferred_blas_library): an H100 profile of OWT B=32 showed one device memset per
-cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other library may differ.
+cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other library may differ;
+and LM1B B=1 with the opt-in batch-1 kernels (Sampler kernel_options gemm_impl='triton_small' and pdl: Triton
+GEMMs without memsets, launches overlapped), to see what remains of the gaps.
 Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
 ("replay ms", "kernels ms", "gaps ms", "kernel launches per call", "memsets per call"). Random never-zero
 weights of the released small model.
@@ -18,7 +20,10 @@ import torch
 
 from fmlm.bench.common import markdown_table, time_fn, write_rows
 
-POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("owt", 1, None), ("owt", 32, None))   # (preset, B, BLAS)
+# (preset, B, variant): None (defaults), "cublaslt" (preferred BLAS library) or a VARIANT_OPTIONS key
+POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"), ("owt", 1, None),
+          ("owt", 32, None))
+VARIANT_OPTIONS = {"triton_small+pdl": {"gemm_impl": "triton_small", "pdl": True}}
 TOP = 12
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (and the tiny preset)
 
@@ -32,7 +37,8 @@ def run(quick: bool = False) -> list[dict]:
         return []
     rows = []
     iters = 3
-    for name, B, blas in POINTS:
+    for name, B, variant in POINTS:
+        blas = variant if variant not in VARIANT_OPTIONS else None
         before = torch.backends.cuda.preferred_blas_library() if DEVICE == "cuda" else None
         if blas and DEVICE == "cuda":
             try:
@@ -42,7 +48,7 @@ def run(quick: bool = False) -> list[dict]:
                 continue
         try:
             model = build_model(None, name, DEVICE, 0)
-            sampler = Sampler(model, B, 1)
+            sampler = Sampler(model, B, 1, kernel_options=VARIANT_OPTIONS.get(variant))
             prof, kernel_us = profile_run(sampler, iters)
             replay = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
         finally:
@@ -50,7 +56,7 @@ def run(quick: bool = False) -> list[dict]:
                 torch.backends.cuda.preferred_blas_library(before)
         table = kernel_table(prof, top=1000)
         launches = sum(r["calls"] for r in table) / iters
-        point = f"{name} B={B}" + (f" {blas}" if blas else "")
+        point = f"{name} B={B}" + (f" {variant}" if variant else "")
         summary = {"point": point, "kernel": "(one-step call: summary)", "replay ms": replay["ms"],
                    "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches,
                    "memsets per call": sum(r["calls"] for r in table if "memset" in r["kernel"].lower()) / iters}
