@@ -549,11 +549,13 @@ def test_bench_profile_cpu_smoke(monkeypatch):
     from fmlm.bench import bench_profile as bench
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None),))
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None), ("tiny", 1, "triton_small+pdl")))
     rows = bench.run(quick=True)
     assert rows[0]["point"] == "tiny B=2" and rows[0]["replay ms"] > 0 and rows[0]["kernel launches per call"] > 0
     assert "no device activity" in rows[0]["note"]
-    assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows[1:])
+    variant = [r for r in rows if r["point"] == "tiny B=1 triton_small+pdl"]
+    assert variant and variant[0]["replay ms"] > 0
+    assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows if r["kernel"] != "(one-step call: summary)")
 
 
 def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
