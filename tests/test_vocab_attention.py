@@ -81,10 +81,14 @@ def _check(name, out, lse, h, W, b, E, cap, V):
 # ---- torch backend and validation ------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cap", [30.0, None])
-def test_torch_backend(monkeypatch, dtype, cap):
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_torch_backend(monkeypatch, dtype, cap, with_bias):
+    """The chunked torch path: with a cap, the fixed shift exp(s − cap) (no running max); without, the online
+    softmax."""
     monkeypatch.setattr(VA, "TORCH_V_CHUNK", 64)
     monkeypatch.setattr(VA, "TORCH_ROW_CHUNK", 16)
     h, W, b, E = _problem(37, 257, 320, 24, 40, dtype, device="cpu")
+    b = b if with_bias else None
     out, lse = vocab_attention(h, W, b, E, cap, 257, backend="torch")
     _check("torch", out, lse, h, W, b, E, cap, 257)
 
