@@ -42,6 +42,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def no_autocast(fn):
+    """For the chunked 'torch' backends, which compute in acc_dtype: run fn with autocast off on the device of
+    its first argument, so an enclosing bf16 autocast (the trainer's) does not turn their fp32 GEMMs into bf16
+    ones (and in-place updates of fp32 accumulators by bf16 products into dtype errors)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast(device_type=args[0].device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 @functools.lru_cache(maxsize=1)
 def host_descriptors() -> bool:
     """Whether triton has host tensor descriptors (triton.tools.tensor_descriptor, triton ≥ 3.4)."""

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import (acc_dtype, pdl_active, pdl_launch_kwargs, resolve, tma_device_ok, tma_rows_ok,
+from ._backend import (acc_dtype, no_autocast, pdl_active, pdl_launch_kwargs, resolve, tma_device_ok, tma_rows_ok,
                        with_default_constexprs)
 
 try:
@@ -403,6 +403,7 @@ def _(h, weight, bias, n_valid):
 # ---------------------------------------------------------------------------------------------
 # Plain-PyTorch chunked backend and the functional
 # ---------------------------------------------------------------------------------------------
+@no_autocast
 def _logits_argmax_torch(h, weight, bias, n_valid):
     acc = acc_dtype(h.dtype)
     N = h.shape[0]

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, resolve, tma_device_ok, tma_rows_ok
+from ._backend import acc_dtype, no_autocast, resolve, tma_device_ok, tma_rows_ok
 
 try:
     import triton
@@ -824,6 +824,7 @@ def _(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid):
 # ---------------------------------------------------------------------------------------------
 # Plain-PyTorch chunked backend and the functionals
 # ---------------------------------------------------------------------------------------------
+@no_autocast
 def _vocab_attention_torch(h, weight, bias, embed, cap, n_valid):
     if cap and 0 < cap <= 40:
         return _vocab_attention_torch_capped(h, weight, bias, embed, cap, n_valid)
