@@ -14,9 +14,10 @@ attention output projection (N = K = 768) and the MLP's second GEMM (N = 768, K 
 LM1B B=1, 6 of 132 SMs streaming 1.2–4.7 MB of weights each at one SM's load rate, and cuBLAS adds one device
 memset per GEMM (a graph node each; the H100 profile shows 49 per call). Here those two GEMMs split K so that
 about one wave of programs shares each weight matrix (LM1B B=1: 24 tiles × 3 splits and 12 × 8; OWT B=1:
-48 × 3), and the small-tile configs give the qkv and first MLP GEMMs 72–96 programs at LM1B B=1. The block then runs the same 7 kernels as the cuBLAS
-path, with no memsets and every GEMM spread over the GPU. Above SMALL_ROWS rows cuBLAS tiles fill the GPU and
-the engine keeps cuBLAS.
+48 × 3), and the small-tile configs give the qkv and first MLP GEMMs 72–96 programs at LM1B B=1. The qkv GEMM
+also applies rotary to q and k in its epilogue (attention then rotates nothing). The block runs the same 7
+kernels as the cuBLAS path, with no memsets and every GEMM spread over the GPU. Above SMALL_ROWS rows cuBLAS
+tiles fill the GPU and the engine keeps cuBLAS.
 
 Numerics: fp32 accumulation; the partials skip the bf16 rounding of the GEMM output that F.linear does before
 the residual add (so the candidate's trunk is slightly closer to the fp64 truth than the reference's).
