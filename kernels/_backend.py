@@ -42,6 +42,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class ChunkBufs:
+    """Chunk-sized scratch tensors for the chunked 'torch' backends, reused across chunks: on a 2-core CPU a
+    fresh chunk tensor per chunk cost a page-faulting allocation each time (measurements at the call sites).
+    Slot i holds one live chunk; get() views its first rows·cols elements."""
+
+    def __init__(self, rows: int, cols: int, device, dtype):
+        self.size, self.device, self.dtype, self.flat = rows * cols, device, dtype, {}
+
+    def get(self, slot: int, rows: int, cols: int) -> torch.Tensor:
+        if slot not in self.flat:
+            self.flat[slot] = torch.empty(self.size, device=self.device, dtype=self.dtype)
+        return self.flat[slot][:rows * cols].view(rows, cols)
+
+
+def chunk_logits(hr: torch.Tensor, weight: torch.Tensor, bias, v0: int, v1: int, out=None) -> torch.Tensor:
+    """hr·W[v0:v1]ᵀ + b[v0:v1] in hr's dtype, one addmm with the bias folded in, into `out` when given."""
+    w = weight[v0:v1].to(hr.dtype).T
+    if bias is not None:
+        return torch.addmm(bias[v0:v1].to(hr.dtype), hr, w, out=out)
+    return torch.mm(hr, w, out=out)
+
+
 def no_autocast(fn):
     """For the chunked 'torch' backends, which compute in acc_dtype: run fn with autocast off on the device of
     its first argument, so an enclosing bf16 autocast (the trainer's) does not turn their fp32 GEMMs into bf16

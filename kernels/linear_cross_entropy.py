@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, interpreting, no_autocast, resolve, tma_device_ok, tma_rows_ok
+from ._backend import (ChunkBufs, acc_dtype, chunk_logits, interpreting, no_autocast, resolve, tma_device_ok,
+                       tma_rows_ok)
 
 try:
     import triton
@@ -587,29 +588,12 @@ def soft_linear_cross_entropy_bwd(grad, h, weight, bias, h1, h2, lam, stats, cap
 
 
 # ---- the 'torch' backend: chunked plain PyTorch, never more than (TORCH_ROW_CHUNK × TORCH_V_CHUNK) logits
-class _ChunkBufs:
-    """Chunk-sized scratch tensors reused across chunks (a fresh chunk tensor per chunk cost the CPU a
-    page-faulting allocation each time; see _fixed_shift for the measurement). slot i holds one live chunk."""
-
-    def __init__(self, rows: int, cols: int, device, dtype):
-        self.size, self.device, self.dtype, self.flat = rows * cols, device, dtype, {}
-
-    def get(self, slot: int, rows: int, cols: int) -> torch.Tensor:
-        if slot not in self.flat:
-            self.flat[slot] = torch.empty(self.size, device=self.device, dtype=self.dtype)
-        return self.flat[slot][:rows * cols].view(rows, cols)
-
-
-def _chunk_logits(hr, weight, bias, v0, v1, cap, need_t: bool = False, bufs: Optional[_ChunkBufs] = None,
+def _chunk_logits(hr, weight, bias, v0, v1, cap, need_t: bool = False, bufs: Optional[ChunkBufs] = None,
                   slot: int = 0):
     """(S = cap(h·Wᵀ + b) of one chunk, tanh(z/cap) when need_t else None): one addmm, in-place passes. With
     bufs, the result lives in bufs slot `slot` (and S in slot + 1 when need_t), valid until that slot's reuse."""
-    w = weight[v0:v1].to(hr.dtype).T
-    z = bufs.get(slot, hr.shape[0], v1 - v0) if bufs is not None else None
-    if bias is not None:
-        z = torch.addmm(bias[v0:v1].to(hr.dtype), hr, w, out=z)
-    else:
-        z = torch.mm(hr, w, out=z)
+    out = bufs.get(slot, hr.shape[0], v1 - v0) if bufs is not None else None
+    z = chunk_logits(hr, weight, bias, v0, v1, out=out)
     if cap:
         t = z.mul_(1.0 / cap).tanh_()
         if not need_t:
@@ -618,8 +602,8 @@ def _chunk_logits(hr, weight, bias, v0, v1, cap, need_t: bool = False, bufs: Opt
     return z, None
 
 
-def _bufs(h, rows: int, V: int) -> _ChunkBufs:
-    return _ChunkBufs(min(rows, TORCH_ROW_CHUNK), min(V, TORCH_V_CHUNK), h.device, acc_dtype(h.dtype))
+def _bufs(h, rows: int, V: int) -> ChunkBufs:
+    return ChunkBufs(min(rows, TORCH_ROW_CHUNK), min(V, TORCH_V_CHUNK), h.device, acc_dtype(h.dtype))
 
 
 def _fixed_shift(cap) -> bool:
@@ -627,7 +611,7 @@ def _fixed_shift(cap) -> bool:
     max (values in (e^−2cap, 1], normal in fp32), as the Triton kernels do. With that and in-place passes (the
     old path allocated ~6 chunk-sized temporaries per chunk), `fmlm bench train` on a 2-core CPU (V=30522,
     L=128, B=16, hidden 128; 2026-11-27, runs alternated with the old code): engine step 3180 / 3109 ms →
-    1467 / 1498 ms, peak 273 → 177 MB; reusing the chunk buffers (_ChunkBufs) then 1533 / 1573 → 1253 / 1207 ms,
+    1467 / 1498 ms, peak 273 → 177 MB; reusing the chunk buffers (ChunkBufs) then 1533 / 1573 → 1253 / 1207 ms,
     peak 177 → 147 MB."""
     return bool(cap) and 0 < cap <= 40
 

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, no_autocast, resolve, tma_device_ok, tma_rows_ok
+from ._backend import ChunkBufs, acc_dtype, chunk_logits, no_autocast, resolve, tma_device_ok, tma_rows_ok
 
 try:
     import triton
@@ -867,19 +867,14 @@ def _vocab_attention_torch_capped(h, weight, bias, embed, cap, n_valid):
     out = torch.empty(N, embed.shape[1], device=h.device, dtype=acc)
     lse = torch.empty(N, device=h.device, dtype=acc)
     inv = 1.0 / cap
-    buf = torch.empty(min(N, TORCH_ROW_CHUNK) * min(V, TORCH_V_CHUNK), device=h.device, dtype=acc)  # reused
+    bufs = ChunkBufs(min(N, TORCH_ROW_CHUNK), min(V, TORCH_V_CHUNK), h.device, acc)
     for r0 in range(0, N, TORCH_ROW_CHUNK):
         hr = h[r0:r0 + TORCH_ROW_CHUNK].to(acc)
         s = torch.zeros(hr.shape[0], device=h.device, dtype=acc)
         o = out[r0:r0 + hr.shape[0]].zero_()
         for v0 in range(0, V, TORCH_V_CHUNK):
             v1 = min(V, v0 + TORCH_V_CHUNK)
-            w = weight[v0:v1].to(acc).T
-            z = buf[:hr.shape[0] * (v1 - v0)].view(hr.shape[0], v1 - v0)
-            if bias is not None:
-                torch.addmm(bias[v0:v1].to(acc), hr, w, out=z)
-            else:
-                torch.mm(hr, w, out=z)
+            z = chunk_logits(hr, weight, bias, v0, v1, out=bufs.get(0, hr.shape[0], v1 - v0))
             p = z.mul_(inv).tanh_().mul_(cap).sub_(cap).exp_()          # exp(cap·tanh(z/cap) − cap)
             s += p.sum(-1)
             o.addmm_(p, embed[v0:v1].to(acc))
