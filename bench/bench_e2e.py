@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,74 +100,107 @@ def _row(name, path, cfg, B, steps, t, peak_mb, rate):
             "% of floor": 100.0 * floor_ms / ms, "floor ms/sample": floor_ms}
 
 
-def bench(args, quick: bool = False) -> list[dict]:
-    from fmlm.engine.profile import build_model
+def _deadline() -> float:
+    """Wall-clock time (time.time()) by which the benchmark must have returned its rows: gpu_check sets
+    FMLM_BENCH_DEADLINE a little before it would kill the process, so what is left is skipped and reported
+    rather than every row being lost."""
+    return float(os.environ.get("FMLM_BENCH_DEADLINE", "inf"))
+
+
+def _nan_row(name, path, cfg, B, steps, rate, note):
+    nan = float("nan")
+    return {**_row(name, path, cfg, B, steps, {"ms": nan, "p20_ms": nan, "p80_ms": nan}, nan, rate), "note": note}
+
+
+def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadline):
+    """Time each (path, Sampler kwargs, batch sizes) on one model; a path that would start past the deadline is
+    reported as skipped; a candidate ("[" in its name) that fails is reported, a default that fails raises."""
     from fmlm.engine.runner import Sampler
+
+    for path, kw, path_batches in paths:
+        if time.time() > deadline:
+            rows += [_nan_row(name, path, cfg, B, steps, rate, "skipped: time limit") for B in path_batches]
+            continue
+        try:
+            sampler = Sampler(model, max(path_batches), steps, **kw)
+        except Exception as exc:       # a candidate that cannot run here is reported, not fatal
+            rows.append(_nan_row(name, path, cfg, path_batches[0], steps, rate,
+                                 f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
+            continue
+        for B in path_batches:
+            def call(B=B, sampler=sampler):
+                return sampler.sample(args.seed, batch_size=B)
+            try:
+                peak = _peak(call)    # graph rows: capture (warm-up runs + pool) on the first call
+                t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
+            except Exception as exc:
+                if "[" not in path:   # the defaults must run; only a candidate may fail
+                    raise
+                rows.append(_nan_row(name, path, cfg, B, steps, rate,
+                                     f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
+                continue
+            rows.append(_row(name, path, cfg, B, steps, t, peak, rate))
+        del sampler
+        gc.collect()
+        _empty_cache()
+
+
+def bench(args, quick: bool = False) -> list[dict]:
+    """Two passes: first the reference and the engine's defaults at every point of every dataset, then the
+    opt-in candidates (one step, headline batch sizes), so a time limit cuts candidates, not the headline."""
+    from fmlm.engine.profile import build_model
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench e2e: no CUDA device, skipped", file=sys.stderr)
         return []
+    deadline = _deadline()
     rate = ceilings()["bf16_tflops"]
     iters = args.iters or (5 if quick else 20)
     ref_iters = 2 if quick else 5
     steps_list = args.steps or [1, 4]
     rows = []
-    for name in ([None] if args.checkpoint else args.datasets):
-        t0 = time.perf_counter()
-        model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
-        cfg = model.cfg
-        if name is None:         # a checkpoint: name it by its shape
-            name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
-        batches = args.batch_sizes or DATASETS.get(name, (1, 8, 32))
-        _sync()
-        for steps in steps_list:
-            for B in batches:
-                if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
-                    call = _reference_call(model, B, steps, args.seed)
-                    t = time_fn(call, warmup=1, iters=ref_iters, device=DEVICE)
-                    rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
-                    del call
-                    gc.collect()
-                    _empty_cache()
-            paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
-            if args.compile and not quick:
-                paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
-            if args.candidates and steps == 1:
+    names = [None] if args.checkpoint else list(args.datasets)
+    for phase in ("defaults", "candidates"):
+        if phase == "candidates" and not (args.candidates and 1 in steps_list):
+            break
+        for name in names:
+            t0 = time.perf_counter()
+            model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
+            cfg = model.cfg
+            if name is None:         # a checkpoint: name it by its shape
+                name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
+            batches = args.batch_sizes or DATASETS.get(name, (1, 8, 32))
+            _sync()
+            if phase == "candidates":
                 cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
+                paths = []
                 for c, o in CANDIDATES.items():
                     # a candidate that only acts up to some row count is timed only where it acts
                     cbc = [b for b in cb if b * cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * cfg.seq_len)]
                     if cbc:
                         paths.append((f"engine graph [{c}]", dict(graph=True, kernel_options=o), cbc))
-            for path, kw, path_batches in paths:
-                try:
-                    sampler = Sampler(model, max(path_batches), steps, **kw)
-                except Exception as exc:       # a candidate that cannot run here is reported, not fatal
-                    rows.append({**_row(name, path, cfg, path_batches[0], steps, {"ms": float("nan"),
-                                 "p20_ms": float("nan"), "p80_ms": float("nan")}, float("nan"), rate),
-                                 "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
-                    continue
-                for B in path_batches:
-                    def call(B=B, sampler=sampler):
-                        return sampler.sample(args.seed, batch_size=B)
-                    try:
-                        peak = _peak(call)    # graph rows: capture (warm-up runs + pool) on the first call
-                        t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
-                    except Exception as exc:
-                        if "[" not in path:   # the defaults must run; only a candidate may fail
-                            raise
-                        nan = float("nan")
-                        rows.append({**_row(name, path, cfg, B, steps, {"ms": nan, "p20_ms": nan, "p80_ms": nan}, nan,
-                                            rate), "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
-                        continue
-                    rows.append(_row(name, path, cfg, B, steps, t, peak, rate))
-                del sampler
-                gc.collect()
-                _empty_cache()
-        print(f"bench e2e: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        del model
-        gc.collect()
-        _empty_cache()
+                _time_paths(rows, model, name, cfg, 1, paths, args, iters, rate, deadline)
+            for steps in (steps_list if phase == "defaults" else []):
+                for B in batches:
+                    if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
+                        if time.time() > deadline:
+                            rows.append(_nan_row(name, "reference (bf16 autocast)", cfg, B, steps, rate,
+                                                 "skipped: time limit"))
+                            continue
+                        call = _reference_call(model, B, steps, args.seed)
+                        t = time_fn(call, warmup=1, iters=ref_iters, device=DEVICE)
+                        rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
+                        del call
+                        gc.collect()
+                        _empty_cache()
+                paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
+                if args.compile and not quick:
+                    paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
+                _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadline)
+            print(f"bench e2e: {name} {phase} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            del model
+            gc.collect()
+            _empty_cache()
     _annotate(rows)
     return rows
 

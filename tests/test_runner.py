@@ -235,6 +235,7 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
 
 
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")   # the ops' resolve()
 def test_compiled_block_with_triton_small_gemms():
     """torch.compile of the block with gemm_impl='triton_small': the Triton ops (linear with the rotary epilogue,
     split-K partials, gate_residual summing them) reach the compiled graph as registered custom ops and give
@@ -578,6 +579,11 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     two = [r for r in rows if r["path"] == "engine graph" and r["steps"] == 2]
     assert all(r["4-step/1-step"] != r["4-step/1-step"] for r in two)     # only 4-step rows get the ratio
     assert "vs engine graph" in markdown_table(rows, bench.COLUMNS)
+    # past the deadline gpu_check gives it, every point is reported as skipped instead of the process being killed
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", "0")
+    late = bench.bench(args, quick=True)
+    assert late and all(r.get("note") == "skipped: time limit" for r in late)
+    assert {r["path"] for r in late} == paths
     assert bench.plot(rows, tmp_path / "e2e.png").stat().st_size > 0
 
 
@@ -606,14 +612,20 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
     monkeypatch.setattr(common, "ceilings", lambda: {"bf16_tflops": 1.0, "copy_gbs": 1.0})
     monkeypatch.setattr(common, "device_name", lambda: "fake")
 
+    envs = []
+
     def fake_run(cmd, **kw):
         calls.append(cmd[-1])
+        envs.append(kw.get("env", {}))
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(common, "meta", lambda: {})
     assert gpu_check.main(["--budget", "1000"]) == 0
     assert calls[0] == "--continue-on-collection-errors" and calls[1] == "bench_e2e"
     assert calls[1:] == gpu_check.bench_modules()
+    # each benchmark process learns its deadline (before the kill, so it can skip what is left and write rows)
+    import time
+    assert all(time.time() < float(e["FMLM_BENCH_DEADLINE"]) <= time.time() + 1000 for e in envs[1:])
     calls.clear()
     assert gpu_check.main(["--budget", "0", "--skip-tests"]) == 0
     out = capsys.readouterr().out
