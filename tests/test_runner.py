@@ -236,6 +236,7 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
 
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")   # the ops' resolve()
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside torch
 def test_compiled_block_with_triton_small_gemms():
     """torch.compile of the block with gemm_impl='triton_small': the Triton ops (linear with the rotary epilogue,
     split-K partials, gate_residual summing them) reach the compiled graph as registered custom ops and give
