@@ -12,6 +12,9 @@ Timing: REPS calls captured in one CUDA graph, replayed; ms = replay time / REPS
 inter-kernel gaps, as the engine's sampler replays its graph; no host launch cost), median of many replays.
 speedup_vs_default = cublas ms / triton ms at the same row (> 1: the candidate is faster).
 TFLOP/s counts the GEMM FLOPs (2·rows·N·K) only.
+Then a sweep ("trunk GEMM sweep" rows): each bare GEMM with each of kernels/linear.py's three GPU tile configs
+(and split counts for the two split-K GEMMs) beside cuBLAS's bare GEMM, column "vs cublas": the data to retune
+linear.pick_config from one GPU run.
 """
 from __future__ import annotations
 
@@ -26,7 +29,14 @@ DEVICE = "cuda"                       # the CPU smoke test sets "cpu" (interpret
 D, HEADS, MLP = 768, 12, 3072
 ROWS = (128, 1024)
 REPS = 20
-BUDGET_S = 40.0
+BUDGET_S = 75.0
+SWEEP_SPLITS = (1, 2, 3, 4, 6, 8)
+SWEEP_CONFIGS = None      # tag → kernels/linear.py config; None: its three GPU configs (the smoke test sets its own)
+
+
+def _sweep_configs() -> dict:
+    lin = importlib.import_module("fmlm.kernels.linear")
+    return {"small": lin.GPU_CONFIG_SMALL, "mid": lin.GPU_CONFIG_MID, "large": lin.GPU_CONFIG_LARGE}
 
 
 def _block_inputs(rows: int, seed: int = 0):
@@ -59,6 +69,8 @@ def run(quick: bool = False) -> list[dict]:
     F = torch.nn.functional
     t_start = time.time()
     iters = 20 if quick else 50
+    global SWEEP_CONFIGS
+    SWEEP_CONFIGS = SWEEP_CONFIGS if SWEEP_CONFIGS is not None else _sweep_configs()
     kb = "auto"          # Triton on CUDA; the CPU smoke run takes the ops' torch paths
     rows_out = []
     for rows in ROWS:
@@ -94,38 +106,68 @@ def run(quick: bool = False) -> list[dict]:
              lambda: resid_triton(hid, wb["w2"], wb["b2"])),
             ("block", 2 * rows * 12 * D * D, block("cublas"), block("triton_small")),
         ]
+        dt = str(dtype).replace("torch.", "")
         for what, flops, f_cublas, f_triton in cases:
             if time.time() - t_start > BUDGET_S:
                 rows_out.append({"pass": what, "rows": rows, "note": "skipped: benchmark budget spent"})
                 continue
             base_ms = None
             for impl, fn in (("cublas", f_cublas), ("triton_small", f_triton)):
-                row = {"op": "trunk GEMM", "pass": what, "rows": rows, "impl": impl, "D": D,
-                       "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    if DEVICE == "cuda":
-                        timed = graphed(lambda fn=fn: [fn() for _ in range(REPS)])
-                        t = time_fn(timed, warmup=3, iters=iters, device=DEVICE)
-                        ms = t["ms"] / REPS
-                        row.update(ms=ms, p20_ms=t["p20_ms"] / REPS, p80_ms=t["p80_ms"] / REPS)
-                    else:
-                        t = time_fn(fn, warmup=1, iters=2, device=DEVICE)
-                        ms = t["ms"]
-                        row.update(ms=ms, p20_ms=t["p20_ms"], p80_ms=t["p80_ms"])
-                except Exception as exc:       # report, do not hide: the row says why it has no time
-                    row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-                    rows_out.append(row)
-                    continue
-                row["tflops"] = flops / (ms * 1e-3) / 1e12
-                if impl == "cublas":
-                    base_ms = ms
-                elif base_ms:
-                    row["speedup_vs_default"] = base_ms / ms
+                row = {"op": "trunk GEMM", "pass": what, "rows": rows, "impl": impl, "D": D, "dtype": dt,
+                       **_time(fn, iters)}
+                if "ms" in row:
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    if impl == "cublas":
+                        base_ms = row["ms"]
+                    elif base_ms:
+                        row["speedup_vs_default"] = base_ms / row["ms"]
                 rows_out.append(row)
+        # Tile/split sweep of the bare GEMMs (what pick_config could choose), beside cuBLAS's bare GEMM: the data
+        # to retune pick_config from one run. Column "vs cublas" (kept out of gpu_check's candidate table).
+        for what, N, K, kind in (("qkv", 3 * D, D, "linear"), ("mlp1 (gelu)", MLP, D, "gelu"),
+                                 ("out", D, D, "partials"), ("mlp2", D, MLP, "partials")):
+            a = y if K == D else hid
+            wt = {"qkv": wb["wqkv"], "mlp1 (gelu)": wb["w0"], "out": wb["wout"], "mlp2": wb["w2"]}[what]
+            base = _time(lambda a=a, wt=wt: F.linear(a, wt), iters)
+            rows_out.append({"op": "trunk GEMM sweep", "pass": what, "rows": rows, "impl": "cublas (bare)",
+                             "dtype": dt, **base})
+            for tag, cfg in SWEEP_CONFIGS.items():
+                for split in (SWEEP_SPLITS if kind == "partials" else (None,)):
+                    if time.time() - t_start > BUDGET_S:
+                        break
+                    if split is not None and K // split < cfg["BLOCK_K"]:
+                        continue
+                    if kind == "partials":
+                        fn = lambda a=a, wt=wt, c=cfg, sp=split: lin.linear_partials(a, wt, sp, backend=kb, config=c)
+                    else:
+                        fn = lambda a=a, wt=wt, c=cfg, act=(kind == "gelu"): lin.linear(
+                            a, wt, wb["b0"] if act else None, "gelu_tanh" if act else None, backend=kb, config=c)
+                    r = {"op": "trunk GEMM sweep", "pass": what, "rows": rows, "dtype": dt,
+                         "impl": f"triton {tag}" + (f" split {split}" if split else ""), **_time(fn, iters)}
+                    if "ms" in r:
+                        r["tflops"] = 2 * rows * N * K / (r["ms"] * 1e-3) / 1e12
+                        if "ms" in base:
+                            r["vs cublas"] = base["ms"] / r["ms"]
+                    rows_out.append(r)
     return rows_out
 
 
-COLUMNS = ["op", "pass", "rows", "impl", "dtype", "ms", "p20_ms", "p80_ms", "tflops", "speedup_vs_default", "note"]
+def _time(fn, iters: int) -> dict:
+    """{ms, p20_ms, p80_ms} per call: on CUDA REPS calls captured in one graph and replayed (device time with
+    the graph's gaps, no host launch cost); on the CPU (smoke runs) plain calls. A failure is a note."""
+    try:
+        if DEVICE == "cuda":
+            timed = graphed(lambda: [fn() for _ in range(REPS)])
+            t = time_fn(timed, warmup=3, iters=iters, device=DEVICE)
+            return {"ms": t["ms"] / REPS, "p20_ms": t["p20_ms"] / REPS, "p80_ms": t["p80_ms"] / REPS}
+        t = time_fn(fn, warmup=1, iters=2, device=DEVICE)
+        return {"ms": t["ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"]}
+    except Exception as exc:       # report, do not hide: the row says why it has no time
+        return {"note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"}
+
+
+COLUMNS = ["op", "pass", "rows", "impl", "dtype", "ms", "p20_ms", "p80_ms", "tflops", "speedup_vs_default",
+           "vs cublas", "note"]
 
 
 def main() -> int:

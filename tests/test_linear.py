@@ -223,13 +223,20 @@ def test_bench_linear_cpu_smoke(monkeypatch):
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "ROWS", (16,))
+    monkeypatch.setattr(bench, "SWEEP_CONFIGS", {"interp": lin.INTERPRET_CONFIG})
+    monkeypatch.setattr(bench, "SWEEP_SPLITS", (1, 2))
     rows = bench.run(quick=True)
     assert all("note" not in r and r["ms"] > 0 for r in rows), [r for r in rows if "note" in r]
-    assert {(r["pass"], r["impl"]) for r in rows} == {(p, i) for p in ("qkv", "mlp1 (gelu)", "out + resid",
+    main = [r for r in rows if r["op"] == "trunk GEMM"]
+    assert {(r["pass"], r["impl"]) for r in main} == {(p, i) for p in ("qkv", "mlp1 (gelu)", "out + resid",
                                                                        "mlp2 + resid", "block")
                                                       for i in ("cublas", "triton_small")}
-    cand = [r for r in rows if r["impl"] == "triton_small"]
+    cand = [r for r in main if r["impl"] == "triton_small"]
     assert all(r["speedup_vs_default"] > 0 for r in cand)
+    sweep = {(r["pass"], r["impl"]) for r in rows if r["op"] == "trunk GEMM sweep"}
+    assert ("mlp2", "triton interp split 2") in sweep and ("qkv", "triton interp") in sweep
+    assert ("out", "cublas (bare)") in sweep
+    assert all(r["vs cublas"] > 0 for r in rows if r["op"] == "trunk GEMM sweep" and r["impl"] != "cublas (bare)")
 
 
 @needs_triton
