@@ -134,6 +134,8 @@ def run(quick: bool = False) -> list[dict]:
             for tag, cfg in SWEEP_CONFIGS.items():
                 for split in (SWEEP_SPLITS if kind == "partials" else (None,)):
                     if time.time() - t_start > BUDGET_S:
+                        rows_out.append({"op": "trunk GEMM sweep", "pass": what, "rows": rows,
+                                         "impl": f"triton {tag}", "note": "skipped: benchmark budget spent"})
                         break
                     if split is not None and K // split < cfg["BLOCK_K"]:
                         continue
