@@ -7,7 +7,8 @@ kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONF
 checked against the default; the TMA kernel at the default configs of the smaller row counts; the default,
 the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step); reference.logits_argmax_ref
 eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM h·Wᵀ of the padded
-weight with no epilogue (the matmul ceiling). Every Triton row is timed with its host launch (the TMA path
+weight with no epilogue (the matmul ceiling), and beside it a plain Triton GEMM at the argmax's tile storing the
+logits (diagnostic: how much of the gap to cuBLAS is Triton's main loop, how much the argmax epilogue). Every Triton row is timed with its host launch (the TMA path
 also encodes two descriptors per call on the host).
 
 FLOPs (useful, V = 50258): 2·rows·V·D. GB/s: compulsory traffic only (W and h read, indices written),
@@ -101,6 +102,16 @@ def run(quick: bool = False) -> list[dict]:
     h = h_all[:n]
     gemm = add("cuBLAS h·Wᵀ (padded V, no epilogue)", n, lambda: h @ W.T, "matmul ceiling", mem=False)
     main["pct_of_cublas_gemm"] = 100 * gemm["ms"] / main["ms"]
+    # Diagnostic: a plain Triton GEMM (kernels/linear.py) at the argmax's default tile, logits stored like the
+    # cuBLAS row. Beside cuBLAS it is the Triton main loop's own rate; beside the argmax, the epilogue's cost.
+    lin = importlib.import_module("fmlm.kernels.linear")
+    tile = {k: LA.GPU_CONFIG[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+    try:
+        add(f"triton GEMM h·Wᵀ [{_cfg_label(LA.GPU_CONFIG)}] (logits stored; diagnostic)", n,
+            lambda: lin.linear_fwd(h, W, None, None, None, tile), "the argmax's tile, no argmax epilogue", mem=False)
+    except Exception as e:   # a diagnostic that fails is a row, not fatal
+        rows.append({"op": "logits_argmax", "impl": "triton GEMM h·Wᵀ (diagnostic)", "rows": n,
+                     "note": f"failed: {e!r}"[:200]})
 
     launcher_base = {}
 

@@ -389,6 +389,9 @@ def compile_specs() -> list[dict]:
         specs.append(dict(specs[i], name=f"_linear_kernel[{tag},rotary]",
                           signature={**specs[i]["signature"], "ROTARY": "constexpr", "HEAD_DIM": "constexpr"},
                           constexprs={**specs[i]["constexprs"], "HAS_BIAS": False, "ROTARY": True, "HEAD_DIM": 64}))
+    # bench_logits_argmax's diagnostic: the plain GEMM at the argmax's 128×256 tile (8 warps, 3 stages)
+    specs.append(dict(specs[6], name="_linear_kernel[bm128_bn256,logits]",
+                      constexprs={**specs[6]["constexprs"], "HAS_BIAS": False, "BLOCK_N": 256}))
     # the 'pdl' kernel option's launch (griddepcontrol.wait / launch_dependents at the top)
     specs.append(dict(specs[2], name="_linear_kernel[small,partial,pdl]",
                       signature={**specs[2]["signature"], "USE_PDL": "constexpr"},

@@ -243,6 +243,8 @@ def test_triton_bench_smoke(monkeypatch):
     tma = [r for r in rows if "[TMA" in r["impl"]]
     assert {r["rows"] for r in tma} == {32, 8, 3, 40} and all(r["agree_with_default"] == 1.0 and r["speedup_vs_default"] > 0 for r in tma), tma
     assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
+    diag = [r for r in rows if "triton GEMM" in r["impl"]]
+    assert len(diag) == 1 and diag[0]["ms"] > 0 and diag[0]["rows"] == 32
 
 
 @pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")
