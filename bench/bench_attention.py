@@ -7,7 +7,9 @@ OWT B=32 and B=1 at L=1024, LM1B B=1 and B=512 at L=128. Rows:
 - the opt-in candidates 'prepass' (rotary_qk rotates q and k once, then the kernel without rotary),
   'prepass_k' (only k rotated ahead, q still on load) and 'prepass_tma' ('prepass' with the attention's
   Q/K/V tiles read through TMA descriptors: its row minus the 'prepass' row is what TMA changes, the
-  rotary_qk part being the same), plus the prepass's two parts timed alone;
+  rotary_qk part being the same), plus the prepass's two parts timed alone; the fixed-shift softmax
+  (fixed_shift=True: no running max) with rotary on load, and without rotary beside the same kernel's online
+  softmax;
 - reference (apply_rotary_ref + attention_ref, materialized scores; skipped above 20 GB);
 - FlexAttention with the tanh score_mod, torch.compile'd in a child process that compiles while this one
   times (a cold inductor compile must not eat gpu-check's 60 s), on pre-rotated q, k;
@@ -130,11 +132,25 @@ def run(quick: bool = False) -> list[dict]:
             r = add(f"triton: {impl} (candidate)", name, B, L, lambda impl=impl: tri(impl), what,
                     max_abs_diff_vs_ref=diff(o), max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
             r["speedup_vs_default"] = main["ms"] / r["ms"]
+        # the fixed-shift softmax (no running max, no rescale of the output tile); with rotary on load, and
+        # without rotary (what the triton_small trunk runs: rotary already applied in the qkv GEMM)
+        o = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True)
+        r = add("triton: fixed shift (candidate)", name, B, L,
+                lambda: A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True),
+                "softmax without a running max", max_abs_diff_vs_ref=diff(o),
+                max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
+        r["speedup_vs_default"] = main["ms"] / r["ms"]
+        qr, kr = A.rotary_qk(q, k, cos, sin)
+        plain = add("  no rotary (pre-rotated q, k), online softmax", name, B, L,
+                    lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton"), "baseline of the next row")
+        r = add("triton: no rotary + fixed shift (candidate)", name, B, L,
+                lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton", fixed_shift=True),
+                "vs the row above: the fixed shift alone")
+        r["speedup_vs_default"] = plain["ms"] / r["ms"]
         # the prepass's two parts alone: what the key loop gains vs what the extra pass costs
         rq_bytes = 2 * 2 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size()
         add("  part: rotary_qk(q, k) alone", name, B, L, lambda: A.rotary_qk(q, k, cos, sin), "no attention FLOPs",
             flops=False, nbytes=rq_bytes)
-        qr, kr = A.rotary_qk(q, k, cos, sin)
         add("  part: attention on pre-rotated q, k (no rotary)", name, B, L,
             lambda: A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), "the prepass minus rotary_qk",
             max_abs_diff_vs_default=_maxdiff(A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), out0))

@@ -9,7 +9,8 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
 - engine graph + compile (full mode only): the blocks under torch.compile as well;
 - engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
   prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
-  programmatic dependent launch of the Triton kernels) at the headline batch sizes, so one run shows whether a
+  programmatic dependent launch of the Triton kernels, the attention softmax without a running max) at the
+  headline batch sizes, so one run shows whether a
   candidate should become the default (--no-candidates skips them).
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
@@ -42,7 +43,8 @@ FOUR_STEP_RATIO = 4.5
 CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
-              "gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True}}
+              "gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
+              "attention fixed shift": {"attention_fixed_shift": True}}
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}

@@ -63,7 +63,8 @@ class Sampler:
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
     {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py),
-    {"pdl": True} (the Triton trunk and argmax kernels
+    {"attention_fixed_shift": True} (the attention's softmax without a running max: kernels/attention.py
+    fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
     launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
@@ -210,7 +211,8 @@ class Sampler:
             block_fn = _compiled_block() if self.compile_blocks else None
             return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k],
                                rotary_impl=self.kernel_options.get("rotary_impl", "load"),
-                               gemm_impl=self.kernel_options.get("gemm_impl", "cublas"))
+                               gemm_impl=self.kernel_options.get("gemm_impl", "cublas"),
+                               attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", False))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -319,7 +321,7 @@ class Sampler:
 
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
-                  "gemm_impl": GEMM_IMPLS, "pdl": bool}
+                  "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:

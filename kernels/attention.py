@@ -78,10 +78,10 @@ if triton_available():
         stride_vb, stride_vl, stride_vh,
         stride_ob, stride_ol, stride_oh,
         stride_cl,
-        L, H, qk_scale, softcap,
+        L, H, qk_scale, softcap, shift_log2,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
-        IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
+        IEEE: tl.constexpr, USE_PDL: tl.constexpr = False, FIXED_SHIFT: tl.constexpr = False,
     ):
         if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
             tl.extra.cuda.gdc_wait()
@@ -171,21 +171,27 @@ if triton_available():
                 else:
                     s = tl.dot(qa, tl.trans(k))
             s = _softcap_scores_log2(s, n_ok, qk_scale, softcap, HAS_CAP, FAST_TANH, EVEN_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            if FIXED_SHIFT:
+                # capped scores lie in (−cap, cap)·log2 e: a constant shift keeps 2^(s − shift) normal and finite
+                # (launcher: fixed_shift_log2), so no running max, no rescale of acc and l_i
+                p = tl.exp2(s - shift_log2)
+                l_i += tl.sum(p, 1)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                m_i = m_new
             v_ptr = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
             if EVEN_N and EVEN_D:
                 v = tl.load(v_ptr)
             else:
                 v = tl.load(v_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None]
             if IEEE:
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
             else:
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc)
-            m_i = m_new
         o = acc / l_i[:, None]
         o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
         tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -312,13 +318,30 @@ def _check(q, k, v, cos, sin):
             raise ValueError(f"cos/sin must be (L, d/2) = ({L}, {d // 2}), got {tuple(cos.shape)}")
 
 
+def fixed_shift_log2(softcap: Optional[float]) -> Optional[float]:
+    """The constant of the opt-in fixed-shift softmax (config {"fixed_shift": True}), or None where it cannot
+    apply. Capped scores in log2 units lie in (−c, c), c = cap·log2 e; with p = 2^(s − (c − 40)) every p lies
+    in (2^(40 − 2c), 2^40]: for cap ≤ 57 that is above 2^−126 (fp32 and bf16 stay normal) and a sum over 2^20
+    keys stays below 2^60, so the online softmax's running max and its rescaling of acc and l_i (one max
+    reduction, one exp2 and a multiply of the output tile per key tile) can go. Relative precision is the
+    same as with the max subtracted. bf16 and fp32 only: p is cast to V's dtype for the P·V dot, and fp16's
+    range cannot hold it (the launcher keeps the online softmax for fp16). Unmeasured (no GPU in the session
+    that wrote it); compile-only evidence (sm_90a, m128 tile, rotary on load): PTX max.f32 36 → 0, shfl 8 → 4,
+    mul.f32 145 → 81, ex2 34 → 32, 1809 → 1659 lines; bench_attention times it beside the default, bench_e2e
+    as `engine graph [attention fixed shift]`."""
+    if not softcap or softcap > 57.0:
+        return None
+    return softcap * 1.4426950408889634 - 40.0
+
+
 def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None, out=None,
                           block_m: Optional[int] = None, block_n: Optional[int] = None,
                           k_rotated: bool = False, config: Optional[dict] = None) -> torch.Tensor:
     """Triton launcher. q, k, v (B, L, H, d) with unit stride on d (views into a (B, L, 3, H, d) qkv buffer
     are fine); cos/sin (L, d/2), used in q's dtype. Returns (B, L, H·d) in q's dtype. k_rotated: k was
     already rotated (rotary_qk) and only q is rotated on load. config: overrides of _config's BLOCK_M,
-    BLOCK_N, num_warps, num_stages (the benchmark's sweep)."""
+    BLOCK_N, num_warps, num_stages (the benchmark's sweep), and "fixed_shift": True for the opt-in softmax
+    without a running max (fixed_shift_log2; ignored where the cap does not allow it)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -341,6 +364,9 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     if block_n:
         cfg["BLOCK_N"] = block_n
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    # fp16's range (2^−24 … 2^15) cannot hold p over the capped range: the online softmax there
+    fixed = bool(cfg.get("fixed_shift")) and q.dtype != torch.float16 and fixed_shift_log2(softcap) is not None
+    shift = fixed_shift_log2(softcap) if fixed else 0.0
     _softcap_attention_fwd_kernel[grid](
         q, k, v, o4, cos, sin,
         q.stride(0), q.stride(1), q.stride(2),
@@ -348,13 +374,13 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
         v.stride(0), v.stride(1), v.stride(2),
         o4.stride(0), o4.stride(1), o4.stride(2),
         cos.stride(0) if rotary else 0,
-        L, H, 1.0 / math.sqrt(d), float(softcap or 1.0),
+        L, H, 1.0 / math.sqrt(d), float(softcap or 1.0), shift,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROTARY_Q=rotary, ROTARY_K=rotary and not k_rotated, HAS_CAP=bool(softcap),
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl_launch_kwargs(pdl_active(q)))
+        FIXED_SHIFT=fixed, **pdl_launch_kwargs(pdl_active(q)))
     return out.view(B, L, H * d)
 
 
@@ -478,7 +504,7 @@ def compile_specs() -> list[dict]:
         return []
     # the launcher casts cos/sin to q's dtype
     sig = {n: "*bf16" for n in ("Q", "K", "V", "O", "COS", "SIN")}
-    sig.update({"qk_scale": "fp32", "softcap": "fp32"})
+    sig.update({"qk_scale": "fp32", "softcap": "fp32", "shift_log2": "fp32"})
     sig.update({n: "i32" for n in _softcap_attention_fwd_kernel.arg_names if n not in sig})  # strides, L, H
     # what the JIT specializes at run time for the DiT's qkv views (pointers 16-byte aligned, strides of
     # 3·D, d, d/2 elements divisible by 16): without it the compiler cannot vectorize or pipeline the loads
@@ -487,14 +513,17 @@ def compile_specs() -> list[dict]:
                if sig[n].startswith("*") or n.startswith("stride_")}
     specs = []
     variants = (("_rope", True, True), ("", False, False), ("_rope_q", True, False))
-    # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile
-    variants += (("_rope_pdl", True, True),)
+    # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile; "_rope_fixed": the
+    # fixed-shift softmax candidate at the B=32 tile
+    variants += (("_rope_pdl", True, True), ("_rope_fixed", True, True))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
-            if (suffix == "_rope_q" and block_m != 128) or (suffix == "_rope_pdl" and block_m != 64):
+            if ((suffix in ("_rope_q", "_rope_fixed") and block_m != 128)
+                    or (suffix == "_rope_pdl" and block_m != 64)):
                 continue         # the candidates at one tile each
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
-                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix == "_rope_pdl")
+                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix == "_rope_pdl",
+                         FIXED_SHIFT=suffix == "_rope_fixed")
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -566,12 +595,14 @@ def softcap_attention_ref(q, k, v, softcap: Optional[float], cos=None, sin=None)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fmlm::softcap_attention", mutates_args=())
 def _softcap_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
-                          cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
-    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin)
+                          cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                          fixed_shift: bool = False) -> torch.Tensor:
+    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin,
+                                 config={"fixed_shift": True} if fixed_shift else None)
 
 
 @_softcap_attention_op.register_fake
-def _(q, k, v, softcap, cos, sin):
+def _(q, k, v, softcap, cos, sin, fixed_shift=False):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -620,13 +651,15 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
                       cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                      backend: str = "auto", rotary_impl: str = "load") -> torch.Tensor:
+                      backend: str = "auto", rotary_impl: str = "load", fixed_shift: bool = False) -> torch.Tensor:
     """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
     cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
     rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
     as they are loaded), or the opt-in, not yet timed candidates 'prepass' (q and k rotated once by
     rotary_qk, then the kernel without rotary), 'prepass_k' (only k rotated ahead; q on load) and
-    'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot)."""
+    'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot).
+    fixed_shift (opt-in, not yet timed; triton backend, the 'load' kernel and the kernel without rotary): the
+    softmax without a running max (fixed_shift_log2), where the cap allows it."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
@@ -644,5 +677,5 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
             return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass")
         return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass")
     if torch.compiler.is_compiling():
-        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin)
-    return softcap_attention_fwd(q, k, v, softcap, cos, sin)
+        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift)
+    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config={"fixed_shift": True} if fixed_shift else None)

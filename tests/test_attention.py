@@ -391,3 +391,62 @@ def test_prepass_tma_cuda_graph_replay(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fn())
+
+
+# ---- the opt-in fixed-shift softmax (fixed_shift=True) -------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", CASES)
+@pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+def test_fixed_shift_matches_reference(B, L, H, d, dtype, rotary):
+    """p = 2^(s − (cap·log2 e − 40)) with no running max: the same function within the error budget, at scores
+    spread over the whole capped range (scale 40: |q·kᵀ/√d| far beyond the cap of 50). fp16 takes the online
+    softmax (its range cannot hold p); bf16 is checked on the GPU."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    for scale in (2.0, 40.0):
+        q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev, scale=scale)
+        if not rotary:
+            cos = sin = None
+        out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True)
+        _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
+def test_fixed_shift_constant_bounds():
+    """The shift keeps every 2^(s − shift) in (2^−126, 2^40] for caps up to 57; beyond, or uncapped, no shift."""
+    for cap in (1.0, 30.0, 50.0, 57.0):
+        c = cap * 1.4426950408889634
+        sh = A.fixed_shift_log2(cap)
+        assert -c - sh > -126 and c - sh <= 40 + 1e-9
+    assert A.fixed_shift_log2(None) is None and A.fixed_shift_log2(0.0) is None and A.fixed_shift_log2(60.0) is None
+
+
+@needs_triton
+def test_fixed_shift_falls_back_where_the_cap_forbids_it():
+    """Without a cap (or a cap above 57) fixed_shift=True runs the online softmax: the default kernel, bit for bit."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 9, 2, 32, torch.float32, dev)
+    for cap in (None, 80.0):
+        want = A.softcap_attention(q, k, v, cap, cos, sin, backend="triton")
+        assert torch.equal(A.softcap_attention(q, k, v, cap, cos, sin, backend="triton", fixed_shift=True), want)
+
+
+@needs_triton
+def test_fixed_shift_fp32_differs_from_online_softmax():
+    """fixed_shift=True really runs the other softmax in fp32 (not bit-equal to the default), fp16 falls back."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 33, 2, 32, torch.float32, dev, scale=10.0)
+    a = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton")
+    assert not torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True), a)
+    q, k, v = (t.half() for t in (q, k, v))
+    a = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton")
+    assert torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L", [(32, 1024), (1, 128)], ids=["owt-B32", "lm1b-B1"])
+def test_fixed_shift_bf16_on_gpu(B, L):
+    """The candidate in the engine's dtype at the engine's shapes: within the error budget of the bf16 reference."""
+    q, k, v, cos, sin = _inputs(B, L, 12, 64, torch.bfloat16, "cuda", seed=3)
+    out = A.softcap_attention(q, k, v, 50.0, cos, sin, fixed_shift=True)
+    if B == 32:     # the fp64 truth of the full batch is large: check two sequences of it
+        q, k, v, out = q[:2], k[:2], v[:2], out[:2]
+    _check_budget(out, q, k, v, 50.0, cos, sin)

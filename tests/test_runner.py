@@ -228,10 +228,13 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
         pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
                                     rotary_impl=impl)
         _assert_budget(pre, reference, truth, 1e-6)
-    # the opt-in Triton GEMMs (split-K partials summed by gate_residual) compute the same trunk
-    small = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
-                                  gemm_impl="triton_small")
-    _assert_budget(small, reference, truth, 1e-6)
+    # the opt-in Triton GEMMs (split-K partials summed by gate_residual) and the fixed-shift attention softmax
+    # compute the same trunk
+    for kw in (dict(gemm_impl="triton_small"), dict(attn_fixed_shift=True),
+               dict(gemm_impl="triton_small", attn_fixed_shift=True)):
+        cand = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
+                                     **kw)
+        _assert_budget(cand, reference, truth, 1e-6)
 
 
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
@@ -369,9 +372,9 @@ def test_graph_replay_equals_eager(steps, renoise):
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
                                   {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}},
                                   {"gemm_impl": "triton_small"}, {"pdl": True},
-                                  {"gemm_impl": "triton_small", "pdl": True}],
+                                  {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": True}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
-                              "gemm_triton_small_pdl"])
+                              "gemm_triton_small_pdl", "attention_fixed_shift"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
