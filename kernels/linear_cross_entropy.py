@@ -206,17 +206,24 @@ if HAS_TRITON:
             N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
             EVEN_K: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXED_SHIFT: tl.constexpr = False):
         """Program (row block, vocabulary split): online (max, sum-exp) and the target logit over its V tiles.
         part: (3, splits, N) fp32 = (m, l, S[target]); the host combines the splits. TMA: h_ptr and w_ptr are
-        tensor descriptors of h and W[:V] (see _logit_tile)."""
+        tensor descriptors of h and W[:V] (see _logit_tile). FIXED_SHIFT (a cap in (0, 40]; the launchers' default
+        since the third session of 2026-11-27, config {"fixed_shift": False} for the online softmax): m stays
+        cap and l sums exp(S − cap), no running max (see _fixed_shift). Not yet timed on a GPU (bench row
+        "online-softmax forward (the previous default)"); compile-only, sm_90a, triton 3.7.1: registers 178 →
+        128 (pointer), 147 → 123 (TMA); the soft forward 208 → 186 and 191 → 165."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_splits = tl.num_programs(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_c = tl.minimum(rows, N - 1)
         tgt = tl.load(tgt_ptr + rows_c).to(tl.int32)
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if FIXED_SHIFT:
+            m = tl.zeros((BLOCK_M,), tl.float32) + cap
+        else:
+            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         zt = tl.zeros((BLOCK_M,), tl.float32)
         t0 = pid_s * tiles_per_split
@@ -228,10 +235,13 @@ if HAS_TRITON:
                               D, PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where((cols < V)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            if FIXED_SHIFT:
+                l += tl.sum(tl.exp(s - cap), 1)
+            else:
+                m_new = tl.maximum(m, tl.max(s, 1))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+                m = m_new
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
-            m = m_new
         rmask = rows < N
         out = part_ptr + pid_s * N + rows
         tl.store(out, m, mask=rmask)
@@ -283,17 +293,20 @@ if HAS_TRITON:
             N, V, D, stride_h, stride_w, tiles_per_split, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
             EVEN_K: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXED_SHIFT: tl.constexpr = False):
         """Three streams per W tile: online (m0, l0) of S0 = cap(h·Wᵀ+b) and, for k = 1, 2, online (m_k, l_k)
-        of S_k plus t_k = Σ exp(S_k − m_k)·S0. part: (8, splits, N) fp32."""
+        of S_k plus t_k = Σ exp(S_k − m_k)·S0. part: (8, splits, N) fp32. FIXED_SHIFT: every m stays cap."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_splits = tl.num_programs(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_c = tl.minimum(rows, N - 1)
-        m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        m1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        m2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if FIXED_SHIFT:
+            m0 = tl.zeros((BLOCK_M,), tl.float32) + cap
+        else:
+            m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        m1 = m0
+        m2 = m0
         l0 = tl.zeros((BLOCK_M,), tl.float32)
         l1 = tl.zeros((BLOCK_M,), tl.float32)
         l2 = tl.zeros((BLOCK_M,), tl.float32)
@@ -309,29 +322,42 @@ if HAS_TRITON:
                               PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s0, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s0 = tl.where(cmask, s0, 0.0)       # finite on masked columns: it multiplies e_k = 0 there
-            m_new = tl.maximum(m0, tl.max(tl.where(cmask, s0, float("-inf")), 1))
-            l0 = l0 * tl.exp(m0 - m_new) + tl.sum(tl.where(cmask, tl.exp(s0 - m_new[:, None]), 0.0), 1)
-            m0 = m_new
+            if FIXED_SHIFT:
+                l0 += tl.sum(tl.where(cmask, tl.exp(s0 - cap), 0.0), 1)
+            else:
+                m_new = tl.maximum(m0, tl.max(tl.where(cmask, s0, float("-inf")), 1))
+                l0 = l0 * tl.exp(m0 - m_new) + tl.sum(tl.where(cmask, tl.exp(s0 - m_new[:, None]), 0.0), 1)
+                m0 = m_new
             acc = _logit_tile(h1_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, t * BLOCK_N, stride_w, D,
                               PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where(cmask, s, float("-inf"))
-            m_new = tl.maximum(m1, tl.max(s, 1))
-            a = tl.exp(m1 - m_new)
-            e = tl.exp(s - m_new[:, None])
-            l1 = l1 * a + tl.sum(e, 1)
-            t1 = t1 * a + tl.sum(e * s0, 1)
-            m1 = m_new
+            if FIXED_SHIFT:
+                e = tl.exp(s - cap)
+                l1 += tl.sum(e, 1)
+                t1 += tl.sum(e * s0, 1)
+            else:
+                m_new = tl.maximum(m1, tl.max(s, 1))
+                a = tl.exp(m1 - m_new)
+                e = tl.exp(s - m_new[:, None])
+                l1 = l1 * a + tl.sum(e, 1)
+                t1 = t1 * a + tl.sum(e * s0, 1)
+                m1 = m_new
             acc = _logit_tile(h2_ptr, rows_c, pid_m * BLOCK_M, stride_h, w_ptr, cols_c, t * BLOCK_N, stride_w, D,
                               PREC, EVEN_K, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             s, _ = _capped(acc, b_ptr, cols_c, cap, inv_cap, HAS_BIAS, HAS_CAP, TANH)
             s = tl.where(cmask, s, float("-inf"))
-            m_new = tl.maximum(m2, tl.max(s, 1))
-            a = tl.exp(m2 - m_new)
-            e = tl.exp(s - m_new[:, None])
-            l2 = l2 * a + tl.sum(e, 1)
-            t2 = t2 * a + tl.sum(e * s0, 1)
-            m2 = m_new
+            if FIXED_SHIFT:
+                e = tl.exp(s - cap)
+                l2 += tl.sum(e, 1)
+                t2 += tl.sum(e * s0, 1)
+            else:
+                m_new = tl.maximum(m2, tl.max(s, 1))
+                a = tl.exp(m2 - m_new)
+                e = tl.exp(s - m_new[:, None])
+                l2 = l2 * a + tl.sum(e, 1)
+                t2 = t2 * a + tl.sum(e * s0, 1)
+                m2 = m_new
         rmask = rows < N
         out = part_ptr + pid_s * N + rows
         step = n_splits * N
@@ -494,7 +520,8 @@ def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_vali
     _linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
         h_op, w_op, weight if bias is None else bias, targets, part,
         N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
-        **_flags(h, bias, cap, D, cfg, tma), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_flags(h, bias, cap, D, cfg, tma), FIXED_SHIFT=_fixed_shift(cap) and cfg.get("fixed_shift", True),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     m, logl = _combine(part[0], part[1])
     loss = torch.where(targets != ignore_index, (m - part[2].sum(0)) + logl, 0.0)
     return loss, torch.stack([m, logl])
@@ -561,7 +588,8 @@ def soft_linear_cross_entropy_fwd(h, weight, bias, h1, h2, lam, cap, n_valid, co
     _soft_linear_cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), splits)](
         *xs, w_op, weight if bias is None else bias, part,
         N, n_valid, D, h.stride(0), weight.stride(0), per, float(cap or 1.0), 1.0 / float(cap or 1.0),
-        **_flags(h, bias, cap, D, cfg, tma), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_flags(h, bias, cap, D, cfg, tma), FIXED_SHIFT=_fixed_shift(cap) and cfg.get("fixed_shift", True),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     m0, ll0 = _combine(part[0], part[1])
     m1, ll1, e1 = _combine(part[2], part[3], part[4])
     m2, ll2, e2 = _combine(part[5], part[6], part[7])
@@ -1029,7 +1057,7 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                   stats_ptr="*fp32", lam_ptr="*fp32", g_ptr="*fp32", ds_ptr=f"*{dtype}", dbp_ptr="*fp32")))
     for name, fn, cfg, _, ptrs in fwds:
         const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], TMA=False,
-                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FIXED_SHIFT=True)
         specs.append(_spec(name, fn, {**ptrs, **fwd_sig}, const, cfg))
     for name, fn, cfg, _, ptrs in bwds:
         const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
@@ -1046,7 +1074,7 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
             seen.add((name, tuple(sorted(fcfg.items()))))
             cfg = {**base, **fcfg}
             const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, FLATTEN=cfg["FLATTEN"], TMA=True,
-                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FIXED_SHIFT=True)
             specs.append(_spec(f"{name}[{label}]", fn, _tma_sig({**ptrs, **fwd_sig}, cfg, dtype, rows, False),
                                const, cfg))
         for name, fn, base, rows, ptrs in bwds:

@@ -375,6 +375,8 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     assert all(r["speedup_vs_default"] > 0 for r in cand)
     assert {x[1:3] for x in seen if x[0] == KERNELS[1]} == {(False, False), (True, False), (True, True)}
     assert any(r["impl"].startswith("best measured") for r in rows)
+    online = [r for r in rows if "online-softmax forward" in r["impl"]]
+    assert [r["pass"] for r in online] == ["fwd+bwd", "fwd"] and all(r["speedup_vs_default"] > 0 for r in online)
 
 
 # ---- torch.library registration ------------------------------------------------------------
@@ -591,3 +593,28 @@ def test_lce_gpu_no_vocab_sized_buffer():
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = h.shape[0] * 50258 * 2
     assert extra < logits_bytes / 2, f"peak extra {extra / 2**20:.0f} MiB vs logits {logits_bytes / 2**20:.0f} MiB"
+
+
+@needs_interp
+def test_fixed_shift_forward_equals_online_forward():
+    """With a cap in (0, 40] the forward kernels sum exp(S − cap) (stats' max column is cap); config
+    {"fixed_shift": False} runs the online softmax. Both give the same loss and log-sum-exp (m + log l) to fp32
+    rounding, hard and soft."""
+    g = torch.Generator().manual_seed(7)
+    N, V, D = 37, 257, 64
+    h = torch.randn(N, D, generator=g)
+    W = torch.randn(V, D, generator=g) / 4
+    b = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    loss_f, st_f = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
+    loss_o, st_o = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config={"fixed_shift": False})
+    assert torch.all(st_f[0] == 30.0) and not torch.all(st_o[0] == 30.0)
+    torch.testing.assert_close(loss_f, loss_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st_f[0] + st_f[1], st_o[0] + st_o[1], rtol=1e-6, atol=1e-5)
+    h1, h2 = torch.randn(2, N, D, generator=g)
+    lam = torch.rand(N, generator=g)
+    sl_f, ss_f = lce_mod.soft_linear_cross_entropy_fwd(h, W, b, h1, h2, lam, 30.0, V)
+    sl_o, ss_o = lce_mod.soft_linear_cross_entropy_fwd(h, W, b, h1, h2, lam, 30.0, V, config={"fixed_shift": False})
+    torch.testing.assert_close(sl_f, sl_o, rtol=1e-5, atol=1e-5)
+    for k in range(3):
+        torch.testing.assert_close(ss_f[2 * k] + ss_f[2 * k + 1], ss_o[2 * k] + ss_o[2 * k + 1], rtol=1e-6, atol=1e-5)
