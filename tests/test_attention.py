@@ -397,6 +397,7 @@ def test_prepass_tma_cuda_graph_replay(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("B,L,H,d,dtype", CASES)
 @pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")   # the exact tanh's ±1 limit
 def test_fixed_shift_matches_reference(B, L, H, d, dtype, rotary):
     """p = 2^(s − (cap·log2 e − 40)) with no running max: the same function within the error budget, at scores
     spread over the whole capped range (scale 40: |q·kᵀ/√d| far beyond the cap of 50). fp16 takes the online
