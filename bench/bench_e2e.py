@@ -11,7 +11,9 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
   prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
   programmatic dependent launch of the Triton kernels, the attention softmax without a running max) at the
   headline batch sizes, so one run shows whether a
-  candidate should become the default (--no-candidates skips them).
+  candidate should become the default (--no-candidates skips them);
+- engine graph [winners: ...]: at each headline point, every candidate that beat the default there merged into
+  one set of kernel options, at one and four steps: what promoting them together gives, measured in the same run.
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
 speedup over the reference at the same point, % of floor (FLOPs of one sample over the measured bf16 GEMM
@@ -28,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -48,6 +51,8 @@ CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": 
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
+# a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
+WIN_SPEEDUP = 1.02
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
 
 
@@ -147,9 +152,32 @@ def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadlin
         _empty_cache()
 
 
+def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None):
+    """(label, kernel_options) merging every candidate that ran faster than the default ("engine graph") at
+    (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate whose options give another value for a key
+    already merged (two rotary variants) is left out. None when no candidate won there."""
+    one = {r["path"]: r["ms/sample"] for r in rows if r["dataset"] == name and r["B"] == B and r["steps"] == 1}
+    base = one.get("engine graph")
+    if not base or base != base:
+        return None
+    wins = sorted(((base / one[f"engine graph [{c}]"], c) for c in CANDIDATES
+                   if one.get(f"engine graph [{c}]", float("nan")) > 0), reverse=True)
+    merged, names = {}, []
+    min_speedup = WIN_SPEEDUP if min_speedup is None else min_speedup
+    for speedup, c in wins:
+        opts = CANDIDATES[c]
+        if speedup < min_speedup or any(k in merged and merged[k] != v for k, v in opts.items()):
+            continue
+        merged.update(opts)
+        names.append(c)
+    return (f"winners: {', '.join(names)}", merged) if names else None
+
+
 def bench(args, quick: bool = False) -> list[dict]:
     """Two passes: first the reference and the engine's defaults at every point of every dataset, then the
-    opt-in candidates (one step, headline batch sizes), so a time limit cuts candidates, not the headline."""
+    opt-in candidates (one step, headline batch sizes), so a time limit cuts candidates, not the headline.
+    After the candidates of a dataset, each headline point times the merge of the candidates that won there
+    (combine_winners) at every step count, so one run also shows what promoting them together gives."""
     from fmlm.engine.profile import build_model
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -182,6 +210,14 @@ def bench(args, quick: bool = False) -> list[dict]:
                     if cbc:
                         paths.append((f"engine graph [{c}]", dict(graph=True, kernel_options=o), cbc))
                 _time_paths(rows, model, name, cfg, 1, paths, args, iters, rate, deadline)
+                # what promoting the winners together would give, one step and (for the ratio) four, in this run
+                for B in cb:
+                    won = combine_winners(rows, name, B)
+                    if won:
+                        for steps in sorted({1, *steps_list}):
+                            _time_paths(rows, model, name, cfg, steps,
+                                        [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],
+                                        args, iters, rate, deadline)
             for steps in (steps_list if phase == "defaults" else []):
                 for B in batches:
                     if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
@@ -222,11 +258,14 @@ def _annotate(rows):
         if r["steps"] == 4 and (r["dataset"], r["path"], r["B"]) in one:
             r["4-step/1-step"] = r["ms/sample"] / one[(r["dataset"], r["path"], r["B"])]
         meets = []
-        if target and r["path"] == "engine graph":
+        judged = r["path"] == "engine graph" or r["path"].startswith("engine graph [winners")
+        if target and judged:
             meets.append(r["ms/sample"] <= target)
-        if r["4-step/1-step"] == r["4-step/1-step"] and r["path"] == "engine graph":
+        if r["4-step/1-step"] == r["4-step/1-step"] and judged:
             meets.append(r["4-step/1-step"] <= FOUR_STEP_RATIO)
-        r["meets target"] = ("yes" if all(meets) else "NO") if meets else ""
+        # a winners row tells whether the target would be met once its candidates are promoted, not that it is
+        r["meets target"] = (("yes" if all(meets) else "NO") + (" (opt-in)" if "[" in r["path"] else "")
+                             if meets else "")
 
 
 def plot(rows, path: Path) -> Path | None:

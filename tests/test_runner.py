@@ -570,6 +570,7 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     from fmlm.bench.common import markdown_table
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "WIN_SPEEDUP", 0.0)      # every candidate "wins": the merged winners rows run too
     args = bench.parser().parse_args(["--batch-sizes", "1", "2", "--steps", "1", "2", "--reference", "all",
                                       "--iters", "1"])
     args.datasets = ["tiny"]
@@ -578,8 +579,11 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     assert {"reference (bf16 autocast)", "engine eager", "engine graph"} <= paths
     assert {f"engine graph [{c}]" for c in bench.CANDIDATES} <= paths
     assert all(r["ms/sample"] > 0 and "note" not in r for r in rows), [r for r in rows if "note" in r]
-    cand = [r for r in rows if "[" in r["path"]]
+    cand = [r for r in rows if "[" in r["path"] and "[winners" not in r["path"]]
     assert all(r["steps"] == 1 and r["vs engine graph"] > 0 for r in cand)
+    winners = [r for r in rows if r["path"].startswith("engine graph [winners: ")]
+    assert sorted((r["B"], r["steps"]) for r in winners) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["vs engine graph"] > 0 for r in winners)
     two = [r for r in rows if r["path"] == "engine graph" and r["steps"] == 2]
     assert all(r["4-step/1-step"] != r["4-step/1-step"] for r in two)     # only 4-step rows get the ratio
     assert "vs engine graph" in markdown_table(rows, bench.COLUMNS)
@@ -587,8 +591,32 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     monkeypatch.setenv("FMLM_BENCH_DEADLINE", "0")
     late = bench.bench(args, quick=True)
     assert late and all(r.get("note") == "skipped: time limit" for r in late)
-    assert {r["path"] for r in late} == paths
+    assert {r["path"] for r in late} == paths - {r["path"] for r in winners}   # no timed candidate, no winner
     assert bench.plot(rows, tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_bench_e2e_combine_winners():
+    """The merged candidate set of a point: faster than the default by WIN_SPEEDUP, fastest first, a conflicting
+    option (a second rotary variant) left out, other points and slower candidates ignored."""
+    from fmlm.bench import bench_e2e as bench
+
+    def row(path, ms, B=1, steps=1, name="lm1b"):
+        return {"dataset": name, "path": path, "B": B, "steps": steps, "ms/sample": ms}
+    rows = [row("engine graph", 1.0), row("engine graph [pdl]", 0.9), row("engine graph [rotary prepass]", 0.95),
+            row("engine graph [rotary prepass k]", 0.8), row("engine graph [argmax tma]", 0.99),
+            row("engine graph [attention fixed shift]", 1.2), row("engine graph [gemm triton small]", 0.5, B=512),
+            row("engine graph", 1.0, steps=4), row("engine graph [gemm triton small]", 0.5, name="owt")]
+    label, opts = bench.combine_winners(rows, "lm1b", 1)
+    assert label == "winners: rotary prepass k, pdl" and opts == {"rotary_impl": "prepass_k", "pdl": True}
+    assert bench.combine_winners(rows, "lm1b", 1, min_speedup=1.2) == ("winners: rotary prepass k",
+                                                                       {"rotary_impl": "prepass_k"})
+    assert bench.combine_winners(rows, "lm1b", 1, min_speedup=1.3) is None
+    assert bench.combine_winners(rows, "lm1b", 512) is None            # no default timed there
+    nan_default = [row("engine graph", float("nan")), row("engine graph [pdl]", 0.5)]
+    assert bench.combine_winners(nan_default, "lm1b", 1) is None
+    ann = [row("engine graph", 1.0), row("engine graph [winners: pdl]", 0.3), row("engine graph [pdl]", 0.3)]
+    bench._annotate(ann)
+    assert ann[0]["meets target"] == "NO" and ann[1]["meets target"] == "yes (opt-in)" and ann[2]["meets target"] == ""
 
 
 def test_bench_e2e_compile_cpu_smoke(monkeypatch):
