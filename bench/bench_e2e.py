@@ -36,6 +36,7 @@ import torch
 
 from fmlm.bench.common import RESULTS_DIR, ceilings, markdown_table, time_fn, write_rows
 from fmlm.kernels.linear import SMALL_ROWS
+from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
 
 DATASETS = {"owt": (1, 8, 32, 64), "lm1b": (1, 64, 512)}
 # ms/sample targets of the issue (one step, H100, bf16)
@@ -43,11 +44,15 @@ TARGETS = {("owt", 32, 1): 0.6, ("owt", 1, 1): 1.1, ("lm1b", 1, 1): 0.35, ("lm1b
 REF_QUICK = {("owt", 1, 1), ("owt", 32, 1), ("lm1b", 1, 1), ("lm1b", 512, 1)}
 FOUR_STEP_RATIO = 4.5
 # opt-in kernel variants (engine/runner.py KERNEL_OPTIONS) timed beside the defaults at the headline batch sizes
-CANDIDATES = {"rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
-              "rotary prepass + tma": {"rotary_impl": "prepass_tma"}, "argmax tma": {"argmax_config": {"tma": True}},
+# in priority order (a time limit cuts the last ones): the batch-1 candidates first (the largest gaps: LM1B B=1
+# 0.54-0.65 ms against 0.35, OWT B=1 1.35 against 1.1), then those aimed at OWT B=32 (0.71 against 0.6)
+CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
+              "attention fixed shift": {"attention_fixed_shift": True},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
-              "gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
-              "attention fixed shift": {"attention_fixed_shift": True}}
+              "argmax tma": {"argmax_config": {"tma": True}},
+              "argmax bm128_bn128_w4": {"argmax_config": ARGMAX_CONFIGS["bm128_bn128_w4_s3"]},
+              "rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
+              "rotary prepass + tma": {"rotary_impl": "prepass_tma"}}
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
@@ -176,8 +181,9 @@ def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None
 def bench(args, quick: bool = False) -> list[dict]:
     """Two passes: first the reference and the engine's defaults at every point of every dataset, then the
     opt-in candidates (one step, headline batch sizes), so a time limit cuts candidates, not the headline.
-    After the candidates of a dataset, each headline point times the merge of the candidates that won there
-    (combine_winners) at every step count, so one run also shows what promoting them together gives."""
+    The candidates run in CANDIDATES' (priority) order, each on every dataset, so a time limit cuts the last
+    candidates everywhere rather than one dataset's. Then each headline point times the merge of the
+    candidates that won there (combine_winners) at every step count: what promoting them together gives."""
     from fmlm.engine.profile import build_model
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -186,61 +192,74 @@ def bench(args, quick: bool = False) -> list[dict]:
     deadline = _deadline()
     rate = ceilings()["bf16_tflops"]
     iters = args.iters or (5 if quick else 20)
-    ref_iters = 2 if quick else 5
     steps_list = args.steps or [1, 4]
     rows = []
+
+    def load(name):
+        model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
+        cfg = model.cfg
+        if name is None:         # a checkpoint: name it by its shape
+            name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
+        _sync()
+        return name, model, args.batch_sizes or DATASETS.get(name, (1, 8, 32))
+
     names = [None] if args.checkpoint else list(args.datasets)
-    for phase in ("defaults", "candidates"):
-        if phase == "candidates" and not (args.candidates and 1 in steps_list):
-            break
-        for name in names:
-            t0 = time.perf_counter()
-            model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
-            cfg = model.cfg
-            if name is None:         # a checkpoint: name it by its shape
-                name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
-            batches = args.batch_sizes or DATASETS.get(name, (1, 8, 32))
-            _sync()
-            if phase == "candidates":
+    for name in names:
+        t0 = time.perf_counter()
+        name, model, batches = load(name)
+        _time_defaults(rows, model, name, batches, steps_list, args, iters, quick, rate, deadline)
+        print(f"bench e2e: {name} defaults done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+        _empty_cache()
+    if args.candidates and 1 in steps_list:
+        t0 = time.perf_counter()
+        models = [load(name) for name in names]         # small next to the device: every dataset's model at once
+        for c, o in CANDIDATES.items():
+            for name, model, batches in models:
+                # the headline batch sizes; a candidate that only acts up to some row count only where it acts
                 cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
-                paths = []
-                for c, o in CANDIDATES.items():
-                    # a candidate that only acts up to some row count is timed only where it acts
-                    cbc = [b for b in cb if b * cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * cfg.seq_len)]
-                    if cbc:
-                        paths.append((f"engine graph [{c}]", dict(graph=True, kernel_options=o), cbc))
-                _time_paths(rows, model, name, cfg, 1, paths, args, iters, rate, deadline)
-                # what promoting the winners together would give, one step and (for the ratio) four, in this run
-                for B in cb:
-                    won = combine_winners(rows, name, B)
-                    if won:
-                        for steps in sorted({1, *steps_list}):
-                            _time_paths(rows, model, name, cfg, steps,
-                                        [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],
-                                        args, iters, rate, deadline)
-            for steps in (steps_list if phase == "defaults" else []):
-                for B in batches:
-                    if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
-                        if time.time() > deadline:
-                            rows.append(_nan_row(name, "reference (bf16 autocast)", cfg, B, steps, rate,
-                                                 "skipped: time limit"))
-                            continue
-                        call = _reference_call(model, B, steps, args.seed)
-                        t = time_fn(call, warmup=1, iters=ref_iters, device=DEVICE)
-                        rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
-                        del call
-                        gc.collect()
-                        _empty_cache()
-                paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
-                if args.compile and not quick:
-                    paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
-                _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadline)
-            print(f"bench e2e: {name} {phase} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            del model
-            gc.collect()
-            _empty_cache()
+                cb = [b for b in cb if b * model.cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * model.cfg.seq_len)]
+                if cb:
+                    _time_paths(rows, model, name, model.cfg, 1,
+                                [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb)],
+                                args, iters, rate, deadline)
+        for name, model, batches in models:
+            for B in [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches):
+                won = combine_winners(rows, name, B)
+                for steps in (sorted({1, *steps_list}) if won else []):
+                    _time_paths(rows, model, name, model.cfg, steps,
+                                [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],
+                                args, iters, rate, deadline)
+        print(f"bench e2e: candidates done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        del models
+        gc.collect()
+        _empty_cache()
     _annotate(rows)
     return rows
+
+
+def _time_defaults(rows, model, name, batches, steps_list, args, iters, quick, rate, deadline):
+    """The reference (where asked) and the engine's default paths at every batch size and step count."""
+    cfg = model.cfg
+    ref_iters = 2 if quick else 5
+    for steps in steps_list:
+        for B in batches:
+            if args.reference == "all" or (args.reference == "headline" and (name, B, steps) in REF_QUICK):
+                if time.time() > deadline:
+                    rows.append(_nan_row(name, "reference (bf16 autocast)", cfg, B, steps, rate,
+                                         "skipped: time limit"))
+                    continue
+                call = _reference_call(model, B, steps, args.seed)
+                t = time_fn(call, warmup=1, iters=ref_iters, device=DEVICE)
+                rows.append(_row(name, "reference (bf16 autocast)", cfg, B, steps, t, _peak(call), rate))
+                del call
+                gc.collect()
+                _empty_cache()
+        paths = [("engine eager", dict(graph=False), batches), ("engine graph", dict(graph=True), batches)]
+        if args.compile and not quick:
+            paths.append(("engine graph + compile", dict(graph=True, compile_blocks=True), batches))
+        _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadline)
 
 
 def _annotate(rows):

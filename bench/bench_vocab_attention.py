@@ -109,6 +109,10 @@ def run(quick: bool = False) -> list[dict]:
                 "gemm_fused bm128_bn256 TMA": dict(impl="gemm_fused", tma=True),
                 "gemm_fused bm128_bn128_w4 TMA (2 CTAs/SM)": dict(impl="gemm_fused", tma=True, **w4),
                 "gemm v_chunk 4096": dict(impl="gemm", v_chunk=4096),
+                # fewer, larger chunks (8192 → 4096 cost 6 %: does the trend go on the other way?); the z buffer
+                # grows to rows × chunk bf16 (537 MB / 826 MB at 16384 rows), still far below the (rows, V) logits
+                "gemm v_chunk 16384": dict(impl="gemm", v_chunk=16384),
+                "gemm v_chunk 25216 (V/2)": dict(impl="gemm", v_chunk=25216),
                 "gemm v_chunk 8192, bf16 P·E + add (before 2026-11-27 session 2)":
                     dict(impl="gemm", v_chunk=8192, fp32_addmm=False),
                 **{f"fused {k}": v for k, v in VA.CONFIGS.items()}}
