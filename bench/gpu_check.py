@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import pkgutil
 import tarfile
@@ -61,6 +62,14 @@ def candidate_table(names) -> str:
     return common.markdown_table(out) if out else "(no candidate rows)\n"
 
 
+def xdist_args(workers: int) -> list[str]:
+    """pytest arguments that spread the GPU tests over `workers` processes, one test file per process at a time
+    (its kernels compile once there), or none when xdist is missing or workers < 2."""
+    if workers < 2 or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(min(workers, os.cpu_count() or 1)), "--dist", "loadfile"]
+
+
 def run_one(name: str) -> int:
     mod = importlib.import_module(f"fmlm.bench.{name}")
     rows = mod.run(quick=True)
@@ -75,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=60, help="seconds per benchmark")
     ap.add_argument("--tests-limit", type=int, default=150)
+    ap.add_argument("--tests-workers", type=int, default=3,
+                    help="pytest-xdist processes for the GPU tests where xdist is installed (0: one process); they "
+                         "check, they do not time, and most of their time is Triton compiling kernels on the CPU")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--only", nargs="*", help="benchmark module names (default: all bench_*)")
     ap.add_argument("--budget", type=float, default=300.0,
@@ -95,7 +107,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-m", "gpu",
-                                "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors"], cwd=ROOT, env=env, timeout=a.tests_limit)
+                                "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors",
+                                *xdist_args(a.tests_workers)], cwd=ROOT, env=env, timeout=a.tests_limit)
             status["gpu tests"] = ("pass" if r.returncode == 0 else f"FAIL rc={r.returncode}", time.time() - t0)
         except subprocess.TimeoutExpired:
             status["gpu tests"] = ("TIMEOUT", time.time() - t0)

@@ -4,6 +4,8 @@ CPU: bucketing, the plan, eager sampling == fmlm.sample(backend='torch') on the 
 entry points, invalidation on weight change, the device-seed path, the fast trunk against trunk_ref (fp32
 with the Triton kernels under TRITON_INTERPRET=1; bf16 with the torch ops). GPU (make gpu-check): graph
 replay == eager, no host sync in the captured region, the bf16 fast trunk within its error budget."""
+import os
+
 import pytest
 import torch
 
@@ -646,14 +648,21 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
 
     envs = []
 
+    cmds = []
+
     def fake_run(cmd, **kw):
+        cmds.append(cmd)
         calls.append(cmd[-1])
         envs.append(kw.get("env", {}))
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(common, "meta", lambda: {})
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())   # as if xdist were there
     assert gpu_check.main(["--budget", "1000"]) == 0
-    assert calls[0] == "--continue-on-collection-errors" and calls[1] == "bench_e2e"
+    assert cmds[0][2] == "pytest" and cmds[0][cmds[0].index("gpu") - 1] == "-m" and calls[1] == "bench_e2e"
+    assert cmds[0][-4:] == ["-n", str(min(3, os.cpu_count())), "--dist", "loadfile"]    # the tests spread over 3
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    assert gpu_check.xdist_args(4) == [] and gpu_check.xdist_args(1) == []
     assert calls[1:] == gpu_check.bench_modules()
     # each benchmark process learns its deadline (before the kill, so it can skip what is left and write rows)
     import time
