@@ -9,7 +9,8 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
 - engine graph + compile (full mode only): the blocks under torch.compile as well;
 - engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
   prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
-  programmatic dependent launch of the Triton kernels, the attention softmax without a running max) at the
+  programmatic dependent launch of the Triton kernels, the attention softmax without a running max, the
+  attention output projection inside the attention kernel at ≤ 512 rows) at the
   headline batch sizes, so one run shows whether a
   candidate should become the default (--no-candidates skips them);
 - engine graph [winners: ...]: at each headline point, every candidate that beat the default there merged into
@@ -35,6 +36,7 @@ from typing import Optional
 import torch
 
 from fmlm.bench.common import RESULTS_DIR, ceilings, markdown_table, time_fn, write_rows
+from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
 
@@ -47,6 +49,8 @@ FOUR_STEP_RATIO = 4.5
 # in priority order (a time limit cuts the last ones): the batch-1 candidates first (the largest gaps: LM1B B=1
 # 0.54-0.65 ms against 0.35, OWT B=1 1.35 against 1.1), then those aimed at OWT B=32 (0.71 against 0.6)
 CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
+              "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
+                                                                  "attention_out_proj": True},
               "attention fixed shift": {"attention_fixed_shift": True},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
               "argmax tma": {"argmax_config": {"tma": True}},
@@ -54,7 +58,8 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}}
 # rows (B·L) up to which a candidate acts
-CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS}
+CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
+                      "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 # a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
 WIN_SPEEDUP = 1.02

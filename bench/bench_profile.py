@@ -6,7 +6,9 @@ launch/dependency overhead of the graph), OWT B=32 (throughput); LM1B B=1 again 
 the GEMMs (torch.backends.cuda.preferred_blas_library): an H100 profile of OWT B=32 showed one device memset per
 cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other library may differ;
 and LM1B B=1 with the opt-in batch-1 kernels (Sampler kernel_options gemm_impl='triton_small' and pdl: Triton
-GEMMs without memsets, launches overlapped), to see what remains of the gaps.
+GEMMs without memsets, launches overlapped), to see what remains of the gaps, and the same with the
+attention's output projection inside the attention kernel (kernel option attention_out_proj: one launch fewer
+per block).
 Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
 ("replay ms", "kernels ms", "gaps ms", "kernel launches per call", "memsets per call"). Random never-zero
 weights of the released small model.
@@ -21,9 +23,10 @@ import torch
 from fmlm.bench.common import markdown_table, time_fn, write_rows
 
 # (preset, B, variant): None (defaults), "cublaslt" (preferred BLAS library) or a VARIANT_OPTIONS key
-POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"), ("owt", 1, None),
-          ("owt", 32, None))
-VARIANT_OPTIONS = {"triton_small+pdl": {"gemm_impl": "triton_small", "pdl": True}}
+POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"),
+          ("lm1b", 1, "triton_small+pdl+out_proj"), ("owt", 1, None), ("owt", 32, None))
+VARIANT_OPTIONS = {"triton_small+pdl": {"gemm_impl": "triton_small", "pdl": True},
+                   "triton_small+pdl+out_proj": {"gemm_impl": "triton_small", "pdl": True, "attention_out_proj": True}}
 TOP = 12
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (and the tiny preset)
 

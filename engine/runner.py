@@ -65,7 +65,9 @@ class Sampler:
     {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py),
     {"attention_fixed_shift": True} (the attention's softmax without a running max: kernels/attention.py
     fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
-    launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches)."""
+    launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches),
+    {"attention_out_proj": True} (with gemm_impl 'triton_small', at ≤ 512 rows: the output projection inside the
+    attention kernel, kernels/attention.py softcap_attention_out_proj)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -212,7 +214,8 @@ class Sampler:
             return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k],
                                rotary_impl=self.kernel_options.get("rotary_impl", "load"),
                                gemm_impl=self.kernel_options.get("gemm_impl", "cublas"),
-                               attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", False))
+                               attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", False),
+                               attn_out_proj=self.kernel_options.get("attention_out_proj", False))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -321,7 +324,7 @@ class Sampler:
 
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
-                  "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool}
+                  "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:

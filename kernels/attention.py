@@ -79,10 +79,16 @@ if triton_available():
         stride_ob, stride_ol, stride_oh,
         stride_cl,
         L, H, qk_scale, softcap, shift_log2,
+        WO, P, stride_won, stride_ph, stride_pb, stride_pl, DM,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
         IEEE: tl.constexpr, USE_PDL: tl.constexpr = False, FIXED_SHIFT: tl.constexpr = False,
+        OUT_PROJ: tl.constexpr = False, BLOCK_O: tl.constexpr = 64,
     ):
+        """One (query block, batch·head) program. OUT_PROJ: instead of storing its o tile, the program applies
+        its head's share of the output projection, o_h·W_O[:, h·d:(h+1)·d]ᵀ (W_O (DM, H·d), DM columns in
+        BLOCK_O chunks), and stores that fp32 (BLOCK_M, DM) tile as partial h of a (H, B, L, DM) buffer: a
+        split-K over heads that gate_residual sums in head order (softcap_attention_out_proj_fwd)."""
         if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -193,8 +199,24 @@ if triton_available():
             else:
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc)
         o = acc / l_i[:, None]
-        o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        if OUT_PROJ:
+            # rounded to W_O's dtype as the unfused path's stored attention output is, then this head's partial
+            # of att·W_Oᵀ with an fp32 accumulator
+            ob = o.to(WO.dtype.element_ty)
+            p_base = P + h.to(tl.int64) * stride_ph + b.to(tl.int64) * stride_pb + offs_m[:, None] * stride_pl
+            w_base = WO + h * HEAD_DIM + offs_d[None, :]
+            for n0 in range(0, DM, BLOCK_O):
+                offs_o = n0 + tl.arange(0, BLOCK_O)
+                o_ok = offs_o < DM
+                w = tl.load(w_base + offs_o[:, None] * stride_won, mask=o_ok[:, None] & d_ok[None, :], other=0.0)
+                if IEEE:
+                    part = tl.dot(ob, tl.trans(w), input_precision="ieee")
+                else:
+                    part = tl.dot(ob, tl.trans(w))
+                tl.store(p_base + offs_o[None, :], part, mask=m_ok[:, None] & o_ok[None, :])
+        else:
+            o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+            tl.store(o_ptr, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _softcap_attention_tma_fwd_kernel(
@@ -348,7 +370,40 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
             raise ValueError("q, k, v need unit stride on the head dim")
     if out is None:
         out = torch.empty(B, L, H, d, device=q.device, dtype=q.dtype)
-    o4 = out.view(B, L, H, d)
+    _launch_fwd(q, k, v, softcap, cos, sin, out.view(B, L, H, d), block_m, block_n, k_rotated, config, None)
+    return out.view(B, L, H * d)
+
+
+# rows (B·L) up to which the engine's "attention_out_proj" kernel option fuses the output projection into the
+# attention kernel (H fp32 partials of rows × D: 4.7 MB at LM1B B=1, 38 MB at OWT B=1, where it would no longer pay)
+OUT_PROJ_MAX_ROWS = 512
+
+
+def softcap_attention_out_proj_fwd(q, k, v, softcap: Optional[float], w_out: torch.Tensor, cos=None, sin=None,
+                                   config: Optional[dict] = None) -> torch.Tensor:
+    """Triton launcher of the attention with its output projection fused (opt-in, unmeasured): q, k, v (B, L, H,
+    d) as softcap_attention_fwd, w_out (DM, H·d) the projection's weight (nn.Linear layout, no bias) → (H, B, L,
+    DM) fp32 partials, partial h = o_h·w_out[:, h·d:(h+1)·d]ᵀ with o_h the attention output of head h rounded to
+    w_out's dtype; their sum in head order is att·w_outᵀ (gate_residual sums such split-K partials). Why: at batch
+    1 every kernel of the ~90 in a sampler step costs a few µs of launch and ramp however little it computes; this
+    drops the projection's GEMM launch and the (B, L, H·d) attention output round trip, for H·DM·4 bytes of
+    partials per row (the reason for OUT_PROJ_MAX_ROWS)."""
+    B, L, H, d = q.shape
+    if w_out.dim() != 2 or w_out.shape[1] != H * d or w_out.stride(-1) != 1:
+        raise ValueError(f"w_out must be (DM, H·d) = (·, {H * d}) with unit stride on its last dim, "
+                         f"got {tuple(w_out.shape)}")
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("q, k, v need unit stride on the head dim")
+    parts = torch.empty(H, B, L, w_out.shape[0], device=q.device, dtype=torch.float32)
+    _launch_fwd(q, k, v, softcap, cos, sin, None, None, None, False, config, (w_out.to(q.dtype), parts))
+    return parts
+
+
+def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, config, out_proj):
+    """_softcap_attention_fwd_kernel over (query blocks, B·H): o4 (B, L, H, d) receives the output, or with
+    out_proj = (w_out (DM, H·d), parts (H, B, L, DM) fp32) the kernel writes the projection's per-head partials."""
+    B, L, H, d = q.shape
     rotary = cos is not None
     if rotary:
         # the reference rounds the tables to x's dtype (apply_rotary_ref: cos.to(x.dtype)); so does the
@@ -367,21 +422,33 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     # fp16's range (2^−24 … 2^15) cannot hold p over the capped range: the online softmax there
     fixed = bool(cfg.get("fixed_shift")) and q.dtype != torch.float16 and fixed_shift_log2(softcap) is not None
     shift = fixed_shift_log2(softcap) if fixed else 0.0
+    if out_proj is None:
+        o_args = (o4, o4.stride(0), o4.stride(1), o4.stride(2))
+        p_args = (q, q, 0, 0, 0, 0, 0)            # never read (OUT_PROJ = False)
+        proj = {}
+    else:
+        w_out, parts = out_proj
+        o_args = (q, 0, 0, 0)                     # never written (OUT_PROJ = True)
+        p_args = (w_out, parts, w_out.stride(0), parts.stride(0), parts.stride(1), parts.stride(2), w_out.shape[0])
+        # the (BLOCK_M, BLOCK_O) fp32 partial tile lives in registers beside the attention's accumulators
+        block_o = cfg.get("BLOCK_O") or (min(256, triton.next_power_of_2(w_out.shape[0])) if cfg["BLOCK_M"] <= 32
+                                         else 64)
+        proj = dict(OUT_PROJ=True, BLOCK_O=block_o)
     _softcap_attention_fwd_kernel[grid](
-        q, k, v, o4, cos, sin,
+        q, k, v, o_args[0], cos, sin,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        o4.stride(0), o4.stride(1), o4.stride(2),
+        *o_args[1:],
         cos.stride(0) if rotary else 0,
         L, H, 1.0 / math.sqrt(d), float(softcap or 1.0), shift,
+        *p_args,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROTARY_Q=rotary, ROTARY_K=rotary and not k_rotated, HAS_CAP=bool(softcap),
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FIXED_SHIFT=fixed, **pdl_launch_kwargs(pdl_active(q)))
-    return out.view(B, L, H * d)
+        FIXED_SHIFT=fixed, **proj, **pdl_launch_kwargs(pdl_active(q)))
 
 
 def rotary_qk(q, k, cos, sin, rotate_q: bool = True, out: Optional[torch.Tensor] = None):
@@ -503,8 +570,8 @@ def compile_specs() -> list[dict]:
     if not triton_available():
         return []
     # the launcher casts cos/sin to q's dtype
-    sig = {n: "*bf16" for n in ("Q", "K", "V", "O", "COS", "SIN")}
-    sig.update({"qk_scale": "fp32", "softcap": "fp32", "shift_log2": "fp32"})
+    sig = {n: "*bf16" for n in ("Q", "K", "V", "O", "COS", "SIN", "WO")}
+    sig.update({"P": "*fp32", "qk_scale": "fp32", "softcap": "fp32", "shift_log2": "fp32"})
     sig.update({n: "i32" for n in _softcap_attention_fwd_kernel.arg_names if n not in sig})  # strides, L, H
     # what the JIT specializes at run time for the DiT's qkv views (pointers 16-byte aligned, strides of
     # 3·D, d, d/2 elements divisible by 16): without it the compiler cannot vectorize or pipeline the loads
@@ -514,16 +581,17 @@ def compile_specs() -> list[dict]:
     specs = []
     variants = (("_rope", True, True), ("", False, False), ("_rope_q", True, False))
     # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile; "_rope_fixed": the
-    # fixed-shift softmax candidate at the B=32 tile
-    variants += (("_rope_pdl", True, True), ("_rope_fixed", True, True))
+    # fixed-shift softmax candidate at the B=32 tile; "_outproj_pdl": the 'attention_out_proj' candidate as the
+    # engine runs it at LM1B B=1 (rotary done by the qkv GEMM, DM = 768 in chunks of 256, PDL on)
+    variants += (("_rope_pdl", True, True), ("_rope_fixed", True, True), ("_outproj_pdl", False, False))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
             if ((suffix in ("_rope_q", "_rope_fixed") and block_m != 128)
-                    or (suffix == "_rope_pdl" and block_m != 64)):
-                continue         # the candidates at one tile each
+                    or (suffix == "_rope_pdl" and block_m != 64) or (suffix == "_outproj_pdl" and block_m > 32)):
+                continue         # the candidates at one tile each (the fused projection at the batch-1 tiles)
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
-                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix == "_rope_pdl",
-                         FIXED_SHIFT=suffix == "_rope_fixed")
+                         HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix.endswith("_pdl"),
+                         FIXED_SHIFT=suffix == "_rope_fixed", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256)
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -631,6 +699,20 @@ def _(q, k, v, softcap, cos, sin):
     return q.new_empty(B, L, H * d)
 
 
+@torch.library.custom_op("fmlm::softcap_attention_out_proj", mutates_args=())
+def _softcap_attention_out_proj_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
+                                   w_out: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                                   fixed_shift: bool = False) -> torch.Tensor:
+    return softcap_attention_out_proj_fwd(q, k, v, softcap or None, w_out, cos, sin,
+                                          config={"fixed_shift": True} if fixed_shift else None)
+
+
+@_softcap_attention_out_proj_op.register_fake
+def _(q, k, v, softcap, w_out, cos, sin, fixed_shift=False):
+    B, L, H, d = q.shape
+    return q.new_empty(H, B, L, w_out.shape[0], dtype=torch.float32)
+
+
 ROTARY_IMPLS = ("load", "prepass", "prepass_k", "prepass_tma")
 
 
@@ -679,3 +761,33 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     if torch.compiler.is_compiling():
         return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift)
     return softcap_attention_fwd(q, k, v, softcap, cos, sin, config={"fixed_shift": True} if fixed_shift else None)
+
+
+def head_partials(att: torch.Tensor, w_out: torch.Tensor, H: int) -> torch.Tensor:
+    """(H, B, L, DM) fp32 partials of att·w_outᵀ split by heads: partial h = att[..., h·d:(h+1)·d]·w_out[:, h·d:(h+1)·d]ᵀ,
+    att (B, L, H·d) and w_out (DM, H·d) taken as they are (their dtypes' values, products in fp32)."""
+    B, L, HD = att.shape
+    a = att.reshape(B, L, H, HD // H).float()
+    w = w_out.float().reshape(w_out.shape[0], H, HD // H)
+    return torch.einsum("blhd,nhd->hbln", a, w)
+
+
+def softcap_attention_out_proj(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_out: torch.Tensor,
+                               softcap: Optional[float] = 50.0, cos: Optional[torch.Tensor] = None,
+                               sin: Optional[torch.Tensor] = None, backend: str = "auto",
+                               fixed_shift: bool = False) -> torch.Tensor:
+    """The attention followed by its output projection (nn.Linear weight w_out (DM, H·d), no bias), returned as
+    (H, B, L, DM) fp32 per-head partials whose sum over heads is softcap_attention(q, k, v, ...)·w_outᵀ with the
+    attention output rounded to q's dtype (gate_residual takes them as split-K partials). 'triton' runs one
+    kernel (softcap_attention_out_proj_fwd; rotary on load when cos/sin are given, fixed_shift as in
+    softcap_attention); other backends compute the attention with that backend, then head_partials."""
+    _check(q, k, v, cos, sin)
+    be = resolve(backend, q.device)
+    if be != "triton":
+        att = softcap_attention(q, k, v, softcap, cos, sin, backend=be).to(q.dtype)
+        return head_partials(att, w_out.to(q.dtype), q.shape[2])
+    if torch.compiler.is_compiling():
+        return _softcap_attention_out_proj_op(q, k, v, float(softcap or 0.0), w_out, cos, sin, fixed_shift)
+    return softcap_attention_out_proj_fwd(q, k, v, softcap, w_out, cos, sin,
+                                          config={"fixed_shift": True} if fixed_shift else None)
+

@@ -451,3 +451,81 @@ def test_fixed_shift_bf16_on_gpu(B, L):
     if B == 32:     # the fp64 truth of the full batch is large: check two sequences of it
         q, k, v, out = q[:2], k[:2], v[:2], out[:2]
     _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
+# ---- the opt-in output projection inside the attention kernel (softcap_attention_out_proj) ----------------------
+def _w_out(DM, H, d, dtype, device, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(DM, H * d, generator=g) / (H * d) ** 0.5).to(device, dtype)
+
+
+def _check_out_proj_budget(parts, q, k, v, w, cap, cos, sin):
+    """The per-head partials and their sum over heads (the projected attention output) against the fp64 truth,
+    the same-dtype reference (attention rounded to the dtype, then head_partials) setting the error scale."""
+    d64 = (lambda t: None if t is None else t.double())
+    truth = A.softcap_attention_out_proj(q.double(), k.double(), v.double(), w.double(), cap, d64(cos), d64(sin),
+                                         backend="reference")
+    r = A.softcap_attention_out_proj(q, k, v, w, cap, cos, sin, backend="reference")
+    assert parts.shape == truth.shape == (q.shape[2], q.shape[0], q.shape[1], w.shape[0])
+    assert parts.dtype == torch.float32
+    for got, want, rr in ((parts, truth, r), (parts.sum(0), truth.sum(0), r.sum(0))):
+        err = (got.double() - want).abs().max().item()
+        ref_err = (rr.double() - want).abs().max().item()
+        floor = 8 * torch.finfo(q.dtype).eps * want.abs().max().item()
+        assert err <= 2 * ref_err + floor, f"error {err:.3g} > 2·{ref_err:.3g} + {floor:.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", CASES)
+@pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+def test_out_proj_matches_reference(B, L, H, d, dtype, rotary):
+    """Attention with its output projection fused (per-head fp32 partials) within the error budget, at odd
+    projection widths (DM = 40: a ragged last chunk) and with the fixed-shift softmax too."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev)
+    if not rotary:
+        cos = sin = None
+    w = _w_out(40, H, d, dtype, dev)
+    _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton"),
+                           q, k, v, w, 50.0, cos, sin)
+    _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton",
+                                                        fixed_shift=True), q, k, v, w, 50.0, cos, sin)
+
+
+@needs_triton
+def test_out_proj_chunks_and_the_unfused_path():
+    """Several BLOCK_O chunks (with a ragged last one) give the one-chunk result; the partials' sum is the unfused
+    kernel's output times w_outᵀ (fp32: same products, another summation order)."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 19, 3, 16, torch.float32, dev, seed=2)
+    w = _w_out(72, 3, 16, torch.float32, dev)
+    one = A.softcap_attention_out_proj_fwd(q, k, v, 50.0, w, cos, sin)
+    many = A.softcap_attention_out_proj_fwd(q, k, v, 50.0, w, cos, sin, config={"BLOCK_O": 16})
+    torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
+    att = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton")
+    torch.testing.assert_close(one.sum(0), att @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_out_proj_errors_and_op_registration():
+    q, k, v, cos, sin = _inputs(1, 8, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="w_out"):
+        A.softcap_attention_out_proj_fwd(q, k, v, 50.0, torch.zeros(8, 31), cos, sin)
+    with pytest.raises(ValueError, match="cos"):
+        A.softcap_attention_out_proj(q, k, v, torch.zeros(8, 32), 50.0, cos, None)
+    # the CPU reference path: partials of the reference attention, summing to the unfused product
+    w = _w_out(24, 2, 16, torch.float32, "cpu")
+    parts = A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="reference")
+    torch.testing.assert_close(parts.sum(0), A.softcap_attention_ref(q, k, v, 50.0, cos, sin) @ w.t())
+    if triton_available() and interpreting():
+        torch.library.opcheck(torch.ops.fmlm.softcap_attention_out_proj.default, (q, k, v, 50.0, w, cos, sin, False),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L", [(1, 128), (4, 128)], ids=["lm1b-B1", "lm1b-B4"])
+def test_out_proj_bf16_on_gpu(B, L):
+    """The candidate in the engine's dtype at the engine's shapes (12 heads of 64, DM = 768): within the budget."""
+    q, k, v, cos, sin = _inputs(B, L, 12, 64, torch.bfloat16, "cuda", seed=4)
+    w = _w_out(768, 12, 64, torch.bfloat16, "cuda")
+    for rc, rs in ((cos, sin), (None, None)):
+        _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, rc, rs), q, k, v, w, 50.0, rc, rs)

@@ -233,7 +233,8 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
     # the opt-in Triton GEMMs (split-K partials summed by gate_residual) and the fixed-shift attention softmax
     # compute the same trunk
     for kw in (dict(gemm_impl="triton_small"), dict(attn_fixed_shift=True),
-               dict(gemm_impl="triton_small", attn_fixed_shift=True)):
+               dict(gemm_impl="triton_small", attn_fixed_shift=True), dict(gemm_impl="triton_small", attn_out_proj=True),
+               dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=True)):
         cand = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
                                      **kw)
         _assert_budget(cand, reference, truth, 1e-6)
@@ -242,13 +243,15 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")   # the ops' resolve()
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside torch
-def test_compiled_block_with_triton_small_gemms():
+@pytest.mark.parametrize("out_proj", [False, True], ids=["", "attn_out_proj"])
+def test_compiled_block_with_triton_small_gemms(out_proj):
     """torch.compile of the block with gemm_impl='triton_small': the Triton ops (linear with the rotary epilogue,
-    split-K partials, gate_residual summing them) reach the compiled graph as registered custom ops and give
-    the eager trunk's values exactly."""
+    split-K partials, gate_residual summing them; with attn_out_proj the attention writing the projection's
+    per-head partials) reach the compiled graph as registered custom ops and give the eager trunk's values
+    exactly."""
     m = _model(hidden=64, n_heads=2, seq_len=7, n_blocks=2)
     h, ts, tt = _trunk_inputs(m, 2, 7)
-    kw = dict(kernel_backend="triton", attn_backend="triton", gemm_impl="triton_small")
+    kw = dict(kernel_backend="triton", attn_backend="triton", gemm_impl="triton_small", attn_out_proj=out_proj)
     eager = model_mod._fast_trunk(m, h, ts, tt, torch.float32, **kw)
     block = torch.compile(model_mod._fast_block, dynamic=False)
     assert torch.equal(model_mod._fast_trunk(m, h, ts, tt, torch.float32, block_fn=block, **kw), eager)
@@ -257,7 +260,7 @@ def test_compiled_block_with_triton_small_gemms():
 def test_sampler_kernel_options_validated():
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
     for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}, {"gemm_impl": "cutlass"},
-                {"pdl": 1}):
+                {"pdl": 1}, {"attention_out_proj": "yes"}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
@@ -344,6 +347,9 @@ def test_fast_trunk_bf16_gpu(B, L):
     # the opt-in Triton GEMMs at batch 1 (kernel option gemm_impl='triton_small'): the same error budget
     small = model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_small")
     _assert_budget(small, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+    if B * L <= 512:   # and with the attention's output projection fused (kernel option attention_out_proj)
+        fused = model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_small", attn_out_proj=True)
+        _assert_budget(fused, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
 
 
 @pytest.mark.gpu
@@ -374,9 +380,13 @@ def test_graph_replay_equals_eager(steps, renoise):
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
                                   {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}},
                                   {"gemm_impl": "triton_small"}, {"pdl": True},
-                                  {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": True}],
+                                  {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": True},
+                                  {"gemm_impl": "triton_small", "pdl": True, "attention_out_proj": True},
+                                  {"argmax_config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
+                                                     "num_stages": 3}}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
-                              "gemm_triton_small_pdl", "attention_fixed_shift"])
+                              "gemm_triton_small_pdl", "attention_fixed_shift", "gemm_triton_small_pdl_out_proj",
+                              "argmax_w4"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
