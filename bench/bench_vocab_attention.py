@@ -156,6 +156,12 @@ def run(quick: bool = False) -> list[dict]:
         got = VA.flow_map_step(u, W, b, E, hs, a, bc, c, nz, CAP, V, backend="triton")
         fused["max_abs_diff_vs_unfused"] = (got.float() - unfused().float()).abs().max().item()
         fused["speedup_vs_unfused"] = ufr["ms"] / fused["ms"]
+        # the "gemm" path's update before session 4 of 2026-11-27: torch ops after the normalized output (the
+        # default now runs both in one Triton pass, _flow_finish_kernel); a speedup below 1 means the change won
+        prev = add("flow_map_step gemm, normalization + update as torch ops (the previous default)", B * L,
+                   lambda: VA.flow_map_step_fwd(u, W, b, E, hs, a, bc, c, nz, CAP, V, {"fused_finish": False}),
+                   mem=False)
+        prev["speedup_vs_default"] = fused["ms"] / prev["ms"]
 
     if time.time() - t_start < BUDGET_S:
         n = SHAPES[0]

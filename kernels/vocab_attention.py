@@ -513,6 +513,13 @@ def _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config=None):
     impl "gemm": cuBLAS z, then _cap_exp_rowsum_kernel in place; impl "gemm_fused": one Triton GEMM with the
     cap/exp epilogue (config keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, tma).
     Columns past n_valid inside the last chunk (the engine pads V to a multiple of 128) get p = 0."""
+    out, ssum = _gemm_sums(h, weight, bias, embed, cap, n_valid, config)
+    out /= ssum[:, None]
+    return out, float(cap) + torch.log(ssum)
+
+
+def _gemm_sums(h, weight, bias, embed, cap, n_valid, config=None):
+    """The "gemm" / "gemm_fused" chunk loop: (Σ p·E (M, De) fp32, Σ p (M,) fp32) with p = exp(cap(z) − cap)."""
     if triton is None:
         raise RuntimeError("vocab_attention needs the triton package for backend='triton'")
     if not cap or not 0.0 < float(cap) <= 40.0 or h.dtype == torch.float16:
@@ -538,8 +545,46 @@ def _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config=None):
                 float(cap), 2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
             _accumulate_mm(out, z, embed[v0:v1], fp32_addmm)
             del z                                # free this chunk before the next one is allocated
-    out /= ssum[:, None]
-    return out, float(cap) + torch.log(ssum)
+    return out, ssum
+
+
+if triton is not None:
+    @triton.jit
+    def _flow_finish_kernel(o_ptr, s_ptr, hs_ptr, nz_ptr, a_ptr, b_ptr, c_ptr, out_ptr, M, L, DE,
+                            stride_o, stride_hs, stride_nz, stride_out,
+                            HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DE: tl.constexpr):
+        """The "gemm" implementation's flow-map epilogue in one pass: h_next = a·h_state + b·(o / s) [+ c·noise],
+        a, b, c per batch (row // L), fp32 arithmetic in reference.flow_map_update_ref's order, stored in h_next's
+        dtype. Replaces the division of o and the four or five elementwise torch kernels of the update."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_DE + tl.arange(0, BLOCK_DE)
+        rm = rows < M
+        mask = rm[:, None] & (cols < DE)[None, :]
+        bi = rows // L
+        r64 = rows.to(tl.int64)[:, None]
+        a = tl.load(a_ptr + bi, mask=rm, other=0.0).to(tl.float32)
+        bb = tl.load(b_ptr + bi, mask=rm, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows, mask=rm, other=1.0)
+        de = tl.load(o_ptr + r64 * stride_o + cols[None, :], mask=mask, other=0.0) / s[:, None]
+        hs = tl.load(hs_ptr + r64 * stride_hs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = a[:, None] * hs + bb[:, None] * de
+        if HAS_NOISE:
+            c = tl.load(c_ptr + bi, mask=rm, other=0.0).to(tl.float32)
+            nz = tl.load(nz_ptr + r64 * stride_nz + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            out = out + c[:, None] * nz
+        tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _flow_finish(o, ssum, hs2, a, b, c, nz2, L):
+    """h_next (M, De) in hs2's dtype from the unnormalized Σ p·E `o` and Σ p `ssum` (_flow_finish_kernel)."""
+    M, DE = o.shape
+    out = torch.empty_like(hs2)
+    bm, bd = (8, 256) if o.device.type == "cuda" else (min(16, _pow2(M)), min(256, _pow2(DE)))
+    _flow_finish_kernel[(triton.cdiv(M, bm), triton.cdiv(DE, bd))](
+        o, ssum, hs2, nz2 if nz2 is not None else hs2, a, b, c if c is not None else a, out, M, L, DE,
+        o.stride(0), hs2.stride(0), nz2.stride(0) if nz2 is not None else 0, out.stride(0),
+        HAS_NOISE=nz2 is not None, BLOCK_M=bm, BLOCK_DE=bd, num_warps=4)
+    return out
 
 
 def _gemm_fused_chunks(h, weight, bias, embed, cap, n_valid, spans, out, fp32_addmm, config):
@@ -705,6 +750,13 @@ def flow_map_step_fwd(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_va
     """u (B, L, D), h_state / noise (B, L, De), a / b / c (B,) device tensors → h_next (B, L, De), h_state's dtype."""
     B, L = u.shape[0], u.shape[1]
     if _use_gemm(u.reshape(B * L, -1), cap, config):
+        if (config or {}).get("fused_finish", True):
+            # one Triton pass for the normalization and the update (config {"fused_finish": False}: torch ops)
+            o, ssum = _gemm_sums(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, config)
+            nz2 = None if noise is None else noise.reshape(B * L, -1).contiguous()
+            out = _flow_finish(o, ssum, h_state.reshape(B * L, -1).contiguous(), a.contiguous(), b.contiguous(),
+                               None if c is None else c.contiguous(), nz2, L)
+            return out.view(h_state.shape)
         de, _ = _vocab_attention_gemm(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, config)
         acc = torch.float32
         return ref.flow_map_update_ref(h_state.to(acc), de.view(h_state.shape), a.to(acc), b.to(acc),
@@ -791,6 +843,13 @@ def compile_specs() -> list[dict]:
                           signature={**csig, "out_ptr": "*bf16" if flow else "*fp32",
                                      **{k: "constexpr" for k in const}},
                           constexprs=const, num_warps=4, num_stages=1))
+    # the "gemm" path's flow-map epilogue as the sampler runs it (fp32 state and noise)
+    fsig = {n: "*fp32" for n in ("o_ptr", "s_ptr", "hs_ptr", "nz_ptr", "a_ptr", "b_ptr", "c_ptr", "out_ptr")}
+    fsig.update({n: "i32" for n in ("M", "L", "DE", "stride_o", "stride_hs", "stride_nz", "stride_out")})
+    const = dict(HAS_NOISE=True, BLOCK_M=8, BLOCK_DE=256)
+    specs.append(dict(name="_flow_finish_kernel", fn=_flow_finish_kernel,
+                      signature={**fsig, **{k: "constexpr" for k in const}}, constexprs=const, num_warps=4,
+                      num_stages=1))
     return specs
 
 

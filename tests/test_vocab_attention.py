@@ -270,6 +270,20 @@ def test_triton_flow_map_step(B, L, cfg, noise):
 
 
 @needs_triton
+@pytest.mark.parametrize("noise", [True, False])
+def test_triton_gemm_flow_map_step_fused_finish(noise):
+    """The "gemm" implementation's flow-map epilogue (one Triton pass: normalization by the row sums, then the
+    update) within the error budget, and equal up to fp32 rounding to the same sums followed by the torch update
+    (config fused_finish False), at odd sizes (De = 48, three V chunks with a ragged one)."""
+    args = _flow_problem(3, 5, 257, 300, 64, 48, torch.float32, noise)
+    cfg = dict(impl="gemm", v_chunk=96)
+    got = VA.flow_map_step_fwd(*args, 30.0, 257, cfg)
+    _check_flow("flow gemm fused finish", got, *args, 30.0, 257)
+    old = VA.flow_map_step_fwd(*args, 30.0, 257, dict(cfg, fused_finish=False))
+    torch.testing.assert_close(got, old, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
 def test_triton_flow_map_step_fp16_functional():
     args = _flow_problem(2, 3, 257, 320, 64, 48, torch.float16, True)
     got = flow_map_step(*args, cap=30.0, n_valid=257, backend="triton")
