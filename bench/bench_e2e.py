@@ -164,8 +164,8 @@ def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadlin
 
 def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None):
     """(label, kernel_options) merging every candidate that ran faster than the default ("engine graph") at
-    (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate whose options give another value for a key
-    already merged (two rotary variants) is left out. None when no candidate won there."""
+    (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate whose options give
+    another value for a key already merged (two rotary variants) is left out. None when no candidate won there."""
     one = {r["path"]: r["ms/sample"] for r in rows if r["dataset"] == name and r["B"] == B and r["steps"] == 1}
     base = one.get("engine graph")
     if not base or base != base:

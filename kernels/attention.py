@@ -764,8 +764,8 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
 
 
 def head_partials(att: torch.Tensor, w_out: torch.Tensor, H: int) -> torch.Tensor:
-    """(H, B, L, DM) fp32 partials of att·w_outᵀ split by heads: partial h = att[..., h·d:(h+1)·d]·w_out[:, h·d:(h+1)·d]ᵀ,
-    att (B, L, H·d) and w_out (DM, H·d) taken as they are (their dtypes' values, products in fp32)."""
+    """(H, B, L, DM) fp32 partials of att·w_outᵀ split by heads: partial h = att[..., h·d:(h+1)·d] ·
+    w_out[:, h·d:(h+1)·d]ᵀ, att (B, L, H·d) and w_out (DM, H·d) taken as they are (their values, products in fp32)."""
     B, L, HD = att.shape
     a = att.reshape(B, L, H, HD // H).float()
     w = w_out.float().reshape(w_out.shape[0], H, HD // H)
@@ -790,4 +790,3 @@ def softcap_attention_out_proj(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return _softcap_attention_out_proj_op(q, k, v, float(softcap or 0.0), w_out, cos, sin, fixed_shift)
     return softcap_attention_out_proj_fwd(q, k, v, softcap, w_out, cos, sin,
                                           config={"fixed_shift": True} if fixed_shift else None)
-

@@ -233,7 +233,8 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
     # the opt-in Triton GEMMs (split-K partials summed by gate_residual) and the fixed-shift attention softmax
     # compute the same trunk
     for kw in (dict(gemm_impl="triton_small"), dict(attn_fixed_shift=True),
-               dict(gemm_impl="triton_small", attn_fixed_shift=True), dict(gemm_impl="triton_small", attn_out_proj=True),
+               dict(gemm_impl="triton_small", attn_fixed_shift=True),
+               dict(gemm_impl="triton_small", attn_out_proj=True),
                dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=True)):
         cand = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
                                      **kw)
