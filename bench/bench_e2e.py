@@ -221,6 +221,8 @@ def bench(args, quick: bool = False) -> list[dict]:
         t0 = time.perf_counter()
         models = [load(name) for name in names]         # small next to the device: every dataset's model at once
         for c, o in CANDIDATES.items():
+            if args.candidate and c not in args.candidate:
+                continue
             for name, model, batches in models:
                 # the headline batch sizes; a candidate that only acts up to some row count only where it acts
                 cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
@@ -349,6 +351,9 @@ def parser(ap=None):
     ap.add_argument("--compile", action="store_true", help="also time the blocks under torch.compile")
     ap.add_argument("--no-candidates", dest="candidates", action="store_false",
                     help="skip the opt-in kernel variants (one-step rows at the headline batch sizes)")
+    ap.add_argument("--candidate", action="append", choices=list(CANDIDATES), default=None, metavar="NAME",
+                    help="time only this candidate (repeatable; default: all of them, in priority order): "
+                         + "; ".join(CANDIDATES))
     ap.add_argument("--quick", action="store_true", help="the gpu-check budget (~90 s on an H100)")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

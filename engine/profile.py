@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def profile_sample(args) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.checkpoint, args.preset, device, args.seed)
     method = args.method or ("fmlm" if model.cfg.two_time else "flm")
-    sampler = Sampler(model, args.batch_size, args.steps, method, args.renoise, graph=not args.no_graph)
+    sampler = Sampler(model, args.batch_size, args.steps, method, args.renoise, graph=not args.no_graph,
+                      kernel_options=args.kernel_options)
     prof, _ = profile_run(sampler, args.iters, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,17 @@ def profile_sample(args) -> int:
     return 0
 
 
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (a clear error for anything else)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"pdl\": true}}', got {text!r}")
+    return value
+
+
 def parser(ap=None):
     ap = ap or argparse.ArgumentParser(prog="fmlm profile sample", description=__doc__)
     ap.add_argument("--checkpoint", default=None, help="a checkpoint (default: random weights at --preset's shape)")
@@ -120,6 +133,9 @@ def parser(ap=None):
     ap.add_argument("--method", choices=("flm", "fmlm"), default=None)
     ap.add_argument("--renoise", type=float, default=0.0)
     ap.add_argument("--no-graph", action="store_true", help="run eagerly (shows the per-block ranges)")
+    ap.add_argument("--kernel-options", type=json_object, default=None, metavar="JSON",
+                    help="opt-in kernel variants (Sampler kernel_options, the candidates `fmlm bench e2e` times), "
+                         """e.g. '{"gemm_impl": "triton_small", "pdl": true}'""")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--top", type=int, default=40, help="rows of the kernel table")
     ap.add_argument("--seed", type=int, default=0)

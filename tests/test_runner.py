@@ -537,6 +537,30 @@ def test_cli_registers_profile_and_bench_e2e(tmp_path):
     assert a.datasets == ["lm1b"] and a.steps == [1]
 
 
+def test_profile_and_bench_e2e_select_kernel_variants(tmp_path, capsys, monkeypatch):
+    """`fmlm profile sample --kernel-options JSON` reaches the Sampler (validated there, a clear error for a bad
+    value or non-JSON); `fmlm bench e2e --candidate NAME` times only the named candidates."""
+    from fmlm.bench import bench_e2e as bench
+    from fmlm.engine import cli
+
+    base = ["profile", "sample", "--preset", "tiny", "--batch-size", "1", "--iters", "1", "--device", "cpu",
+            "--out", str(tmp_path)]
+    assert cli.main(base + ["--kernel-options", '{"gemm_impl": "triton_small", "pdl": true}']) == 0
+    assert "kernel_options={'gemm_impl': 'triton_small', 'pdl': True}" in (tmp_path / "kernels.md").read_text()
+    assert cli.main(base + ["--kernel-options", '{"pdl": 1}']) != 0
+    assert "kernel option pdl must be a bool" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--kernel-options", "pdl"])
+    assert "not valid JSON" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "WIN_SPEEDUP", 1e9)           # no winners rows: only the named candidates
+    args = bench.parser().parse_args(["--batch-sizes", "1", "--steps", "1", "--reference", "none", "--iters", "1",
+                                      "--candidate", "pdl", "--candidate", "argmax tma"])
+    args.datasets = ["tiny"]
+    paths = {r["path"] for r in bench.bench(args, quick=True)}
+    assert paths == {"engine eager", "engine graph", "engine graph [pdl]", "engine graph [argmax tma]"}
+
+
 def test_profile_sample_writes_trace_and_table(tmp_path):
     from fmlm.engine import cli
 
