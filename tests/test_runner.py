@@ -117,6 +117,31 @@ def test_weight_change_invalidates():
     assert torch.equal(s.sample(0), want)
 
 
+def test_graph_fast_path_checks_weights_after_the_replay(monkeypatch):
+    """With a captured graph, sample() replays first and checks the weights on the host afterwards: unchanged
+    weights return the replay's tokens without the pre-replay check; changed weights discard the stale result and
+    the graph and take the full path (on the CPU here, with a stand-in graph that records its replays)."""
+    m = _model()
+    s = Sampler(m, 2, 1)
+    monkeypatch.setattr(Sampler, "use_graphs", property(lambda self: True))
+    slot = s._slot(2)
+    replays, checks = [], []
+
+    class StandIn:
+        def replay(self):
+            replays.append(1)
+            slot.tokens.fill_(7)
+    slot.graphs[True] = StandIn()
+    check = Sampler._check_weights
+    monkeypatch.setattr(Sampler, "_check_weights", lambda self: checks.append(1) or check(self))
+    assert torch.equal(s.sample(0), torch.full((2, 9), 7)) and replays == [1] and checks == []
+    with torch.no_grad():
+        m.output_layer.linear.bias.add_(1.0)
+    out = s.sample(0)
+    assert replays == [1, 1] and checks == [1] and s._slots[2] is not slot      # the old graph and slot are gone
+    assert torch.equal(out, fmlm.sample(m, 2, 1, generator=torch.Generator().manual_seed(0), backend="torch"))
+
+
 def test_device_seed_path_is_deterministic_and_state_path_agrees():
     """The graph body on the host: the seeded draw (randn_philox) then the steps; running the steps from the
     drawn state gives the same tokens (the two graphs a bucket can hold)."""
