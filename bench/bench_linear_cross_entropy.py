@@ -143,6 +143,9 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     candidates = [("default config", {}, {})]
     # the forward's softmax before the fixed shift became its default (unmeasured change): < 1 means the change won
     candidates += [("online-softmax forward (the previous default)", {"fixed_shift": False}, {})]
+    # the backward's dh += dS·W[chunk] as a bf16 product plus an add (before session 4 of 2026-11-27; now one cuBLAS
+    # GEMM accumulating in fp32 where torch has addmm(out_dtype=float32)): < 1 means the change won
+    candidates += [("bf16 dS·W partials + add in the backward (the previous default)", {}, {"fp32_addmm": False})]
     candidates += [(f"TMA candidate: {label}", fcfg, bcfg) for label, (fcfg, bcfg) in lce.TMA_CANDIDATES.items()]
     tma_ok = lce.tma_usable(h, W, lce.FWD_CONFIG["BLOCK_K"])
     tried = [main]

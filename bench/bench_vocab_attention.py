@@ -49,6 +49,7 @@ def run(quick: bool = False) -> list[dict]:
     import importlib
 
     from fmlm.kernels import reference as ref
+    from fmlm.kernels._backend import ADDMM_FP32_OUT
     VA = importlib.import_module("fmlm.kernels.vocab_attention")
 
     t_start = time.time()
@@ -76,7 +77,7 @@ def run(quick: bool = False) -> list[dict]:
         out0, lse0 = VA.vocab_attention(h, W, b, E, CAP, V, backend="triton")
         r = add("triton", n, lambda h=h: VA.vocab_attention(h, W, b, E, CAP, V, backend="triton"),
                 "default: " + ("gemm (cuBLAS + fused cap/exp pass; P·E accumulated in fp32 by addmm: "
-                               f"{VA._ADDMM_FP32_OUT.get(str(h.device), False)})" if VA._use_gemm(h, CAP, None)
+                               f"{ADDMM_FP32_OUT.get(str(h.device), False)})" if VA._use_gemm(h, CAP, None)
                                else f"fused kernel {VA.GPU_CONFIG}"))
         sub = slice(0, min(n, 1024))        # agreement with the reference on ≤ 1024 rows (memory)
         ro, rl = ref.vocab_attention_ref(h[sub], W[:V], b[:V], E[:V], CAP)

@@ -162,3 +162,40 @@ def with_default_constexprs(specs: list[dict]) -> list[dict]:
                 const.setdefault(name, p.default)
         out.append({**spec, "signature": sig, "constexprs": const})
     return out
+
+
+ADDMM_FP32_OUT: dict = {}      # device → whether addmm(out_dtype=float32) accumulates in place, correctly
+
+
+def addmm_fp32_ok(device: torch.device) -> bool:
+    """Probe once per device, outside graph capture: torch.addmm(C_fp32, A_16, B_16, out_dtype=float32, out=C)
+    (cuBLAS with beta = 1 into the fp32 output; CUDA-only, torch ≥ 2.9) against an fp32 reference."""
+    key = str(device)
+    if key not in ADDMM_FP32_OUT:
+        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return False
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(64, 96, device=device, generator=g).to(torch.bfloat16)
+            b = torch.randn(96, 48, device=device, generator=g).to(torch.bfloat16)
+            c = torch.randn(64, 48, device=device, generator=g)
+            want = c + a.float() @ b.float()
+            got = torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            ok = got.data_ptr() == c.data_ptr() and bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        ADDMM_FP32_OUT[key] = ok
+    return ADDMM_FP32_OUT[key]
+
+
+def accumulate_mm(out: torch.Tensor, p: torch.Tensor, e: torch.Tensor, fp32_addmm: bool = True) -> None:
+    """out (fp32) += p·e. Where torch has addmm(out_dtype=float32) on this device, one cuBLAS GEMM accumulates
+    into out in fp32 (beta = 1); otherwise p·e comes back in p's dtype and a second kernel adds it, which costs
+    a bf16 rounding of every chunk's partial sum and ~150 MB of extra traffic per chunk at 16384 rows
+    (napkin: ~50 µs per chunk on an H100, ~0.35 ms per 16384-row call; not yet measured). Used by the chunked
+    vocab_attention ("gemm": o += p·E) and linear_cross_entropy backward (dh += dS·W[chunk])."""
+    if fp32_addmm and p.dtype != out.dtype and addmm_fp32_ok(out.device):
+        torch.addmm(out, p, e, out_dtype=torch.float32, out=out)
+    else:
+        out += p @ e

@@ -50,6 +50,7 @@ import torch
 
 from . import reference as ref
 from ._backend import ChunkBufs, acc_dtype, chunk_logits, no_autocast, resolve, tma_device_ok, tma_rows_ok
+from ._backend import accumulate_mm as _accumulate_mm
 
 try:
     import triton
@@ -445,42 +446,6 @@ if triton is not None:
         p_desc.store([off_m, off_n], p)
         rows = off_m + tl.arange(0, BLOCK_M)
         tl.store(ps_ptr + (ps_row0 + pid_n).to(tl.int64) * M + rows, tl.sum(p.to(tl.float32), axis=1), mask=rows < M)
-
-
-_ADDMM_FP32_OUT: dict = {}      # device → whether addmm(out_dtype=float32) accumulates in place, correctly
-
-
-def _addmm_fp32_ok(device: torch.device) -> bool:
-    """Probe once per device, outside graph capture: torch.addmm(C_fp32, A_16, B_16, out_dtype=float32, out=C)
-    (cuBLAS with beta = 1 into the fp32 output; CUDA-only, torch ≥ 2.9) against an fp32 reference."""
-    key = str(device)
-    if key not in _ADDMM_FP32_OUT:
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return False
-        ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(64, 96, device=device, generator=g).to(torch.bfloat16)
-            b = torch.randn(96, 48, device=device, generator=g).to(torch.bfloat16)
-            c = torch.randn(64, 48, device=device, generator=g)
-            want = c + a.float() @ b.float()
-            got = torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            ok = got.data_ptr() == c.data_ptr() and bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        _ADDMM_FP32_OUT[key] = ok
-    return _ADDMM_FP32_OUT[key]
-
-
-def _accumulate_mm(out: torch.Tensor, p: torch.Tensor, e: torch.Tensor, fp32_addmm: bool = True) -> None:
-    """out (fp32) += p·e. Where torch has addmm(out_dtype=float32) on this device, one cuBLAS GEMM accumulates
-    into out in fp32 (beta = 1); otherwise p·e comes back in p's dtype and a second kernel adds it, which costs
-    a bf16 rounding of every chunk's partial sum and ~150 MB of extra traffic per chunk at 16384 rows
-    (napkin: ~50 µs per chunk on an H100, ~0.35 ms per 16384-row call; not yet measured)."""
-    if fp32_addmm and p.dtype != out.dtype and _addmm_fp32_ok(out.device):
-        torch.addmm(out, p, e, out_dtype=torch.float32, out=out)
-    else:
-        out += p @ e
 
 
 def _use_gemm(h, cap, config) -> bool:
