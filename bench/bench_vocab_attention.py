@@ -114,6 +114,10 @@ def run(quick: bool = False) -> list[dict]:
                 # grows to rows × chunk bf16 (537 MB / 826 MB at 16384 rows), still far below the (rows, V) logits
                 "gemm v_chunk 16384": dict(impl="gemm", v_chunk=16384),
                 "gemm v_chunk 25216 (V/2)": dict(impl="gemm", v_chunk=25216),
+                # the memory-bound cap/exp pass between the two cuBLAS products: other program shapes than the
+                # default (16 rows × 256 columns per step, 4 warps)
+                **{f"gemm pass block {bm}x{bc} w{nw}": dict(impl="gemm", pass_block=(bm, bc, nw))
+                   for bm, bc, nw in ((32, 256, 8), (8, 512, 4), (16, 512, 8), (4, 1024, 4))},
                 "gemm v_chunk 8192, bf16 P·E + add (before 2026-11-27 session 2)":
                     dict(impl="gemm", v_chunk=8192, fp32_addmm=False),
                 **{f"fused {k}": v for k, v in VA.CONFIGS.items()}}

@@ -298,6 +298,9 @@ if triton is not None:
 # H100, 16384 rows: 5.45 ms (464 TFLOP/s) with 8192-column chunks, 5.80 ms (436) with 4096 (2026-11-27).
 GEMM_V_CHUNK = 8192        # rows × 8192 bf16 = 268 MB at 16384 rows, 1/6 of the full logits at V=50304
 GEMM_MIN_ROWS = 256        # below this the fused kernel's V split fills the GPU better (bench_vocab_attention)
+# _cap_exp_rowsum_kernel's program: (rows, columns per step, warps). The pass is memory-bound (one read and one write
+# of each chunk: ~2.3 ms of a ~10.5 ms call at 32768 rows, napkin); bench_vocab_attention times other shapes beside it
+GEMM_PASS_BLOCK = (16, 256, 4)
 if triton is not None:
     @triton.jit
     def _cap_exp_rowsum_kernel(z_ptr, b_ptr, s_ptr, M, C, n_cols, stride_z, cap, inv_cap2,
@@ -502,12 +505,14 @@ def _gemm_sums(h, weight, bias, embed, cap, n_valid, config=None):
         ssum = _gemm_fused_chunks(h, weight, bias, embed, float(cap), n_valid, spans, out, fp32_addmm, config)
     else:
         ssum = torch.zeros(M, device=h.device, dtype=torch.float32)
-        bm, bc = (16, 256) if h.device.type == "cuda" else (min(16, _pow2(M)), 256)
+        # the pass's (rows, columns, warps) per program; config "pass_block" overrides (bench_vocab_attention sweeps)
+        bm, bc, nw = config.get("pass_block") or (GEMM_PASS_BLOCK if h.device.type == "cuda"
+                                                   else (min(16, _pow2(M)), 256, 4))
         for v0, v1 in spans:
             z = h @ weight[v0:v1].T
             _cap_exp_rowsum_kernel[(triton.cdiv(M, bm),)](
                 z, bias[v0:] if bias is not None else z, ssum, M, v1 - v0, min(n_valid, v1) - v0, z.stride(0),
-                float(cap), 2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
+                float(cap), 2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
             _accumulate_mm(out, z, embed[v0:v1], fp32_addmm)
             del z                                # free this chunk before the next one is allocated
     return out, ssum
@@ -808,6 +813,14 @@ def compile_specs() -> list[dict]:
                           signature={**csig, "out_ptr": "*bf16" if flow else "*fp32",
                                      **{k: "constexpr" for k in const}},
                           constexprs=const, num_warps=4, num_stages=1))
+    # the "gemm" path's cap/exp pass over a bf16 logits chunk: the default program shape and the benchmark's others
+    psig = {"z_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "M": "i32", "C": "i32", "n_cols": "i32",
+            "stride_z": "i32", "cap": "fp32", "inv_cap2": "fp32"}
+    for bm, bc, nw in (GEMM_PASS_BLOCK, (32, 256, 8), (8, 512, 4), (16, 512, 8), (4, 1024, 4)):
+        const = dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_C=bc)
+        specs.append(dict(name=f"_cap_exp_rowsum_kernel[{bm}x{bc}_w{nw}]", fn=_cap_exp_rowsum_kernel,
+                          signature={**psig, **{k: "constexpr" for k in const}}, constexprs=const, num_warps=nw,
+                          num_stages=1, divisible_by_16=["z_ptr", "b_ptr", "s_ptr", "C", "stride_z"]))
     # the "gemm" path's flow-map epilogue as the sampler runs it (fp32 state and noise)
     fsig = {n: "*fp32" for n in ("o_ptr", "s_ptr", "hs_ptr", "nz_ptr", "a_ptr", "b_ptr", "c_ptr", "out_ptr")}
     fsig.update({n: "i32" for n in ("M", "L", "DE", "stride_o", "stride_hs", "stride_nz", "stride_out")})

@@ -183,6 +183,11 @@ def test_gemm_impl_matches_reference(M, V, Vp, chunk):
     W[V:], b[V:] = 1.0, 100.0
     out, lse = VA.vocab_attention_fwd(h, W, b, E, 30.0, V, dict(impl="gemm", v_chunk=chunk))
     _check("gemm", out, lse, h, W, b, E, 30.0, V)
+    # another program shape of the cap/exp pass (config pass_block, the benchmark's sweep): rows not a multiple of
+    # its row block, columns not a multiple of its step
+    out2, lse2 = VA.vocab_attention_fwd(h, W, b, E, 30.0, V, dict(impl="gemm", v_chunk=chunk, pass_block=(8, 64, 4)))
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse2, lse, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="cap"):
         VA.vocab_attention_fwd(h, W, b, E, None, V, dict(impl="gemm"))
     with pytest.raises(ValueError, match="fp16"):
