@@ -20,7 +20,7 @@ from fmlm.bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"bench_e2e": 200, "bench_attention": 75, "bench_e2e_compile": 150, "bench_linear": 90,
-          "bench_vocab_attention": 75}   # seconds per benchmark process; others get --limit
+          "bench_vocab_attention": 75, "bench_logits_argmax": 75}   # seconds per benchmark process; others get --limit
 # the benchmarks that carry the issues' targets first, then the diagnostic ones (attention sweep, profile) and the
 # extras: when the total budget runs out, the ones at the end are skipped (and reported so)
 DEADLINE_MARGIN_S = 40    # FMLM_BENCH_DEADLINE this long before the kill: time to finish a point (a candidate's
