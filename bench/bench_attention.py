@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from fmlm.bench.common import ceilings, markdown_table, time_fn, write_rows
+from fmlm.bench.common import ceilings, markdown_table, optional_budget, time_fn, time_left, write_rows
 
 SHAPES = (("owt", 32, 1024), ("owt", 1, 1024), ("lm1b", 1, 128), ("lm1b", 512, 128))
 H, HEAD_DIM, CAP = 12, 64, 50.0
@@ -84,6 +84,7 @@ def run(quick: bool = False) -> list[dict]:
     F = torch.nn.functional
 
     t_start = time.time()
+    sweep_until = optional_budget(t_start, SWEEP_UNTIL_S, PROCESS_LIMIT_S - SWEEP_UNTIL_S)
     child = _start_flex_child(quick) if DEVICE == "cuda" else None
     ceil = ceilings()
     iters = 10 if quick else 30
@@ -174,7 +175,7 @@ def run(quick: bool = False) -> list[dict]:
             if c["BLOCK_M"] == default_cfg["BLOCK_M"] or c["BLOCK_M"] > max(16, 1 << (L - 1).bit_length()):
                 continue
             label = f"sweep load m{c['BLOCK_M']} n{c['BLOCK_N']} s{c['num_stages']} w{c['num_warps']}"
-            if quick and time.time() - t_start > SWEEP_UNTIL_S:
+            if quick and time.time() - t_start > sweep_until:
                 rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
                              "note": "skipped: time budget"})
                 continue
@@ -197,7 +198,7 @@ def run(quick: bool = False) -> list[dict]:
     order = [(impl, c) for c in SWEEP if c != default_cfg for impl in ("load", "prepass")]
     for impl, c in order:
         label = f"sweep {impl} m{c['BLOCK_M']} n{c['BLOCK_N']} s{c['num_stages']} w{c['num_warps']}"
-        if quick and time.time() - t_start > SWEEP_UNTIL_S:
+        if quick and time.time() - t_start > sweep_until:
             rows.append({"op": "softcap_attention", "shape": name, "impl": label, "B": B, "L": L,
                          "note": "skipped: time budget (run bench_attention.py alone for the full sweep)"})
             continue
@@ -218,7 +219,7 @@ def run(quick: bool = False) -> list[dict]:
                  "note": "min over the triton rows at this shape (the parts alone excluded)"})
 
     if child is not None:
-        r = _finish_flex_child(child, PROCESS_LIMIT_S - (time.time() - t_start) if quick else 600.0)
+        r = _finish_flex_child(child, time_left(t_start, PROCESS_LIMIT_S) if quick else 600.0)
         for fr in r:
             if "ms" in fr:
                 fr["tflops"] = _flops(fr["B"], fr["L"]) / fr["ms"] / 1e9

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from fmlm.bench.common import RESULTS_DIR, ceilings, markdown_table, time_fn, write_rows
+from fmlm.bench.common import RESULTS_DIR, bench_deadline, ceilings, markdown_table, time_fn, write_rows
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
@@ -121,7 +120,7 @@ def _deadline() -> float:
     """Wall-clock time (time.time()) by which the benchmark must have returned its rows: gpu_check sets
     FMLM_BENCH_DEADLINE a little before it would kill the process, so what is left is skipped and reported
     rather than every row being lost."""
-    return float(os.environ.get("FMLM_BENCH_DEADLINE", "inf"))
+    return bench_deadline()
 
 
 def _nan_row(name, path, cfg, B, steps, rate, note):

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from fmlm.bench.common import graphed, markdown_table, time_fn, write_rows
+from fmlm.bench.common import graphed, markdown_table, optional_budget, time_fn, write_rows
 
 DEVICE = "cuda"                       # the CPU smoke test sets "cpu" (interpreter, tiny shapes, eager timing)
 D, HEADS, MLP = 768, 12, 3072
@@ -68,6 +68,7 @@ def run(quick: bool = False) -> list[dict]:
 
     F = torch.nn.functional
     t_start = time.time()
+    budget = optional_budget(t_start, BUDGET_S, 0.0)
     iters = 20 if quick else 50
     global SWEEP_CONFIGS
     SWEEP_CONFIGS = SWEEP_CONFIGS if SWEEP_CONFIGS is not None else _sweep_configs()
@@ -108,7 +109,7 @@ def run(quick: bool = False) -> list[dict]:
         ]
         dt = str(dtype).replace("torch.", "")
         for what, flops, f_cublas, f_triton in cases:
-            if time.time() - t_start > BUDGET_S:
+            if time.time() - t_start > budget:
                 rows_out.append({"pass": what, "rows": rows, "note": "skipped: benchmark budget spent"})
                 continue
             base_ms = None
@@ -133,7 +134,7 @@ def run(quick: bool = False) -> list[dict]:
                              "dtype": dt, **base})
             for tag, cfg in SWEEP_CONFIGS.items():
                 for split in (SWEEP_SPLITS if kind == "partials" else (None,)):
-                    if time.time() - t_start > BUDGET_S:
+                    if time.time() - t_start > budget:
                         rows_out.append({"op": "trunk GEMM sweep", "pass": what, "rows": rows,
                                          "impl": f"triton {tag}", "note": "skipped: benchmark budget spent"})
                         break

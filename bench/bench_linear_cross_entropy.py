@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from fmlm.bench.common import ceilings, markdown_table, peak_memory_bytes, time_fn, write_rows
+from fmlm.bench.common import (ceilings, markdown_table, optional_budget, peak_memory_bytes, time_fn, time_left,
+                               write_rows)
 
 N, V, D, VP = 16384, 50258, 768, 50304
 DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny N/V/D) sets "cpu"
@@ -87,6 +88,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _measure(quick: bool, t_start: float, child) -> list[dict]:
+    budget = optional_budget(t_start, BUDGET_S, PROCESS_LIMIT_S - BUDGET_S)
     lce = importlib.import_module("fmlm.kernels.linear_cross_entropy")   # the module, not the re-exported op
     from fmlm.kernels import reference as ref
 
@@ -152,7 +154,7 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     fwd_timed = set()
     base = {}
     for name, fcfg, bcfg in candidates + VARIANTS:
-        if time.time() - t_start > BUDGET_S:
+        if time.time() - t_start > budget:
             break
         impl = f"triton [{name}]"
         if fcfg.get("tma") and not tma_ok:
@@ -193,13 +195,13 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
                  "speedup_vs_ref_head": ref_head["ms"] / best["ms"], "meets_target":
                  best["eff_tflops"] >= 550 and ref_head["ms"] / best["ms"] >= 4})
 
-    if time.time() - t_start < BUDGET_S:
+    if time.time() - t_start < budget:
         def soft_loss():
             return lce.soft_linear_cross_entropy(h, W, b, h1, h2, lam, n_valid=V, backend="triton").mean()
         add("triton soft-target", "soft fwd+bwd", _fwd_bwd(soft_loss, leaves), "FMLM distillation form")
     # torch.compile(reference): a cold inductor compile of fwd+bwd takes ~15-40 s, so a child process compiles
     # it while the rows above are measured and times it now; it is killed at the budget, never this process.
-    left = PROCESS_LIMIT_S - (time.time() - t_start)
+    left = time_left(t_start, PROCESS_LIMIT_S)
     r = _finish_compiled_reference(child, left) if child is not None else {"note": "skipped on CPU"}
     r = {"op": "linear_cross_entropy", "impl": "torch.compile(reference)", "pass": "fwd+bwd", **r}
     rows.append(r)

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from fmlm.bench.common import child_json_row, ceilings, markdown_table, peak_memory_bytes, time_fn, write_rows
+from fmlm.bench.common import (ceilings, child_json_row, markdown_table, optional_budget, peak_memory_bytes, time_fn,
+                               time_left, write_rows)
 
 V, VP, D = 50258, 50304, 768
 SHAPES = (16384, 1024, 128)
@@ -59,6 +60,7 @@ def run(quick: bool = False) -> list[dict]:
     LA = importlib.import_module("fmlm.kernels.logits_argmax")
 
     t_start = time.time()
+    budget = optional_budget(t_start, BUDGET_S, PROCESS_LIMIT_S - BUDGET_S)
     ceil = ceilings()
     iters = 10 if quick else 30
     rows: list[dict] = []
@@ -137,17 +139,17 @@ def run(quick: bool = False) -> list[dict]:
 
     tried = [main]
     for cfg in [*LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
-        if cfg == LA.GPU_CONFIG or time.time() - t_start > BUDGET_S:
+        if cfg == LA.GPU_CONFIG or time.time() - t_start > budget:
             continue
         r = try_config(n, cfg, h, mains[n][1])
         if r is not None:
             tried.append(r)
     # the TMA kernel at the smaller row counts' default configs (the V-split path)
     for m in SHAPES[1:]:
-        if time.time() - t_start < BUDGET_S:
+        if time.time() - t_start < budget:
             try_config(m, {**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, h_all[:m], mains[m][1])
     # the B=32 sampler's final step: default, the first TMA config, cuBLAS
-    if LARGE_ROWS and time.time() - t_start < BUDGET_S:
+    if LARGE_ROWS and time.time() - t_start < budget:
         hl = torch.cat([h_all, _inputs(LARGE_ROWS - h_all.shape[0], seed=1)[0]]) if LARGE_ROWS > h_all.shape[0] \
             else h_all[:LARGE_ROWS]
         idx_l = LA.logits_argmax(hl, W, b, V, backend="triton")
@@ -160,7 +162,7 @@ def run(quick: bool = False) -> list[dict]:
     rows.append({**best, "impl": f"best measured: {best['impl']}", "note": "min over the configs above",
                  "meets_target": best["tflops"] >= TARGET_TFLOPS})
 
-    left = PROCESS_LIMIT_S - (time.time() - t_start)
+    left = time_left(t_start, PROCESS_LIMIT_S)
     r = child_json_row("fmlm.bench.bench_logits_argmax", "--compiled-reference", left) if DEVICE == "cuda" else {"note": "skipped on CPU"}
     rows.append({"op": "logits_argmax", "impl": "torch.compile(reference)", "rows": SHAPES[0], **r})
     if "ms" in r:

@@ -70,6 +70,25 @@ def graphed(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
     return g.replay
 
 
+def bench_deadline() -> float:
+    """time.time() by which a benchmark that gpu_check runs must have returned its rows (FMLM_BENCH_DEADLINE, set a
+    little before gpu_check would kill the process, shorter when its total budget runs low), else inf."""
+    return float(os.environ.get("FMLM_BENCH_DEADLINE", "inf"))
+
+
+def optional_budget(t_start: float, budget_s: float, tail_s: float = 0.0) -> float:
+    """Seconds after t_start during which a benchmark may still start optional rows: its own budget_s, or less when
+    gpu_check's deadline, minus tail_s for what must run after those rows, comes first. Without it a benchmark
+    started on a shortened limit was killed with every row unwritten."""
+    return min(budget_s, bench_deadline() - tail_s - t_start)
+
+
+def time_left(t_start: float, limit_s: float) -> float:
+    """Seconds left of a benchmark's own limit_s (counted from t_start) or of gpu_check's deadline, whichever
+    ends first."""
+    return min(limit_s - (time.time() - t_start), bench_deadline() - time.time())
+
+
 @functools.lru_cache(maxsize=1)
 def ceilings() -> dict:
     """Measured device ceilings: bf16 GEMM TFLOP/s and copy GB/s (read + write), on random data."""

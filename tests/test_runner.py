@@ -733,6 +733,20 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
     assert calls == [] and out.count("SKIPPED (budget)") == len(gpu_check.bench_modules())
 
 
+def test_bench_deadline_helpers(monkeypatch):
+    """common.optional_budget / time_left: a benchmark's own budget, cut short by gpu_check's FMLM_BENCH_DEADLINE."""
+    import time
+
+    from fmlm.bench import common
+
+    monkeypatch.delenv("FMLM_BENCH_DEADLINE", raising=False)
+    t0 = time.time()
+    assert common.optional_budget(t0, 40.0, 20.0) == 40.0 and 59.0 < common.time_left(t0, 60.0) <= 60.0
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", str(t0 + 30.0))
+    assert common.optional_budget(t0, 40.0, 20.0) == pytest.approx(10.0)
+    assert common.optional_budget(t0, 5.0) == 5.0 and common.time_left(t0, 60.0) <= 30.0
+
+
 def test_gpu_check_candidate_table(tmp_path, monkeypatch):
     """The decision table gpu-check prints: rows with a speedup over the default, from each benchmark's md."""
     from fmlm.bench import common, gpu_check
