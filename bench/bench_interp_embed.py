@@ -97,6 +97,25 @@ def run(quick: bool = False) -> list[dict]:
     with torch.no_grad():
         add("triton hidden (C given)", "fwd",
             lambda: ie.interp_embed(tokens, gamma, E, "hidden", seed=1, chol=C, backend="triton"), hidden_flops)
+        # the forward's tile configs (ξ drawn fewer times per row block), launcher against launcher
+        Cd = C.to(E.dtype)
+        base_fwd = add("triton hidden fwd [default config, via the launcher]", "fwd",
+                       lambda: ie.interp_embed_hidden_fwd(tokens, gamma, E, Cd, None, 1), hidden_flops,
+                       "baseline of speedup_vs_default")
+        want = ie.interp_embed_hidden_fwd(tokens, gamma, E, Cd, None, 1)
+        for label, cfg in ie.HIDDEN_FWD_VARIANTS.items():
+            if time.time() - t_start >= budget:
+                break
+            try:
+                got = ie.interp_embed_hidden_fwd(tokens, gamma, E, Cd, None, 1, cfg)
+                r = add(f"triton hidden fwd [{label}]", "fwd",
+                        lambda cfg=cfg: ie.interp_embed_hidden_fwd(tokens, gamma, E, Cd, None, 1, cfg), hidden_flops,
+                        str(cfg))
+                r["speedup_vs_default"] = base_fwd["ms"] / r["ms"]
+                r["max_abs_diff_vs_default"] = (got.float() - want.float()).abs().max().item()
+            except Exception as exc:   # a config that fails to compile or launch is a row, not fatal
+                rows.append({"op": "interp_embed", "impl": f"triton hidden fwd [{label}]", "pass": "fwd",
+                             "note": f"failed: {exc!r}"[:200]})
     hid_chol = add("triton hidden (C = chol(E^T E) inside, grad through it)", "fwd+bwd",
                    fwd_bwd(lambda: ie.interp_embed(tokens, gamma, E, "hidden", seed=1, n_valid=V, backend="triton")),
                    2 * hidden_flops + 2 * 2 * V * D * D, "training: unbiased dE through the factor")

@@ -55,6 +55,12 @@ STREAM_VOCAB, STREAM_HIDDEN = 0, 1
 VOCAB_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
 VOCAB_BWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
 HIDDEN_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=256, num_warps=8, num_stages=3)
+# The default hidden forward draws each ξ tile once per column block of D (3× at D = 768). Alternatives the
+# benchmark times beside it (unmeasured): wider column blocks draw ξ fewer times, at the price of masked columns
+# (D = 768 padded to 512 + 512 or to 1024, so 25 % of the MMA work is wasted). Compile check (sm_90a, bf16): 255 /
+# 239 registers, no spills, 66 / 136 KiB of shared memory (the default: 148 registers, 104 KiB).
+HIDDEN_FWD_VARIANTS = {"xi once: r32 k32 d1024": dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=1024, num_warps=8, num_stages=2),
+                       "xi twice: r64 k64 d512": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=512, num_warps=8, num_stages=2)}
 NOISE_CONFIG = dict(BLOCK_R=16, BLOCK_J=256, num_warps=4)
 INTERPRET_CONFIG = dict(BLOCK_R=16, BLOCK_V=64, BLOCK_K=32, BLOCK_D=32, BLOCK_J=512, num_warps=4, num_stages=1)
 
@@ -704,14 +710,19 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                        dict(gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr="*fp32", seed="i64", R="i32", L="i32",
                             V="i32", D="i32", stride_dh="i32", stride_de="i32"),
                        dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"], FAST=True), c))
+    hsig = dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", c_ptr=f"*{dtype}", xi_ptr=f"*{dtype}",
+                out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", D="i32", stride_e="i32", stride_c="i32",
+                stride_xi="i32", stride_o="i32")
     c = HIDDEN_FWD_CONFIG
     for xi_given in (False, True):
         specs.append(_spec(f"interp_embed_hidden_fwd{'_xi' if xi_given else ''}", _interp_embed_hidden_fwd_kernel,
-                           dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", c_ptr=f"*{dtype}",
-                                xi_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", D="i32",
-                                stride_e="i32", stride_c="i32", stride_xi="i32", stride_o="i32"),
-                           dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
-                                BLOCK_D=c["BLOCK_D"], FAST=True), c))
+                           hsig, dict(XI_GIVEN=xi_given, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
+                                      BLOCK_D=c["BLOCK_D"], FAST=True), c))
+    for label, c in HIDDEN_FWD_VARIANTS.items():
+        bd = max(16, min(c["BLOCK_D"], 1 << (D - 1).bit_length()))       # as _cfg clamps it
+        specs.append(_spec(f"interp_embed_hidden_fwd[{label.split(': ')[1]}]", _interp_embed_hidden_fwd_kernel,
+                           hsig, dict(XI_GIVEN=False, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
+                                      BLOCK_D=bd, FAST=True), c))
     specs.append(_spec("embed_grad_rows", _embed_grad_rows_kernel,
                        dict(order_ptr="*i64", stok_ptr="*i64", gamma_ptr="*fp32", dh_ptr=f"*{dtype}",
                             de_ptr=f"*{dtype}", R="i32", L="i32", D="i32",

@@ -370,6 +370,25 @@ def test_bench_smoke(monkeypatch):
     assert all(r["ms"] > 0 for r in timed)
     assert [r["note"] for r in rows if "ms" not in r] == ["CUDA only", "CUDA only"]
     assert rows[0]["speedup_vs_dense_xE"] > 0
+    variants = [r for r in rows if r["impl"].startswith("triton hidden fwd [xi")]
+    assert len(variants) == 2 and all(r["speedup_vs_default"] > 0 for r in variants), variants
+    assert all(r["max_abs_diff_vs_default"] < 1e-4 for r in variants), variants
+
+
+@needs_interp
+@pytest.mark.parametrize("label", list(ie_mod.HIDDEN_FWD_VARIANTS))
+def test_hidden_fwd_tile_variants(label):
+    """The hidden forward's alternative tiles (ξ drawn fewer times per row block, masked columns past D) compute
+    the default's h: same ξ stream, same products up to fp32 summation order; D = 48 is not a power of two."""
+    B, L, V, D = 2, 5, 37, 48
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    gamma = torch.rand(B, generator=g)
+    E = torch.randn(V, D, generator=g)
+    C = embed_cholesky(E, V).float()
+    want = ie_mod.interp_embed_hidden_fwd(tokens, gamma, E, C, None, 7)
+    got = ie_mod.interp_embed_hidden_fwd(tokens, gamma, E, C, None, 7, ie_mod.HIDDEN_FWD_VARIANTS[label])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
