@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from fmlm.bench.common import ceilings, markdown_table, optional_budget, time_fn, time_left, write_rows
+from fmlm.bench.common import (ceilings, markdown_table, optional_budget, optional_rows, time_fn, time_left,
+                               write_rows)
 
 SHAPES = (("owt", 32, 1024), ("owt", 1, 1024), ("lm1b", 1, 128), ("lm1b", 512, 128))
 H, HEAD_DIM, CAP = 12, 64, 50.0
@@ -124,37 +125,39 @@ def run(quick: bool = False) -> list[dict]:
         cfg = A._config(B, H, L, HEAD_DIM, q.device)
         main = add("triton: rotary on load (default)", name, B, L, tri, "default", max_abs_diff_vs_ref=diff(out0),
                    config=str(cfg))
-        tma_note = ("rotary_qk(q, k) + attention without rotary, Q/K/V tiles by TMA" if A.tma_usable(q, v)
-                    else "fell back to 'prepass' (tma_usable is False here): not the TMA kernel")
-        for impl, what in (("prepass", "rotary_qk(q, k) + attention without rotary"),
-                           ("prepass_k", "rotary_qk(k) + attention with q rotated on load"),
-                           ("prepass_tma", tma_note)):
-            o = tri(impl)
-            r = add(f"triton: {impl} (candidate)", name, B, L, lambda impl=impl: tri(impl), what,
-                    max_abs_diff_vs_ref=diff(o), max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
+        qr, kr = A.rotary_qk(q, k, cos, sin)      # pre-rotated: the candidates' inputs and SDPA's
+        # the opt-in candidates beside the default (not in gpu_check's defaults-only mode)
+        if optional_rows():
+            tma_note = ("rotary_qk(q, k) + attention without rotary, Q/K/V tiles by TMA" if A.tma_usable(q, v)
+                        else "fell back to 'prepass' (tma_usable is False here): not the TMA kernel")
+            for impl, what in (("prepass", "rotary_qk(q, k) + attention without rotary"),
+                               ("prepass_k", "rotary_qk(k) + attention with q rotated on load"),
+                               ("prepass_tma", tma_note)):
+                o = tri(impl)
+                r = add(f"triton: {impl} (candidate)", name, B, L, lambda impl=impl: tri(impl), what,
+                        max_abs_diff_vs_ref=diff(o), max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
+                r["speedup_vs_default"] = main["ms"] / r["ms"]
+            # the fixed-shift softmax (no running max, no rescale of the output tile); with rotary on load, and
+            # without rotary (what the triton_small trunk runs: rotary already applied in the qkv GEMM)
+            o = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True)
+            r = add("triton: fixed shift (candidate)", name, B, L,
+                    lambda: A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True),
+                    "softmax without a running max", max_abs_diff_vs_ref=diff(o),
+                    max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
             r["speedup_vs_default"] = main["ms"] / r["ms"]
-        # the fixed-shift softmax (no running max, no rescale of the output tile); with rotary on load, and
-        # without rotary (what the triton_small trunk runs: rotary already applied in the qkv GEMM)
-        o = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True)
-        r = add("triton: fixed shift (candidate)", name, B, L,
-                lambda: A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True),
-                "softmax without a running max", max_abs_diff_vs_ref=diff(o),
-                max_abs_diff_vs_default=_maxdiff(o, out0), config=str(cfg))
-        r["speedup_vs_default"] = main["ms"] / r["ms"]
-        qr, kr = A.rotary_qk(q, k, cos, sin)
-        plain = add("  no rotary (pre-rotated q, k), online softmax", name, B, L,
-                    lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton"), "baseline of the next row")
-        r = add("triton: no rotary + fixed shift (candidate)", name, B, L,
-                lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton", fixed_shift=True),
-                "vs the row above: the fixed shift alone")
-        r["speedup_vs_default"] = plain["ms"] / r["ms"]
-        # the prepass's two parts alone: what the key loop gains vs what the extra pass costs
-        rq_bytes = 2 * 2 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size()
-        add("  part: rotary_qk(q, k) alone", name, B, L, lambda: A.rotary_qk(q, k, cos, sin), "no attention FLOPs",
-            flops=False, nbytes=rq_bytes)
-        add("  part: attention on pre-rotated q, k (no rotary)", name, B, L,
-            lambda: A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), "the prepass minus rotary_qk",
-            max_abs_diff_vs_default=_maxdiff(A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), out0))
+            plain = add("  no rotary (pre-rotated q, k), online softmax", name, B, L,
+                        lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton"), "baseline of the next row")
+            r = add("triton: no rotary + fixed shift (candidate)", name, B, L,
+                    lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton", fixed_shift=True),
+                    "vs the row above: the fixed shift alone")
+            r["speedup_vs_default"] = plain["ms"] / r["ms"]
+            # the prepass's two parts alone: what the key loop gains vs what the extra pass costs
+            rq_bytes = 2 * 2 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size()
+            add("  part: rotary_qk(q, k) alone", name, B, L, lambda: A.rotary_qk(q, k, cos, sin), "no attention FLOPs",
+                flops=False, nbytes=rq_bytes)
+            add("  part: attention on pre-rotated q, k (no rotary)", name, B, L,
+                lambda: A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), "the prepass minus rotary_qk",
+                max_abs_diff_vs_default=_maxdiff(A.softcap_attention_fwd(qr, kr, v, CAP, k_rotated=True), out0))
         if ref_out is not None:
             r = add("reference (apply_rotary_ref + attention_ref)", name, B, L,
                     lambda: A.softcap_attention_ref(q, k, v, CAP, cos, sin), "materialized scores",

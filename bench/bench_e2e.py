@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from fmlm.bench.common import RESULTS_DIR, bench_deadline, ceilings, markdown_table, time_fn, write_rows
+from fmlm.bench.common import (RESULTS_DIR, bench_deadline, ceilings, markdown_table, optional_rows, time_fn,
+                               write_rows)
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
@@ -332,6 +333,7 @@ COLUMNS = ["dataset", "path", "B", "steps", "ms/sample", "p20", "p80", "samples/
 
 def run(quick: bool = False, argv=None) -> list[dict]:
     args = parser().parse_args(argv or [])
+    args.candidates = args.candidates and optional_rows()     # gpu_check's defaults-only mode: no candidates
     rows = bench(args, quick=quick)
     if rows:
         plot(rows, Path(args.out or RESULTS_DIR) / "bench_e2e.png")

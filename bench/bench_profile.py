@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from fmlm.bench.common import markdown_table, time_fn, write_rows
+from fmlm.bench.common import markdown_table, optional_rows, time_fn, write_rows
 
 # (preset, B, variant): None (defaults), "cublaslt" (preferred BLAS library) or a VARIANT_OPTIONS key
 POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"),
@@ -41,6 +41,9 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     iters = 3
     for name, B, variant in POINTS:
+        if variant and not optional_rows():          # gpu_check's defaults-only mode
+            rows.append({"point": f"{name} B={B} {variant}", "note": "skipped: defaults-only check"})
+            continue
         blas = variant if variant not in VARIANT_OPTIONS else None
         before = torch.backends.cuda.preferred_blas_library() if DEVICE == "cuda" else None
         if blas and DEVICE == "cuda":

@@ -76,10 +76,21 @@ def bench_deadline() -> float:
     return float(os.environ.get("FMLM_BENCH_DEADLINE", "inf"))
 
 
+def optional_rows() -> bool:
+    """False in gpu_check's defaults-only mode (`make gpu-check`, FMLM_BENCH_OPTIONAL=0): the benchmarks then time
+    the defaults, the targets and their baselines, and start no optional row (opt-in candidates, config sweeps,
+    previous defaults), so that every benchmark fits the 5-minute check. `make gpu-check-full` and a benchmark run
+    on its own time them."""
+    return os.environ.get("FMLM_BENCH_OPTIONAL", "1") != "0"
+
+
 def optional_budget(t_start: float, budget_s: float, tail_s: float = 0.0) -> float:
     """Seconds after t_start during which a benchmark may still start optional rows: its own budget_s, or less when
-    gpu_check's deadline, minus tail_s for what must run after those rows, comes first. Without it a benchmark
-    started on a shortened limit was killed with every row unwritten."""
+    gpu_check's deadline, minus tail_s for what must run after those rows, comes first (none in the defaults-only
+    mode, see optional_rows). Without it a benchmark started on a shortened limit was killed with every row
+    unwritten."""
+    if not optional_rows():
+        return 0.0
     return min(budget_s, bench_deadline() - tail_s - t_start)
 
 

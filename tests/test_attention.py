@@ -230,6 +230,14 @@ def test_bench_attention_smoke(monkeypatch):
     for r in rows:
         if r["impl"].startswith(("triton", "sweep", "  part: attention")):
             assert r["ms"] > 0 and r.get("max_abs_diff_vs_ref", 0) < 1e-4 and r.get("max_abs_diff_vs_default", 0) < 1e-4
+    # gpu_check's defaults-only mode: the default, the reference and SDPA; no candidate, no sweep
+    monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "0")
+    rows = bench.run(quick=True)
+    impls = [r["impl"] for r in rows]
+    assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("reference") for i in impls)
+    assert not any("candidate" in i or i.startswith("  ") for i in impls), impls
+    sweeps = [r for r in rows if r["impl"].startswith("sweep")]
+    assert sweeps and all(r["note"].startswith("skipped") for r in sweeps)
 
 
 @pytest.mark.gpu

@@ -623,6 +623,27 @@ def test_bench_profile_cpu_smoke(monkeypatch):
     variant = [r for r in rows if r["point"] == "tiny B=1 triton_small+pdl"]
     assert variant and variant[0]["replay ms"] > 0
     assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows if r["kernel"] != "(one-step call: summary)")
+    # gpu_check's defaults-only mode: the variant points are reported as skipped, not profiled
+    monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "0")
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 1, "triton_small+pdl"),))
+    assert bench.run(quick=True) == [{"point": "tiny B=1 triton_small+pdl", "note": "skipped: defaults-only check"}]
+
+
+def test_bench_e2e_run_defaults_only(monkeypatch):
+    """In gpu_check's defaults-only mode (FMLM_BENCH_OPTIONAL=0) bench_e2e.run times no candidate; by default it
+    does, unless --no-candidates."""
+    from fmlm.bench import bench_e2e as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "bench", lambda args, quick=False: seen.append(args.candidates) or [])
+    monkeypatch.delenv("FMLM_BENCH_OPTIONAL", raising=False)
+    bench.run(quick=True)
+    bench.run(quick=True, argv=["--no-candidates"])
+    monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "0")
+    bench.run(quick=True)
+    monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "1")
+    bench.run(quick=True)
+    assert seen == [True, False, False, True]
 
 
 def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
@@ -691,12 +712,19 @@ def test_bench_e2e_compile_cpu_smoke(monkeypatch):
     rows = bench.run(quick=True)
     assert [r["path"] for r in rows] == ["engine graph", "engine graph + compile"]
     assert rows[1]["vs engine graph"] > 0 and rows[1]["tokens equal to engine graph"] == 1.0
+    # a point that would start too close to gpu_check's deadline is reported as skipped (the next one too)
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", str(__import__("time").time() + bench.POINT_S / 2))
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2), ("tiny", 1)))
+    late = bench.run(quick=True)
+    assert [(r["B"], r["path"], r["note"]) for r in late] == [
+        (B, p, "skipped: time limit") for B in (2, 1) for p in ("engine graph", "engine graph + compile")]
 
 
-def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
+def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
     """bench/gpu_check.py's driver without a GPU: the GPU tests step, then the benchmarks headline first; with
     the budget spent, the rest are reported as skipped (exit 0), never silently dropped."""
     import subprocess
+    import tarfile
     import types
 
     from fmlm.bench import common, gpu_check
@@ -718,15 +746,31 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(common, "meta", lambda: {})
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())   # as if xdist were there
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_x.md").write_text("| a |\n|---|\n| 1 |\n")
+    monkeypatch.setattr(common, "RESULTS_DIR", results)
+    monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.main(["--budget", "1000"]) == 0
     assert cmds[0][2] == "pytest" and cmds[0][cmds[0].index("gpu") - 1] == "-m" and calls[1] == "bench_e2e"
     assert cmds[0][-4:] == ["-n", str(min(3, os.cpu_count())), "--dist", "loadfile"]    # the tests spread over 3
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
     assert gpu_check.xdist_args(4) == [] and gpu_check.xdist_args(1) == []
     assert calls[1:] == gpu_check.bench_modules()
+    # the results so far come back in one archive, written after each step
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        assert "results/bench_x.md" in tar.getnames()
     # each benchmark process learns its deadline (before the kill, so it can skip what is left and write rows)
     import time
     assert all(time.time() < float(e["FMLM_BENCH_DEADLINE"]) <= time.time() + 1000 for e in envs[1:])
+    # the default mode times the defaults only; --full every optional row, the compiled blocks second
+    assert all(e["FMLM_BENCH_OPTIONAL"] == "0" for e in envs)
+    assert calls.index("bench_e2e_compile") > calls.index("bench_vocab_attention")
+    calls.clear()
+    envs.clear()
+    assert gpu_check.main(["--budget", "1000", "--full", "--skip-tests"]) == 0
+    assert calls[:2] == ["bench_e2e", "bench_e2e_compile"] and sorted(calls) == sorted(gpu_check.bench_modules())
+    assert all(e["FMLM_BENCH_OPTIONAL"] == "1" for e in envs)
     calls.clear()
     assert gpu_check.main(["--budget", "0", "--skip-tests"]) == 0
     out = capsys.readouterr().out
@@ -745,6 +789,8 @@ def test_bench_deadline_helpers(monkeypatch):
     monkeypatch.setenv("FMLM_BENCH_DEADLINE", str(t0 + 30.0))
     assert common.optional_budget(t0, 40.0, 20.0) == pytest.approx(10.0)
     assert common.optional_budget(t0, 5.0) == 5.0 and common.time_left(t0, 60.0) <= 30.0
+    monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "0")       # gpu_check's defaults-only mode: no optional row starts
+    assert common.optional_budget(t0, 40.0, 20.0) == 0.0 and not common.optional_rows()
 
 
 def test_gpu_check_candidate_table(tmp_path, monkeypatch):
