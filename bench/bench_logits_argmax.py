@@ -2,7 +2,8 @@
 
 Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = 768): the OWT final
 sampler step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default
-config: the pointer kernel, whose config the label names), the alternative pointer configs of
+config: the pointer kernel, whose config the label names), the previous epilogue ("pairs") at the default tile,
+the alternative pointer configs of
 kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONFIGS) at the OWT shape, each
 checked against the default; the TMA kernel at the default configs of the smaller row counts; the default,
 the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step); reference.logits_argmax_ref
@@ -47,8 +48,9 @@ def _inputs(rows: int, seed: int = 0, dtype=None):
 def _cfg_label(cfg: dict) -> str:
     kernel = "TMA" if cfg.get("tma") else "pointer"
     split = f"_split{cfg['splits']}" if cfg.get("splits") else ""
+    epilogue = f", {cfg['epilogue']} epilogue" if cfg.get("epilogue") else ""
     return (f"{kernel} bm{cfg['BLOCK_M']}_bn{cfg['BLOCK_N']}_bk{cfg['BLOCK_K']}"
-            f"_w{cfg['num_warps']}_s{cfg['num_stages']}{split}")
+            f"_w{cfg['num_warps']}_s{cfg['num_stages']}{split}{epilogue}")
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -138,7 +140,9 @@ def run(quick: bool = False) -> list[dict]:
             return None
 
     tried = [main]
-    for cfg in [*LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
+    # first the previous default epilogue (tl.max with indices) at the default tile: a speedup below 1 there
+    # means the two-pass epilogue (the default since the fifth session of 2026-11-27, unmeasured) won
+    for cfg in [dict(LA.GPU_CONFIG, epilogue="pairs"), *LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
         if cfg == LA.GPU_CONFIG or time.time() - t_start > budget:
             continue
         r = try_config(n, cfg, h, mains[n][1])

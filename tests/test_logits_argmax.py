@@ -115,6 +115,11 @@ TRITON_CASES = [
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), id="rows3-fp16-Ktail-nobias"),
     pytest.param(3, 50258, 50304, 64, torch.float32, True, None, id="rows3-V50258"),
     pytest.param(2, 1000, 1024, 768, torch.float16, True, dict(BLOCK_N=256, splits=2), id="rows2-D768-fp16"),
+    # the previous epilogue (tl.max with indices), kept as config epilogue="pairs" for the benchmark
+    pytest.param(37, 257, 384, 64, torch.float32, True,
+                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=3, epilogue="pairs"), id="rows37-split3-pairs"),
+    pytest.param(3, 257, 300, 96, torch.float16, False,
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, epilogue="pairs"), id="rows3-fp16-nobias-pairs"),
 ]
 
 
@@ -128,22 +133,39 @@ def test_triton_matches_reference(M, V, Vp, D, dtype, bias, cfg):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("cfg", [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=4), None], ids=["split4", "default"])
-def test_triton_ties_lowest_index(dtype, cfg):
+@pytest.mark.parametrize("cfg", [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, splits=4), {}], ids=["split4", "default"])
+@pytest.mark.parametrize("epilogue", LA.EPILOGUES)
+def test_triton_ties_lowest_index(dtype, cfg, epilogue):
+    """Exact ties within a tile (one 512-column tile by default), across tiles and across splits: the lowest
+    column wins, with either epilogue; without a bias the padded columns are masked all the same."""
     h, W, b = _int_problem(19, 257, 320, 32, dtype)
-    idx = LA.logits_argmax_fwd(h, W, b, 257, cfg)
+    idx = LA.logits_argmax_fwd(h, W, b, 257, {**cfg, "epilogue": epilogue})
+    assert torch.equal(idx, LA.logits_argmax_fwd(h, W, None, 257, {**cfg, "epilogue": epilogue}))   # b is zero
     assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
     assert idx[0].item() == 5
 
 
 @needs_triton
+def test_triton_bad_epilogue_is_refused():
+    h, W, b = _problem(3, 50, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="epilogue"):
+        LA.logits_argmax_fwd(h, W, b, 50, {"epilogue": "pair"})
+
+
+@needs_triton
 def test_triton_padded_columns_never_win():
-    """All valid logits ≈ −50: a padded column (zero weight and bias) scoring 0 would win if not masked."""
+    """All valid logits ≈ −50 (or all negative, without a bias): a padded column (its weight row is read as zero)
+    scoring 0 would win if not masked."""
     h, W, b = _problem(5, 100, 128, 32, torch.float32)
     b[:100] = -50.0
-    for cfg in (None, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=2)):
-        idx = LA.logits_argmax_fwd(h, W, b, 100, cfg)
-        _check(idx, h, W, b, 100)
+    # without a bias: h > 0 and W[:100] < 0 make every valid logit negative
+    hp, Wn = h.abs() + 0.1, -(W.abs() + 0.1)
+    for cfg in ({}, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, splits=2)):
+        for epilogue in LA.EPILOGUES:
+            idx = LA.logits_argmax_fwd(h, W, b, 100, {**cfg, "epilogue": epilogue})
+            _check(idx, h, W, b, 100)
+            idx = LA.logits_argmax_fwd(hp, Wn, None, 100, {**cfg, "epilogue": epilogue})
+            _check(idx, hp, Wn, None, 100)
 
 
 @needs_triton
@@ -243,6 +265,8 @@ def test_triton_bench_smoke(monkeypatch):
     tma = [r for r in rows if "[TMA" in r["impl"]]
     assert {r["rows"] for r in tma} == {32, 8, 3, 40} and all(r["agree_with_default"] == 1.0 and r["speedup_vs_default"] > 0 for r in tma), tma
     assert rows[0]["ms"] > 0 and rows[0]["rows"] == 32
+    pairs = [r for r in rows if "pairs epilogue" in r["impl"]]
+    assert len(pairs) == 1 and pairs[0]["agree_with_default"] == 1.0 and pairs[0]["speedup_vs_default"] > 0
     diag = [r for r in rows if "triton GEMM" in r["impl"]]
     assert len(diag) == 1 and diag[0]["ms"] > 0 and diag[0]["rows"] == 32
 
@@ -274,6 +298,8 @@ def _owt(M=16384, V=50258, Vp=50304, D=768, dtype=torch.bfloat16):
 def test_gpu_bf16_owt():
     h, W, b = _owt()
     idx = logits_argmax(h, W, b, 50258, backend="triton")
+    # the two epilogues fold the same fp32 tiles with the same tie rule: the same indices, bit for bit
+    assert torch.equal(idx, LA.logits_argmax_fwd(h, W, b, 50258, {"epilogue": "pairs"}))
     rows = torch.arange(0, h.shape[0], 8, device="cuda")     # the budget check on 2048 rows (memory)
     _check(idx[rows], h[rows], W, b, 50258)
     small = logits_argmax(h[:128], W, b, 50258, backend="triton")   # B=1, L=128: the V-split path
