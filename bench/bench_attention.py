@@ -38,9 +38,12 @@ SHAPES = (("owt", 32, 1024), ("owt", 1, 1024), ("lm1b", 1, 128), ("lm1b", 512, 1
 H, HEAD_DIM, CAP = 12, 64, 50.0
 DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny SHAPES/H/HEAD_DIM/SWEEP) sets "cpu"
 # most informative first (each is a fresh compile and quick mode stops at SWEEP_UNTIL_S): 8 warps (two
-# warpgroups of m64 wgmma for BLOCK_M = 128) before 4, the default's 3 stages before 2 and 4
+# warpgroups of m64 wgmma for BLOCK_M = 128) before 4, the default's 3 stages before 2 and 4; after the first
+# pair, one-warpgroup 64-row tiles (sm_90a: 139 registers, 72 KiB with rotary on load: 3 CTAs per SM, against 2
+# of the default's 8-warp CTAs), whose CTAs run their softmax and their MMAs independently of each other
 SWEEP = tuple(dict(BLOCK_M=128, BLOCK_N=bn, num_stages=st, num_warps=w)
               for w in (8, 4) for st in (3, 4, 2) for bn in (64, 128))
+SWEEP = SWEEP[:2] + tuple(dict(BLOCK_M=64, BLOCK_N=bn, num_stages=3, num_warps=4) for bn in (64, 128)) + SWEEP[2:]
 # batch-1 shapes (the open latency targets): the row-block size alone, rotary on load. The default picks the
 # largest BLOCK_M that still gives ≥ 2 programs per SM (OWT B=1: 32; LM1B B=1: 16), i.e. mma.sync tiles below
 # wgmma's 64 rows; bigger blocks trade programs for wgmma (unmeasured which wins)
