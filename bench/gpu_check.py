@@ -13,8 +13,9 @@ import importlib
 import importlib.util
 import os
 import pkgutil
-import tarfile
+import signal
 import subprocess
+import tarfile
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,29 @@ def xdist_args(workers: int) -> list[str]:
     return ["-n", str(min(workers, os.cpu_count() or 1)), "--dist", "loadfile"]
 
 
+def run_group(cmd: list[str], timeout: float, **kw) -> int:
+    """Run cmd in a process group of its own and return its exit status. On timeout, kill the whole group, then
+    raise subprocess.TimeoutExpired: killing only the child (what subprocess.run does) left pytest-xdist workers
+    or torch.compile's worker processes running on the GPU beside the next benchmark. After a normal exit,
+    whatever the child left behind in its group is killed too."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    finally:
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_one(name: str) -> int:
     mod = importlib.import_module(f"fmlm.bench.{name}")
     rows = mod.run(quick=True)
@@ -134,10 +158,10 @@ def main(argv=None) -> int:
     if not a.skip_tests:
         t0 = time.time()
         try:
-            r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-m", "gpu",
-                                "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors",
-                                *xdist_args(a.tests_workers)], cwd=ROOT, env=env, timeout=a.tests_limit)
-            status["gpu tests"] = ("pass" if r.returncode == 0 else f"FAIL rc={r.returncode}", time.time() - t0)
+            rc = run_group([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-m", "gpu",
+                            "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors",
+                            *xdist_args(a.tests_workers)], a.tests_limit, cwd=ROOT, env=env)
+            status["gpu tests"] = ("pass" if rc == 0 else f"FAIL rc={rc}", time.time() - t0)
         except subprocess.TimeoutExpired:
             status["gpu tests"] = ("TIMEOUT", time.time() - t0)
     for name in names:
@@ -151,9 +175,8 @@ def main(argv=None) -> int:
         margin = DEADLINE_MARGIN_S.get(name, DEFAULT_DEADLINE_MARGIN_S)
         env_one = {**env, "FMLM_BENCH_DEADLINE": str(time.time() + max(limit - margin, limit / 2))}
         try:
-            r = subprocess.run([sys.executable, "-m", "fmlm.bench.gpu_check", "--one", name], cwd=ROOT, env=env_one,
-                               timeout=limit)
-            status[name] = ("ok" if r.returncode == 0 else f"FAIL rc={r.returncode}", time.time() - t0)
+            rc = run_group([sys.executable, "-m", "fmlm.bench.gpu_check", "--one", name], limit, cwd=ROOT, env=env_one)
+            status[name] = ("ok" if rc == 0 else f"FAIL rc={rc}", time.time() - t0)
         except subprocess.TimeoutExpired:
             status[name] = ("TIMEOUT", time.time() - t0)
         archive(out)

@@ -5,6 +5,7 @@ entry points, invalidation on weight change, the device-seed path, the fast trun
 with the Triton kernels under TRITON_INTERPRET=1; bf16 with the torch ops). GPU (make gpu-check): graph
 replay == eager, no host sync in the captured region, the bf16 fast trunk within its error budget."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -723,9 +724,7 @@ def test_bench_e2e_compile_cpu_smoke(monkeypatch):
 def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
     """bench/gpu_check.py's driver without a GPU: the GPU tests step, then the benchmarks headline first; with
     the budget spent, the rest are reported as skipped (exit 0), never silently dropped."""
-    import subprocess
     import tarfile
-    import types
 
     from fmlm.bench import common, gpu_check
 
@@ -738,12 +737,13 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
 
     cmds = []
 
-    def fake_run(cmd, **kw):
+    def fake_run(cmd, timeout, **kw):
+        assert timeout > 0
         cmds.append(cmd)
         calls.append(cmd[-1])
         envs.append(kw.get("env", {}))
-        return types.SimpleNamespace(returncode=0)
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        return 0
+    monkeypatch.setattr(gpu_check, "run_group", fake_run)
     monkeypatch.setattr(common, "meta", lambda: {})
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())   # as if xdist were there
     results = tmp_path / "results"
@@ -775,6 +775,36 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
     assert gpu_check.main(["--budget", "0", "--skip-tests"]) == 0
     out = capsys.readouterr().out
     assert calls == [] and out.count("SKIPPED (budget)") == len(gpu_check.bench_modules())
+
+
+def test_gpu_check_run_group_kills_the_whole_group(tmp_path):
+    """A benchmark or the GPU tests past their limit: the child and what it started (xdist workers, compile
+    workers) are killed, not only the child; the exit status comes back otherwise."""
+    import subprocess
+    import sys
+    import time
+
+    from fmlm.bench import gpu_check
+
+    assert gpu_check.run_group([sys.executable, "-c", "raise SystemExit(3)"], 30) == 3
+    child = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(p.pid, flush=True); time.sleep(60)")
+    out = tmp_path / "pid.txt"
+    with open(out, "w") as f:
+        with pytest.raises(subprocess.TimeoutExpired):
+            gpu_check.run_group([sys.executable, "-c", child], 3, stdout=f)
+    pid = int(out.read_text().split()[0])
+
+    def alive(pid):       # a zombie (killed, not yet reaped by its new parent) counts as dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid), f"the grandchild {pid} outlived its group's kill"
 
 
 def test_bench_deadline_helpers(monkeypatch):
