@@ -15,8 +15,8 @@ import os
 import pkgutil
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import time
 from pathlib import Path
 
