@@ -37,7 +37,12 @@ DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny N/V/D) sets
 PROCESS_LIMIT_S = 46.0   # from run(): gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
 BUDGET_S = 26.0          # optional rows (config variants, soft form) start only before this
 # Alternative pointer-kernel configs (label, forward overrides, backward overrides), after the TMA candidates.
+FWD_TWO_CTAS = importlib.import_module("fmlm.kernels.linear_cross_entropy").FWD_TWO_CTAS
 VARIANTS = [
+    # two 8-warp CTAs per SM with a 128-register cap (kernels/linear_cross_entropy.py FWD_TWO_CTAS; no spills on
+    # sm_90a with triton 3.6 or 3.7.1), pointer and TMA loads
+    ("fwd 2 CTAs/SM, maxnreg 128", dict(FWD_TWO_CTAS), {}),
+    ("fwd TMA, 2 CTAs/SM, maxnreg 128", dict(FWD_TWO_CTAS, tma=True), {}),
     # 167 registers and 74 KB: three CTAs fit per SM, so one CTA's tanh/exp epilogue overlaps another's MMA
     ("fwd BLOCK_M 64, 4 warps, 3 CTAs/SM", dict(BLOCK_M=64, num_warps=4, ctas_per_sm=3), {}),
     ("fwd BLOCK_N 256, 4 stages", dict(BLOCK_N=256, num_stages=4), {}),   # the bwd spills at BLOCK_N 256

@@ -92,8 +92,10 @@ def compile_one(spec: dict, arch: int = TARGET_ARCH) -> dict:
 
     t0 = time.perf_counter()
     src = triton.compiler.ASTSource(spec["fn"], spec["signature"], spec.get("constexprs", {}), _attrs(spec))
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)})
+    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    if spec.get("maxnreg"):
+        options["maxnreg"] = spec["maxnreg"]
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     usage = _ptxas_usage(k.asm["ptx"], arch)
     limit = SMEM_LIMIT.get(arch)
     if limit is not None and k.metadata.shared > limit:

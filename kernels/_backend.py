@@ -147,6 +147,16 @@ def pdl_launch_kwargs(active: bool) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if active else {"USE_PDL": False}
 
 
+def launch_opts(cfg: dict) -> dict:
+    """num_warps and num_stages of a launcher config, and its register cap `maxnreg` when it sets one (ptxas
+    .maxnreg: e.g. 128 registers let two 8-warp CTAs share an SM). The interpreter has no registers: the cap is
+    dropped there."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg") and not interpreting():
+        opts["maxnreg"] = int(cfg["maxnreg"])
+    return opts
+
+
 def with_default_constexprs(specs: list[dict]) -> list[dict]:
     """Compile specs (bench/compile_check.py) completed with every trailing constexpr parameter that has a
     default and that the spec leaves out (e.g. USE_PDL = False): triton.compile's ASTSource wants a value for

@@ -495,6 +495,12 @@ def test_lce_gpu_bf16_owt():
     full_t = _run(linear_cross_entropy, h.float(), W.float(), b.float(), up, targets=t, n_valid=V, backend="torch")
     for i, name in ((2, "dW"), (3, "db")):
         _budget(f"gpu {name}", out[i], full_r[i], full_t[i], torch.bfloat16)
+    # the opt-in two-CTA forward (register cap 128, two vocabulary splits per row block): the same loss and
+    # log-sum-exp up to the split combine's fp32 rounding
+    loss0, st0 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
+    loss2, st2 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config=lce_mod.FWD_TWO_CTAS)
+    torch.testing.assert_close(loss2, loss0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(st2[0] + st2[1], st0[0] + st0[1], rtol=1e-6, atol=1e-4)
 
 
 def _needs_tma():
@@ -597,6 +603,32 @@ def test_lce_gpu_no_vocab_sized_buffer():
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = h.shape[0] * 50258 * 2
     assert extra < logits_bytes / 2, f"peak extra {extra / 2**20:.0f} MiB vs logits {logits_bytes / 2**20:.0f} MiB"
+
+
+def test_launch_opts_register_cap(monkeypatch):
+    """A launcher config's maxnreg reaches the launch (ptxas .maxnreg), except under the interpreter."""
+    from fmlm.kernels import _backend
+
+    cfg = dict(num_warps=8, num_stages=3, **lce_mod.FWD_TWO_CTAS)
+    monkeypatch.setattr(_backend, "interpreting", lambda: False)
+    assert _backend.launch_opts(cfg) == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert _backend.launch_opts(dict(num_warps=4, num_stages=2)) == {"num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(_backend, "interpreting", lambda: True)
+    assert _backend.launch_opts(cfg) == {"num_warps": 8, "num_stages": 3}
+
+
+@needs_interp
+def test_two_cta_forward_config_runs():
+    """The opt-in two-CTA forward config through the launcher (the register cap dropped by the interpreter):
+    the default's loss and statistics."""
+    g = torch.Generator().manual_seed(3)
+    N, V, D = 37, 257, 64
+    h, W, b = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 4, torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    loss0, st0 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
+    loss2, st2 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config=lce_mod.FWD_TWO_CTAS)
+    torch.testing.assert_close(loss2, loss0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st2, st0, rtol=1e-6, atol=1e-6)
 
 
 @needs_interp
