@@ -37,12 +37,7 @@ DEVICE = "cuda"          # a CPU smoke run (TRITON_INTERPRET=1, tiny N/V/D) sets
 PROCESS_LIMIT_S = 46.0   # from run(): gpu-check gives the whole process 60 s (imports, CUDA init, ceilings)
 BUDGET_S = 26.0          # optional rows (config variants, soft form) start only before this
 # Alternative pointer-kernel configs (label, forward overrides, backward overrides), after the TMA candidates.
-FWD_TWO_CTAS = importlib.import_module("fmlm.kernels.linear_cross_entropy").FWD_TWO_CTAS
 VARIANTS = [
-    # two 8-warp CTAs per SM with a 128-register cap (kernels/linear_cross_entropy.py FWD_TWO_CTAS; no spills on
-    # sm_90a with triton 3.6 or 3.7.1), pointer and TMA loads
-    ("fwd 2 CTAs/SM, maxnreg 128", dict(FWD_TWO_CTAS), {}),
-    ("fwd TMA, 2 CTAs/SM, maxnreg 128", dict(FWD_TWO_CTAS, tma=True), {}),
     # 167 registers and 74 KB: three CTAs fit per SM, so one CTA's tanh/exp epilogue overlaps another's MMA
     ("fwd BLOCK_M 64, 4 warps, 3 CTAs/SM", dict(BLOCK_M=64, num_warps=4, ctas_per_sm=3), {}),
     ("fwd BLOCK_N 256, 4 stages", dict(BLOCK_N=256, num_stages=4), {}),   # the bwd spills at BLOCK_N 256
@@ -153,6 +148,10 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # the backward's dh += dS·W[chunk] as a bf16 product plus an add (before session 4 of 2026-11-27; now one cuBLAS
     # GEMM accumulating in fp32 where torch has addmm(out_dtype=float32)): < 1 means the change won
     candidates += [("bf16 dS·W partials + add in the backward (the previous default)", {}, {"fp32_addmm": False})]
+    # two 8-warp CTAs per SM with a 128-register cap (FWD_TWO_CTAS; no spills on sm_90a with triton 3.6 or 3.7.1),
+    # pointer loads, then TMA loads
+    candidates += [("fwd 2 CTAs/SM, maxnreg 128", dict(lce.FWD_TWO_CTAS), {}),
+                   ("fwd TMA, 2 CTAs/SM, maxnreg 128", dict(lce.FWD_TWO_CTAS, tma=True), {})]
     candidates += [(f"TMA candidate: {label}", fcfg, bcfg) for label, (fcfg, bcfg) in lce.TMA_CANDIDATES.items()]
     tma_ok = lce.tma_usable(h, W, lce.FWD_CONFIG["BLOCK_K"])
     tried = [main]
@@ -184,7 +183,7 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
                     r["speedup_vs_default"] = base["fwd+bwd"] / r["ms"]
                 tried.append(r)
                 key = tuple(sorted(fcfg.items()))
-                if (name == "default config" or fcfg.get("tma") or "fixed_shift" in fcfg) and key not in fwd_timed:
+                if (name == "default config" or fcfg) and key not in fwd_timed:     # a forward change: alone too
                     fwd_timed.add(key)       # the forward alone (compiled already): ~0.1 s
                     rf = add(impl, "fwd", lambda fcfg=fcfg: lce.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V,
                                                                                          config=fcfg),

@@ -378,6 +378,9 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     # (the "best measured" row may repeat any of them: startswith, not in)
     online = [r for r in rows if r["impl"].startswith("triton [online-softmax forward")]
     assert [r["pass"] for r in online] == ["fwd+bwd", "fwd"] and all(r["speedup_vs_default"] > 0 for r in online)
+    two = [r for r in rows if r["impl"].startswith(("triton [fwd 2 CTAs/SM", "triton [fwd TMA, 2 CTAs/SM"))]
+    assert [r["pass"] for r in two] == ["fwd+bwd", "fwd"] * 2 and all(r["speedup_vs_default"] > 0 for r in two)
+    assert all(r["max_loss_diff_vs_default"] < 1e-5 for r in two[::2]), two
     partials = [r for r in rows if r["impl"].startswith("triton [bf16 dS·W partials")]
     assert [r["pass"] for r in partials] == ["fwd+bwd"] and partials[0]["speedup_vs_default"] > 0
     assert partials[0]["max_dh_diff_vs_default"] == 0        # the CPU takes the same (non-addmm) path either way
