@@ -74,8 +74,8 @@ SOFT_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps
 # +4 KB, soft +17 KB). Whether any of that moves the 432-462 TFLOP/s is for the benchmark to say.
 TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
                   "tma+store": (dict(tma=True), dict(tma=True, tma_store=True))}
-# Opt-in forward overrides (unmeasured; the benchmark times them first among its variants): two CTAs per SM, so one
-# CTA's tanh/exp epilogue (2 MUFU ops per logit: ~1.2 µs of SFU time per 128×128 tile against ~4.2 µs of MMA at
+# Opt-in forward overrides (unmeasured; bench_linear_cross_entropy times them beside the default): two CTAs per
+# SM, so one CTA's tanh/exp epilogue (2 MUFU ops per logit: ~1.2 µs of SFU time per 128×128 tile against ~4.2 µs of MMA at
 # the GEMM ceiling) can run beside the other CTA's MMAs. It takes a register cap: 2 × 256 threads × 128 registers
 # fill the SM's 64K. Compile-only evidence (sm_90a, bf16, fixed shift): the pointer forward needs 171 registers
 # with triton 3.6 (128 with 3.7.1) and compiles to 128 with maxnreg=128 without spills on both; the TMA forward
