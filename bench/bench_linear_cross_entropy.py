@@ -152,6 +152,8 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # pointer loads, then TMA loads
     candidates += [("fwd 2 CTAs/SM, maxnreg 128", dict(lce.FWD_TWO_CTAS), {}),
                    ("fwd TMA, 2 CTAs/SM, maxnreg 128", dict(lce.FWD_TWO_CTAS, tma=True), {})]
+    # cuBLAS writes each chunk's logits (bf16), memory-bound Triton passes read them (impl "gemm", IMPLS)
+    candidates += [("gemm: cuBLAS logits + Triton passes", {"impl": "gemm"}, {"impl": "gemm"})]
     candidates += [(f"TMA candidate: {label}", fcfg, bcfg) for label, (fcfg, bcfg) in lce.TMA_CANDIDATES.items()]
     tma_ok = lce.tma_usable(h, W, lce.FWD_CONFIG["BLOCK_K"])
     tried = [main]

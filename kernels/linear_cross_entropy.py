@@ -26,6 +26,11 @@ descriptor), as logits_argmax's: the same kernels read h (h1, h2) and W through 
 bulk tensor copies, zero fill out of bounds) instead of clamped pointer loads (_logit_tile → _dot_tile_tma);
 every mask on results stays. The pointer kernels run when a descriptor is impossible (tma_usable). Default off
 until the benchmark (bench/bench_linear_cross_entropy.py times TMA_CANDIDATES beside the default) shows a gain.
+
+Opt-in "gemm" implementation (launcher config {"impl": "gemm"}, a cap in (0, 40]): cuBLAS writes each vocabulary
+chunk's logits in the input dtype and memory-bound Triton passes read them, the forward's sums
+(_lce_chunk_stats_kernel) and the backward's dS in place (_lce_chunk_ds_kernel), as vocab_attention's "gemm"
+path does; see IMPLS.
 """
 from __future__ import annotations
 
@@ -74,13 +79,29 @@ SOFT_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps
 # +4 KB, soft +17 KB). Whether any of that moves the 432-462 TFLOP/s is for the benchmark to say.
 TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
                   "tma+store": (dict(tma=True), dict(tma=True, tma_store=True))}
-# Opt-in forward overrides (unmeasured; bench_linear_cross_entropy times them beside the default): two CTAs per
-# SM, so one CTA's tanh/exp epilogue (2 MUFU ops per logit: ~1.2 µs of SFU time per 128×128 tile against ~4.2 µs of MMA at
-# the GEMM ceiling) can run beside the other CTA's MMAs. It takes a register cap: 2 × 256 threads × 128 registers
-# fill the SM's 64K. Compile-only evidence (sm_90a, bf16, fixed shift): the pointer forward needs 171 registers
-# with triton 3.6 (128 with 3.7.1) and compiles to 128 with maxnreg=128 without spills on both; the TMA forward
-# likewise (3.6: 160 → 128); shared memory 96 KiB per CTA, 192 of the 227 KiB for two.
+# Opt-in forward overrides (unmeasured; bench_linear_cross_entropy times them beside the default): two CTAs per SM,
+# so one CTA's tanh/exp epilogue (2 MUFU ops per logit: ~1.2 µs of SFU time per 128×128 tile against ~4.2 µs of MMA
+# at the GEMM ceiling) can run beside the other CTA's MMAs. It takes a register cap: 2 × 256 threads × 128 registers
+# fill the SM's 64K. Compile-only evidence (sm_90a, bf16, fixed shift): the pointer forward needs 171 registers with
+# triton 3.6 (128 with 3.7.1) and compiles to 128 with maxnreg=128 without spills on both; the TMA forward likewise
+# (3.6: 160 → 128); shared memory 96 KiB per CTA, 192 of the 227 KiB for two.
 FWD_TWO_CTAS = dict(ctas_per_sm=2, maxnreg=128)
+# Opt-in implementation (config "impl": "gemm", forward and backward; unmeasured): the logits of each vocabulary
+# chunk come from cuBLAS in the input dtype, as vocab_attention's "gemm" path (464 TFLOP/s measured) does, and
+# memory-bound Triton passes read them: the forward's sums (_lce_chunk_stats_kernel), the backward's dS in place of
+# the logits (_lce_chunk_ds_kernel), before the two cuBLAS GEMMs the backward already runs. Only with a cap in (0,
+# 40] (the fixed shift); otherwise the fused kernels run, forward and backward. The fused kernels' main loop ran at
+# about half of cuBLAS's rate (forward 3.73 ms against 1.90 for the bare GEMM, H100 run2). Napkin at 16384 × 50258 ×
+# 768 (bf16 logits, 1.65 GB per pass over the vocabulary at ~3 TB/s): forward 1.9 ms of GEMM + ~0.6-0.8 of traffic;
+# backward three GEMMs (5.7 ms) + ~1.1 of pass traffic: ~9.5-10 ms fwd+bwd, ~500-530 effective TFLOP/s against
+# 432-462. Precision: the logits are rounded to the input dtype before the cap, as the published head and the
+# reference do (the fused kernels keep them in fp32).
+IMPLS = ("fused", "gemm")
+# The passes are memory-bound: small tiles per thread, many resident warps (sm_90a, bf16: 64 and 85 registers,
+# 4 and 3 CTAs of 8 warps per SM). The forward's programs own BLOCK_R rows across a chunk; the backward's cover
+# BLOCK_M rows (the row blocks of the bias partials) SUB_M at a time.
+GEMM_STATS_CONFIG = dict(BLOCK_R=16, BLOCK_C=256, num_warps=8)
+GEMM_DS_CONFIG = dict(SUB_M=8, BLOCK_N=256, num_warps=8)
 # The interpreter costs ~0.5 ms per program plus per-op numpy overhead: small tiles keep CPU tests fast.
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1,
                         ctas_per_sm=2, FLATTEN=False, persistent=True, v_chunk=96)
@@ -425,6 +446,73 @@ if HAS_TRITON:
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=lmask)
 
 
+    # ---- the opt-in "gemm" implementation: cuBLAS writes a chunk of logits, these passes read it --------------
+    @triton.jit
+    def _lce_chunk_stats_kernel(z_ptr, b_ptr, tgt_ptr, l_ptr, zt_ptr, N, n_cols, col0, n_valid, stride_z, cap,
+                                inv_cap, HAS_BIAS: tl.constexpr, TANH: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+        """Forward pass over one chunk of logits z = h·W[col0:col0+n_cols]ᵀ (N, n_cols) from cuBLAS, with
+        S = cap·tanh((z + b)/cap) and the fixed shift (a cap in (0, 40]): l[r] += Σ exp(S − cap) over the chunk's
+        columns < n_valid, and zt[r] += S at the row's target when it falls in the chunk. Each program owns
+        BLOCK_R rows across the whole chunk, so l and zt are updated without atomics."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < N
+        tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1).to(tl.int32) - col0   # negative: not in this chunk
+        z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z
+        l = tl.zeros((BLOCK_R,), tl.float32)
+        zt = tl.zeros((BLOCK_R,), tl.float32)
+        for c in range(0, n_cols, BLOCK_C):
+            cols = c + tl.arange(0, BLOCK_C)
+            ok = (cols < n_cols) & (col0 + cols < n_valid)
+            z = tl.load(z_rows + cols[None, :], mask=rmask[:, None] & ok[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + col0 + cols, mask=ok, other=0.0).to(tl.float32)[None, :]
+            sc = cap * _tanh(z * inv_cap, TANH)
+            l += tl.sum(tl.where(ok[None, :], tl.exp(sc - cap), 0.0), 1)
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], sc, 0.0), 1)
+        tl.store(l_ptr + rows, tl.load(l_ptr + rows, mask=rmask, other=0.0) + l, mask=rmask)
+        tl.store(zt_ptr + rows, tl.load(zt_ptr + rows, mask=rmask, other=0.0) + zt, mask=rmask)
+
+    @triton.jit
+    def _lce_chunk_ds_kernel(z_ptr, b_ptr, tgt_ptr, stats_ptr, g_ptr, dbp_ptr, N, n_cols, col0, n_valid, stride_z,
+                             stride_dbp, cap, inv_cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                             TANH: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Backward pass, in place over one chunk of logits z (N, n_cols) from cuBLAS: z ← dS = g·(p − onehot)·cap'
+        in z's dtype (as _linear_cross_entropy_bwd_kernel writes it), columns ≥ n_valid zero, and dS's column sums
+        of the BLOCK_M-row block into dbp[pid_m] (the bias gradient's partials). SUB_M rows at a time: a
+        memory-bound pass wants many resident warps, not a large tile per thread."""
+        pid_m = tl.program_id(0)
+        lcols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col0 + lcols
+        cmask = lcols < n_cols
+        bias = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=cols < n_valid, other=0.0).to(tl.float32)
+        colsum = tl.zeros((BLOCK_N,), tl.float32)
+        for r0 in range(0, BLOCK_M, SUB_M):
+            rows = pid_m * BLOCK_M + r0 + tl.arange(0, SUB_M)
+            rmask = rows < N
+            ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_z + lcols[None, :]
+            z = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32) + bias[None, :]
+            if HAS_CAP:
+                t = _tanh(z * inv_cap, TANH)
+                sc = cap * t
+            else:
+                sc = z
+            m = tl.load(stats_ptr + rows, mask=rmask, other=0.0)
+            logl = tl.load(stats_ptr + N + rows, mask=rmask, other=0.0)
+            g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+            tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1).to(tl.int32)
+            p = tl.where((cols < n_valid)[None, :], tl.exp((sc - m[:, None]) - logl[:, None]), 0.0)
+            d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
+            if HAS_CAP:
+                d = d * (1.0 - t * t)
+            d = tl.where(rmask[:, None], d, 0.0)
+            tl.store(ptrs, d.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            colsum += tl.sum(d, 0)
+        if HAS_BIAS:
+            tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=cmask)
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +608,8 @@ def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_vali
     _check_triton_inputs(h, weight)
     N, D = h.shape
     cfg = _config("fwd", h.dtype, D, config)
+    if _impl(cfg) == "gemm" and _fixed_shift(cap):
+        return _lce_fwd_gemm(h, weight, bias, targets, cap, ignore_index, n_valid, cfg)
     n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])
     splits, per = _splits(N, n_tiles, cfg, h.device)
     part = torch.empty(3, splits, N, device=h.device, dtype=torch.float32)
@@ -531,6 +621,37 @@ def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_vali
         **launch_opts(cfg))
     m, logl = _combine(part[0], part[1])
     loss = torch.where(targets != ignore_index, (m - part[2].sum(0)) + logl, 0.0)
+    return loss, torch.stack([m, logl])
+
+
+def _impl(cfg: dict) -> str:
+    impl = cfg.get("impl", "fused")
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy config impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _lce_fwd_gemm(h, weight, bias, targets, cap, ignore_index, n_valid, cfg):
+    """The "gemm" forward (a cap in (0, 40]): per vocabulary chunk, cuBLAS writes z = h·W[chunk]ᵀ in h's dtype
+    into one reused (N, v_chunk) buffer and _lce_chunk_stats_kernel folds it into l = Σ exp(S − cap) and the
+    target's S; the stats are (cap, log l) as the fused kernel's."""
+    N = h.shape[0]
+    chunk = min(int(cfg.get("v_chunk", BWD_CONFIG["v_chunk"])), triton.cdiv(n_valid, 128) * 128)
+    buf = torch.empty(N, chunk, device=h.device, dtype=h.dtype)
+    l = torch.zeros(N, device=h.device, dtype=torch.float32)
+    zt = torch.zeros(N, device=h.device, dtype=torch.float32)
+    sc = GEMM_STATS_CONFIG
+    for c0 in range(0, n_valid, chunk):
+        nc = min(chunk, n_valid - c0)
+        z = buf[:, :nc]
+        torch.mm(h, weight[c0:c0 + nc].t(), out=z)
+        _lce_chunk_stats_kernel[(triton.cdiv(N, sc["BLOCK_R"]),)](
+            z, weight if bias is None else bias, targets, l, zt, N, nc, c0, n_valid, buf.stride(0), float(cap),
+            1.0 / float(cap), HAS_BIAS=bias is not None, TANH=_flags(h, bias, cap, h.shape[1], cfg)["TANH"],
+            BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], num_warps=sc["num_warps"])
+    m = torch.full_like(l, float(cap))
+    logl = torch.log(l)
+    loss = torch.where(targets != ignore_index, (m - zt) + logl, 0.0)
     return loss, torch.stack([m, logl])
 
 
@@ -574,6 +695,20 @@ def linear_cross_entropy_bwd(grad, h, weight, bias, targets, stats, cap, ignore_
     D = h.shape[1]
 
     def launch(ds, dbp, c0, nc, cfg, grid):
+        if _impl(cfg) == "gemm" and _fixed_shift(cap):
+            # cuBLAS writes the chunk's logits into the dS buffer, the pass turns them into dS in place. Only with
+            # the "gemm" forward's statistics (a cap in (0, 40]): p = exp(S − m − log l) needs the logits the
+            # statistics were summed from, and the fused forward's are fp32 where these are rounded to h's dtype
+            z = ds[:, :nc]
+            torch.mm(h, weight[c0:c0 + nc].t(), out=z)
+            bm, dc = cfg["BLOCK_M"], GEMM_DS_CONFIG      # dbp has one row per BLOCK_M rows
+            _lce_chunk_ds_kernel[(triton.cdiv(h.shape[0], bm), triton.cdiv(nc, dc["BLOCK_N"]))](
+                z, weight if bias is None else bias, targets, stats, g, ds if dbp is None else dbp, h.shape[0], nc,
+                c0, n_valid, ds.stride(0), 0 if dbp is None else dbp.stride(0), float(cap or 1.0),
+                1.0 / float(cap or 1.0), HAS_BIAS=bias is not None, HAS_CAP=bool(cap),
+                TANH=_flags(h, bias, cap, D, cfg)["TANH"], BLOCK_M=bm, SUB_M=min(dc["SUB_M"], bm),
+                BLOCK_N=dc["BLOCK_N"], num_warps=dc["num_warps"])
+            return
         tma, (h_op,), w_op = _operands(cfg, n_valid, weight, h)
         tma_store, ds_op = _ds_operand(tma, cfg, ds, nc)
         _linear_cross_entropy_bwd_kernel[grid](
@@ -1077,6 +1212,20 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                      TMA=False, TMA_STORE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                      BLOCK_K=cfg["BLOCK_K"])
         specs.append(_spec(name, fn, {**ptrs, **bwd_sig}, const, cfg))
+    # the "gemm" implementation's passes (config "impl": "gemm")
+    pass_sig = {"z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "tgt_ptr": "*i64", "N": "i32", "n_cols": "i32",
+                "col0": "i32", "n_valid": "i32", "stride_z": "i32"}
+    sc, dc = GEMM_STATS_CONFIG, GEMM_DS_CONFIG
+    specs.append(_spec("lce_chunk_stats[gemm]", _lce_chunk_stats_kernel,
+                       {**pass_sig, "l_ptr": "*fp32", "zt_ptr": "*fp32", "cap": "fp32", "inv_cap": "fp32"},
+                       dict(HAS_BIAS=True, TANH=common["TANH"], BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"]),
+                       dict(num_warps=sc["num_warps"], num_stages=1)))
+    specs.append(_spec("lce_chunk_ds[gemm]", _lce_chunk_ds_kernel,
+                       {**pass_sig, "stats_ptr": "*fp32", "g_ptr": "*fp32", "dbp_ptr": "*fp32", "stride_dbp": "i32",
+                        "cap": "fp32", "inv_cap": "fp32"},
+                       dict(HAS_BIAS=True, HAS_CAP=True, TANH=common["TANH"], BLOCK_M=BWD_CONFIG["BLOCK_M"],
+                            SUB_M=dc["SUB_M"], BLOCK_N=dc["BLOCK_N"]),
+                       dict(num_warps=dc["num_warps"], num_stages=1)))
     if dtype == "fp32" or TensorDescriptor is None:     # fp32 never takes the TMA variant (tma_usable)
         return specs
     seen = set()

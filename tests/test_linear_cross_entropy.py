@@ -114,6 +114,55 @@ def test_lce_triton(N, V, D, Vp, bias, cap, ignore, dtype):
     _check_hard("triton", N, V, D, Vp, dtype, bias, cap, ignore)
 
 
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: counts the launches, then launches the kernel."""
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N,V,D,Vp,bias,cap,ignore", HARD_CASES)
+def test_lce_triton_gemm_impl(monkeypatch, N, V, D, Vp, bias, cap, ignore, dtype):
+    """The opt-in "gemm" implementation (logits from torch.mm per chunk, then the Triton passes) through the op,
+    forward and backward, within the reference's budget; its passes are the kernels that run (with a cap in
+    (0, 40]; without one the fused kernels run: the backward must see the logits the forward summed)."""
+    monkeypatch.setattr(lce_mod, "INTERPRET_CONFIG", {**lce_mod.INTERPRET_CONFIG, "impl": "gemm"})
+    stats, ds = _LaunchSpy(lce_mod._lce_chunk_stats_kernel), _LaunchSpy(lce_mod._lce_chunk_ds_kernel)
+    monkeypatch.setattr(lce_mod, "_lce_chunk_stats_kernel", stats)
+    monkeypatch.setattr(lce_mod, "_lce_chunk_ds_kernel", ds)
+    _check_hard("triton", N, V, D, Vp, dtype, bias, cap, ignore)
+    assert (stats.launches >= 1) == bool(cap) and (ds.launches >= 1) == bool(cap), (stats.launches, ds.launches)
+
+
+@needs_interp
+def test_lce_gemm_impl_equals_fused():
+    """The "gemm" launchers against the fused ones on the same fp32 inputs (several chunks, a ragged last one):
+    the same loss, statistics and gradients to fp32 rounding; an unknown impl is refused."""
+    g = torch.Generator().manual_seed(5)
+    N, V, Vp, D = 21, 203, 256, 48
+    h, W, b = torch.randn(N, D, generator=g), torch.randn(Vp, D, generator=g) / 3, torch.randn(Vp, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[3] = -100
+    up = torch.randn(N, generator=g) * (t != -100)
+    cfg = {"impl": "gemm", "v_chunk": 64}
+    loss0, st0 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
+    loss1, st1 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config=cfg)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st1, st0, rtol=1e-5, atol=1e-5)
+    grads0 = lce_mod.linear_cross_entropy_bwd(up, h, W, b, t, st0, 30.0, -100, V)
+    grads1 = lce_mod.linear_cross_entropy_bwd(up, h, W, b, t, st0, 30.0, -100, V, config=cfg)
+    for a, c in zip(grads1, grads0):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    assert grads1[1][V:].abs().max() == 0 and grads1[2][V:].abs().max() == 0
+    with pytest.raises(ValueError, match="impl"):
+        lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config={"impl": "cublas"})
+
+
 @needs_interp
 def test_lce_triton_owt_vocab(monkeypatch):
     """V = 50258 (OWT), few rows: vocabulary splits and chunks, one ragged tail tile (wide tiles: interpreter time)."""
@@ -378,6 +427,9 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     # (the "best measured" row may repeat any of them: startswith, not in)
     online = [r for r in rows if r["impl"].startswith("triton [online-softmax forward")]
     assert [r["pass"] for r in online] == ["fwd+bwd", "fwd"] and all(r["speedup_vs_default"] > 0 for r in online)
+    gemm = [r for r in rows if r["impl"].startswith("triton [gemm: cuBLAS logits")]
+    assert [r["pass"] for r in gemm] == ["fwd+bwd", "fwd"] and all(r["speedup_vs_default"] > 0 for r in gemm)
+    assert gemm[0]["max_loss_diff_vs_default"] < 1e-2       # fp16 logits here, fp32 in the fused kernels
     two = [r for r in rows if r["impl"].startswith(("triton [fwd 2 CTAs/SM", "triton [fwd TMA, 2 CTAs/SM"))]
     assert [r["pass"] for r in two] == ["fwd+bwd", "fwd"] * 2 and all(r["speedup_vs_default"] > 0 for r in two)
     assert all(r["max_loss_diff_vs_default"] < 1e-5 for r in two[::2]), two
@@ -476,6 +528,15 @@ def _owt(dtype=torch.bfloat16, N=16384, V=OWT_V, D=768, Vp=50304, seed=0):
     b = torch.randn(Vp, device="cuda", generator=g).to(dtype)
     t = torch.randint(0, V, (N,), device="cuda", generator=g)
     return h, W, b, t
+
+
+@pytest.mark.gpu
+def test_lce_gpu_gemm_impl_bf16_owt(monkeypatch):
+    """The opt-in "gemm" implementation (cuBLAS logits in bf16 + the Triton passes) at the OWT shape, within
+    the same budgets as the default."""
+    monkeypatch.setattr(lce_mod, "FWD_CONFIG", {**lce_mod.FWD_CONFIG, "impl": "gemm"})
+    monkeypatch.setattr(lce_mod, "BWD_CONFIG", {**lce_mod.BWD_CONFIG, "impl": "gemm"})
+    test_lce_gpu_bf16_owt()
 
 
 @pytest.mark.gpu
