@@ -445,7 +445,6 @@ if HAS_TRITON:
                 colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=lmask)
 
-
     # ---- the opt-in "gemm" implementation: cuBLAS writes a chunk of logits, these passes read it --------------
     @triton.jit
     def _lce_chunk_stats_kernel(z_ptr, b_ptr, tgt_ptr, l_ptr, zt_ptr, N, n_cols, col0, n_valid, stride_z, cap,
@@ -512,6 +511,7 @@ if HAS_TRITON:
             colsum += tl.sum(d, 0)
         if HAS_BIAS:
             tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=cmask)
+
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
