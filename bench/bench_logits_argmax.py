@@ -1,16 +1,16 @@
 """logits_argmax (argmax over V of h·Wᵀ+b, fused: logits never written) beside the reference in one process.
 
-Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = 768): the OWT final
-sampler step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default
-config: the pointer kernel, whose config the label names), the previous epilogue ("pairs") at the default tile,
-the alternative pointer configs of
-kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONFIGS) at the OWT shape, each
-checked against the default; the TMA kernel at the default configs of the smaller row counts; the default,
-the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step); reference.logits_argmax_ref
-eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM h·Wᵀ of the padded
-weight with no epilogue (the matmul ceiling), and beside it a plain Triton GEMM at the argmax's tile storing the
-logits (diagnostic: how much of the gap to cuBLAS is Triton's main loop, how much the argmax epilogue). Every Triton row is timed with its host launch (the TMA path
-also encodes two descriptors per call on the host).
+Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = 768): the OWT final sampler
+step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default config: the pointer
+kernel, whose config the label names), the previous epilogue ("pairs") at the default tile, the alternative
+pointer configs of kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONFIGS) at the
+OWT shape, each checked against the default; the TMA kernel at the default configs of the smaller row counts;
+the default, the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step);
+reference.logits_argmax_ref eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM
+h·Wᵀ of the padded weight with no epilogue (the matmul ceiling), and beside it a plain Triton GEMM at the
+argmax's tile storing the logits (diagnostic: how much of the gap to cuBLAS is Triton's main loop, how much the
+argmax epilogue). Every Triton row is timed with its host launch (the TMA path also encodes two descriptors per
+call on the host).
 
 FLOPs (useful, V = 50258): 2·rows·V·D. GB/s: compulsory traffic only (W and h read, indices written),
 against the copy ceiling. Target (issue 4): ≥ 600 TFLOP/s at 16384×768×50258.
