@@ -806,8 +806,10 @@ def test_gpu_check_run_group_kills_the_whole_group(tmp_path):
     out = tmp_path / "pid.txt"
     with open(out, "w") as f:
         with pytest.raises(subprocess.TimeoutExpired):
-            gpu_check.run_group([sys.executable, "-c", child], 3, stdout=f)
-    pid = int(out.read_text().split()[0])
+            gpu_check.run_group([sys.executable, "-c", child], 6, stdout=f)    # ample time to start both
+    printed = out.read_text().split()
+    assert printed, "the child did not start its grandchild within the limit"
+    pid = int(printed[0])
 
     def alive(pid):       # a zombie (killed, not yet reaped by its new parent) counts as dead
         try:
