@@ -115,6 +115,28 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def plan(names: list[str], budget: float, tests_limit: float, default_limit: float, full: bool) -> str:
+    """The steps main() would run, each with its time limit (a step starts only with ≥ 20 s of the budget left,
+    and its limit is cut to what is left), as a markdown table; the last line compares the worst case (every
+    step using its whole limit) with the budget and says which steps would then be skipped."""
+    rows, t = [], 0.0
+    steps = ([("gpu tests", tests_limit)] if tests_limit else []) + [(n, LIMITS.get(n, default_limit)) for n in names]
+    for name, limit in steps:
+        left = budget - t
+        tests = name == "gpu tests"
+        if not tests and left < 20:      # the tests always start; a benchmark with < 20 s left is skipped
+            rows.append({"step": name, "limit s": limit, "worst-case start s": round(t), "if every step ran long":
+                         "skipped"})
+            continue
+        run = limit if tests else min(limit, left)
+        rows.append({"step": name, "limit s": limit, "worst-case start s": round(t),
+                     "if every step ran long": "runs" if run == limit else f"cut to {run:.0f} s"})
+        t += run
+    mode = "full (defaults and every optional row)" if full else "defaults only"
+    return (f"mode: {mode}; budget {budget:.0f} s\n" + common.markdown_table(rows)
+            + f"worst case {t:.0f} s of the budget's {budget:.0f} s\n")
+
+
 def run_one(name: str) -> int:
     mod = importlib.import_module(f"fmlm.bench.{name}")
     rows = mod.run(quick=True)
@@ -140,9 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=300.0,
                     help="seconds for the whole check (tests + benchmarks); a benchmark that would start with "
                          "less than 20 s left is skipped and reported so")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan (mode, order, each step's time limit, the worst case against the budget) "
+                         "and exit; needs no GPU")
     a = ap.parse_args(argv)
     if a.one:
         return run_one(a.one)
+    if a.dry_run:
+        print(plan(a.only or bench_modules(a.full), a.budget, 0.0 if a.skip_tests else a.tests_limit, a.limit, a.full))
+        return 0
     if not torch.cuda.is_available():
         print("gpu-check needs a CUDA device", file=sys.stderr)
         return 2

@@ -790,6 +790,21 @@ def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
     assert calls == [] and out.count("SKIPPED (budget)") == len(gpu_check.bench_modules())
 
 
+def test_gpu_check_dry_run_plan(capsys):
+    """--dry-run prints the plan without a GPU: each step's limit, cut to what is left of the budget, and the
+    steps that would start with < 20 s left reported as skipped."""
+    from fmlm.bench import gpu_check
+
+    text = gpu_check.plan(["bench_a", "bench_b", "bench_c"], budget=100, tests_limit=50, default_limit=30, full=False)
+    lines = [x for x in text.splitlines() if x.startswith("| ")][1:]
+    assert lines == ["| gpu tests | 50 | 0 | runs |", "| bench_a | 30 | 50 | runs |",
+                     "| bench_b | 30 | 80 | cut to 20 s |", "| bench_c | 30 | 100 | skipped |"], lines
+    assert text.startswith("mode: defaults only; budget 100 s") and "worst case 100 s" in text
+    assert gpu_check.main(["--dry-run", "--full", "--skip-tests", "--budget", "900"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mode: full") and "gpu tests" not in out and "| bench_e2e_compile |" in out
+
+
 def test_gpu_check_run_group_kills_the_whole_group(tmp_path):
     """A benchmark or the GPU tests past their limit: the child and what it started (xdist workers, compile
     workers) are killed, not only the child; the exit status comes back otherwise."""
