@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 GPU_PY      ?= python3
 STAMP       := $(VENV)/.fmlm-installed
 
-.PHONY: install test compile-check demo gpu-check gpu-check-full bench-sample clean
+.PHONY: install test compile-check demo gpu-check gpu-check-full gpu-ncu bench-sample clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	python3 -m venv $(VENV)
@@ -45,6 +45,11 @@ gpu-check:
 
 gpu-check-full:
 	$(MAKE) gpu-check GPU_CHECK_ARGS="--full --budget 560 --tests-limit 220 $(GPU_CHECK_ARGS)"
+
+# gpu-ncu: Nsight Compute counters (tensor pipe, issue, MUFU, L2, DRAM, stalls) of the kernels behind the open targets
+# at their benchmarks' shapes, one ncu process per case (bench/ncu_kernels.py); about 4 minutes
+gpu-ncu:
+	$(MAKE) gpu-check GPU_CHECK_ARGS="--skip-tests --only ncu_kernels --budget 270 $(GPU_CHECK_ARGS)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out

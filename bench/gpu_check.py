@@ -26,7 +26,8 @@ from fmlm.bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"bench_e2e": 200, "bench_attention": 75, "bench_e2e_compile": 120, "bench_linear": 90,
-          "bench_vocab_attention": 75, "bench_logits_argmax": 75}   # seconds per benchmark process; others get --limit
+          "bench_vocab_attention": 75, "bench_logits_argmax": 75,
+          "ncu_kernels": 260}   # seconds per benchmark process; others get --limit. ncu_kernels: `make gpu-ncu` only
 # the benchmarks that carry the issues' targets first, then the diagnostic ones (attention sweep, profile) and the
 # extras: when the total budget runs out, the ones at the end are skipped (and reported so)
 # FMLM_BENCH_DEADLINE this long before the kill: time to finish what was started and write the rows. bench_e2e needs
