@@ -184,19 +184,25 @@ def addmm_fp32_ok(device: torch.device) -> bool:
     if key not in ADDMM_FP32_OUT:
         if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return False
-        ok = False
-        try:
+        ADDMM_FP32_OUT[key] = _probe_addmm_fp32(device)
+    return ADDMM_FP32_OUT[key]
+
+
+def _probe_addmm_fp32(device: torch.device) -> bool:
+    # autocast off: the first call can come from inside the trainer's bf16 autocast (the FMLM loss's
+    # vocab_attention), where the fp32 reference product would be computed in bf16, fail the comparison, and
+    # the cached False would turn the fp32 accumulation off for the whole process
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             g = torch.Generator(device=device).manual_seed(0)
             a = torch.randn(64, 96, device=device, generator=g).to(torch.bfloat16)
             b = torch.randn(96, 48, device=device, generator=g).to(torch.bfloat16)
             c = torch.randn(64, 48, device=device, generator=g)
             want = c + a.float() @ b.float()
             got = torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            ok = got.data_ptr() == c.data_ptr() and bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        ADDMM_FP32_OUT[key] = ok
-    return ADDMM_FP32_OUT[key]
+            return got.data_ptr() == c.data_ptr() and bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def accumulate_mm(out: torch.Tensor, p: torch.Tensor, e: torch.Tensor, fp32_addmm: bool = True) -> None:

@@ -681,6 +681,25 @@ def test_launch_opts_register_cap(monkeypatch):
     assert _backend.launch_opts(cfg) == {"num_warps": 8, "num_stages": 3}
 
 
+def test_addmm_fp32_probe_under_autocast(monkeypatch):
+    """The once-per-device probe of addmm(out_dtype=float32) gives the same answer inside a bf16 autocast region
+    (the FMLM trainer's first vocab_attention call) as outside: its fp32 reference product must not be autocast
+    to bf16, else the cached False turns the fp32 accumulation off for the whole process. Driven on the CPU with
+    a stand-in for the CUDA-only addmm(out_dtype=...): an exact fp32 accumulate into out."""
+    from fmlm.kernels import _backend
+
+    def addmm_fp32(c, a, b, out_dtype=None, out=None):
+        with torch.autocast("cpu", enabled=False):      # a call with out= is not autocast
+            out.add_(a.float() @ b.float())
+        return out
+
+    monkeypatch.setattr(_backend.torch, "addmm", addmm_fp32)
+    cpu = torch.device("cpu")
+    assert _backend._probe_addmm_fp32(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backend._probe_addmm_fp32(cpu)
+
+
 @needs_interp
 def test_two_cta_forward_config_runs():
     """The opt-in two-CTA forward config through the launcher (the register cap dropped by the interpreter):
