@@ -1,9 +1,10 @@
 """linear_cross_entropy forward+backward at the OWT training shape, beside the reference head in one process.
 
 Shape: h 16384×768 (B=16, L=1024), V = 50258 padded to 50304 (the engine pads V to a multiple of 128), bf16.
-Rows: the fused Triton op (fwd, fwd+bwd; the opt-in TMA candidates of kernels/linear_cross_entropy.py
-TMA_CANDIDATES, fwd+bwd and fwd, first among the alternatives so one H100 run decides whether TMA becomes the
-default; then alternative configs while time allows); the reference head as
+Rows: the fused Triton op (fwd, fwd+bwd); then, through the launchers and while the optional budget lasts, the
+default config, the previous defaults (online-softmax forward, bf16 dS·W partials), the opt-in two-CTA forward,
+the "gemm" implementation, the TMA candidates of kernels/linear_cross_entropy.py TMA_CANDIDATES and the VARIANTS,
+each fwd+bwd (and forward alone for a forward change) with its speedup over the default; the reference head as
 published (logits materialized in bf16, cap, fp32 log_softmax, one-hot product); the spec
 reference.linear_cross_entropy_ref (gather) eager and under torch.compile (a child process compiles it while
 the other rows are measured, then times it alone; it is killed at the time budget, so a slow inductor compile
@@ -118,6 +119,8 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
         return lce.linear_cross_entropy(h, W, b, t, n_valid=V, reduction="mean", backend="triton")
 
     main = add("triton", "fwd+bwd", _fwd_bwd(triton_loss, leaves), "default config")
+    from fmlm.kernels._backend import ADDMM_FP32_OUT      # probed by the backward above
+    main["note"] += f"; dh += dS·W in fp32 by addmm(out_dtype): {ADDMM_FP32_OUT.get(str(h.device), False)}"
     with torch.no_grad():
         add("triton", "fwd", lambda: lce.linear_cross_entropy(h, W, b, t, n_valid=V, backend="triton"))
     ref_head = add("reference head (published: one-hot product)", "fwd+bwd",

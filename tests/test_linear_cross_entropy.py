@@ -533,10 +533,14 @@ def _owt(dtype=torch.bfloat16, N=16384, V=OWT_V, D=768, Vp=50304, seed=0):
 @pytest.mark.gpu
 def test_lce_gpu_gemm_impl_bf16_owt(monkeypatch):
     """The opt-in "gemm" implementation (cuBLAS logits in bf16 + the Triton passes) at the OWT shape, within
-    the same budgets as the default."""
+    the same budgets as the default; its passes are the kernels that ran."""
     monkeypatch.setattr(lce_mod, "FWD_CONFIG", {**lce_mod.FWD_CONFIG, "impl": "gemm"})
     monkeypatch.setattr(lce_mod, "BWD_CONFIG", {**lce_mod.BWD_CONFIG, "impl": "gemm"})
+    stats, ds = _LaunchSpy(lce_mod._lce_chunk_stats_kernel), _LaunchSpy(lce_mod._lce_chunk_ds_kernel)
+    monkeypatch.setattr(lce_mod, "_lce_chunk_stats_kernel", stats)
+    monkeypatch.setattr(lce_mod, "_lce_chunk_ds_kernel", ds)
     test_lce_gpu_bf16_owt()
+    assert stats.launches >= 1 and ds.launches >= 1, (stats.launches, ds.launches)
 
 
 @pytest.mark.gpu
@@ -559,8 +563,14 @@ def test_lce_gpu_bf16_owt():
     full_t = _run(linear_cross_entropy, h.float(), W.float(), b.float(), up, targets=t, n_valid=V, backend="torch")
     for i, name in ((2, "dW"), (3, "db")):
         _budget(f"gpu {name}", out[i], full_r[i], full_t[i], torch.bfloat16)
-    # the opt-in two-CTA forward (register cap 128, two vocabulary splits per row block): the same loss and
-    # log-sum-exp up to the split combine's fp32 rounding
+
+
+@pytest.mark.gpu
+def test_lce_gpu_two_cta_forward_bf16_owt():
+    """The opt-in two-CTA forward (register cap 128, two vocabulary splits per row block) against the default
+    forward at the OWT shape: the same loss and log-sum-exp up to the split combine's fp32 rounding."""
+    h, W, b, t = _owt()
+    V = 50258
     loss0, st0 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V)
     loss2, st2 = lce_mod.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, V, config=lce_mod.FWD_TWO_CTAS)
     torch.testing.assert_close(loss2, loss0, rtol=1e-5, atol=1e-4)
