@@ -655,6 +655,16 @@ def _lce_fwd_gemm(h, weight, bias, targets, cap, ignore_index, n_valid, cfg):
     return loss, torch.stack([m, logl])
 
 
+def _ds_chunk(N: int, v_chunk: int, BN: int, v_end: int) -> int:
+    """Columns of the backward's (N, chunk) dS buffer: v_chunk rounded up to BLOCK_N, at most the valid width, and
+    small enough that N·chunk < 2^31 (the kernels index dS with int32: rows·stride + column)."""
+    chunk = min(triton.cdiv(v_chunk, BN) * BN, triton.cdiv(v_end, BN) * BN)
+    chunk = max(BN, min(chunk, (2 ** 31 - 1) // max(N, 1) // BN * BN))
+    if N * chunk >= 2 ** 31:
+        raise ValueError(f"backend='triton': {N} rows × {chunk} dS columns exceed int32 indexing; split the rows")
+    return chunk
+
+
 def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     """Shared backward driver: per vocabulary chunk, the kernel writes dS (N, chunk) and db partials;
     cuBLAS then does dh += dS·W[chunk] (fp32 accumulator) and dW[chunk] = dSᵀ·h."""
@@ -663,7 +673,7 @@ def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     cfg = _config(kind, h.dtype, D, config)
     BN = cfg["BLOCK_N"]
     v_end = min(Vp, triton.cdiv(n_valid, 128) * 128)       # padded columns past this get zero gradient
-    chunk = min(triton.cdiv(cfg["v_chunk"], BN) * BN, triton.cdiv(v_end, BN) * BN)
+    chunk = _ds_chunk(N, cfg["v_chunk"], BN, v_end)
     ds = torch.empty(N, chunk, device=h.device, dtype=h.dtype)
     m_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     dbp = torch.zeros(m_blocks, Vp, device=h.device, dtype=torch.float32) if bias is not None else None

@@ -747,3 +747,18 @@ def test_fixed_shift_forward_equals_online_forward():
     torch.testing.assert_close(sl_f, sl_o, rtol=1e-5, atol=1e-5)
     for k in range(3):
         torch.testing.assert_close(ss_f[2 * k] + ss_f[2 * k + 1], ss_o[2 * k] + ss_o[2 * k + 1], rtol=1e-6, atol=1e-5)
+
+
+@needs_interp
+def test_backward_ds_chunk_fits_int32():
+    """The backward's (N, chunk) dS buffer, indexed with int32 in the kernels: v_chunk rounded up to BLOCK_N and
+    cut to the valid width as before, and at a row count where N·v_chunk would pass 2^31, narrowed so that it
+    does not; a row count no chunk can serve is refused."""
+    assert lce_mod._ds_chunk(16384, 8192, 128, 50304) == 8192
+    assert lce_mod._ds_chunk(16384, 8000, 128, 50304) == 8064
+    assert lce_mod._ds_chunk(16384, 8192, 128, 384) == 384
+    for N in (262144, 300000, 2 ** 21):
+        c = lce_mod._ds_chunk(N, 8192, 128, 50304)
+        assert c % 128 == 0 and N * c < 2 ** 31 <= N * (c + 128), (N, c)     # the widest that fits
+    with pytest.raises(ValueError, match="int32"):
+        lce_mod._ds_chunk(2 ** 25, 8192, 128, 50304)
