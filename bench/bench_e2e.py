@@ -162,10 +162,11 @@ def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadlin
         _empty_cache()
 
 
-def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None):
+def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None, seq_len: Optional[int] = None):
     """(label, kernel_options) merging every candidate that ran faster than the default ("engine graph") at
-    (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate whose options give
-    another value for a key already merged (two rotary variants) is left out. None when no candidate won there."""
+    (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate that does not compose with
+    what is merged already (_composes) is left out. None when no candidate won there. seq_len: the point's L
+    (rows = B·L decide where the triton_small GEMMs act); None: as if they act."""
     one = {r["path"]: r["ms/sample"] for r in rows if r["dataset"] == name and r["B"] == B and r["steps"] == 1}
     base = one.get("engine graph")
     if not base or base != base:
@@ -174,13 +175,27 @@ def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None
                    if one.get(f"engine graph [{c}]", float("nan")) > 0), reverse=True)
     merged, names = {}, []
     min_speedup = WIN_SPEEDUP if min_speedup is None else min_speedup
+    n_rows = B * seq_len if seq_len else 0
     for speedup, c in wins:
         opts = CANDIDATES[c]
-        if speedup < min_speedup or any(k in merged and merged[k] != v for k, v in opts.items()):
+        if speedup < min_speedup or not _composes(merged, opts, n_rows):
             continue
         merged.update(opts)
         names.append(c)
     return (f"winners: {', '.join(names)}", merged) if names else None
+
+
+def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
+    """Whether adding opts to merged times what the label will say: not another value for a merged key (two
+    rotary variants); not the fixed-shift softmax with the TMA prepass (its kernel keeps the online softmax); not
+    a rotary variant where the triton_small GEMMs apply the rotary in their epilogue (≤ SMALL_ROWS rows)."""
+    if any(k in merged and merged[k] != v for k, v in opts.items()):
+        return False
+    both = {**merged, **opts}
+    rotary = both.get("rotary_impl", "load")
+    if both.get("attention_fixed_shift") and rotary == "prepass_tma":
+        return False
+    return not (rotary != "load" and both.get("gemm_impl") == "triton_small" and n_rows <= SMALL_ROWS)
 
 
 def bench(args, quick: bool = False) -> list[dict]:
@@ -233,7 +248,7 @@ def bench(args, quick: bool = False) -> list[dict]:
                                 args, iters, rate, deadline)
         for name, model, batches in models:
             for B in [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches):
-                won = combine_winners(rows, name, B)
+                won = combine_winners(rows, name, B, seq_len=model.cfg.seq_len)
                 for steps in (sorted({1, *steps_list}) if won else []):
                     _time_paths(rows, model, name, model.cfg, steps,
                                 [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],

@@ -677,12 +677,14 @@ def _(q, k, v, softcap, cos, sin, fixed_shift=False):
 
 @torch.library.custom_op("fmlm::softcap_attention_prepass", mutates_args=())
 def _softcap_attention_prepass_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
-                                  cos: torch.Tensor, sin: torch.Tensor, rotate_q: bool) -> torch.Tensor:
-    return softcap_attention_prepass_fwd(q, k, v, softcap or None, cos, sin, rotate_q)
+                                  cos: torch.Tensor, sin: torch.Tensor, rotate_q: bool,
+                                  fixed_shift: bool = False) -> torch.Tensor:
+    return softcap_attention_prepass_fwd(q, k, v, softcap or None, cos, sin, rotate_q,
+                                         config={"fixed_shift": True} if fixed_shift else None)
 
 
 @_softcap_attention_prepass_op.register_fake
-def _(q, k, v, softcap, cos, sin, rotate_q):
+def _(q, k, v, softcap, cos, sin, rotate_q, fixed_shift=False):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -740,8 +742,9 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     as they are loaded), or the opt-in, not yet timed candidates 'prepass' (q and k rotated once by
     rotary_qk, then the kernel without rotary), 'prepass_k' (only k rotated ahead; q on load) and
     'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot).
-    fixed_shift (opt-in, not yet timed; triton backend, the 'load' kernel and the kernel without rotary): the
-    softmax without a running max (fixed_shift_log2), where the cap allows it."""
+    fixed_shift (opt-in, not yet timed; triton backend: the 'load', 'prepass' and 'prepass_k' kernels and the
+    kernel without rotary, not 'prepass_tma', whose kernel keeps the online softmax): the softmax without a
+    running max (fixed_shift_log2), where the cap allows it."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
@@ -756,8 +759,10 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
         return softcap_attention_prepass_tma_fwd(q, k, v, softcap, cos, sin)
     if rotary_impl != "load" and cos is not None:
         if torch.compiler.is_compiling():
-            return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass")
-        return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass")
+            return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass",
+                                                 fixed_shift)
+        return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass",
+                                             config={"fixed_shift": True} if fixed_shift else None)
     if torch.compiler.is_compiling():
         return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift)
     return softcap_attention_fwd(q, k, v, softcap, cos, sin, config={"fixed_shift": True} if fixed_shift else None)

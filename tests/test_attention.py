@@ -439,6 +439,22 @@ def test_fixed_shift_falls_back_where_the_cap_forbids_it():
 
 
 @needs_triton
+@pytest.mark.parametrize("rotary_impl", ["prepass", "prepass_k"])
+def test_fixed_shift_reaches_the_prepass_kernels(monkeypatch, rotary_impl):
+    """fixed_shift=True with a 'prepass' rotary runs the fixed-shift kernel (as the engine's merged "winners"
+    options ask: fixed shift + rotary prepass), eagerly and through the registered op torch.compile traces."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 9, 2, 32, torch.float32, dev)
+    seen = []
+    launch = A._launch_fwd
+    monkeypatch.setattr(A, "_launch_fwd", lambda *a: seen.append(a[-2]) or launch(*a))
+    A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl=rotary_impl, fixed_shift=True)
+    A._softcap_attention_prepass_op(q, k, v, 50.0, cos, sin, rotary_impl == "prepass", True)
+    A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl=rotary_impl)
+    assert [bool((c or {}).get("fixed_shift")) for c in seen] == [True, True, False]
+
+
+@needs_triton
 def test_fixed_shift_fp32_differs_from_online_softmax():
     """fixed_shift=True really runs the other softmax in fp32 (not bit-equal to the default), fp16 falls back."""
     dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
