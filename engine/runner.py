@@ -25,7 +25,7 @@ import torch
 from fmlm import kernels
 from fmlm.kernels import reference as ref
 from . import nvtx
-from .model import GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
+from .model import _FAST_CACHE, GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
 from .sampling import Heads, hidden_noise_factor, make_plan
 
 BACKENDS = ("auto", "fast", "reference")
@@ -48,6 +48,7 @@ class _Slot:
     tokens: torch.Tensor                    # (bucket, L) int64
     coef: list                              # per step (a, b, c) as (bucket,) fp32 for flow_map_step, or []
     graphs: dict = dataclasses.field(default_factory=dict)     # from_seed (bool) → CUDAGraph
+    keep: list = dataclasses.field(default_factory=list)       # what the graphs read, alive as long as they are
 
 
 class Sampler:
@@ -245,6 +246,11 @@ class Sampler:
             for _ in range(2):
                 self._run(slot, from_seed)
         cur.wait_stream(side)
+        # sample() replays a graph before it checks the weights, so a stale graph can run once after they changed.
+        # By then another Sampler of the model (or a direct fast-trunk call) may have rebuilt the model's fast
+        # weight copies, and a cast or move replaced the parameters' storage: the slot holds everything the
+        # graph reads (the parameters' tensors, the fast copies) so that the stale replay never reads freed memory
+        slot.keep = self._graph_reads()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
@@ -253,6 +259,11 @@ class Sampler:
         with torch.cuda.graph(g, pool=self._pool):
             self._run(slot, from_seed)
         return g
+
+    def _graph_reads(self) -> list:
+        """The weights' tensors (their current storage) and the model's fast-path weight copies: what a graph
+        captured now reads besides the slot's own buffers."""
+        return [*(t.detach() for t in self._sources), *_FAST_CACHE.get(self.model, {}).values()]
 
     def warmup(self, batch_sizes=None, from_seed: bool = True) -> "Sampler":
         """Capture the graphs of these batch sizes' buckets now (default: the constructor's batch_size)."""
@@ -301,8 +312,10 @@ class Sampler:
                 graph.replay()
                 if _version_key(self._sources) == self._key:
                     return slot.tokens[:B].clone()
-                if self.device.type == "cuda":     # the stale replay ends before its graph and pool are dropped
-                    torch.cuda.current_stream(self.device).synchronize()
+                # the stale replay ends before its graph and pool are dropped (on the device it was captured on,
+                # which a model.to() may have left)
+                if slot.tokens.is_cuda:
+                    torch.cuda.synchronize(slot.tokens.device)
         self._check_weights()
         if self.device.type != "cuda":
             # eager on the host, exact batch: fmlm.sample's generator order (h0 draw, then each re-noise)

@@ -143,6 +143,29 @@ def test_graph_fast_path_checks_weights_after_the_replay(monkeypatch):
     assert torch.equal(out, fmlm.sample(m, 2, 1, generator=torch.Generator().manual_seed(0), backend="torch"))
 
 
+def test_graph_reads_outlive_a_weight_change():
+    """What a captured graph reads (kept on its slot by _capture) survives the change that makes the graph stale:
+    sample() replays before it checks the weights, so that replay must find the old storage, not freed memory
+    (here: a dtype cast replaces every parameter's storage; the model's fast-weight copies are kept as well)."""
+    import gc
+
+    from fmlm.engine.model import _FAST_CACHE
+
+    m = _model()
+    s = Sampler(m, 2, 1)
+    sentinel = object()
+    _FAST_CACHE.setdefault(m, {})[("cuda:0", torch.bfloat16)] = sentinel
+    keep = s._graph_reads()
+    before = [(t.data_ptr(), t.clone()) for t in keep if isinstance(t, torch.Tensor)]
+    assert len(before) == len([*m.parameters(), *m.buffers()]) and any(x is sentinel for x in keep)
+    m.double()
+    _FAST_CACHE.pop(m, None)
+    gc.collect()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    for t, (ptr, old) in zip((t for t in keep if isinstance(t, torch.Tensor)), before):
+        assert t.data_ptr() == ptr and torch.equal(t, old)
+
+
 def test_device_seed_path_is_deterministic_and_state_path_agrees():
     """The graph body on the host: the seeded draw (randn_philox) then the steps; running the steps from the
     drawn state gives the same tokens (the two graphs a bucket can hold)."""
@@ -711,6 +734,16 @@ def test_bench_e2e_combine_winners():
     assert bench.combine_winners(rows, "lm1b", 512) is None            # no default timed there
     nan_default = [row("engine graph", float("nan")), row("engine graph [pdl]", 0.5)]
     assert bench.combine_winners(nan_default, "lm1b", 1) is None
+    # options that would not compose are left out, so that the label names only what runs: the fixed shift with
+    # the TMA prepass (online softmax there), a rotary variant where the triton_small GEMMs do the rotary
+    tma = [row("engine graph", 1.0), row("engine graph [rotary prepass + tma]", 0.8),
+           row("engine graph [attention fixed shift]", 0.9), row("engine graph [pdl]", 0.95)]
+    assert bench.combine_winners(tma, "lm1b", 1)[0] == "winners: rotary prepass + tma, pdl"
+    small = [row("engine graph", 1.0), row("engine graph [gemm triton small]", 0.7),
+             row("engine graph [rotary prepass]", 0.9)]
+    assert bench.combine_winners(small, "lm1b", 1, seq_len=128)[0] == "winners: gemm triton small"
+    assert bench.combine_winners(small, "lm1b", 1, seq_len=bench.SMALL_ROWS + 1)[1] == {
+        "gemm_impl": "triton_small", "rotary_impl": "prepass"}           # above SMALL_ROWS cuBLAS runs: both act
     ann = [row("engine graph", 1.0), row("engine graph [winners: pdl]", 0.3), row("engine graph [pdl]", 0.3)]
     bench._annotate(ann)
     assert ann[0]["meets target"] == "NO" and ann[1]["meets target"] == "yes (opt-in)" and ann[2]["meets target"] == ""
