@@ -10,8 +10,9 @@ GEMMs without memsets, launches overlapped), to see what remains of the gaps, an
 attention's output projection inside the attention kernel (kernel option attention_out_proj: one launch fewer
 per block).
 Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
-("replay ms", "kernels ms", "gaps ms", "kernel launches per call", "memsets per call"). Random never-zero
-weights of the released small model.
+("replay ms"; "kernels ms": the device's busy time, the union of the kernels' intervals, so that PDL's
+overlapped launches count once; "gaps ms" = replay − busy; "kernel launches per call", memsets and copies not
+counted; "memsets per call"). Random never-zero weights of the released small model.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def run(quick: bool = False) -> list[dict]:
             if before is not None:
                 torch.backends.cuda.preferred_blas_library(before)
         table = kernel_table(prof, top=1000)
-        launches = sum(r["calls"] for r in table) / iters
+        launches = sum(r["calls"] for r in table if not r["kernel"].lower().startswith(("memset", "memcpy"))) / iters
         point = f"{name} B={B}" + (f" {variant}" if variant else "")
         summary = {"point": point, "kernel": "(one-step call: summary)", "replay ms": replay["ms"],
                    "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches,

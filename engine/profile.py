@@ -67,7 +67,8 @@ def kernel_table(prof, top: int = 40) -> list[dict]:
 
 def profile_run(sampler, iters: int = 3, seed: int = 0):
     """Run sampler.sample `iters` times under torch.profiler (after two unprofiled runs: JIT, capture,
-    allocator) → (the profiler, device kernel µs per call or None without device activity)."""
+    allocator) → (the profiler, device busy µs per call (busy_us of every kernel, memset and copy) or None
+    without device activity)."""
     from fmlm.engine import nvtx
 
     cuda = sampler.device.type == "cuda"
@@ -85,8 +86,24 @@ def profile_run(sampler, iters: int = 3, seed: int = 0):
             torch.cuda.synchronize()
     dev = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU
            and not getattr(e, "is_user_annotation", False)]
-    per_call = sum(e.time_range.elapsed_us() for e in dev) / iters if dev else None
+    per_call = busy_us((e.time_range.start, e.time_range.end) for e in dev) / iters if dev else None
     return prof, per_call
+
+
+def busy_us(intervals) -> float:
+    """Length of the union of (start, end) intervals: the device's busy time. Not the sum of the kernels'
+    durations: with programmatic dependent launch a kernel starts before its predecessor ends and waits in
+    griddepcontrol.wait, so summed durations count the overlap twice (and the replay's gaps would come out
+    too small, even negative)."""
+    total, cur = 0.0, None
+    for a, b in sorted(intervals):
+        if cur is None or a > cur[1]:
+            if cur is not None:
+                total += cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return total + (cur[1] - cur[0] if cur is not None else 0.0)
 
 
 def profile_sample(args) -> int:

@@ -634,6 +634,16 @@ def test_profile_sample_writes_trace_and_table(tmp_path):
     assert "aten::" in table and table.count("\n|") >= 5
 
 
+def test_profile_busy_time_counts_overlap_once():
+    """The profiler's busy time is the union of device intervals: a PDL launch overlapping its predecessor counts
+    once, gaps between kernels not at all."""
+    from fmlm.engine.profile import busy_us
+
+    assert busy_us([]) == 0.0
+    assert busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)]) == 17.0      # overlap once, the 8 µs gap not at all
+    assert busy_us([(20.0, 25.0), (0.0, 10.0), (2.0, 3.0)]) == 15.0       # unsorted, nested
+
+
 @pytest.mark.gpu
 def test_gpu_randn_philox_moments_and_prefix():
     """The sampler's noise on CUDA (fast-math Box–Muller, four normals per Philox call): N(0, 1) moments over
