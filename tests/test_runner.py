@@ -16,6 +16,7 @@ from fmlm.engine import nvtx, sampling
 from fmlm.engine.runner import Sampler, bucket_for, cached_sampler
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
+from kernel_test_utils import capture
 
 
 def _model(two_time=True, device="cpu", seed=0, **kw):
@@ -460,10 +461,19 @@ def test_pdl_is_bit_exact(gemm_impl):
 
     m = _model(device="cuda", vocab_size=1000, seq_len=128, hidden=768, n_heads=12, n_blocks=2, cond_dim=128)
     h, ts, tt = _trunk_inputs(m, 1, 128, device="cuda")
-    want = model_mod._fast_trunk(m, h * 8.0, ts, tt, gemm_impl=gemm_impl)
+    x = h * 8.0
+    want = model_mod._fast_trunk(m, x, ts, tt, gemm_impl=gemm_impl)
     with pdl_launches():
         for _ in range(5):
-            assert torch.equal(model_mod._fast_trunk(m, h * 8.0, ts, tt, gemm_impl=gemm_impl), want)
+            assert torch.equal(model_mod._fast_trunk(m, x, ts, tt, gemm_impl=gemm_impl), want)
+        # in a CUDA graph the launches follow each other back to back (eager ones leave host gaps longer than
+        # these batch-1 kernels), so an early read would show here
+        g, out = capture(lambda: model_mod._fast_trunk(m, x, ts, tt, gemm_impl=gemm_impl))
+        for _ in range(5):
+            out.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want)
     s = _gpu_model()
     opts = {"gemm_impl": gemm_impl}
     base = Sampler(s, 3, 2, renoise=0.5, kernel_options=opts)
