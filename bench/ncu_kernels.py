@@ -100,6 +100,25 @@ def case_logits_argmax(device, dtype, small=False):
     return lambda: fn(h, W, b, n_valid=v, backend="triton")
 
 
+def case_logits_argmax_two_ctas(device, dtype, small=False):
+    """The opt-in one-warpgroup 128×128 tile (BENCH_CONFIGS bm128_bn128_w4_s3: two CTAs per SM, so one CTA's
+    epilogue can overlap the other's MMAs): its counters beside the default's."""
+    rows, v, vp, d = (40, 97, 128, 64) if small else (16384, V, VP, D)
+    h, W, b, _ = _head(rows, device, dtype, 3.0, 1.0, v, vp, d)
+    la = importlib.import_module("fmlm.kernels.logits_argmax")
+    cfg = la.BENCH_CONFIGS["bm128_bn128_w4_s3"]
+    return lambda: la.logits_argmax(h, W, b, n_valid=v, backend="triton", config=cfg)
+
+
+def case_linear_cross_entropy_fwd_two_ctas(device, dtype, small=False):
+    """The opt-in two-CTA forward (FWD_TWO_CTAS: 128-register cap) alone; the fwd+bwd case holds the default's."""
+    rows, v, vp, d = (40, 97, 128, 64) if small else (16384, V, VP, D)
+    h, W, b, g = _head(rows, device, dtype, 4.0, 0.1, v, vp, d)
+    t = torch.randint(0, v, (rows,), device=device, generator=g)
+    lce = importlib.import_module("fmlm.kernels.linear_cross_entropy")
+    return lambda: lce.linear_cross_entropy_fwd(h, W, b, t, 30.0, -100, v, config=dict(lce.FWD_TWO_CTAS))
+
+
 def case_linear_cross_entropy(device, dtype, small=False):
     rows, v, vp, d = (40, 97, 128, 64) if small else (16384, V, VP, D)
     h, W, b, g = _head(rows, device, dtype, 4.0, 0.1, v, vp, d)
@@ -175,6 +194,9 @@ CASES: dict[str, tuple[Callable, str]] = {
     "interp_embed_hidden": (case_interp_embed_hidden, "issue 4: hidden fwd+bwd >= 50x dense x.E (24x measured)"),
     "gate_residual": (case_gate_residual, "issue 5: OWT B=32; 11.6 % of it, memory-bound"),
     "vocab_attention": (case_vocab_attention, "issue 4: >= 450 TFLOP/s (464 measured; met)"),
+    "logits_argmax_two_ctas": (case_logits_argmax_two_ctas, "issue 4: opt-in argmax tile, beside the default"),
+    "linear_cross_entropy_fwd_two_ctas": (case_linear_cross_entropy_fwd_two_ctas,
+                                          "issue 4: opt-in LCE forward, beside the default's"),
 }
 
 
