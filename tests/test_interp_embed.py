@@ -19,11 +19,24 @@ import torch
 from fmlm.engine.sampling import hidden_noise_factor
 ie_mod = importlib.import_module("fmlm.kernels.interp_embed")   # the module, not the re-exported op
 from fmlm.kernels import reference as ref
+from fmlm.kernels._backend import triton_available
 from fmlm.kernels.interp_embed import embed_cholesky, hidden_noise, interp_embed, vocab_noise
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 needs_interp = pytest.mark.skipif(not INTERP, reason="triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py)")
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from fmlm.kernels._rng import log_near_one
+
+    @triton.jit
+    def _log_near_one_kernel(V, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        tl.store(OUT + offs, log_near_one(tl.load(V + offs, mask=ok, other=0.0)), mask=ok)
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interp)]
 
 
@@ -389,6 +402,25 @@ def test_hidden_fwd_tile_variants(label):
     want = ie_mod.interp_embed_hidden_fwd(tokens, gamma, E, C, None, 7)
     got = ie_mod.interp_embed_hidden_fwd(tokens, gamma, E, C, None, 7, ie_mod.HIDDEN_FWD_VARIANTS[label])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
+def test_box_muller_log_series_near_one():
+    """The fast Box–Muller's log for u1 → 1 (kernels/_rng.py log_near_one, where lg2.approx's absolute error would
+    dominate): over every u1 = (k + ½)·2^-23 with 1 − u1 < 2^-6, the radius √(−2 log u1) within 2e-6 of fp64's,
+    and the series within fp32 rounding of log1p(−v) (relative 1e-6) across the whole range it serves."""
+    import triton
+
+    k = torch.arange(2 ** 23 - 2 ** 17, 2 ** 23, dtype=torch.float64)
+    u1 = ((k + 0.5) * 2.0 ** -23).float()
+    v = 1.0 - u1                                  # exact in fp32 (u1 ≥ ½)
+    assert (v.double() == 1.0 - u1.double()).all() and v.max() < 2 ** -6
+    out = torch.empty_like(v)
+    _log_near_one_kernel[(triton.cdiv(v.numel(), 4096),)](v, out, v.numel(), BLOCK=4096)
+    want = torch.log1p(-v.double())
+    assert ((out.double() - want).abs() <= 1e-6 * want.abs()).all()
+    r, r_want = torch.sqrt(-2.0 * out.double()), torch.sqrt(-2.0 * want)
+    assert (r - r_want).abs().max().item() < 2e-6 and torch.isfinite(r).all()
 
 
 @pytest.mark.gpu
