@@ -78,7 +78,7 @@ class Sampler:
             raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.model, self.cfg = model, cfg
+        self._model, self.cfg = model, cfg           # cached_sampler swaps in a weak reference
         self.batch_size = int(batch_size)
         bucket_for(self.batch_size)                     # validates
         self.plan = make_plan(method, steps, renoise, cfg.vocab_size)
@@ -91,6 +91,13 @@ class Sampler:
         self._prepare()
 
     # -- state that depends on the weights --------------------------------------------------------
+    @property
+    def model(self):
+        m = self._model() if isinstance(self._model, weakref.ref) else self._model
+        if m is None:
+            raise RuntimeError("the model of this cached Sampler was garbage-collected")
+        return m
+
     @property
     def device(self) -> torch.device:
         return self.model.embed.device
@@ -392,10 +399,12 @@ def cached_sampler(model, batch_size: int, steps: int, method: str = "fmlm", ren
                    graph: bool = True) -> Sampler:
     """One Sampler per (model, steps, method, renoise, graph), kept while the model lives: what
     `fmlm.sample` on CUDA should call so repeated calls replay captured graphs. Larger batches share it
-    (buckets are per call)."""
+    (buckets are per call). The cached Sampler holds its model weakly (a strong reference from the cache's value
+    to its key would keep every sampled model, its graphs and weight copies alive for the whole process)."""
     per = _CACHE.setdefault(model, {})
     key = (int(steps), method, float(renoise), bool(graph))
     s = per.get(key)
     if s is None:
         s = per[key] = Sampler(model, batch_size, steps, method, renoise, graph)
+        s._model = weakref.ref(model)
     return s

@@ -191,6 +191,23 @@ def test_cached_sampler_reused():
     assert cached_sampler(m, 8, 1) is a and cached_sampler(m, 2, 2) is not a
 
 
+def test_cached_sampler_does_not_keep_its_model_alive():
+    """fmlm.sample's cache dies with the model (its Sampler holds the model weakly); a Sampler made directly keeps
+    its model, as a drop-in sampler over a freshly loaded model must."""
+    import gc
+    import weakref
+
+    m = _model()
+    cached_sampler(m, 2, 1).sample(0)
+    ref_m = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref_m() is None
+    s = Sampler(_model(), 2, 1)
+    gc.collect()
+    assert s.sample(0).shape == (2, 9)
+
+
 def test_nvtx_ranges_are_no_ops_here():
     with nvtx.range("x"):
         with nvtx.record_functions():
