@@ -232,33 +232,47 @@ def bench(args, quick: bool = False) -> list[dict]:
         del model
         gc.collect()
         _empty_cache()
+    if bench_deadline() != float("inf"):
+        # under gpu_check: the defaults' rows on disk now, so that a later kill (a hung candidate) or a candidate
+        # that breaks the CUDA context cannot take them along; gpu_check archives the results after every step
+        write_rows("bench_e2e_defaults", [dict(r) for r in rows])
     if args.candidates and 1 in steps_list:
-        t0 = time.perf_counter()
-        models = [load(name) for name in names]         # small next to the device: every dataset's model at once
-        for c, o in CANDIDATES.items():
-            if args.candidate and c not in args.candidate:
-                continue
-            for name, model, batches in models:
-                # the headline batch sizes; a candidate that only acts up to some row count only where it acts
-                cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
-                cb = [b for b in cb if b * model.cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * model.cfg.seq_len)]
-                if cb:
-                    _time_paths(rows, model, name, model.cfg, 1,
-                                [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb)],
-                                args, iters, rate, deadline)
-        for name, model, batches in models:
-            for B in [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches):
-                won = combine_winners(rows, name, B, seq_len=model.cfg.seq_len)
-                for steps in (sorted({1, *steps_list}) if won else []):
-                    _time_paths(rows, model, name, model.cfg, steps,
-                                [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],
-                                args, iters, rate, deadline)
-        print(f"bench e2e: candidates done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        del models
-        gc.collect()
-        _empty_cache()
+        try:
+            _time_candidates(rows, names, load, steps_list, args, iters, rate, deadline)
+        except Exception as exc:     # e.g. an illegal address: sticky, every later CUDA call raises it again
+            rows.append({"dataset": "", "path": "candidates aborted", "B": 0, "steps": 0, "ms/sample": float("nan"),
+                         "note": f"{type(exc).__name__}: {str(exc)[:200]}; the rows above were measured before"})
     _annotate(rows)
     return rows
+
+
+def _time_candidates(rows, names, load, steps_list, args, iters, rate, deadline):
+    """The opt-in candidates at one step (CANDIDATES' order, each on every dataset), then at each headline point
+    the merge of those that won there (combine_winners), at every step count."""
+    t0 = time.perf_counter()
+    models = [load(name) for name in names]         # small next to the device: every dataset's model at once
+    for c, o in CANDIDATES.items():
+        if args.candidate and c not in args.candidate:
+            continue
+        for name, model, batches in models:
+            # the headline batch sizes; a candidate that only acts up to some row count only where it acts
+            cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
+            cb = [b for b in cb if b * model.cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * model.cfg.seq_len)]
+            if cb:
+                _time_paths(rows, model, name, model.cfg, 1,
+                            [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb)],
+                            args, iters, rate, deadline)
+    for name, model, batches in models:
+        for B in [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches):
+            won = combine_winners(rows, name, B, seq_len=model.cfg.seq_len)
+            for steps in (sorted({1, *steps_list}) if won else []):
+                _time_paths(rows, model, name, model.cfg, steps,
+                            [(f"engine graph [{won[0]}]", dict(graph=True, kernel_options=won[1]), [B])],
+                            args, iters, rate, deadline)
+    print(f"bench e2e: candidates done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    del models
+    gc.collect()
+    _empty_cache()
 
 
 def _time_defaults(rows, model, name, batches, steps_list, args, iters, quick, rate, deadline):

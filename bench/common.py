@@ -164,11 +164,13 @@ def write_rows(name: str, rows: list[dict], out_dir: Optional[Path] = None) -> P
 
 
 def fmt(v) -> str:
+    """A markdown cell: floats to 4 significant digits (nan as —); text on one line, without the column bar (an
+    exception's message can hold both, and would break the table and gpu_check's reading of it)."""
     if isinstance(v, float):
         if v != v:
             return "—"
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
+    return " ".join(str(v).split("\n")).replace("|", "/")
 
 
 def markdown_table(rows: Iterable[dict], keys: Optional[list[str]] = None) -> str:

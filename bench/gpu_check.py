@@ -34,6 +34,7 @@ LIMITS = {"bench_e2e": 200, "bench_attention": 75, "bench_e2e_compile": 120, "be
 # more (a candidate's first capture compiles its kernels); the kernel benchmarks only stop starting optional rows
 # (common.optional_budget) and cut their torch.compile(reference) child short (common.time_left)
 DEADLINE_MARGIN_S = {"bench_e2e": 40}
+INTERRUPT_GRACE_S = 8.0     # run_group: SIGINT, then this long before SIGKILL
 DEFAULT_DEADLINE_MARGIN_S = 12
 ORDER = ("bench_e2e", "bench_logits_argmax", "bench_interp_embed", "bench_linear_cross_entropy",
          "bench_vocab_attention", "bench_e2e_compile", "bench_profile", "bench_attention", "bench_linear",
@@ -54,8 +55,10 @@ def archive(out: str | None) -> None:
     """All results so far as $OUT/results.tar.gz (the device tool returns at most 8 files), rewritten after every
     step, so that a run killed at the command's time limit still returns what it measured."""
     if out and common.RESULTS_DIR.exists():
-        with tarfile.open(Path(out) / "results.tar.gz", "w:gz") as tar:
+        tmp = Path(out) / "results.tar.gz.tmp"        # then renamed: a kill mid-write leaves the previous archive
+        with tarfile.open(tmp, "w:gz") as tar:
             tar.add(common.RESULTS_DIR, arcname="results")
+        os.replace(tmp, Path(out) / "results.tar.gz")
 
 
 def _md_rows(path: Path) -> list[dict]:
@@ -97,11 +100,17 @@ def run_group(cmd: list[str], timeout: float, **kw) -> int:
     """Run cmd in a process group of its own and return its exit status. On timeout, kill the whole group, then
     raise subprocess.TimeoutExpired: killing only the child (what subprocess.run does) left pytest-xdist workers
     or torch.compile's worker processes running on the GPU beside the next benchmark. After a normal exit,
-    whatever the child left behind in its group is killed too."""
+    whatever the child left behind in its group is killed too. At the limit the group first gets SIGINT and
+    INTERRUPT_GRACE_S to react (pytest then prints which tests passed and failed so far), then SIGKILL."""
     proc = subprocess.Popen(cmd, start_new_session=True, **kw)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
         _kill_group(proc.pid)
         proc.wait()
         raise
@@ -109,9 +118,9 @@ def run_group(cmd: list[str], timeout: float, **kw) -> int:
         _kill_group(proc.pid)
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_group(pgid: int, sig=signal.SIGKILL) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -193,6 +202,7 @@ def main(argv=None) -> int:
             status["gpu tests"] = ("pass" if rc == 0 else f"FAIL rc={rc}", time.time() - t0)
         except subprocess.TimeoutExpired:
             status["gpu tests"] = ("TIMEOUT", time.time() - t0)
+        archive(out)
     for name in names:
         t0 = time.time()
         left = a.budget - (t0 - t_begin)

@@ -648,6 +648,21 @@ def test_profile_and_bench_e2e_select_kernel_variants(tmp_path, capsys, monkeypa
     args.datasets = ["tiny"]
     paths = {r["path"] for r in bench.bench(args, quick=True)}
     assert paths == {"engine eager", "engine graph", "engine graph [pdl]", "engine graph [argmax tma]"}
+    # under gpu_check (a deadline set): the defaults' rows are on disk before any candidate runs, and a candidate
+    # that breaks the CUDA context (an illegal address is sticky) ends the candidates, not the rows measured before
+    from fmlm.bench import common
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", str(__import__("time").time() + 600))
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+    monkeypatch.setattr(bench, "_time_candidates", broken)
+    rows = bench.bench(args, quick=True)
+    assert [r["path"] for r in rows] == ["engine eager", "engine graph", "candidates aborted"]
+    assert "illegal memory access" in rows[-1]["note"] and rows[0]["ms/sample"] > 0
+    saved = (tmp_path / "results" / "bench_e2e_defaults.md").read_text()
+    assert "engine eager" in saved and "aborted" not in saved and "illegal" not in saved
+    assert "\n" not in common.fmt("a\nb") and "|" not in common.fmt("a | b")
 
 
 def test_profile_sample_writes_trace_and_table(tmp_path):
@@ -745,6 +760,8 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     assert all(r["4-step/1-step"] != r["4-step/1-step"] for r in two)     # only 4-step rows get the ratio
     assert "vs engine graph" in markdown_table(rows, bench.COLUMNS)
     # past the deadline gpu_check gives it, every point is reported as skipped instead of the process being killed
+    from fmlm.bench import common
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")     # the defaults' rows are saved early
     monkeypatch.setenv("FMLM_BENCH_DEADLINE", "0")
     late = bench.bench(args, quick=True)
     assert late and all(r.get("note") == "skipped: time limit" for r in late)
@@ -936,3 +953,27 @@ def test_gpu_check_candidate_table(tmp_path, monkeypatch):
     assert "| bench_x | cand | rows=8 | 1 | 2 |" in table
     assert "| bench_e2e | engine graph [c] | dataset=owt B=32 | 0.5 | 1.25 |" in table
     assert "| bench_x | default |" not in table
+
+
+def test_gpu_check_run_group_interrupts_before_killing(tmp_path, monkeypatch):
+    """At the limit the group gets SIGINT first (pytest then prints which tests passed and failed so far), and
+    SIGKILL after INTERRUPT_GRACE_S if it does not exit."""
+    import subprocess
+    import sys
+    import time
+
+    from fmlm.bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "INTERRUPT_GRACE_S", 1.0)
+    polite = ("import signal, sys, time; "
+              "signal.signal(signal.SIGINT, lambda *a: (print('summary so far', flush=True), sys.exit(1))); "
+              "print('started', flush=True); time.sleep(60)")
+    deaf = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "print('started', flush=True); time.sleep(60)")
+    for code, want in ((polite, "started\nsummary so far\n"), (deaf, "started\n")):
+        out = tmp_path / "out.txt"
+        t0 = time.time()
+        with open(out, "w") as f:
+            with pytest.raises(subprocess.TimeoutExpired):
+                gpu_check.run_group([sys.executable, "-c", code], 4, stdout=f)
+        assert out.read_text() == want and time.time() - t0 < 20
