@@ -25,9 +25,6 @@ DEVICE = "cuda"          # the CPU smoke test sets "cpu" (there the reference tr
 
 
 def run(quick: bool = False) -> list[dict]:
-    from fmlm.engine.profile import build_model
-    from fmlm.engine.runner import Sampler
-
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_e2e_compile: needs CUDA, skipped", file=sys.stderr)
         return []
@@ -35,15 +32,31 @@ def run(quick: bool = False) -> list[dict]:
     rate = ceilings()["bf16_tflops"]
     iters = 5 if quick else 20
     rows = []
+    need_s = POINT_S
     for name, B in POINTS:
-        if time.time() + POINT_S > bench_deadline():
+        if time.time() + need_s > bench_deadline():
             rows += [{"dataset": name, "path": path, "B": B, "steps": 1, "note": "skipped: time limit"}
                      for path in ("engine graph", "engine graph + compile")]
             continue
-        model = build_model(None, name, DEVICE, 0)
-        cfg = model.cfg
-        plain = None
-        for path, compile_blocks in (("engine graph", False), ("engine graph + compile", True)):
+        t_point = time.perf_counter()
+        rows += _point(name, B, iters, rate)
+        need_s = max(POINT_S, time.perf_counter() - t_point)    # the next point needs about as long as this one
+        if bench_deadline() != float("inf"):
+            write_rows("bench_e2e_compile_points", rows[-2:])  # under gpu_check: on disk before a later kill
+    return rows
+
+
+def _point(name: str, B: int, iters: int, rate: float) -> list[dict]:
+    """The plain and the compiled blocks at one point; a path that fails (a torch.compile error, a capture of
+    compiled code that breaks) is a row with the reason, and the other path's row stays."""
+    from fmlm.engine.profile import build_model
+    from fmlm.engine.runner import Sampler
+
+    model = build_model(None, name, DEVICE, 0)
+    cfg = model.cfg
+    rows, plain, plain_tokens = [], None, None
+    for path, compile_blocks in (("engine graph", False), ("engine graph + compile", True)):
+        try:
             sampler = Sampler(model, B, 1, compile_blocks=compile_blocks)
 
             def call(sampler=sampler):
@@ -54,19 +67,22 @@ def run(quick: bool = False) -> list[dict]:
             t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
             r = _row(name, path, cfg, B, 1, t, peak, rate)
             r["first call s"] = first_s
-            if plain is None:
-                plain = r
-            else:
+            tokens = call()
+            if plain is not None:
                 r["vs engine graph"] = plain["ms/sample"] / r["ms/sample"]
-                r["tokens equal to engine graph"] = (call() == plain_tokens).float().mean().item()
-            plain_tokens = call()
-            rows.append(r)
-            del sampler
-            gc.collect()
-            bench_e2e._empty_cache()
-        del model
+                r["tokens equal to engine graph"] = (tokens == plain_tokens).float().mean().item()
+            else:
+                plain, plain_tokens = r, tokens
+        except Exception as exc:
+            r = {"dataset": name, "path": path, "B": B, "steps": 1,
+                 "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        rows.append(r)
+        sampler = call = None      # the graphs and their pool go before the next path's capture
         gc.collect()
         bench_e2e._empty_cache()
+    del model
+    gc.collect()
+    bench_e2e._empty_cache()
     return rows
 
 

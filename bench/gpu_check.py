@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     t_begin = time.time()
     print(f"device: {common.device_name()}  torch {torch.__version__}  meta {common.meta()}", flush=True)
     print(f"ceilings: {common.ceilings()}", flush=True)
+    torch.cuda.empty_cache()       # the ceilings' ~2 GB of buffers, cached in this parent for the whole run otherwise
     status = {}
     out = os.environ.get("OUT")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FMLM_BENCH_OPTIONAL": "1" if a.full else "0"}

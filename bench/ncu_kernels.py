@@ -285,21 +285,31 @@ def profile_case(ncu: str, case: str, out_dir: Path, timeout_s: float) -> list[d
     """Run one case under ncu, keep its raw CSV, return its rows (or one row that says why there are none)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / f"ncu_{case}.ncu-rep"
+    log = out_dir / f"ncu_{case}.log"              # ncu's and the profiled process's output
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from fmlm.bench.gpu_check import run_group     # killed as a group: the profiled process must not outlive ncu
+    with open(log, "w") as f:
+        try:
+            rc = run_group(ncu_command(ncu, report, case), timeout_s, stdout=f, stderr=subprocess.STDOUT, env=env)
+        except subprocess.TimeoutExpired:
+            report.unlink(missing_ok=True)
+            return [{"case": case, "kernel": "", "note": f"ncu did not finish within {timeout_s:.0f} s"}]
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    if rc != 0 or not report.exists():
+        return [{"case": case, "kernel": "", "note": f"ncu exit {rc}: {' / '.join(tail)[:300]}"}]
     try:
-        p = subprocess.run(ncu_command(ncu, report, case), capture_output=True, text=True, timeout=timeout_s, env=env)
+        q = subprocess.run(import_command(ncu, report), capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
-        return [{"case": case, "kernel": "", "note": f"ncu did not finish within {timeout_s:.0f} s"}]
-    tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
-    if p.returncode != 0 or not report.exists():
-        return [{"case": case, "kernel": "", "note": f"ncu exit {p.returncode}: {' | '.join(tail)[:300]}"}]
-    q = subprocess.run(import_command(ncu, report), capture_output=True, text=True, timeout=60)
+        q = None
+    # the CSV holds every metric; the report is large (results.tar.gz must stay under the device tool's 16 MiB)
+    report.unlink(missing_ok=True)
+    if q is None:
+        return [{"case": case, "kernel": "", "note": "reading the report back took over 90 s"}]
     (out_dir / f"ncu_{case}.csv").write_text(q.stdout)
-    report.unlink(missing_ok=True)    # the CSV holds every metric; the report is large and not returned
     records, units = parse_raw_csv(q.stdout)
     if not records:
-        return [{"case": case, "kernel": "", "note": f"no kernel in the report: {' | '.join(tail)[:300]}"}]
+        return [{"case": case, "kernel": "", "note": f"no kernel in the report: {' / '.join(tail)[:300]}"}]
     rows = kernel_rows(case, records, units)
     for r in rows:
         r["case_s"] = round(time.time() - t0, 1)

@@ -803,7 +803,7 @@ def test_bench_e2e_combine_winners():
     assert ann[0]["meets target"] == "NO" and ann[1]["meets target"] == "yes (opt-in)" and ann[2]["meets target"] == ""
 
 
-def test_bench_e2e_compile_cpu_smoke(monkeypatch):
+def test_bench_e2e_compile_cpu_smoke(monkeypatch, tmp_path):
     """bench/bench_e2e_compile.py's row logic on the CPU (tiny preset; the reference trunk runs there)."""
     from fmlm.bench import bench_e2e, bench_e2e_compile as bench
 
@@ -819,6 +819,23 @@ def test_bench_e2e_compile_cpu_smoke(monkeypatch):
     late = bench.run(quick=True)
     assert [(r["B"], r["path"], r["note"]) for r in late] == [
         (B, p, "skipped: time limit") for B in (2, 1) for p in ("engine graph", "engine graph + compile")]
+    # a compiled path that fails is a row with the reason; the plain row of the point stays, and under gpu_check
+    # each finished point is on disk at once
+    from fmlm.bench import common
+    from fmlm.engine import runner
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", str(__import__("time").time() + 600))
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2),))
+    real = runner.Sampler
+
+    def sampler(*a, compile_blocks=False, **k):
+        if compile_blocks:
+            raise RuntimeError("inductor failed\nwith a long trace")
+        return real(*a, **k)
+    monkeypatch.setattr(runner, "Sampler", sampler)
+    rows = bench.run(quick=True)
+    assert rows[0]["ms/sample"] > 0 and rows[1]["note"].startswith("failed: RuntimeError: inductor failed")
+    assert "engine graph" in (tmp_path / "bench_e2e_compile_points.md").read_text()
 
 
 def test_gpu_check_driver_budget_and_order(monkeypatch, capsys, tmp_path):
