@@ -379,7 +379,10 @@ def test_bench_smoke(monkeypatch):
     rows = bench.run(quick=True)
     timed = [r for r in rows if "ms" in r]
     assert {r["impl"] for r in timed} >= {"triton hidden (C given)", "reference dense x·E (noise pre-drawn)",
-                                          "triton vocab (Philox regenerated per tile)"}
+                                          "triton vocab (Philox regenerated per tile)",
+                                          "triton hidden (C given), Zipf tokens"}
+    zipf = next(r for r in timed if r["impl"].endswith("Zipf tokens"))
+    assert zipf["speedup_vs_uniform_tokens"] > 0 and zipf["note"].startswith("most frequent token at ")
     assert all(r["ms"] > 0 for r in timed)
     assert [r["note"] for r in rows if "ms" not in r] == ["CUDA only", "CUDA only"]
     assert rows[0]["speedup_vs_dense_xE"] > 0
