@@ -351,12 +351,17 @@ def run(quick: bool = False, cases=None) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="fmlm bench ncu", description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", choices=list(CASES), help="a case to profile (repeatable; default all)")
     ap.add_argument("--child", choices=list(CASES), help=argparse.SUPPRESS)
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
-    a = ap.parse_args(argv)
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    return ap
+
+
+def cli(a) -> int:
     if a.child:
         return child(a.child)
     if a.list:
@@ -364,11 +369,24 @@ def main(argv=None) -> int:
             print(f"{name}: {target}")
         return 0
     if not torch.cuda.is_available():
-        print("ncu_kernels needs a CUDA device", file=sys.stderr)
+        print("fmlm bench ncu: needs a CUDA device (and Nsight Compute's ncu)", file=sys.stderr)
         return 2
+    if a.out:
+        common.RESULTS_DIR = Path(a.out)
     rows = run(cases=a.case)
     print(common.write_rows("ncu_kernels", rows).read_text())
     return 0
+
+
+def register_cli(sub, bench_sub) -> None:
+    p = bench_sub.add_parser("ncu", help="Nsight Compute counters of the target kernels (where their time goes)",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser(p)
+    p.set_defaults(func=cli)
+
+
+def main(argv=None) -> int:
+    return cli(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ CLI_MODULES = (
     "fmlm.engine.train",         # train, distill, demo, bench train
     "fmlm.engine.profile",       # profile sample
     "fmlm.bench.bench_e2e",      # bench e2e
+    "fmlm.bench.ncu_kernels",    # bench ncu
 )
 
 

@@ -109,3 +109,15 @@ def test_case_runs_small_on_cpu(case):
         out = out[0]
     if isinstance(out, torch.Tensor):
         assert torch.isfinite(out.float()).all()
+
+
+def test_cli(capsys):
+    """`fmlm bench ncu --list` names every case; without CUDA the command says what it needs and exits 2."""
+    from fmlm.engine import cli
+
+    assert cli.main(["bench", "ncu", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: " in out for name in nk.CASES)
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "ncu", "--case", "logits_argmax"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
