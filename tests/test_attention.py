@@ -213,6 +213,7 @@ def test_bench_attention_smoke(monkeypatch):
     from fmlm.bench import common
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SWEEP_UNTIL_S", 1e4)      # every sweep row, however loaded the machine
     monkeypatch.setattr(bench, "SHAPES", (("owt", 2, 19), ("lm1b", 1, 40)))
     monkeypatch.setattr(bench, "H", 1)
     monkeypatch.setattr(bench, "HEAD_DIM", 32)

@@ -372,7 +372,7 @@ def test_bench_smoke(monkeypatch):
     from fmlm.bench import bench_interp_embed as bench
     from fmlm.bench import common
 
-    for k, v in dict(DEVICE="cpu", B=2, L=8, V=61, VP=64, D=32).items():
+    for k, v in dict(DEVICE="cpu", B=2, L=8, V=61, VP=64, D=32, BUDGET_S=1e4).items():   # every optional row
         monkeypatch.setattr(bench, k, v)
     monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
     monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)

@@ -314,7 +314,8 @@ def test_triton_bench_smoke(monkeypatch):
     from fmlm.bench import bench_vocab_attention as bench
     from fmlm.bench import common
 
-    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3)).items():
+    # BUDGET_S: every optional row, however slow the interpreter runs on a loaded machine
+    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3), BUDGET_S=1e4).items():
         monkeypatch.setattr(bench, k, v)
     monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
     monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)
