@@ -1,5 +1,8 @@
-"""Helpers shared by the kernel tests: a stand-in for a kernel that must not launch, and CUDA-graph capture."""
+"""Helpers shared by the kernel tests: stand-ins for kernels that must not launch or must launch, and CUDA-graph
+capture."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,6 +20,35 @@ class Forbidden:
 
 def forbid(monkeypatch, module, name: str) -> None:
     monkeypatch.setattr(module, name, Forbidden(name))
+
+
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel: counts the launches, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@contextlib.contextmanager
+def must_launch(module, *names: str):
+    """Within the block, module's kernels `names` are spied on; after it, each must have launched at least once.
+    A test of a backend="triton" functional wraps its calls in this: a silent fallback to the torch or reference
+    path would meet the error budget too (it is as accurate as the reference), and prove nothing."""
+    old = {n: getattr(module, n) for n in names}
+    spies = {n: LaunchSpy(k) for n, k in old.items()}
+    for n, spy in spies.items():
+        setattr(module, n, spy)
+    try:
+        yield spies
+    finally:
+        for n, k in old.items():
+            setattr(module, n, k)
+    missing = [n for n, spy in spies.items() if spy.launches == 0]
+    assert not missing, f"never launched: {missing}"
 
 
 def capture(fn):

@@ -6,6 +6,7 @@ small floor. The 'triton' cases run under TRITON_INTERPRET=1 on a CPU machine (t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import os
@@ -17,6 +18,7 @@ import torch
 lce_mod = importlib.import_module("fmlm.kernels.linear_cross_entropy")   # the module, not the re-exported op
 from fmlm.kernels import reference as ref
 from fmlm.kernels.linear_cross_entropy import linear_cross_entropy, soft_linear_cross_entropy
+from kernel_test_utils import LaunchSpy, must_launch
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Floors relative to the largest |truth|: a few units of fp32 rounding, and of fp16 logit rounding.
@@ -69,11 +71,16 @@ def _run(fn, h, W, b, up, **kw):
     return loss.detach(), h.grad, W.grad, (None if b is None else b.grad)
 
 
-def _check_hard(backend, N, V, D, Vp, dtype, bias, cap, ignore=0, seed=0):
+FUSED = ("_linear_cross_entropy_fwd_kernel", "_linear_cross_entropy_bwd_kernel")
+
+
+def _check_hard(backend, N, V, D, Vp, dtype, bias, cap, ignore=0, seed=0, kernels=FUSED):
     h, W, b, t, up = _problem(N, V, D, Vp, dtype, bias, seed, ignore)
     n_valid = V if Vp != V else None
     truth = _truth(h, W, b, t, cap, V, up)
-    out = _run(linear_cross_entropy, h, W, b, up, targets=t, cap=cap, n_valid=n_valid, backend=backend)
+    # with backend="triton" the kernels ran (a fallback to torch would meet the budget as well)
+    with must_launch(lce_mod, *kernels) if backend == "triton" else contextlib.nullcontext():
+        out = _run(linear_cross_entropy, h, W, b, up, targets=t, cap=cap, n_valid=n_valid, backend=backend)
     rf = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], None if b is None else b[:V], **kw),
               h, W, b, up, targets=t, cap=cap)
     assert out[0].dtype == torch.float32 and out[1].dtype == dtype and out[2].shape == W.shape
@@ -114,16 +121,6 @@ def test_lce_triton(N, V, D, Vp, bias, cap, ignore, dtype):
     _check_hard("triton", N, V, D, Vp, dtype, bias, cap, ignore)
 
 
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel: counts the launches, then launches the kernel."""
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @needs_interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("N,V,D,Vp,bias,cap,ignore", HARD_CASES)
@@ -132,10 +129,10 @@ def test_lce_triton_gemm_impl(monkeypatch, N, V, D, Vp, bias, cap, ignore, dtype
     forward and backward, within the reference's budget; its passes are the kernels that run (with a cap in
     (0, 40]; without one the fused kernels run: the backward must see the logits the forward summed)."""
     monkeypatch.setattr(lce_mod, "INTERPRET_CONFIG", {**lce_mod.INTERPRET_CONFIG, "impl": "gemm"})
-    stats, ds = _LaunchSpy(lce_mod._lce_chunk_stats_kernel), _LaunchSpy(lce_mod._lce_chunk_ds_kernel)
+    stats, ds = LaunchSpy(lce_mod._lce_chunk_stats_kernel), LaunchSpy(lce_mod._lce_chunk_ds_kernel)
     monkeypatch.setattr(lce_mod, "_lce_chunk_stats_kernel", stats)
     monkeypatch.setattr(lce_mod, "_lce_chunk_ds_kernel", ds)
-    _check_hard("triton", N, V, D, Vp, dtype, bias, cap, ignore)
+    _check_hard("triton", N, V, D, Vp, dtype, bias, cap, ignore, kernels=() if cap else FUSED)
     assert (stats.launches >= 1) == bool(cap) and (ds.launches >= 1) == bool(cap), (stats.launches, ds.launches)
 
 
@@ -230,8 +227,10 @@ def _soft_truth(h, W, b, h1, h2, lam, cap, V, up):
 def _check_soft(backend, N, V, D, Vp, dtype, bias, cap, seed=0):
     h, W, b, h1, h2, lam, up = _soft_problem(N, V, D, Vp, dtype, bias, seed)
     truth = _soft_truth(h, W, b, h1, h2, lam, cap, V, up)
-    out = _run(soft_linear_cross_entropy, h, W, b, up, h1=h1, h2=h2, lam=lam, cap=cap,
-               n_valid=V if Vp != V else None, backend=backend)
+    names = ("_soft_linear_cross_entropy_fwd_kernel", "_soft_linear_cross_entropy_bwd_kernel")
+    with must_launch(lce_mod, *names) if backend == "triton" else contextlib.nullcontext():
+        out = _run(soft_linear_cross_entropy, h, W, b, up, h1=h1, h2=h2, lam=lam, cap=cap,
+                   n_valid=V if Vp != V else None, backend=backend)
     rf = _run(lambda h, W, b, **kw: ref.soft_linear_cross_entropy_ref(h, W[:V], None if b is None else b[:V], **kw),
               h, W, b, up, h1=h1, h2=h2, lam=lam, cap=cap)
     for name, o, r, tr in zip(("loss", "dh", "dW", "db"), out, rf, truth):
@@ -540,7 +539,7 @@ def test_lce_gpu_gemm_impl_bf16_owt(monkeypatch):
     the same budgets as the default; its passes are the kernels that ran."""
     monkeypatch.setattr(lce_mod, "FWD_CONFIG", {**lce_mod.FWD_CONFIG, "impl": "gemm"})
     monkeypatch.setattr(lce_mod, "BWD_CONFIG", {**lce_mod.BWD_CONFIG, "impl": "gemm"})
-    stats, ds = _LaunchSpy(lce_mod._lce_chunk_stats_kernel), _LaunchSpy(lce_mod._lce_chunk_ds_kernel)
+    stats, ds = LaunchSpy(lce_mod._lce_chunk_stats_kernel), LaunchSpy(lce_mod._lce_chunk_ds_kernel)
     monkeypatch.setattr(lce_mod, "_lce_chunk_stats_kernel", stats)
     monkeypatch.setattr(lce_mod, "_lce_chunk_ds_kernel", ds)
     test_lce_gpu_bf16_owt()
