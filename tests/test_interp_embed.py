@@ -7,6 +7,7 @@ sample size. The 'triton' cases run under TRITON_INTERPRET=1 on a CPU machine (t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import math
@@ -20,6 +21,7 @@ from fmlm.engine.sampling import hidden_noise_factor
 ie_mod = importlib.import_module("fmlm.kernels.interp_embed")   # the module, not the re-exported op
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import triton_available
+from kernel_test_utils import must_launch
 from fmlm.kernels.interp_embed import embed_cholesky, hidden_noise, interp_embed, vocab_noise
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -86,7 +88,11 @@ def _check_vocab(backend, B, L, V, D, Vp, dtype, seed=7):
     tokens, gamma, E, up = _problem(B, L, V, D, Vp, dtype)
     eps = vocab_noise(seed, B, L, V, dtype=dtype, backend=backend)
     n_valid = V if Vp != V else None
-    out = _grad(lambda E: interp_embed(tokens, gamma, E, "vocab", seed=seed, n_valid=n_valid, backend=backend), E, up)
+    # with backend="triton" its kernels ran (a fallback to torch would meet the budget as well)
+    names = ("_interp_embed_vocab_fwd_kernel", "_interp_embed_vocab_bwd_kernel")
+    with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
+        out = _grad(lambda E: interp_embed(tokens, gamma, E, "vocab", seed=seed, n_valid=n_valid, backend=backend),
+                    E, up)
     rf = _grad(lambda E: ref.interp_embed_ref(tokens, gamma, E[:V], eps), E, up)
     tr = _grad(lambda E: ref.interp_embed_ref(tokens, gamma.double(), E[:V], eps.double()), E.double(), up)
     assert out[0].dtype == dtype and out[0].shape == (B, L, D)
@@ -146,7 +152,9 @@ def _check_hidden(backend, B, L, V, D, Vp, dtype, xi_given, chol_grad):
         return interp_embed(tokens, gamma, E, "hidden", seed=seed, chol=C, xi=xi if xi_given else None,
                             backend=backend)
     Cg = C.clone().requires_grad_(chol_grad)
-    out = _grad(run, E, up, Cg) if chol_grad else _grad(lambda E: run(E, C), E, up)
+    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_rows_kernel")
+    with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
+        out = _grad(run, E, up, Cg) if chol_grad else _grad(lambda E: run(E, C), E, up)
     rf = _grad(lambda E, C: ref.interp_embed_hidden_ref(tokens, gamma, E, xi, C), E, up, C)
     tr = _grad(lambda E, C: ref.interp_embed_hidden_ref(tokens, gamma.double(), E, xi.double(), C),
                E.double(), up, C.double())
@@ -174,7 +182,9 @@ def test_hidden_chol_computed(backend, dtype):
     def run_ref(E, dt):
         C = torch.linalg.cholesky(E.to(dt).T @ E.to(dt)).T
         return ref.interp_embed_hidden_ref(tokens, gamma.to(E.dtype), E, xi.to(E.dtype), C.to(E.dtype))
-    out = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", xi=xi, backend=backend), E, up)
+    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_rows_kernel")
+    with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
+        out = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", xi=xi, backend=backend), E, up)
     rf = _grad(lambda E: run_ref(E, torch.float32), E, up)
     tr = _grad(lambda E: run_ref(E, torch.float64), E.double(), up)
     _budget(f"chol {backend} h", out[0], rf[0], tr[0], dtype)
