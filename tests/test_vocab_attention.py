@@ -17,7 +17,7 @@ import torch
 
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import forbid
+from kernel_test_utils import forbid, must_launch
 
 VA = importlib.import_module("fmlm.kernels.vocab_attention")   # the module (the package re-exports the function)
 vocab_attention, flow_map_step = VA.vocab_attention, VA.flow_map_step
@@ -97,6 +97,8 @@ def test_validation_and_leading_dims():
     h, W, b, E = _problem(6, 50, 64, 8, 12, torch.float32, device="cpu")
     out, lse = vocab_attention(h.view(2, 3, 8), W, b, E, 30.0, 50, backend="torch")
     assert out.shape == (2, 3, 12) and lse.shape == (2, 3)
+    flat = vocab_attention(h, W, b, E, 30.0, 50, backend="torch")      # leading dims only reshape
+    assert torch.equal(out.view(6, 12), flat[0]) and torch.equal(lse.view(6), flat[1])
     with pytest.raises(ValueError):
         vocab_attention(h, W, b, E, 30.0, 65, backend="torch")
     with pytest.raises(ValueError):
@@ -291,7 +293,8 @@ def test_triton_gemm_flow_map_step_fused_finish(noise):
 @needs_triton
 def test_triton_flow_map_step_fp16_functional():
     args = _flow_problem(2, 3, 257, 320, 64, 48, torch.float16, True)
-    got = flow_map_step(*args, cap=30.0, n_valid=257, backend="triton")
+    with must_launch(VA, "_vocab_attention_fwd_kernel"):          # the op, not a fallback to torch
+        got = flow_map_step(*args, cap=30.0, n_valid=257, backend="triton")
     _check_flow("flow triton fp16", got, *args, 30.0, 257)
 
 
@@ -299,7 +302,8 @@ def test_triton_flow_map_step_fp16_functional():
 def test_triton_functional_and_opcheck():
     """backend='triton' through the registered ops, leading dims, and torch.library.opcheck."""
     h, W, b, E = _problem(6, 100, 128, 32, 16, torch.float32)
-    out, lse = vocab_attention(h.view(2, 3, 32), W, b, E, 30.0, 100, backend="triton")
+    with must_launch(VA, "_vocab_attention_fwd_kernel"):          # the op, not a fallback to torch
+        out, lse = vocab_attention(h.view(2, 3, 32), W, b, E, 30.0, 100, backend="triton")
     assert out.shape == (2, 3, 16) and lse.shape == (2, 3)
     _check("functional", out.view(6, 16), lse.view(6), h, W, b, E, 30.0, 100)
     torch.library.opcheck(torch.ops.fmlm.vocab_attention.default, (h, W, b[:100], E, 30.0, 100))
