@@ -19,7 +19,7 @@ import torch
 
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import capture, forbid
+from kernel_test_utils import capture, forbid, must_launch
 
 LA = importlib.import_module("fmlm.kernels.logits_argmax")   # the module (the package re-exports the function)
 logits_argmax = LA.logits_argmax
@@ -172,7 +172,8 @@ def test_triton_padded_columns_never_win():
 def test_triton_functional_and_op():
     """backend='triton' through the registered op, leading dims, and torch.library.opcheck."""
     h, W, b = _problem(6, 100, 128, 32, torch.float32)
-    out = logits_argmax(h.view(2, 3, 32), W, b, 100, backend="triton")
+    with must_launch(LA, "_logits_argmax_fwd_kernel"):           # the op, not a fallback to torch
+        out = logits_argmax(h.view(2, 3, 32), W, b, 100, backend="triton")
     assert out.shape == (2, 3)
     _check(out.view(-1), h, W, b, 100)
     torch.library.opcheck(torch.ops.fmlm.logits_argmax.default, (h, W, b[:100], 100))
