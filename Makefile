@@ -34,6 +34,7 @@ demo: install
 bench-sample: install
 	$(PY) -m fmlm bench sample
 
+# On the device machine, name the commit for the rows: `FMLM_GIT_SHA=<sha> make gpu-check` (its copy has no git).
 # One script on one GPU (5-minute budget): GPU tests, then every bench/bench_*.py timing the defaults only (the
 # targets' benchmarks first; one that would start past the budget is reported as skipped), rows to bench/results/.
 # gpu-check-full: 9 minutes and every optional row as well (opt-in candidates, config sweeps, previous defaults),

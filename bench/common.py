@@ -121,6 +121,10 @@ def device_name() -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str:
+    """The commit the rows were measured at: FMLM_GIT_SHA when set (the device machine's copy of the tree has no
+    usable git: pass the sha on the command line, `FMLM_GIT_SHA=<sha> make gpu-check`), else git's."""
+    if os.environ.get("FMLM_GIT_SHA"):
+        return os.environ["FMLM_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
