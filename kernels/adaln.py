@@ -225,7 +225,9 @@ def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, s
     be = resolve(backend, x.device)
     if be != "triton":
         return adaln_modulate_ref(x, weight, shift, scale, eps).to(out_dtype)
-    return adaln_modulate_ref(x, weight, shift, scale, eps).to(out_dtype)
+    if torch.compiler.is_compiling():
+        return _adaln_modulate_op(x, weight, shift, scale, float(eps), out_dtype)
+    return gate_residual_adaln_fwd(x, weight=weight, shift=shift, scale=scale, eps=eps, out_dtype=out_dtype)[1]
 
 
 def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None,
