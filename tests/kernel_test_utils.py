@@ -33,6 +33,20 @@ class LaunchSpy:
         return self.kernel[grid]
 
 
+class LaunchArgs:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments (its constexprs), then
+    launches the kernel: a test sees which variant ran, not only that the kernel did."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @contextlib.contextmanager
 def must_launch(module, *names: str):
     """Within the block, module's kernels `names` are spied on; after it, each must have launched at least once.

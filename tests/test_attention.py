@@ -7,7 +7,7 @@ import torch
 from fmlm.kernels import attention as A
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import capture, forbid
+from kernel_test_utils import LaunchArgs, capture, forbid
 
 needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -503,18 +503,23 @@ def _check_out_proj_budget(parts, q, k, v, w, cap, cos, sin):
 @needs_triton
 @pytest.mark.parametrize("B,L,H,d,dtype", CASES)
 @pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
-def test_out_proj_matches_reference(B, L, H, d, dtype, rotary):
+def test_out_proj_matches_reference(monkeypatch, B, L, H, d, dtype, rotary):
     """Attention with its output projection fused (per-head fp32 partials) within the error budget, at odd
-    projection widths (DM = 40: a ragged last chunk) and with the fixed-shift softmax too."""
+    projection widths (DM = 40: a ragged last chunk) and with the fixed-shift softmax too. The kernel must run
+    with OUT_PROJ (and FIXED_SHIFT where the dtype allows it): the unfused path would meet the budget too."""
     dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
     q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev)
     if not rotary:
         cos = sin = None
     w = _w_out(40, H, d, dtype, dev)
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
     _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton"),
                            q, k, v, w, 50.0, cos, sin)
     _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton",
                                                         fixed_shift=True), q, k, v, w, 50.0, cos, sin)
+    fixed = dtype != torch.float16          # fp16 keeps the online softmax (_launch_fwd)
+    assert [(kw.get("OUT_PROJ", False), kw["FIXED_SHIFT"]) for kw in spy.launches] == [(True, False), (True, fixed)]
 
 
 @needs_triton

@@ -8,6 +8,7 @@ import torch
 
 from fmlm.kernels import adaln
 from fmlm.kernels._backend import interpreting, triton_available
+from kernel_test_utils import must_launch
 
 lin = importlib.import_module("fmlm.kernels.linear")
 
@@ -46,12 +47,15 @@ CASES = [
 @pytest.mark.parametrize("M,N,K,dtype", CASES)
 @pytest.mark.parametrize("act", [None, "gelu_tanh"])
 def test_linear_matches_reference(M, N, K, dtype, act):
+    """The Triton GEMM (it must launch: F.linear would meet the budget too), with and without bias, vs fp64."""
     a, w, b = _inputs(M, N, K, dtype, _dev(), lead=(2,))          # (2, M, K): leading dims flatten into rows
-    out = lin.linear(a, w, b, act, backend="triton")
+    with must_launch(lin, "_linear_kernel"):
+        out = lin.linear(a, w, b, act, backend="triton")
     assert out.shape == (2, M, N) and out.dtype == dtype
     truth = lin.linear_ref(a.double(), w.double(), b.double(), act)
     _budget(out, lin.linear_ref(a, w, b, act), truth, dtype)
-    nob = lin.linear(a, w, None, act, backend="triton")            # no bias
+    with must_launch(lin, "_linear_kernel"):
+        nob = lin.linear(a, w, None, act, backend="triton")        # no bias
     _budget(nob, lin.linear_ref(a, w, None, act), lin.linear_ref(a.double(), w.double(), None, act), dtype)
 
 
@@ -78,7 +82,8 @@ def test_rotary_epilogue_matches_reference(B, L, H, d, dtype):
     D = H * d
     a, w, _ = _inputs(L, 3 * D, D, dtype, _dev(), seed=4, lead=(B,))
     cos, sin = _rope(L, d, dtype, _dev())
-    out = lin.linear(a, w, rotary=(cos, sin, 2 * D), backend="triton")
+    with must_launch(lin, "_linear_kernel"):
+        out = lin.linear(a, w, rotary=(cos, sin, 2 * D), backend="triton")
     assert out.shape == (B, L, 3 * D) and out.dtype == dtype
     truth = lin.linear_ref(a.double(), w.double(), rotary=(cos.double(), sin.double(), 2 * D))
     _budget(out, lin.linear_ref(a, w, rotary=(cos, sin, 2 * D)), truth, dtype)
@@ -171,13 +176,15 @@ def test_gate_residual_sums_partials(n_split):
     yb = torch.randn(D, generator=g).to(dev)
     gate, sh, sc = (0.5 * torch.randn(3, B, D, generator=g)).to(dev).unbind(0)
     w = (1 + 0.1 * torch.randn(D, generator=g)).to(dev)
-    xn, out = adaln.gate_residual(x, gate, P, w, sh, sc, out_dtype=torch.float32, backend="triton", y_bias=yb)
+    with must_launch(adaln, "_gate_residual_adaln_kernel"):      # the reference sums partials too
+        xn, out = adaln.gate_residual(x, gate, P, w, sh, sc, out_dtype=torch.float32, backend="triton", y_bias=yb)
     xt = x.double() + gate.double()[:, None] * (P.double().sum(0) + yb.double())
     xr, outr = adaln.gate_residual(x, gate, P, w, sh, sc, out_dtype=torch.float32, backend="reference", y_bias=yb)
     _budget(xn, xr, xt, torch.float32)
     _budget(out, outr, adaln.adaln_modulate_ref(xt, w.double(), sh.double(), sc.double()), torch.float32)
     x_keep = x.clone()
-    plain = adaln.gate_residual(x, gate, P, backend="triton", y_bias=yb)          # no norm, not in place
+    with must_launch(adaln, "_gate_residual_adaln_kernel"):
+        plain = adaln.gate_residual(x, gate, P, backend="triton", y_bias=yb)      # no norm, not in place
     assert torch.equal(x, x_keep)
     _budget(plain, xr, xt, torch.float32)
     with pytest.raises(ValueError, match="partials"):

@@ -12,11 +12,13 @@ import torch
 
 import fmlm
 from fmlm.engine import model as model_mod
-from fmlm.engine import nvtx, sampling
+from fmlm.engine import nvtx, runner, sampling
 from fmlm.engine.runner import Sampler, bucket_for, cached_sampler
+from fmlm.kernels import attention
+from fmlm.kernels import linear as lin
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import capture
+from kernel_test_utils import LaunchArgs, capture
 
 
 def _model(two_time=True, device="cpu", seed=0, **kw):
@@ -281,31 +283,48 @@ def _assert_budget(out, reference, truth, floor_rel):
     assert err <= 2 * ref_err + floor, f"error {err:.3g} > 2·{ref_err:.3g} + {floor:.3g}"
 
 
+TRUNK_KERNELS = {"gemm": (lin, "_linear_kernel"), "attn": (attention, "_softcap_attention_fwd_kernel"),
+                 "attn_tma": (attention, "_softcap_attention_tma_fwd_kernel"),
+                 "rotary_qk": (attention, "_rotary_qk_fwd_kernel")}
+
+# each kernel option of the fast trunk → the kernel launches (short name, constexprs) that show its path ran
+_ROPE_GEMM, _SPLIT_K = ("gemm", dict(ROTARY=True)), ("gemm", dict(PARTIAL=True))
+TRUNK_VARIANTS = [
+    (dict(), [("attn", dict(ROTARY_Q=True, ROTARY_K=True))]),
+    (dict(rotary_impl="prepass"), [("rotary_qk", {}), ("attn", dict(ROTARY_Q=False, ROTARY_K=False))]),
+    (dict(rotary_impl="prepass_tma"), [("rotary_qk", {}), ("attn_tma", {})]),
+    (dict(gemm_impl="triton_small"), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(ROTARY_Q=False, ROTARY_K=False))]),
+    (dict(attn_fixed_shift=True), [("attn", dict(FIXED_SHIFT=True))]),
+    (dict(gemm_impl="triton_small", attn_fixed_shift=True), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(FIXED_SHIFT=True))]),
+    (dict(gemm_impl="triton_small", attn_out_proj=True), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True))]),
+    (dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=True),
+     [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True, FIXED_SHIFT=True))]),
+]
+
+
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
 @pytest.mark.parametrize("L", [1, 7, 33])
-def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
+def test_fast_trunk_fp32_triton_matches_trunk_ref(monkeypatch, L):
+    """The fast trunk with the Triton kernels, by default and with each opt-in kernel option (Sampler
+    kernel_options), within the budget of trunk_ref; launch spies prove each option's kernel variant ran: the
+    default path computes the same trunk, so an option dropped on the way would meet the budget too."""
     m = _model(hidden=64, n_heads=2, seq_len=L, n_blocks=2)
     h, ts, tt = _trunk_inputs(m, 2, L)
     truth = m.double().trunk(h.double(), ts.double(), tt.double(), backend="reference")
     m.float()
     reference = m.trunk(h, ts, tt, backend="reference")
-    out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton")
-    assert out.dtype == torch.float32 and out.shape == h.shape
-    _assert_budget(out, reference, truth, 1e-6)
-    # the opt-in rotary prepass variants (Sampler kernel_options) compute the same trunk
-    for impl in ("prepass", "prepass_tma"):
-        pre = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
-                                    rotary_impl=impl)
-        _assert_budget(pre, reference, truth, 1e-6)
-    # the opt-in Triton GEMMs (split-K partials summed by gate_residual) and the fixed-shift attention softmax
-    # compute the same trunk
-    for kw in (dict(gemm_impl="triton_small"), dict(attn_fixed_shift=True),
-               dict(gemm_impl="triton_small", attn_fixed_shift=True),
-               dict(gemm_impl="triton_small", attn_out_proj=True),
-               dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=True)):
-        cand = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton",
-                                     **kw)
-        _assert_budget(cand, reference, truth, 1e-6)
+    spies = {name: LaunchArgs(getattr(mod, attr)) for name, (mod, attr) in TRUNK_KERNELS.items()}
+    for name, (mod, attr) in TRUNK_KERNELS.items():
+        monkeypatch.setattr(mod, attr, spies[name])
+    for kw, want in TRUNK_VARIANTS:
+        for spy in spies.values():
+            spy.launches.clear()
+        out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, kernel_backend="triton", attn_backend="triton", **kw)
+        assert out.dtype == torch.float32 and out.shape == h.shape
+        _assert_budget(out, reference, truth, 1e-6)
+        for name, flags in want:
+            assert any(all(launch.get(k) == v for k, v in flags.items()) for launch in spies[name].launches), \
+                (kw, name, flags, spies[name].launches)
 
 
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
@@ -315,14 +334,25 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(L):
 def test_compiled_block_with_triton_small_gemms(out_proj):
     """torch.compile of the block with gemm_impl='triton_small': the Triton ops (linear with the rotary epilogue,
     split-K partials, gate_residual summing them; with attn_out_proj the attention writing the projection's
-    per-head partials) reach the compiled graph as registered custom ops and give the eager trunk's values
-    exactly."""
+    per-head partials) reach the compiled graph as registered custom ops (read off the graphs handed to
+    inductor) and give the eager trunk's values exactly."""
+    from torch._inductor.compile_fx import compile_fx
+
     m = _model(hidden=64, n_heads=2, seq_len=7, n_blocks=2)
     h, ts, tt = _trunk_inputs(m, 2, 7)
     kw = dict(kernel_backend="triton", attn_backend="triton", gemm_impl="triton_small", attn_out_proj=out_proj)
     eager = model_mod._fast_trunk(m, h, ts, tt, torch.float32, **kw)
-    block = torch.compile(model_mod._fast_block, dynamic=False)
+    graph_ops = set()
+
+    def inductor(gm, example_inputs):
+        graph_ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    block = torch.compile(model_mod._fast_block, backend=inductor, dynamic=False)
     assert torch.equal(model_mod._fast_trunk(m, h, ts, tt, torch.float32, block_fn=block, **kw), eager)
+    attn_op = "fmlm.softcap_attention_out_proj" if out_proj else "fmlm.softcap_attention"
+    want = {"fmlm.linear", "fmlm.linear_partials", "fmlm.gate_residual_adaln", attn_op}
+    assert {t.rsplit(".", 1)[0] for t in graph_ops if t.startswith("fmlm.")} == want, graph_ops
 
 
 def test_sampler_kernel_options_validated():
@@ -392,6 +422,26 @@ def test_fast_sampler_on_cpu_runs():
     # gemm_impl='triton_small' on the CPU runs the same ops through their torch backends
     t = Sampler(m, 2, 2, backend="fast", kernel_options={"gemm_impl": "triton_small"})
     assert (t.sample(3) == a).float().mean() >= 0.9
+
+
+def test_sampler_passes_kernel_options_to_the_fast_trunk(monkeypatch):
+    """Every step's fast trunk gets each kernel option: the options pick kernel variants that compute the same
+    trunk (test_fast_trunk_fp32_triton_matches_trunk_ref checks them), so a Sampler that dropped or overrode one
+    would still sample the same tokens."""
+    opts = {"rotary_impl": "prepass_k", "gemm_impl": "triton_small", "attention_fixed_shift": True,
+            "attention_out_proj": True}
+    want = dict(rotary_impl="prepass_k", gemm_impl="triton_small", attn_fixed_shift=True, attn_out_proj=True)
+    calls, trunk = [], runner._fast_trunk
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in want})
+        return trunk(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_fast_trunk", spy)
+    steps = 2
+    Sampler(_model(hidden=32, n_heads=2, seq_len=5, n_blocks=1), 2, steps, backend="fast",
+            kernel_options=opts).sample(0)
+    assert calls == [want] * steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,3 +1044,15 @@ def test_gpu_check_run_group_interrupts_before_killing(tmp_path, monkeypatch):
             with pytest.raises(subprocess.TimeoutExpired):
                 gpu_check.run_group([sys.executable, "-c", code], 4, stdout=f)
         assert out.read_text() == want and time.time() - t0 < 20
+
+
+def test_git_sha_from_the_environment(monkeypatch):
+    """The rows' commit: FMLM_GIT_SHA when given (the device's copy of the tree has no usable git), else git's."""
+    from fmlm.bench import common
+
+    common.git_sha.cache_clear()
+    monkeypatch.setenv("FMLM_GIT_SHA", "0123abc")
+    try:
+        assert common.git_sha() == "0123abc" and common.meta()["git"] == "0123abc"
+    finally:
+        common.git_sha.cache_clear()
