@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from fmlm.bench.common import (RESULTS_DIR, bench_deadline, ceilings, markdown_table, optional_rows, time_fn,
-                               write_rows)
+from fmlm.bench.common import (RESULTS_DIR, add_bench_command, bench_deadline, ceilings, markdown_table, optional_rows,
+                               time_fn, write_rows)
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
@@ -404,10 +404,7 @@ def cli(args) -> int:
 
 
 def register_cli(sub, bench_sub) -> None:
-    p = bench_sub.add_parser("e2e", help="end-to-end sampling: reference vs engine eager vs CUDA graphs",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser(p)
-    p.set_defaults(func=cli)
+    add_bench_command(bench_sub, "e2e", "end-to-end sampling: reference vs engine eager vs CUDA graphs", __doc__, parser, cli)
 
 
 def main(argv=None) -> int:

@@ -230,3 +230,12 @@ def child_json_row(module: str, flag: str, timeout_s: float) -> dict:
         return {"note": f"did not finish in {timeout_s:.0f} s"}
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
     return json.loads(lines[-1]) if lines else {"note": f"failed: {res.stderr[-300:]!r}"}
+
+
+def add_bench_command(bench_sub, name: str, help: str, doc: str, parser, func) -> None:
+    """`fmlm bench <name>`: a benchmark module's subcommand (its argparse setup `parser(p)` and handler `func`)."""
+    import argparse
+
+    p = bench_sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser(p)
+    p.set_defaults(func=func)

@@ -379,10 +379,7 @@ def cli(a) -> int:
 
 
 def register_cli(sub, bench_sub) -> None:
-    p = bench_sub.add_parser("ncu", help="Nsight Compute counters of the target kernels (where their time goes)",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser(p)
-    p.set_defaults(func=cli)
+    common.add_bench_command(bench_sub, "ncu", "Nsight Compute counters of the target kernels (where their time goes)", __doc__, parser, cli)
 
 
 def main(argv=None) -> int:
