@@ -404,7 +404,8 @@ def cli(args) -> int:
 
 
 def register_cli(sub, bench_sub) -> None:
-    add_bench_command(bench_sub, "e2e", "end-to-end sampling: reference vs engine eager vs CUDA graphs", __doc__, parser, cli)
+    add_bench_command(bench_sub, "e2e", "end-to-end sampling: reference vs engine eager vs CUDA graphs", __doc__,
+                      parser, cli)
 
 
 def main(argv=None) -> int:

@@ -34,8 +34,8 @@ LIMITS = {"bench_e2e": 200, "bench_attention": 75, "bench_e2e_compile": 120, "be
 # more (a candidate's first capture compiles its kernels); the kernel benchmarks only stop starting optional rows
 # (common.optional_budget) and cut their torch.compile(reference) child short (common.time_left)
 DEADLINE_MARGIN_S = {"bench_e2e": 40}
-INTERRUPT_GRACE_S = 8.0     # run_group: SIGINT, then this long before SIGKILL
 DEFAULT_DEADLINE_MARGIN_S = 12
+INTERRUPT_GRACE_S = 8.0     # run_group: SIGINT, then this long before SIGKILL
 ORDER = ("bench_e2e", "bench_logits_argmax", "bench_interp_embed", "bench_linear_cross_entropy",
          "bench_vocab_attention", "bench_e2e_compile", "bench_profile", "bench_attention", "bench_linear",
          "bench_sample", "bench_train")

@@ -379,7 +379,8 @@ def cli(a) -> int:
 
 
 def register_cli(sub, bench_sub) -> None:
-    common.add_bench_command(bench_sub, "ncu", "Nsight Compute counters of the target kernels (where their time goes)", __doc__, parser, cli)
+    common.add_bench_command(bench_sub, "ncu", "Nsight Compute counters of the target kernels (where their time goes)",
+                             __doc__, parser, cli)
 
 
 def main(argv=None) -> int:

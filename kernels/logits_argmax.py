@@ -64,7 +64,7 @@ GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stag
 # (255 registers, 144 KiB) and its tensor cores idle during every epilogue (napkin: ~10 % of a tile's time).
 # "bm128_bn256_bk128_s2": the default tile with 128-deep K steps in 2 stages of 96 KiB (193 KiB): at D = 768 a tile
 # is 6 K steps instead of 12, so half the per-step CTA barriers (two BAR.SYNC per step in the sm_90a SASS) and
-# stage waits; 255 registers, no spills (triton 3.7.1). Pointer kernel only: a 128-element bf16 TMA box is 256 B
+# stage waits; 255 registers, no spills (triton 3.6 and 3.7.1). Pointer kernel only: a 128-element bf16 TMA box is 256 B
 # wide, past the 128-byte swizzle's limit.
 BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG, "bm128_bn128_s4": GPU_CONFIG_SMALL_M,
                  "bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4),
