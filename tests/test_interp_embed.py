@@ -391,6 +391,8 @@ def test_bench_smoke(monkeypatch):
     assert {r["impl"] for r in timed} >= {"triton hidden (C given)", "reference dense x·E (noise pre-drawn)",
                                           "triton vocab (Philox regenerated per tile)",
                                           "triton hidden (C given), Zipf tokens"}
+    f32 = next(r for r in timed if r["impl"].endswith("(the trainer's dtype)"))
+    assert f32["dtype"] == "fp32" and f32["speedup_vs_dense_xE"] > 0
     zipf = next(r for r in timed if r["impl"].endswith("Zipf tokens"))
     assert zipf["speedup_vs_uniform_tokens"] > 0 and zipf["note"].startswith("most frequent token at ")
     assert all(r["ms"] > 0 for r in timed)
