@@ -6,7 +6,7 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
   inside the call, host spline per step, dense x·E, materialized logits);
 - engine eager: fmlm.Sampler(graph=False) (fast bf16 trunk, fused head ops);
 - engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
-- engine graph + compile (full mode only): the blocks under torch.compile as well;
+- engine graph + compile (with --compile, not with --quick): the blocks under torch.compile as well;
 - engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
   prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
   programmatic dependent launch of the Triton kernels, the attention softmax without a running max, the

@@ -1,6 +1,7 @@
 """One FLM training step (loss forward + backward) of the released small model at the OWT shape, the published
-path beside the engine's, one process, bf16 autocast on CUDA (as the training loop): `fmlm bench train` at
-DESIGN.md §3's baseline point (B=16, L=1024, V=50258, hidden 768, 12 blocks; there: 149 ms, 110k tok/s, 28.1 GB
+path beside the engine's, one process, bf16 autocast on CUDA (as the training loop): `python -m fmlm.bench.bench_train`
+(gpu-check's bench_train; `fmlm bench train` is the small CPU-sized comparison in engine/train.py) at DESIGN.md §3's
+baseline point (B=16, L=1024, V=50258, hidden 768, 12 blocks; there: 149 ms, 110k tok/s, 28.1 GB
 peak for the published code on an H100).
 
 reference path: V-space noise, one-hot, dense x·E, materialized logits + log_softmax (kernels/reference.py);

@@ -717,7 +717,8 @@ def register_cli(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (smoke test)")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole demo (default: 480 on CPU); training phases stop early to fit")
+                   help="seconds for the whole demo (default: 420 on CPU, 540 on a GPU, 120 with --quick); "
+                        "training phases stop early to fit")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_demo)

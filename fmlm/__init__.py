@@ -1,7 +1,7 @@
 """fmlm: a custom-kernel engine for flow language models (FLM) and one-step flow-map language models (FMLM).
 
     import fmlm
-    model = fmlm.load_checkpoint("flm.ckpt")
+    model = fmlm.load_checkpoint("fmlm.ckpt")
     tokens = fmlm.sample(model, batch_size=8, steps=1, method="fmlm")
 """
 from fmlm.engine.config import ModelConfig
