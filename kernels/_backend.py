@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 import threading
 
@@ -23,6 +24,39 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def valid_rows(n_valid, rows: int) -> int:
+    """n_valid (None: all `rows`) as an int in (0, rows]; a float, even 2.0, is refused rather than truncated."""
+    if n_valid is None:
+        return rows
+    if isinstance(n_valid, bool) or not isinstance(n_valid, int) and not hasattr(n_valid, "__index__"):
+        raise TypeError(f"n_valid must be an int, got {n_valid!r}")
+    V = operator.index(n_valid)
+    if not 0 < V <= rows:
+        raise ValueError(f"n_valid must be in (0, {rows}], got {V}")
+    return V
+
+
+def check_indices(idx: torch.Tensor, n: int, name: str, ignore: "int | None" = None) -> None:
+    """idx must be an integer tensor with every entry in [0, n) (or equal to `ignore`): an index past the table
+    would read out of bounds in a kernel (garbage, or an illegal address on a GPU) and one in the padding would
+    be silently wrong. CPU tensors are checked here (ValueError); CUDA tensors by a device-side assert, which
+    costs no host synchronization (a failure surfaces at the next synchronizing call); not while torch.compile
+    traces."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32/int64, got {idx.dtype}")
+    if idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (idx < 0) | (idx >= n)
+    if ignore is not None:
+        bad &= idx != ignore
+    if idx.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"{name} out of range [0, {n})")
+    elif bool(bad.any()):
+        i = int(bad.nonzero()[0].tolist()[0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} must lie in [0, {n})" + (f" or be {ignore}" if ignore is not None else "")
+                         + f"; {name}[{i}] = {int(idx[i])}")
 
 
 def resolve(backend: str, device: torch.device) -> str:

@@ -217,10 +217,21 @@ def _(x, gate, y, weight, shift, scale, eps, out_dtype, y_bias=None):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32)), x.new_empty(x.shape, dtype=out_dtype)
 
 
+def _check_norm_args(x, weight, shift, scale) -> None:
+    """x (B, L, D), the LayerNorm weight (D,), shift/scale (B, D): a kernel would read past a short weight."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, L, D), got {tuple(x.shape)}")
+    B, D = x.shape[0], x.shape[-1]
+    if weight.shape != (D,) or shift.shape != (B, D) or scale.shape != (B, D):
+        raise ValueError(f"expected weight ({D},), shift and scale ({B}, {D}); got {tuple(weight.shape)}, "
+                         f"{tuple(shift.shape)}, {tuple(scale.shape)}")
+
+
 def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                    eps: float = EPS, out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
     """LayerNorm(x)·w·(1+scale)+shift: x (B, L, D), w (D,), shift/scale (B, D) → (B, L, D) in out_dtype
     (default x.dtype), computed in fp32."""
+    _check_norm_args(x, weight, shift, scale)
     out_dtype = out_dtype or x.dtype
     be = resolve(backend, x.device)
     if be != "triton":
@@ -242,6 +253,12 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: 
     with_norm = weight is not None
     if with_norm and (shift is None or scale is None):
         raise ValueError("the fused LayerNorm needs weight, shift and scale")
+    if with_norm:
+        _check_norm_args(x, weight, shift, scale)
+    if gate.shape != (x.shape[0], x.shape[-1]):
+        raise ValueError(f"gate must be (B, D) = {(x.shape[0], x.shape[-1])}, got {tuple(gate.shape)}")
+    if x_out is not None and x_out.shape != x.shape:
+        raise ValueError(f"x_out must be x's shape {tuple(x.shape)}, got {tuple(x_out.shape)}")
     partials = y.dim() == x.dim() + 1
     if (y.shape[1:] if partials else y.shape) != x.shape:
         raise ValueError(f"y must be x's shape {tuple(x.shape)} or (S, *x.shape) partials, got {tuple(y.shape)}")

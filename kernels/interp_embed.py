@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import acc_dtype, interpreting, resolve
+from ._backend import acc_dtype, check_indices, interpreting, resolve, valid_rows
 from ._rng import fast_math
 
 try:
@@ -656,14 +656,15 @@ def interp_embed(tokens: torch.Tensor, gamma: torch.Tensor, embed: torch.Tensor,
     if tokens.dim() != 2 or gamma.shape != (tokens.shape[0],) or embed.dim() != 2:
         raise ValueError(f"expected tokens (B, L), gamma (B,), embed (V, D); got {tuple(tokens.shape)}, "
                          f"{tuple(gamma.shape)}, {tuple(embed.shape)}")
-    V = embed.shape[0] if n_valid is None else int(n_valid)
-    if not 0 < V <= embed.shape[0]:
-        raise ValueError(f"n_valid must be in (0, {embed.shape[0]}], got {n_valid}")
+    V = valid_rows(n_valid, embed.shape[0])
     _check_seed(seed)
     B, L = tokens.shape
     D = embed.shape[1]
     if xi is not None and (noise != "hidden" or xi.shape != (B, L, D)):
         raise ValueError(f"xi must have shape {(B, L, D)} and needs noise='hidden'")
+    if chol is not None and chol.shape != (D, D):
+        raise ValueError(f"chol must be ({D}, {D}), got {tuple(chol.shape)}")
+    check_indices(tokens, V, "tokens")
     be = resolve(backend, embed.device)
     if noise == "vocab":
         if be == "reference":

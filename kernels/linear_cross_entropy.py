@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import (ChunkBufs, acc_dtype, accumulate_mm, chunk_logits, interpreting, launch_opts, no_autocast,
-                       resolve, tma_device_ok, tma_rows_ok)
+from ._backend import (ChunkBufs, acc_dtype, accumulate_mm, check_indices, chunk_logits, interpreting, launch_opts,
+                       no_autocast, resolve, tma_device_ok, tma_rows_ok, valid_rows)
 
 try:
     import triton
@@ -1091,9 +1091,9 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def _valid_vocab(h, weight, bias, n_valid) -> int:
-    V = weight.shape[0] if n_valid is None else int(n_valid)
-    if weight.dim() != 2 or not 0 < V <= weight.shape[0] or h.shape[-1] != weight.shape[1]:
-        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {n_valid}")
+    if weight.dim() != 2 or h.dim() < 1 or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}")
+    V = valid_rows(n_valid, weight.shape[0])
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     return V
@@ -1112,6 +1112,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     V = _valid_vocab(h, weight, bias, n_valid)
     if targets.shape != h.shape[:-1]:
         raise ValueError(f"targets must have shape {tuple(h.shape[:-1])}, got {tuple(targets.shape)}")
+    check_indices(targets, V, "targets", ignore=int(ignore_index))
     cap = float(cap) if cap else None
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])

@@ -33,7 +33,7 @@ import torch
 
 from . import reference as ref
 from ._backend import (ChunkBufs, acc_dtype, chunk_logits, no_autocast, pdl_active, pdl_launch_kwargs, resolve,
-                       tma_device_ok, tma_rows_ok, with_default_constexprs)
+                       tma_device_ok, tma_rows_ok, valid_rows, with_default_constexprs)
 
 try:
     import triton
@@ -492,11 +492,11 @@ def logits_argmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise.
     config: launcher overrides for the Triton kernel (see logits_argmax_fwd, e.g. {"tma": True}); eager calls
     then go to the launcher directly, while torch.compile traces the registered op with the default config."""
-    V = weight.shape[0] if n_valid is None else int(n_valid)
-    if not 0 < V <= weight.shape[0] or h.shape[-1] != weight.shape[1]:
-        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {V}")
-    if bias is not None and bias.shape[0] < V:
-        raise ValueError(f"bias has {bias.shape[0]} entries, n_valid is {V}")
+    if weight.dim() != 2 or h.dim() < 1 or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}")
+    V = valid_rows(n_valid, weight.shape[0])
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] < V):
+        raise ValueError(f"bias must be 1-D with at least n_valid = {V} entries, got {tuple(bias.shape)}")
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])
     b = None if bias is None else bias[:V]

@@ -49,7 +49,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import ChunkBufs, acc_dtype, chunk_logits, no_autocast, resolve, tma_device_ok, tma_rows_ok
+from ._backend import (ChunkBufs, acc_dtype, chunk_logits, no_autocast, resolve, tma_device_ok, tma_rows_ok,
+                       valid_rows)
 from ._backend import accumulate_mm as _accumulate_mm
 
 try:
@@ -921,12 +922,14 @@ def _vocab_attention_torch_capped(h, weight, bias, embed, cap, n_valid):
 
 
 def _check_shapes(h, weight, bias, embed, n_valid):
-    V = weight.shape[0] if n_valid is None else int(n_valid)
-    if not 0 < V <= weight.shape[0] or embed.shape[0] < V or h.shape[-1] != weight.shape[1]:
+    if weight.dim() != 2 or embed.dim() != 2 or h.dim() < 1 or h.shape[-1] != weight.shape[1]:
         raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
-                         f"embed {tuple(embed.shape)}, n_valid {V}")
-    if bias is not None and bias.shape[0] < V:
-        raise ValueError(f"bias has {bias.shape[0]} entries, n_valid is {V}")
+                         f"embed {tuple(embed.shape)}")
+    V = valid_rows(n_valid, weight.shape[0])
+    if embed.shape[0] < V:
+        raise ValueError(f"embed has {embed.shape[0]} rows, n_valid is {V}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] < V):
+        raise ValueError(f"bias must be 1-D with at least n_valid = {V} entries, got {tuple(bias.shape)}")
     return V
 
 
@@ -955,7 +958,7 @@ def vocab_attention(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         out, lse = torch.ops.fmlm.vocab_attention(h2, weight, b, embed, float(cap) if cap else 0.0, V)
     else:
         out, lse = _vocab_attention_torch(h2, weight, b, embed, cap, V)
-    return out.reshape(*lead, -1), lse.reshape(lead)
+    return out.reshape(*lead, embed.shape[1]), lse.reshape(lead)
 
 
 def flow_map_step(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,

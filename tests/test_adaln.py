@@ -128,3 +128,20 @@ def test_bf16_on_gpu(B, L):
     xr, outr = adaln.gate_residual(x, g, y, w, sh, sc, backend="reference")
     _budget(xn, xr, xt, torch.float32)
     _budget(out, outr, adaln.adaln_modulate_ref(xt, w.double(), sh.double(), sc.double()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_bad_norm_shapes_are_refused(backend):
+    """A LayerNorm weight of the wrong length (the kernel read past a short one), shift/scale or gate of the wrong
+    shape, an x_out of another shape: clear errors on every backend."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    gate, sh, sc = torch.randn(3, 2, 16, generator=g).unbind(0)
+    with pytest.raises(ValueError, match="expected weight"):
+        adaln.adaln_modulate(x, torch.ones(5), sh, sc, backend=backend)
+    with pytest.raises(ValueError, match="expected weight"):
+        adaln.gate_residual(x, gate, y, torch.ones(16), sh[:1], sc, backend=backend)
+    with pytest.raises(ValueError, match="gate must be"):
+        adaln.gate_residual(x, gate[:, :8], y, backend=backend)
+    with pytest.raises(ValueError, match="x_out must be"):
+        adaln.gate_residual(x, gate, y, x_out=torch.empty(2, 16), backend=backend)

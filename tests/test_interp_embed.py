@@ -456,3 +456,21 @@ def test_gpu_fast_math_noise_matches_exact_stream():
     seeded = interp_embed(tokens, gamma, E, "hidden", seed=4, chol=C, backend="triton")
     given = interp_embed(tokens, gamma, E, "hidden", xi=xi, chol=C, backend="triton")
     torch.testing.assert_close(seeded, given)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_are_refused(backend):
+    """Tokens outside [0, n_valid) (a kernel would read past the table, or a padding row), float tokens, a chol of
+    the wrong shape, a float n_valid: clear errors before any kernel runs."""
+    tokens, gamma, E, _ = _problem(2, 3, 40, 16, 48, torch.float32)
+    for bad in (40, -1, 47):
+        t = tokens.clone()
+        t[1, 2] = bad
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, 40\)"):
+            interp_embed(t, gamma, E, "hidden", seed=1, n_valid=40, backend=backend)
+    with pytest.raises(TypeError, match="int32/int64"):
+        interp_embed(tokens.float(), gamma, E, "vocab", seed=1, n_valid=40, backend=backend)
+    with pytest.raises(ValueError, match="chol must be"):
+        interp_embed(tokens, gamma, E, "hidden", seed=1, chol=torch.eye(5), backend=backend)
+    with pytest.raises(TypeError, match="n_valid must be an int"):
+        interp_embed(tokens, gamma, E, "hidden", seed=1, n_valid=39.5, backend=backend)

@@ -765,3 +765,20 @@ def test_backward_ds_chunk_fits_int32():
         assert c % 128 == 0 and N * c < 2 ** 31 <= N * (c + 128), (N, c)     # the widest that fits
     with pytest.raises(ValueError, match="int32"):
         lce_mod._ds_chunk(2 ** 25, 8192, 128, 50304)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
+def test_bad_targets_are_refused(backend):
+    """Targets outside [0, n_valid) that are not ignore_index would give the log-sum-exp (or inf) as a loss with no
+    error; float targets would be truncated: both are refused, ignore_index still passes."""
+    h, W, b, t, _ = _problem(5, 20, 8, 24, torch.float32, True, 0, 0)
+    for bad in (20, 23, -1):
+        tb = t.clone()
+        tb[3] = bad
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 20\) or be -100"):
+            linear_cross_entropy(h, W, b, tb, n_valid=20, backend=backend)
+    with pytest.raises(TypeError, match="int32/int64"):
+        linear_cross_entropy(h, W, b, t.float(), n_valid=20, backend=backend)
+    tb = t.clone()
+    tb[3] = -100
+    assert linear_cross_entropy(h, W, b, tb, n_valid=20, backend=backend)[3] == 0

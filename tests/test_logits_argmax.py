@@ -383,3 +383,15 @@ def test_functional_config_reaches_the_launcher(monkeypatch):
     out = LA.logits_argmax(h, W, b, 61, backend="triton", config={"BLOCK_N": 32})
     assert seen == [{"BLOCK_N": 32}]
     assert torch.equal(out, (h @ W[:61].T + b[:61]).argmax(-1))
+
+
+def test_bad_shapes_and_n_valid_are_refused():
+    """A 2-D bias would be flattened by the kernel (wrong tokens, no error), a float n_valid truncated, a 1-D weight
+    failed deep inside: clear errors instead."""
+    h, W, b = _problem(6, 100, 128, 32, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="bias must be 1-D"):
+        logits_argmax(h, W, b.view(64, 2), 100, backend="torch")
+    with pytest.raises(TypeError, match="n_valid must be an int"):
+        logits_argmax(h, W, b, 99.5, backend="torch")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        logits_argmax(h, W[:, 0], b, 100, backend="torch")

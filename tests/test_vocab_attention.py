@@ -426,3 +426,15 @@ def test_gpu_small_dtypes(dtype, cap):
     h, W, b, E = _problem(37, 1000, 1024, 768, 768, dtype, device="cuda")
     out, lse = vocab_attention(h, W, b, E, cap, 1000, backend="triton")
     _check(f"gpu {dtype}", out, lse, h, W, b, E, cap, 1000)
+
+
+def test_empty_batch_and_bad_shapes():
+    """Zero rows give empty outputs of the right shapes (a reshape to -1 could not infer them); a 2-D bias and a
+    float n_valid are refused."""
+    h, W, b, E = _problem(6, 50, 64, 8, 12, torch.float32, device="cpu")
+    out, lse = vocab_attention(h[:0], W, b, E, 30.0, 50, backend="torch")
+    assert out.shape == (0, 12) and lse.shape == (0,)
+    with pytest.raises(ValueError, match="bias must be 1-D"):
+        vocab_attention(h, W, b.view(32, 2), E, 30.0, 50, backend="torch")
+    with pytest.raises(TypeError, match="n_valid must be an int"):
+        vocab_attention(h, W, b, E, 30.0, 50.0, backend="torch")
