@@ -10,7 +10,20 @@ def _device(name: str) -> str:
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA device (use --device cpu or auto)")
     return name
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
+    return v
 
 
 def cmd_sample(args) -> int:
@@ -27,7 +40,11 @@ def cmd_sample(args) -> int:
     cfg = model.cfg
     method = args.method or ("fmlm" if cfg.two_time else "flm")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer(cfg.vocab_size, args.checkpoint, model)
-    out = open(args.out, "w") if args.out else None
+    # into a temporary file, renamed when every sample is written: a bad argument (refused by the first batch) or
+    # an interruption must not leave an existing --out file truncated
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp") if args.out else None
+    out = open(tmp, "w") if tmp else None
+    done = False
     try:
         g = torch.Generator(device=device).manual_seed(args.seed)
         n = 0
@@ -44,9 +61,14 @@ def cmd_sample(args) -> int:
                 else:
                     print(rec.get("text", " ".join(map(str, row))))
                     print("-" * 80)
+        done = True
     finally:
         if out:
             out.close()
+            if done:
+                tmp.replace(args.out)
+            else:
+                tmp.unlink(missing_ok=True)
     if args.out:
         print(f"wrote {n} samples to {args.out}", file=sys.stderr)
     return 0
@@ -77,9 +99,9 @@ def register_cli(sub, bench_sub) -> None:
     p = sub.add_parser("sample", help="sample text from a checkpoint",
                        description="Sample token sequences from an FLM (Euler) or FMLM (flow map) checkpoint.")
     p.add_argument("--checkpoint", required=True, help="reference Lightning .ckpt or a directory from save_checkpoint")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=1, help="number of batches (progress bar when > 1)")
+    p.add_argument("--steps", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batches", type=_positive_int, default=1, help="number of batches (progress bar when > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=("flm", "fmlm"), default=None, help="default: fmlm for two-time checkpoints")
     p.add_argument("--renoise", type=float, default=0.0, help="FMLM re-noising knob g in [0, 1] (0.8 LM1B, 1.0 OWT)")

@@ -17,6 +17,7 @@ Generator in the order `fmlm.sample` does, so `Sampler(...).sample(seed)` equals
 from __future__ import annotations
 
 import dataclasses
+import operator
 import weakref
 from typing import Optional
 
@@ -26,16 +27,14 @@ from fmlm import kernels
 from fmlm.kernels import reference as ref
 from . import nvtx
 from .model import _FAST_CACHE, GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
-from .sampling import Heads, hidden_noise_factor, make_plan
+from .sampling import Heads, hidden_noise_factor, make_plan, positive_int
 
 BACKENDS = ("auto", "fast", "reference")
 
 
 def bucket_for(batch_size: int) -> int:
     """The CUDA-graph batch bucket: the smallest power of two ≥ batch_size."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return 1 << (batch_size - 1).bit_length()
+    return 1 << (positive_int(batch_size, "batch_size") - 1).bit_length()
 
 
 @dataclasses.dataclass
@@ -79,8 +78,7 @@ class Sampler:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._model, self.cfg = model, cfg           # cached_sampler swaps in a weak reference
-        self.batch_size = int(batch_size)
-        bucket_for(self.batch_size)                     # validates
+        self.batch_size = positive_int(batch_size, "batch_size")    # a float is refused, not truncated
         self.plan = make_plan(method, steps, renoise, cfg.vocab_size)
         self.backend = backend
         self.graph = bool(graph)
@@ -306,7 +304,7 @@ class Sampler:
             batch_size = h0.shape[0]
         B = self.batch_size if batch_size is None else batch_size
         bucket = bucket_for(B)
-        seed = int(seed)
+        seed = operator.index(seed)         # an int (or numpy/0-d integer tensor); a float is refused, not truncated
         from_seed = h0 is None
         if self.use_graphs:
             slot = self._slots.get(bucket)

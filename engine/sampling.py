@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -135,6 +136,17 @@ def sample_hidden(model, plan: SamplePlan, h0: torch.Tensor, heads: Heads, next_
     raise AssertionError("unreachable")
 
 
+def positive_int(v, name: str) -> int:
+    """v as an int ≥ 1: Python and numpy integers pass; a bool, a float (even 2.0) or v < 1 is a ValueError."""
+    try:
+        i = None if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or i < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return i
+
+
 def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
            noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
            backend: str = "auto") -> torch.Tensor:
@@ -149,6 +161,7 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
     engine path in the model's dtype on any device; 'reference' runs the published sampler.
     """
     cfg = model.cfg
+    batch_size = positive_int(batch_size, "batch_size")
     if method == "fmlm" and not cfg.two_time:
         raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
     plan = make_plan(method, steps, renoise, cfg.vocab_size)

@@ -68,3 +68,20 @@ def test_bench_sample_runs_small(capsys, tmp_path):
                  "--batch-size", "2", "--iters", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "engine" in out and (tmp_path / "bench_sample.csv").exists()
+
+
+def test_sample_refuses_bad_counts_and_keeps_an_existing_out_file(ckpt, tmp_path, capsys):
+    """--steps/--batch-size/--batches must be positive ints (argparse says so), and a run that fails in its first
+    batch (renoise out of range, refused by the sampler) keeps an existing --out file whole: it used to be
+    truncated before the first batch ran."""
+    out = tmp_path / "samples.jsonl"
+    out.write_text("keep me\n")
+    for flag in ("--steps", "--batch-size", "--batches"):
+        with pytest.raises(SystemExit):
+            main(["sample", "--checkpoint", str(ckpt), flag, "0", "--out", str(out)])
+        assert "expected a positive int" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--renoise", "1.5", "--out", str(out)]) == 1
+    assert "renoise" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n" and not (tmp_path / "samples.jsonl.tmp").exists()
+    assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "2", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2

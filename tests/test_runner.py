@@ -1056,3 +1056,21 @@ def test_git_sha_from_the_environment(monkeypatch):
         assert common.git_sha() == "0123abc" and common.meta()["git"] == "0123abc"
     finally:
         common.git_sha.cache_clear()
+
+
+def test_batch_size_and_seed_are_ints():
+    """A float batch size or seed is refused rather than truncated (2.7 sampled batch 2, seed 1.7 was seed 1);
+    numpy integers pass."""
+    import numpy as np
+
+    m = _model()
+    for bad in (2.7, 2.0, 0, -1, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            Sampler(m, bad, 1)
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            fmlm.sample(m, bad, 1, backend="torch")
+    s = Sampler(m, np.int64(2), 1)
+    assert s.batch_size == 2 and type(s.batch_size) is int
+    with pytest.raises(TypeError):
+        s.sample(1.7)
+    assert torch.equal(s.sample(np.int64(3)), s.sample(3))
