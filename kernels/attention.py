@@ -332,6 +332,8 @@ def _check(q, k, v, cos, sin):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must be (B, L, H, d) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if (cos is None) != (sin is None):
         raise ValueError("give both cos and sin, or neither")
     if cos is not None:

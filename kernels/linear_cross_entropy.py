@@ -580,6 +580,8 @@ def _ds_operand(tma: bool, cfg: dict, ds: torch.Tensor, nc: int):
 
 
 def _check_triton_inputs(*tensors):
+    if len({t.dtype for t in tensors}) > 1:      # the kernels' dots take one operand dtype (a compile error else)
+        raise TypeError(f"backend='triton' needs h, weight (and h1, h2) of one dtype, got {[t.dtype for t in tensors]}")
     for t in tensors:
         if t.dtype not in _TL_DTYPES:
             raise TypeError(f"backend='triton' supports fp32/fp16/bf16, got {t.dtype}")

@@ -559,3 +559,10 @@ def test_out_proj_bf16_on_gpu(B, L):
     w = _w_out(768, 12, 64, torch.bfloat16, "cuda")
     for rc, rs in ((cos, sin), (None, None)):
         _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, rc, rs), q, k, v, w, 50.0, rc, rs)
+
+
+def test_mixed_dtypes_are_refused():
+    """q, k, v of different dtypes: a TypeError up front, not a compile error inside the kernel's dot."""
+    q, k, v, cos, sin = _inputs(1, 5, 2, 16, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="one dtype"):
+        A.softcap_attention(q.half(), k, v, 50.0, cos, sin, backend="reference")

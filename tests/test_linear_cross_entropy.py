@@ -782,3 +782,10 @@ def test_bad_targets_are_refused(backend):
     tb = t.clone()
     tb[3] = -100
     assert linear_cross_entropy(h, W, b, tb, n_valid=20, backend=backend)[3] == 0
+
+
+def test_triton_launchers_refuse_mixed_dtypes():
+    """h and weight of different dtypes: a TypeError up front, not a compile error inside the kernel's dot."""
+    h, W, b, t, _ = _problem(5, 20, 8, 24, torch.float32, True, 0, 0)
+    with pytest.raises(TypeError, match="one dtype"):
+        lce_mod._check_triton_inputs(h.half(), W)
