@@ -38,6 +38,12 @@ class ModelConfig:
             problems.append("head dim (hidden / n_heads) must be even for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("logit_cap", "attn_softcap"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                problems.append(f"{name} must be None or a number ≥ 0 (0: no cap), got {v!r}")
+        if isinstance(self.rotary_base, bool) or not isinstance(self.rotary_base, (int, float)) or self.rotary_base <= 1:
+            problems.append(f"rotary_base must be a number > 1, got {self.rotary_base!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if not self.logit_cap:

@@ -134,6 +134,11 @@ class FlowLM(nn.Module):
         backend: 'reference' — trunk_ref in h's dtype (plain PyTorch, any device); 'fast' — bf16 weights
         (cached per weight version), fused adaLN / gate-residual, softcap flash attention with rotary on
         load; returns bf16 features; 'auto' — 'fast' on CUDA, 'reference' otherwise."""
+        if h.dim() != 3 or h.shape[-1] != self.cfg.hidden:
+            raise ValueError(f"h must be (B, L, D={self.cfg.hidden}), got {tuple(h.shape)}")
+        for name, t in (("tau_s", tau_s), ("tau_t", tau_t)):
+            if t is not None and torch.is_tensor(t) and t.dim() > 0 and t.shape != (h.shape[0],):
+                raise ValueError(f"{name} must be a scalar or ({h.shape[0]},), got {tuple(t.shape)}")
         if backend == "auto":
             backend = "fast" if h.is_cuda else "reference"
         if backend == "fast":
@@ -146,6 +151,9 @@ class FlowLM(nn.Module):
     def forward(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.cfg.vocab_size:
             raise ValueError(f"x must be (B, L, V={self.cfg.vocab_size}), got {tuple(x.shape)}")
+        for name, t in (("tau_s", tau_s), ("tau_t", tau_t)):
+            if t is not None and torch.is_tensor(t) and t.dim() > 0 and t.shape != (x.shape[0],):
+                raise ValueError(f"{name} must be a scalar or ({x.shape[0]},), got {tuple(t.shape)}")
         return ref.dit_forward_ref(self.params(), x, _as_batch(tau_s, x), None if tau_t is None else _as_batch(tau_t, x),
                                    self.cfg)
 

@@ -99,3 +99,21 @@ def test_forward_rejects_wrong_state_shape(tiny_cfg):
     m = fmlm.FlowLM(tiny_cfg())
     with pytest.raises(ValueError, match="B, L, V"):
         m(torch.randn(2, 9, 7), 0.5)
+
+
+def test_bad_config_numbers_and_tau_shapes_are_refused(tiny_cfg):
+    """A non-numeric or negative cap, a rotary base ≤ 1, and a τ whose length is not the batch (it failed deep
+    inside the conditioning) get clear errors."""
+    for kw in (dict(logit_cap="x"), dict(attn_softcap=-1.0), dict(rotary_base=-1), dict(rotary_base=True)):
+        with pytest.raises(ValueError, match="invalid ModelConfig"):
+            tiny_cfg(**kw)
+    assert tiny_cfg(logit_cap=0).logit_cap is None
+    m = fmlm.FlowLM(tiny_cfg(two_time=True))
+    x = torch.randn(2, 9, 131)
+    with pytest.raises(ValueError, match=r"tau_s must be a scalar or \(2,\)"):
+        m(x, torch.zeros(3), torch.ones(2))
+    with pytest.raises(ValueError, match=r"tau_t must be a scalar or \(2,\)"):
+        m.trunk(torch.randn(2, 9, 32), torch.zeros(2), torch.ones(5))
+    with pytest.raises(ValueError, match="h must be"):
+        m.trunk(torch.randn(2, 9, 31), torch.zeros(2))
+    assert m(x, 0.5, torch.ones(2)).shape == (2, 9, 131)
