@@ -979,8 +979,11 @@ def flow_map_step(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"noise must have h_state's shape {tuple(h_state.shape)}, got {tuple(noise.shape)}")
     B = u.shape[0]
     for name, t in (("a", a), ("b", b), ("c", c)):
-        if t is not None and t.shape != (B,):
-            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        if t is not None and (not torch.is_tensor(t) or t.shape != (B,)):
+            raise ValueError(f"{name} must be a (B,) = ({B},) tensor (on the device: a captured step never reads "
+                             f"it on the host), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
+    if not h_state.is_floating_point():
+        raise TypeError(f"h_state must be a floating tensor, got {h_state.dtype}")
     bvec = None if bias is None else bias[:V]
     be = _resolve(backend, u)
     if be == "triton":

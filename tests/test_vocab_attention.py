@@ -438,3 +438,13 @@ def test_empty_batch_and_bad_shapes():
         vocab_attention(h, W, b.view(32, 2), E, 30.0, 50, backend="torch")
     with pytest.raises(TypeError, match="n_valid must be an int"):
         vocab_attention(h, W, b, E, 30.0, 50.0, backend="torch")
+
+
+def test_flow_map_step_refuses_host_coefficients_and_integer_state():
+    """Coefficients must be (B,) tensors (a float failed with an AttributeError inside), and the state a floating
+    tensor (an integer state came back as zeros from the kernel)."""
+    u, W, b, E, hs, a, bc, c, nz = _flow_problem(2, 3, 100, 128, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="a must be a"):
+        flow_map_step(u, W, b, E, hs, 0.5, bc, c, nz, 30.0, 100, backend="torch")
+    with pytest.raises(TypeError, match="h_state must be a floating tensor"):
+        flow_map_step(u, W, b, E, hs.long(), a, bc, c, nz, 30.0, 100, backend="torch")
