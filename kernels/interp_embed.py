@@ -62,6 +62,10 @@ HIDDEN_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=256, num_warps=8, num_s
 HIDDEN_FWD_VARIANTS = {"xi once: r32 k32 d1024": dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=1024, num_warps=8, num_stages=2),
                        "xi twice: r64 k64 d512": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=512, num_warps=8, num_stages=2)}
 NOISE_CONFIG = dict(BLOCK_R=16, BLOCK_J=256, num_warps=4)
+# The hidden backward's dE: chunks of 32 sorted positions × 128 columns (a 32×128 fp32 tile, 32 values a thread);
+# pass 2 reads 16 chunk partials a step, so a run of 16384 equal tokens (padding) takes 32 steps. Unmeasured.
+EMBED_GRAD_CONFIG = dict(BLOCK_C=32, BLOCK_K=16, BLOCK_D=128, num_warps=4)
+INTERPRET_EMBED_GRAD_CONFIG = dict(BLOCK_C=8, BLOCK_K=2, BLOCK_D=32, num_warps=4)  # small: runs cross chunks
 INTERPRET_CONFIG = dict(BLOCK_R=16, BLOCK_V=64, BLOCK_K=32, BLOCK_D=32, BLOCK_J=512, num_warps=4, num_stages=1)
 
 TORCH_ROW_CHUNK = 1024
@@ -118,26 +122,72 @@ if HAS_TRITON:
                  mask=(rows < R)[:, None] & dmask[None, :])
 
     @triton.jit
-    def _embed_grad_rows_kernel(order_ptr, stok_ptr, gamma_ptr, dh_ptr, de_ptr, R, L, D, stride_dh, stride_de,
-                                BLOCK_D: tl.constexpr):
-        """dE[y] = Σ_{r: y_r = y} γ_b(r)·dh[r] in fp32, one program per (sorted position, column block); only the
-        first position of each run of equal tokens works (it walks its run), so every touched row of dE is
-        written once, without atomics (deterministic)."""
-        i = tl.program_id(0)
-        tok = tl.load(stok_ptr + i)
-        first = (i == 0) | (tl.load(stok_ptr + tl.maximum(i - 1, 0)) != tok)
+    def _segmented_add(start_a, sum_a, start_b, sum_b):
+        """The combine of a segmented inclusive scan: a new segment starts at b, or the sums add up."""
+        return start_a | start_b, tl.where(start_b, sum_b, sum_a + sum_b)
+
+    @triton.jit
+    def _embed_grad_pieces_kernel(order_ptr, stok_ptr, gamma_ptr, dh_ptr, de_ptr, head_ptr, tail_ptr, R, L, D,
+                                  stride_dh, stride_de, stride_p, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dE[y] = Σ_{r: y_r = y} γ_b(r)·dh[r], pass 1 of 2, one program per (chunk of BLOCK_C sorted positions,
+        column block). Equal tokens are adjacent, so within a chunk each token's positions form one piece; a
+        segmented scan sums every piece in fp32. A piece that is its token's whole run is stored to dE[y] (rounded
+        once). A run that crosses chunk boundaries leaves its first piece in tail[chunk] and each later piece in
+        head[chunk]; pass 2 adds them up. Deterministic, no atomics, and no program's work grows with a token's
+        frequency (padding or a frequent token would otherwise serialize)."""
+        c = tl.program_id(0)
+        c0 = c * BLOCK_C
+        pos = c0 + tl.arange(0, BLOCK_C)
+        inb = pos < R
+        posc = tl.minimum(pos, R - 1)
+        tok = tl.load(stok_ptr + posc)
+        run_start = tl.load(stok_ptr + tl.maximum(posc - 1, 0)) != tok     # false at position 0: see the scan
+        run_end = (pos >= R - 1) | (tl.load(stok_ptr + tl.minimum(posc + 1, R - 1)) != tok)
+        piece_end = inb & (run_end | (pos == c0 + BLOCK_C - 1))
+        # the chunk's first piece continues a run from the chunk before iff that run started there
+        first_tok = tl.load(stok_ptr + c0)
+        cont_in = (tok == first_tok) & (c0 > 0) & (tl.load(stok_ptr + tl.maximum(c0 - 1, 0)) == first_tok)
+        r = tl.load(order_ptr + posc)
+        g = tl.load(gamma_ptr + r // L, mask=inb, other=0.0).to(tl.float32)
         dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = dcols < D
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        j = i
-        go = first
+        x = tl.load(dh_ptr + r[:, None] * stride_dh + dcols[None, :], mask=inb[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32) * g[:, None]
+        # the scan restarts at each run start (and at the chunk's first position, where it begins)
+        _, s = tl.associative_scan((tl.broadcast_to(run_start[:, None], (BLOCK_C, BLOCK_D)), x), 0,
+                                   _segmented_add)
+        whole = piece_end & run_end & (cont_in == 0)
+        tl.store(de_ptr + tok[:, None] * stride_de + dcols[None, :], s.to(de_ptr.dtype.element_ty),
+                 mask=whole[:, None] & dmask[None, :])
+        part = tl.where(cont_in, head_ptr, tail_ptr) + c * stride_p
+        tl.store(part[:, None] + dcols[None, :], s, mask=(piece_end & (whole == 0))[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _embed_grad_carry_kernel(stok_ptr, de_ptr, head_ptr, tail_ptr, R, D, stride_de, stride_p,
+                                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2: the run that starts in chunk c and goes on past its end gets dE[y] = tail[c] + Σ head[k] over
+        the later chunks k that start with y, BLOCK_K chunks a step (a run of n positions takes n/(BLOCK_C·BLOCK_K)
+        steps)."""
+        c = tl.program_id(0)
+        c0 = c * BLOCK_C
+        last = tl.minimum(c0 + BLOCK_C - 1, R - 1)
+        t = tl.load(stok_ptr + last)
+        goes_on = (last + 1 < R) & (tl.load(stok_ptr + tl.minimum(last + 1, R - 1)) == t)
+        owner = goes_on & ((c0 == 0) | (tl.load(stok_ptr + tl.maximum(c0 - 1, 0)) != t))
+        dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        acc = tl.load(tail_ptr + c * stride_p + dcols, mask=dmask & owner, other=0.0)
+        k = c + 1
+        go = owner
         while go:
-            r = tl.load(order_ptr + j)
-            g = tl.load(gamma_ptr + r // L).to(tl.float32)
-            acc += g * tl.load(dh_ptr + r * stride_dh + dcols, mask=dmask, other=0.0).to(tl.float32)
-            j += 1
-            go = (j < R) & (tl.load(stok_ptr + tl.minimum(j, R - 1)) == tok)
-        tl.store(de_ptr + tok * stride_de + dcols, acc.to(de_ptr.dtype.element_ty), mask=dmask & first)
+            ks = k + tl.arange(0, BLOCK_K)
+            k0 = ks * BLOCK_C
+            in_run = (k0 < R) & (tl.load(stok_ptr + tl.minimum(k0, R - 1)) == t)
+            acc += tl.sum(tl.load(head_ptr + ks[:, None] * stride_p + dcols[None, :],
+                                  mask=in_run[:, None] & dmask[None, :], other=0.0), axis=0)
+            k += BLOCK_K
+            go = tl.sum(in_run.to(tl.int32)) == BLOCK_K
+        tl.store(de_ptr + t * stride_de + dcols, acc.to(de_ptr.dtype.element_ty), mask=dmask & owner)
 
     @triton.jit
     def _interp_embed_vocab_fwd_kernel(tok_ptr, gamma_ptr, e_ptr, out_ptr, seed, R, L, V, D, stride_e, stride_o,
@@ -289,18 +339,28 @@ def interp_embed_hidden_fwd(tokens, gamma, embed, chol, xi, seed, config=None):
     return out
 
 
-def embed_grad_rows_fwd(grad, tokens, gamma, embed):
+def embed_grad_rows_fwd(grad, tokens, gamma, embed, config=None):
     """Triton: dE (embed's shape and dtype) = scatter of γ·dh into rows y, fp32 sums per token rounded once.
-    Sorting the B·L tokens is sync-free; untouched rows are zero."""
+    Sorting the B·L tokens is sync-free; untouched rows are zero. Two passes over chunks of the sorted tokens
+    (`_embed_grad_pieces_kernel`, `_embed_grad_carry_kernel`)."""
     D = embed.shape[1]
     L = tokens.shape[1]
     tok = tokens.reshape(-1)
+    R = tok.shape[0]
     stok, order = torch.sort(tok, stable=True)
     dh = grad.reshape(-1, D).contiguous()
     dE = torch.zeros_like(embed)
-    block_d = 32 if interpreting() else 256
-    _embed_grad_rows_kernel[(tok.shape[0], triton.cdiv(D, block_d))](
-        order, stok, gamma, dh, dE, tok.shape[0], L, D, dh.stride(0), dE.stride(0), BLOCK_D=block_d, num_warps=2)
+    cfg = {**(INTERPRET_EMBED_GRAD_CONFIG if interpreting() else EMBED_GRAD_CONFIG), **(config or {})}
+    n_chunks = triton.cdiv(R, cfg["BLOCK_C"])
+    head = torch.empty(n_chunks, D, device=embed.device, dtype=torch.float32)
+    tail = torch.empty_like(head)
+    grid = (n_chunks, triton.cdiv(D, cfg["BLOCK_D"]))
+    _embed_grad_pieces_kernel[grid](
+        order, stok, gamma, dh, dE, head, tail, R, L, D, dh.stride(0), dE.stride(0), head.stride(0),
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    _embed_grad_carry_kernel[grid](
+        stok, dE, head, tail, R, D, dE.stride(0), head.stride(0),
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return dE
 
 
@@ -724,10 +784,16 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
         specs.append(_spec(f"interp_embed_hidden_fwd[{label.split(': ')[1]}]", _interp_embed_hidden_fwd_kernel,
                            hsig, dict(XI_GIVEN=False, PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_K=c["BLOCK_K"],
                                       BLOCK_D=bd, FAST=True), c))
-    specs.append(_spec("embed_grad_rows", _embed_grad_rows_kernel,
+    c = EMBED_GRAD_CONFIG
+    specs.append(_spec("embed_grad_pieces", _embed_grad_pieces_kernel,
                        dict(order_ptr="*i64", stok_ptr="*i64", gamma_ptr="*fp32", dh_ptr=f"*{dtype}",
-                            de_ptr=f"*{dtype}", R="i32", L="i32", D="i32",
-                            stride_dh="i32", stride_de="i32"), dict(BLOCK_D=256), dict(num_warps=2)))
+                            de_ptr=f"*{dtype}", head_ptr="*fp32", tail_ptr="*fp32", R="i32", L="i32", D="i32",
+                            stride_dh="i32", stride_de="i32", stride_p="i32"),
+                       dict(BLOCK_C=c["BLOCK_C"], BLOCK_D=c["BLOCK_D"]), c))
+    specs.append(_spec("embed_grad_carry", _embed_grad_carry_kernel,
+                       dict(stok_ptr="*i64", de_ptr=f"*{dtype}", head_ptr="*fp32", tail_ptr="*fp32", R="i32",
+                            D="i32", stride_de="i32", stride_p="i32"),
+                       dict(BLOCK_C=c["BLOCK_C"], BLOCK_K=c["BLOCK_K"], BLOCK_D=c["BLOCK_D"]), c))
     c = NOISE_CONFIG
     specs.append(_spec("philox_normal", _philox_normal_kernel,
                        dict(out_ptr=f"*{dtype}", seed="i64", R="i32", L="i32", J="i32", stride_o="i32"),

@@ -152,7 +152,7 @@ def _check_hidden(backend, B, L, V, D, Vp, dtype, xi_given, chol_grad):
         return interp_embed(tokens, gamma, E, "hidden", seed=seed, chol=C, xi=xi if xi_given else None,
                             backend=backend)
     Cg = C.clone().requires_grad_(chol_grad)
-    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_rows_kernel")
+    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_pieces_kernel", "_embed_grad_carry_kernel")
     with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
         out = _grad(run, E, up, Cg) if chol_grad else _grad(lambda E: run(E, C), E, up)
     rf = _grad(lambda E, C: ref.interp_embed_hidden_ref(tokens, gamma, E, xi, C), E, up, C)
@@ -171,6 +171,47 @@ def test_hidden_given_chol(small_torch_chunks, backend, B, L, V, D, Vp, dtype):
     _check_hidden(backend, B, L, V, D, Vp, dtype, xi_given=(B == 3), chol_grad=(L != 1))
 
 
+def _run_tokens(pattern, B, L, V, g):
+    """Token patterns whose runs of equal sorted tokens cross the dE kernel's chunks."""
+    if pattern == "one token":                          # padding: one run over all B·L positions
+        return torch.full((B, L), V - 1, dtype=torch.long)
+    if pattern == "chunk edges":                        # run lengths around the chunk size, positions shuffled
+        c = ie_mod.INTERPRET_EMBED_GRAD_CONFIG["BLOCK_C"]
+        lengths = [1, c - 1, c, c + 1, 2 * c - 1, 2 * c, 2 * c + 1, 3 * c + 2, 1, 5 * c]
+        ids = torch.cat([torch.full((n,), 3 * i, dtype=torch.long) for i, n in enumerate(lengths)])
+        fill = 3 * torch.randint(0, V // 3, (B * L - ids.numel(),), generator=g) + 1   # not in a run above
+        ids = torch.cat([ids, fill])
+        return ids[torch.randperm(B * L, generator=g)].reshape(B, L)
+    ranks = torch.arange(1, V + 1, dtype=torch.float64)   # Zipf(1), as text
+    return torch.multinomial(1 / ranks, B * L, replacement=True, generator=g).reshape(B, L)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("pattern", ["one token", "chunk edges", "zipf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_dE_runs_across_chunks(backend, pattern, dtype):
+    """dE = Σ γ·dh per token when runs of equal tokens span several chunks of the two-pass Triton scatter
+    (`_embed_grad_pieces_kernel` sums the pieces inside each chunk, `_embed_grad_carry_kernel` joins the
+    pieces of runs that go on past a chunk, reading BLOCK_K chunks a step): B·L = 183, not a multiple of
+    the chunk; the interpreter config's 8-position chunks make a run of 183 cross 22 chunk edges."""
+    B, L, V, D = 3, 61, 53, 40
+    g = torch.Generator().manual_seed(7)
+    tokens = _run_tokens(pattern, B, L, V, g)
+    _, gamma, E, up = _problem(B, L, V, D, V, dtype, seed=3)
+    xi = hidden_noise(2, B, L, D, dtype=dtype, backend="torch")
+    C = hidden_noise_factor(E.double()).to(dtype)
+    names = ("_embed_grad_pieces_kernel", "_embed_grad_carry_kernel")
+    with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
+        out = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", chol=C, xi=xi, backend=backend), E, up)
+    rf = _grad(lambda E: ref.interp_embed_hidden_ref(tokens, gamma, E, xi, C), E, up)
+    tr = _grad(lambda E: ref.interp_embed_hidden_ref(tokens, gamma.double(), E, xi.double(), C.double()),
+               E.double(), up)
+    _budget(f"{pattern} {backend} dE", out[1], rf[1], tr[1], dtype)
+    untouched = torch.ones(V, dtype=torch.bool)
+    untouched[tokens.reshape(-1)] = False
+    assert (out[1][untouched] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_hidden_chol_computed(backend, dtype):
@@ -182,7 +223,7 @@ def test_hidden_chol_computed(backend, dtype):
     def run_ref(E, dt):
         C = torch.linalg.cholesky(E.to(dt).T @ E.to(dt)).T
         return ref.interp_embed_hidden_ref(tokens, gamma.to(E.dtype), E, xi.to(E.dtype), C.to(E.dtype))
-    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_rows_kernel")
+    names = ("_interp_embed_hidden_fwd_kernel", "_embed_grad_pieces_kernel", "_embed_grad_carry_kernel")
     with must_launch(ie_mod, *names) if backend == "triton" else contextlib.nullcontext():
         out = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", xi=xi, backend=backend), E, up)
     rf = _grad(lambda E: run_ref(E, torch.float32), E, up)
@@ -340,6 +381,32 @@ def test_gpu_hidden_bf16_owt():
                E.double(), up, C.double())
     for i, name in enumerate(("h", "dE", "dC")):
         _budget(f"gpu hidden {name}", out[i], rf[i], tr[i], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["padding", "zipf"])
+def test_gpu_hidden_dE_frequent_tokens(pattern):
+    """The hidden backward's dE at B=16, L=1024, bf16, when one token fills ~3/4 of the positions (padding: one
+    run of ~12k sorted positions) or tokens follow Zipf's law as text does: within the budget of an fp32 scatter
+    rounded once, and bitwise the same on a rerun (no atomics)."""
+    tokens, gamma, E = _owt()
+    V, D = 50258, E.shape[1]
+    g = torch.Generator(device="cuda").manual_seed(4)
+    if pattern == "padding":
+        tokens = torch.where(torch.rand(tokens.shape, device="cuda", generator=g) < 0.75, 0, tokens)
+    else:
+        zipf = 1 / torch.arange(1, V + 1, device="cuda", dtype=torch.float64)
+        tokens = torch.multinomial(zipf, tokens.numel(), replacement=True, generator=g).reshape(tokens.shape)
+    dh = torch.randn(*tokens.shape, D, device="cuda", generator=g).to(torch.bfloat16)
+    with must_launch(ie_mod, "_embed_grad_pieces_kernel", "_embed_grad_carry_kernel"):
+        out = ie_mod.embed_grad_rows_fwd(dh, tokens, gamma, E)
+    assert torch.equal(out, ie_mod.embed_grad_rows_fwd(dh, tokens, gamma, E))
+
+    def scatter(dt):
+        rows = (dh.to(dt) * gamma.to(dt)[:, None, None]).reshape(-1, D)
+        return torch.zeros(E.shape, device="cuda", dtype=dt).index_add_(0, tokens.reshape(-1), rows)
+    _budget(f"gpu dE {pattern}", out, scatter(torch.float32).to(torch.bfloat16), scatter(torch.float64),
+            torch.bfloat16)
 
 
 @pytest.mark.gpu
