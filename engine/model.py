@@ -154,8 +154,12 @@ class FlowLM(nn.Module):
         for name, t in (("tau_s", tau_s), ("tau_t", tau_t)):
             if t is not None and torch.is_tensor(t) and t.dim() > 0 and t.shape != (x.shape[0],):
                 raise ValueError(f"{name} must be a scalar or ({x.shape[0]},), got {tuple(t.shape)}")
+        # under a caller's autocast (the training loop's bf16), the reference runs its blocks under the same autocast,
+        # as the published mixed-precision training does; its conditioning is then in that dtype too
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return ref.dit_forward_ref(self.params(), x, _as_batch(tau_s, x), None if tau_t is None else _as_batch(tau_t, x),
-                                   self.cfg)
+                                   self.cfg, amp_dtype=amp)
 
 
 def _as_batch(tau, x: torch.Tensor) -> torch.Tensor:

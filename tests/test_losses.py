@@ -312,20 +312,24 @@ def test_distill_rejects_one_time_student(tiny_cfg):
         Lo.fmlm_distill_loss(teacher, teacher, torch.ones(2, 9, dtype=torch.long))
 
 
-def test_engine_paths_under_bf16_autocast(tiny_cfg):
+@pytest.mark.parametrize("path", ["engine", "reference"])
+def test_loss_paths_under_bf16_autocast(tiny_cfg, path):
     """The trainer runs the losses under bf16 autocast on GPU: the head goes to the autocast dtype, the Cholesky
-    factor stays fp32. Checked here with CPU autocast against fp32 on the same noise and times."""
+    factor stays fp32. Checked here with CPU autocast against fp32 on the same noise and times. The reference path
+    (`fmlm train --path reference`, the benchmark's baseline) once failed there: its conditioning came out in bf16
+    and met fp32 weights with the autocast switched off."""
     teacher = _model(tiny_cfg, torch.float32)
     st = _student(teacher)
     tok = torch.randint(0, 131, (6, 9), generator=torch.Generator().manual_seed(0))
     tau = Lo.stratified_times(6, torch.Generator().manual_seed(1))
     tm = Lo.distill_times(6, torch.Generator().manual_seed(2))
-    ref32 = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, backend="torch"),
-             Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, backend="torch"))
+    kw = dict(path=path, backend="torch")
+    ref32 = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, **kw),
+             Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, **kw))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, backend="torch"),
-              Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, backend="torch"))
-        hidden = Lo.flm_loss(teacher, tok, torch.Generator().manual_seed(0), backend="torch")
+        bf = (Lo.flm_loss(teacher, tok, tau=tau, noise_seed=1, **kw),
+              Lo.fmlm_distill_loss(st, teacher, tok, times=tm, noise_seed=1, **kw))
+        hidden = Lo.flm_loss(teacher, tok, torch.Generator().manual_seed(0), **kw)
     for a, b in zip(ref32, bf):
         assert b.dtype == torch.float32 and torch.isfinite(b).all()
         assert abs(float((a.mean() - b.mean()).detach())) < 0.03 * float(a.mean().detach())
