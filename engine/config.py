@@ -20,7 +20,7 @@ class ModelConfig:
     logit_cap: Optional[float] = 30.0  # released v2: cap(u) = 30 tanh(u/30); None/0 = no cap (v1)
     attn_softcap: Optional[float] = 50.0
     mlp_ratio: int = 4
-    dropout: float = 0.0
+    dropout: float = 0.0              # recorded from checkpoints; not applied (both trunks run without dropout)
     learnable_loss_weighting: bool = False
     rotary_base: float = 10_000.0
 

@@ -334,11 +334,15 @@ class ShardedSampler:
         return g[self.rank::self.world]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": self.n}
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": self.n,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, d: dict):
         if d["n"] != self.n:
             raise ValueError(f"resume: the data has {self.n} blocks, the checkpoint was trained on {d['n']}")
+        if d.get("global_batch", self.global_batch) != self.global_batch:   # pos counts global batches
+            raise ValueError(f"resume: the checkpoint read batches of {d['global_batch']} blocks, this run asks for "
+                             f"{self.global_batch}; resume with the same --batch-size")
         self.epoch, self.pos, self.seed = d["epoch"], d["pos"], d["seed"]
 
 

@@ -233,8 +233,12 @@ def init_student(teacher) -> "torch.nn.Module":
 
     cfg = copy.deepcopy(teacher.cfg)
     cfg.two_time = True
+    # the distillation loss is not weighted: a teacher's learnable loss weighting would be a parameter no loss
+    # uses (DistributedDataParallel fails on those), so the student does not carry it
+    cfg.learnable_loss_weighting = False
     student = FlowLM(cfg, init="published").to(device=teacher.embed.device, dtype=teacher.embed.dtype)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith("learnable_loss_weighting.")}
+    missing, unexpected = student.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("sigma_map_prime.") for k in missing):
         raise ValueError(f"teacher/student mismatch: missing {missing}, unexpected {unexpected}")
     if teacher.cfg.two_time:

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,13 +64,22 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("steps", "batch_size", "accum", "val_batches", "n_samples", "keep_ckpts"):
+        for name in ("steps", "batch_size", "accum", "val_batches", "n_samples", "keep_ckpts", "log_every"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
+        for name in ("warmup", "val_every", "sample_every", "ckpt_every", "weight_decay", "grad_clip", "time_budget"):
+            v = float(getattr(self, name))
+            if not v >= 0 or math.isinf(v):          # not v >= 0 is also true for NaN
+                problems.append(f"{name} must be a finite number >= 0 (0: off), got {getattr(self, name)!r}")
+        for name in ("diag_fraction", "boundary_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
         if self.batch_size % self.accum:
             problems.append(f"batch_size ({self.batch_size}) must be divisible by accum ({self.accum})")
-        if self.lr <= 0:
-            problems.append("lr must be > 0")
+        if not 0 < self.lr < math.inf:
+            problems.append("lr must be a finite number > 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            problems.append("beta1 and beta2 must be in [0, 1)")
         if not 0.0 <= self.ema < 1.0:
             problems.append("ema must be in [0, 1)")
         if self.path not in ("engine", "reference"):
@@ -359,7 +369,16 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
         out_dir.mkdir(parents=True, exist_ok=True)
     if tc.batch_size % (d.world * tc.accum):
         raise ValueError(f"batch_size {tc.batch_size} must be divisible by world size × accum = {d.world * tc.accum}")
+    rows = tc.batch_size // (d.world * tc.accum)
+    if kind == "fmlm" and abs(tc.diag_fraction * rows - round(tc.diag_fraction * rows)) > 1e-9:
+        # the split is drawn per micro-batch: 1 row with diag_fraction 0.5 would never hold a diagonal row
+        raise ValueError(f"a micro-batch of {rows} rows (batch_size / (world size × accum)) cannot hold "
+                         f"diag_fraction {tc.diag_fraction} of diagonal rows: choose sizes that make "
+                         f"diag_fraction × {rows} whole")
     model.to(dev).train()
+    if model.cfg.dropout and d.main:    # e.g. a released model's config; both trunks compute the network without it
+        warnings.warn(f"the model config's dropout {model.cfg.dropout} is not applied: fmlm trains without dropout",
+                      stacklevel=2)
     if teacher is not None:
         teacher.to(dev).eval().requires_grad_(False)
     start = 0
@@ -371,6 +390,11 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
         state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=False)
         if state["kind"] != kind:
             raise ValueError(f"{ck} is a '{state['kind']}' run, not '{kind}'")
+        saved = state.get("model_config", {})
+        changed = {k: (v, getattr(model.cfg, k, None)) for k, v in saved.items() if getattr(model.cfg, k, None) != v}
+        if changed:     # caps, softcaps, the schedule: no weight shape tells them apart
+            raise ValueError(f"{ck} was trained with another model config; resume with the same one "
+                             f"(saved → given: {changed})")
         model.load_state_dict(state["model"])
         start = int(state["step"])
     loss_mod = LossModule(model, kind, tc, teacher)
@@ -508,7 +532,6 @@ def _add_train_args(p, distill: bool):
         m.add_argument("--cond-dim", type=int, default=128)
         m.add_argument("--logit-cap", type=float, default=30.0, help="0 = no cap (v1)")
         m.add_argument("--attn-softcap", type=float, default=50.0, help="0 = none")
-        m.add_argument("--dropout", type=float, default=0.0)
         m.add_argument("--learnable-loss-weighting", action="store_true")
         m.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fine-tuning)")
     else:
@@ -578,7 +601,7 @@ def cmd_train(a) -> int:
     else:
         cfg = ModelConfig(vocab_size=corpus.vocab_size, seq_len=a.seq_len, hidden=a.hidden, n_blocks=a.blocks,
                           n_heads=a.heads, cond_dim=a.cond_dim, logit_cap=a.logit_cap, attn_softcap=a.attn_softcap,
-                          dropout=a.dropout, learnable_loss_weighting=a.learnable_loss_weighting)
+                          learnable_loss_weighting=a.learnable_loss_weighting)
         torch.manual_seed(tc.seed)
         model = FlowLM(cfg, init="published")
     if d.main:

@@ -107,6 +107,11 @@ def test_checkpoints_are_atomic_and_loadable(tmp_path, tiny_cfg):
     with pytest.raises(ValueError, match="'flm' run"):
         T.train_loop(init_student(_model(tiny_cfg)), "fmlm", train, _tc(steps=12), tmp_path, val,
                      teacher=_model(tiny_cfg), progress=False)
+    # a resume must not change what the weights compute or which data comes next (found by review: both went on)
+    with pytest.raises(ValueError, match="another model config.*logit_cap"):
+        T.train_loop(_model(tiny_cfg, logit_cap=None), "flm", train, _tc(steps=12), tmp_path, val, progress=False)
+    with pytest.raises(ValueError, match="same --batch-size"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=12, batch_size=8), tmp_path, val, progress=False)
 
 
 def test_training_reduces_loss(tiny_cfg):
@@ -126,6 +131,44 @@ def test_bad_configs():
         T.TrainConfig(batch_size=6, accum=4)
     with pytest.raises(ValueError, match="path"):
         T.TrainConfig(path="fast")
+    # values that used to turn a feature off without a word, or failed only at the first step
+    for kw, msg in ((dict(grad_clip=-1.0), "grad_clip"), (dict(grad_clip=float("nan")), "grad_clip"),
+                    (dict(warmup=-100), "warmup"), (dict(log_every=0), "log_every"), (dict(lr=float("nan")), "lr"),
+                    (dict(lr=float("inf")), "lr"), (dict(diag_fraction=2.0), "diag_fraction"),
+                    (dict(time_budget=-1.0), "time_budget"), (dict(beta2=1.0), "beta2")):
+        with pytest.raises(ValueError, match=msg):
+            T.TrainConfig(**kw)
+    T.TrainConfig(grad_clip=0.0, warmup=0, time_budget=0.0)          # 0 = off stays allowed
+
+
+def test_fmlm_micro_batch_must_hold_the_split(tmp_path, tiny_cfg):
+    """The diagonal/off-diagonal split is drawn per micro-batch: one row with diag_fraction 0.5 would never be a
+    diagonal (teacher) row, so the trainer refuses it instead of dropping the teacher term."""
+    train, val = _blocks()
+    teacher = _model(tiny_cfg, seed=7)
+    with pytest.raises(ValueError, match="micro-batch of 1 rows"):
+        T.train_loop(init_student(teacher), "fmlm", train, _tc(batch_size=4, accum=4), tmp_path, val,
+                     teacher=teacher, progress=False)
+    T.train_loop(init_student(teacher), "fmlm", train, _tc(steps=1, batch_size=4, accum=2),
+                 tmp_path / "ok", val, teacher=teacher, progress=False)
+
+
+def test_student_drops_the_teacher_loss_weighting(tiny_cfg):
+    """The distillation loss is unweighted; a student that kept the teacher's learnable loss weighting would hold
+    parameters no loss uses, which DistributedDataParallel refuses at its second step."""
+    teacher = _model(tiny_cfg, learnable_loss_weighting=True)
+    st = init_student(teacher)
+    assert not st.cfg.learnable_loss_weighting and not hasattr(st, "learnable_loss_weighting")
+    assert teacher.cfg.learnable_loss_weighting                      # the teacher's own config is untouched
+    for k, v in st.state_dict().items():
+        if not k.startswith("sigma_map_prime."):
+            assert torch.equal(v, teacher.state_dict()[k]), k
+
+
+def test_dropout_is_not_applied_and_says_so(tmp_path, tiny_cfg):
+    train, val = _blocks()
+    with pytest.warns(UserWarning, match="dropout 0.1 is not applied"):
+        T.train_loop(_model(tiny_cfg, dropout=0.1), "flm", train, _tc(steps=1), tmp_path, val, progress=False)
 
 
 def _write_corpus(path: Path):
