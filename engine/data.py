@@ -2,7 +2,9 @@
 
 Packing follows the reference's "wrap" mode (MDLM/DUO/FLM `_group_texts`): every text is followed by an end
 token, the texts are concatenated, and the stream is cut into blocks of L−2 ids framed as [bos] … [eos].
-  LM1B style: bos = [CLS], eos = [SEP] (sentence per line, BERT WordPiece).
+  LM1B style: bos = eos = [CLS] (sentence per line, BERT WordPiece). The reference sets eos_token = [SEP] but
+    takes the id as `tokenizer.encode(eos_token)[0]`, and BERT's encode puts [CLS] first: the released LM1B
+    models saw [CLS] between sentences and at both ends of a block, so this packing does the same.
   OWT style:  bos = eos = the end-of-text token (documents separated by EOS, GPT-2 BPE).
 The stream is stored once as a .npy file and memory-mapped, so a run (or each DDP rank) reads blocks
 without holding the corpus in memory.
@@ -47,9 +49,30 @@ def bundled_corpus() -> str:
 
 
 def _open_text(path: Path):
-    if path.suffix == ".gz":
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"             # gzip by content, whatever the name says
+    if gz:
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, "r", encoding="utf-8", errors="replace")
+
+
+_BINARY_MAGIC = {b"\xfd7zXZ": "xz", b"BZh": "bzip2", b"PK\x03\x04": "zip", b"\x28\xb5\x2f\xfd": "zstd",
+                 b"7z\xbc\xaf": "7z", b"\x93NUMPY": "a .npy array"}
+
+
+def _check_text_file(path: Path) -> Path:
+    """Refuse a file that is not text: its lines would be decoded with replacement characters and trained on."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] == b"\x1f\x8b":                  # gzip: look inside
+        with gzip.open(path, "rb") as f:
+            head = f.read(4096)
+    kind = next((k for m, k in _BINARY_MAGIC.items() if head.startswith(m)), None)
+    if kind is not None or b"\x00" in head:
+        what = f"{kind} data" if kind else "binary data (NUL bytes)"
+        raise ValueError(f"data source {str(path)!r} is not a text file: it holds {what}. Plain text is read "
+                         f"(one text per line; {', '.join(TEXT_SUFFIXES)}), gzip-compressed or not")
+    return path
 
 
 def _text_files(source: Path) -> list[Path]:
@@ -57,7 +80,7 @@ def _text_files(source: Path) -> list[Path]:
         raise FileNotFoundError(f"data source {str(source)!r}: no such file or directory "
                                 "(or use 'bundled', 'hf:<name>')")
     if source.is_file():
-        return [source]
+        return [_check_text_file(source)]
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {source}")
@@ -177,14 +200,15 @@ def resolve_tokenizer(spec: str, source: str = "bundled", split: str = "train", 
 
 
 def special_ids(tok, style: str) -> tuple[int, int]:
-    """(bos, eos) ids of a packing style: LM1B [CLS]/[SEP]; OWT the end-of-text token on both sides."""
+    """(bos, eos) ids of a packing style: LM1B [CLS] on both sides (the reference's ids, see the module
+    docstring); OWT the end-of-text token on both sides."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     vocab = tok.get_vocab()
     if style == "lm1b":
-        if "[CLS]" in vocab and "[SEP]" in vocab:
-            return vocab["[CLS]"], vocab["[SEP]"]
-        raise ValueError("style 'lm1b' needs [CLS] and [SEP] tokens in the tokenizer (use style 'owt')")
+        if "[CLS]" in vocab:
+            return vocab["[CLS]"], vocab["[CLS]"]
+        raise ValueError("style 'lm1b' needs a [CLS] token in the tokenizer (use style 'owt')")
     for name in ("<|endoftext|>", "[EOS]", "</s>", "[SEP]"):
         if name in vocab:
             return vocab[name], vocab[name]

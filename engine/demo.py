@@ -186,6 +186,26 @@ def _report(out: Path, m: dict, samples: dict, pngs: list) -> str:
     return text
 
 
+# what a demo writes into --out: a rerun may replace a directory that holds nothing else
+DEMO_FILES = frozenset({"cache", "runs", "flm", "fmlm", "samples.jsonl", "metrics.json", "report.md",
+                        "loss_curves.png", "quality_vs_steps.png"})
+
+
+def _fresh_out_dir(out: Path) -> Path:
+    """An empty --out: created, or replaced when it holds only what a demo writes. Any other existing path is
+    refused before any work (the demo used to delete whatever directory --out named)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)
+        if foreign:
+            raise FileExistsError(f"--out {out} holds files fmlm demo did not write ({', '.join(foreign[:5])}"
+                                  f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
 def run_demo(out="demo_out", device: str = "auto", quick: bool = False, seed: int = 0,
              time_budget: Optional[float] = None, progress: bool = True, config: Optional[DemoConfig] = None) -> dict:
     import fmlm
@@ -206,10 +226,7 @@ def run_demo(out="demo_out", device: str = "auto", quick: bool = False, seed: in
         dc = dataclasses.replace(dc, time_budget=float(time_budget))
     if dc.threads:
         torch.set_num_threads(dc.threads)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _fresh_out_dir(Path(out))
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     say(f"fmlm demo on {d.device}: {'quick' if quick else 'full'} configuration, budget {dc.time_budget:.0f} s")
 

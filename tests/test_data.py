@@ -40,7 +40,7 @@ def test_tokenizer_specials_and_roundtrip(small_tok):
     assert 250 <= small_tok.get_vocab_size() <= 300
     enc = small_tok.encode("And God said, Let there be light", add_special_tokens=False)
     assert small_tok.decode(enc.ids) == "and god said, let there be light"
-    assert D.special_ids(small_tok, "lm1b") == (2, 3)
+    assert D.special_ids(small_tok, "lm1b") == (2, 2)          # [CLS] both sides, as the reference's ids
     assert D.special_ids(small_tok, "owt") == (3, 3)
     with pytest.raises(ValueError, match="style"):
         D.special_ids(small_tok, "bogus")
@@ -100,7 +100,7 @@ def test_text_sources_and_cache(tmp_path, small_tok):
     again = D.cached_stream(str(d), small_tok, "lm1b", cache)
     assert next(cache.glob("*.npy")).stat().st_mtime_ns == mtime   # reused, not rebuilt
     np.testing.assert_array_equal(np.asarray(arr), np.asarray(again))
-    assert int((np.asarray(arr) == 3).sum()) == 3                    # one [SEP] after each text
+    assert int((np.asarray(arr) == 2).sum()) == 3                    # one [CLS] after each text (lm1b)
     with pytest.raises(FileNotFoundError, match="rank 0"):
         D.cached_stream(str(d), small_tok, "owt", cache, is_builder=False)
 
@@ -138,6 +138,41 @@ def test_sharded_sampler_partitions_and_resumes():
     assert len(e1) == gb // world
     with pytest.raises(ValueError, match="divisible"):
         D.ShardedSampler(n, 9, 0, 2)
+    c = D.ShardedSampler(n, 16, 0, 1, seed=5)                      # pos counts batches of 8: refused
+    with pytest.raises(ValueError, match="same --batch-size"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_lm1b_separator_is_the_references(tmp_path):
+    """The reference takes its LM1B ids as tokenizer.encode(token)[0] with BERT's [CLS]-first encode, so [CLS]
+    separates sentences and frames blocks (id 101 in bert-base-uncased), not [SEP] (102)."""
+    from fmlm.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("bert-base-uncased")
+    assert D.special_ids(tok, "lm1b") == (101, 101)
+    f = tmp_path / "c.txt"
+    f.write_text("the cat sat\non the mat\n")
+    corpus = D.load_corpus(str(f), "bert-base-uncased", 6, "lm1b", cache_dir=str(tmp_path / "cache"), val_every=1000)
+    ids = np.asarray(corpus.train.stream).tolist()
+    assert ids.count(101) == 2 and 102 not in ids
+
+
+def test_binary_files_are_refused(tmp_path):
+    """A compressed or binary file used to be decoded with replacement characters and trained on."""
+    import lzma
+
+    xz = tmp_path / "c.txt.xz"
+    xz.write_bytes(lzma.compress(b"in the beginning\n" * 50))
+    with pytest.raises(ValueError, match="xz data"):
+        list(D.iter_texts(str(xz)))
+    raw = tmp_path / "ids.bin"
+    raw.write_bytes(np.arange(300, dtype=np.uint16).tobytes())
+    with pytest.raises(ValueError, match="NUL bytes"):
+        list(D.iter_texts(str(raw)))
+    gz = tmp_path / "named.txt"                                      # gzip content under a text name: read
+    with gzip.open(gz, "wt") as fh:
+        fh.write("and god said\n")
+    assert list(D.iter_texts(str(gz))) == ["and god said"]
 
 
 def test_quality_measures():

@@ -44,3 +44,28 @@ def test_demo_quick(tmp_path, capsys):
     assert {r["model"] for r in rows} == {"flm", "fmlm"} and all(len(r["tokens"]) == m["config"]["seq_len"] for r in rows)
     report = (out / "report.md").read_text()
     assert "![loss_curves.png](loss_curves.png)" in report and "| FMLM | 1 |" in report
+
+
+def test_demo_out_dir_is_never_someone_elses(tmp_path):
+    """--out is replaced only when it holds nothing but a demo's outputs (the demo used to delete whatever directory
+    it named, e.g. --out . or a folder of the user's files)."""
+    from fmlm.engine.demo import _fresh_out_dir
+
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(FileExistsError, match="thesis.txt"):
+        _fresh_out_dir(mine)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        _fresh_out_dir(a_file)
+    earlier = tmp_path / "demo_out"                          # an earlier run's outputs: replaced
+    (earlier / "runs" / "flm").mkdir(parents=True)
+    (earlier / "report.md").write_text("old")
+    assert _fresh_out_dir(earlier) == earlier and not any(earlier.iterdir())
+    assert _fresh_out_dir(tmp_path / "new" / "dir").is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _fresh_out_dir(empty).is_dir()
