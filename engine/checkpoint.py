@@ -558,6 +558,15 @@ def _infer_config(p: _Parsed, overrides: Optional[dict]) -> tuple[ModelConfig, d
     return _apply_overrides(fields, src, overrides, path), src
 
 
+def _warn_guessed(path: Path, cfg: ModelConfig, src: dict[str, str]) -> None:
+    """n_heads changes no tensor shape: a wrong guess loads without error and computes wrong outputs."""
+    guessed = {k: getattr(cfg, k) for k, v in src.items() if v == "guess"}
+    warnings.warn(f"{path}: neither a stored config nor rotary_emb.inv_freq gives n_heads; guessed "
+                  f"{', '.join(f'{k}={v}' for k, v in guessed.items())} (a wrong n_heads loads without error but "
+                  f"computes wrong outputs); pass config_overrides={{'n_heads': ..., 'seq_len': ...}}, or load a "
+                  f"directory whose {CONFIG_FILE} holds the config (save_checkpoint writes one)", stacklevel=3)
+
+
 def _apply_overrides(fields: dict, src: dict, overrides: Optional[dict], path: Path) -> ModelConfig:
     if overrides:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -762,7 +771,23 @@ def _parse(path: PathLike) -> _Parsed:
         path = path.parent
     if path.is_dir():
         return _parse_dir(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        what = (f"without {CONFIG_FILE} beside it" if path.name == WEIGHTS_FILE
+                else f"not named {WEIGHTS_FILE} (a bare safetensors file)")
+        raise CheckpointError(f"{path}: a safetensors file {what}: safetensors weights load only as an fmlm "
+                              f"checkpoint directory, {WEIGHTS_FILE} + {CONFIG_FILE} (what save_checkpoint writes); "
+                              f"pass that directory or its {WEIGHTS_FILE}")
     return _parse_obj(_read_torch_zip(path), path)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors header: an 8-byte little-endian length, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32
 
 
 def load_checkpoint(path: PathLike, ema: bool = True, device="cpu", dtype=None,
@@ -783,7 +808,9 @@ def load_checkpoint(path: PathLike, ema: bool = True, device="cpu", dtype=None,
     if p.kind == "dir":
         cfg, _ = _dir_config(p, config_overrides)
     else:
-        cfg, _ = _infer_config(p, config_overrides)
+        cfg, src = _infer_config(p, config_overrides)
+        if src.get("n_heads") == "guess":
+            _warn_guessed(p.path, cfg, src)
     meta = _meta_model(cfg)
     _check_keys(p, meta, cfg)
     names = [n for n, _ in meta.named_parameters()]
@@ -855,11 +882,23 @@ def save_checkpoint(model: FlowLM, directory: PathLike) -> Path:
     """Write `directory/model.safetensors` + `config.json` (+ `tokenizer.json` when the model carries one: the
     attribute `tokenizer_json` (text) or `tokenizer_path` (a file)). Atomic: everything is written and fsynced in a
     temporary sibling directory, then renamed into place, so `directory` is at every instant absent, the previous
-    complete checkpoint, or the new complete one. Overwrites only a directory that holds nothing but these files."""
+    complete checkpoint, or the new complete one. Overwrites only a directory that holds nothing but these files,
+    and never the process's working directory or one that holds it (the rename would leave the caller, and its
+    shell, in a deleted directory)."""
     if not isinstance(model, FlowLM):
         raise CheckpointError(f"save_checkpoint expects a FlowLM, got {type(model).__name__}")
     from safetensors.torch import save_file
-    directory = Path(directory)
+    # absolute first: Path('.') and Path('..') have no name to make a temporary sibling from or to rename
+    directory = Path(directory).resolve()
+    if directory == directory.parent:
+        raise CheckpointError(f"{directory}: is a filesystem root; refusing to replace it")
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:                              # the working directory was deleted
+        cwd = None
+    if cwd is not None and (cwd == directory or directory in cwd.parents):
+        raise CheckpointError(f"{directory}: is the working directory or holds it, and saving replaces the target "
+                              f"directory as a whole; save into a new directory, e.g. {directory / 'model'}")
     if directory.exists():
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: exists and is not a directory; refusing to overwrite")

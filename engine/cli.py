@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        if getattr(args, "debug", False):
+    except (ValueError, OSError, RuntimeError, TypeError) as e:   # OSError: a path the OS refused (permissions,
+        if getattr(args, "debug", False):                        # a directory, disk full): the user's to fix
             raise
         print(f"fmlm: error: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _check_out_file(out: str) -> None:
+    """--out must name a file in an existing directory: checked before any work, not when the samples are written."""
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give a file name (e.g. {p / 'samples.jsonl'})")
+    if not p.parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {p.parent} does not exist")
+
+
 def cmd_sample(args) -> int:
     import torch
     from tqdm import tqdm
@@ -34,12 +43,16 @@ def cmd_sample(args) -> int:
     from fmlm.engine.tokenizer import decode, default_tokenizer, load_tokenizer
 
     device = _device(args.device)
+    if args.out:
+        _check_out_file(args.out)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[args.dtype]
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = fmlm.load_checkpoint(args.checkpoint, ema=not args.no_ema, device=device, dtype=dtype)
     model.eval()
     cfg = model.cfg
     method = args.method or ("fmlm" if cfg.two_time else "flm")
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer(cfg.vocab_size, args.checkpoint, model)
+    if tok is None:
+        tok = default_tokenizer(cfg.vocab_size, args.checkpoint, model)
     # into a temporary file, renamed when every sample is written: a bad argument (refused by the first batch) or
     # an interruption must not leave an existing --out file truncated
     tmp = Path(args.out).with_name(Path(args.out).name + ".tmp") if args.out else None
@@ -66,7 +79,11 @@ def cmd_sample(args) -> int:
         if out:
             out.close()
             if done:
-                tmp.replace(args.out)
+                try:
+                    tmp.replace(args.out)
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
             else:
                 tmp.unlink(missing_ok=True)
     if args.out:
@@ -83,11 +100,14 @@ def cmd_info(args) -> int:
 
 def cmd_convert(args) -> int:
     import fmlm
-    model = fmlm.load_checkpoint(args.checkpoint, ema=not args.no_ema)
-    fmlm.save_checkpoint(model, args.outdir)
-    if args.tokenizer:
+    tok_json = None
+    if args.tokenizer:                 # read before anything is written: a bad --tokenizer leaves OUTDIR untouched
         from fmlm.engine.tokenizer import load_tokenizer
-        load_tokenizer(args.tokenizer).save(str(Path(args.outdir) / "tokenizer.json"))
+        tok_json = load_tokenizer(args.tokenizer).to_str()
+    model = fmlm.load_checkpoint(args.checkpoint, ema=not args.no_ema)
+    if tok_json is not None:
+        model.tokenizer_json = tok_json    # save_checkpoint writes it with the weights, atomically
+    fmlm.save_checkpoint(model, args.outdir)
     print(f"wrote {args.outdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"config {model.cfg.to_dict()})")
     return 0

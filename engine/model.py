@@ -146,7 +146,15 @@ class FlowLM(nn.Module):
         if backend != "reference":
             raise ValueError(f"trunk backend must be 'auto', 'reference' or 'fast', got {backend!r}")
         p = self.params()
-        return ref.trunk_ref(p, h, ref.cond_ref(p, tau_s, tau_t), self.cfg)
+        with torch.autocast(h.device.type, dtype=self._half_dtype() or torch.bfloat16,
+                            enabled=self._half_dtype() is not None and not torch.is_autocast_enabled(h.device.type)):
+            return ref.trunk_ref(p, h, ref.cond_ref(p, tau_s, tau_t), self.cfg)
+
+    def _half_dtype(self) -> Optional[torch.dtype]:
+        """bf16/fp16 weights: the reference math runs under autocast in that dtype, as the published code trains
+        and samples (its LayerNorm stays fp32, so plain half-precision weights would meet fp32 activations)."""
+        dt = self.embed.dtype
+        return dt if dt in (torch.bfloat16, torch.float16) else None
 
     def forward(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.cfg.vocab_size:
@@ -154,10 +162,10 @@ class FlowLM(nn.Module):
         for name, t in (("tau_s", tau_s), ("tau_t", tau_t)):
             if t is not None and torch.is_tensor(t) and t.dim() > 0 and t.shape != (x.shape[0],):
                 raise ValueError(f"{name} must be a scalar or ({x.shape[0]},), got {tuple(t.shape)}")
-        # under a caller's autocast (the training loop's bf16), the reference runs its blocks under the same autocast,
-        # as the published mixed-precision training does; its conditioning is then in that dtype too
+        # under a caller's autocast (the training loop's bf16), or with bf16/fp16 weights, the reference runs its
+        # blocks under that autocast, as the published mixed-precision code does
         dev = x.device.type
-        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self._half_dtype()
         return ref.dit_forward_ref(self.params(), x, _as_batch(tau_s, x), None if tau_t is None else _as_batch(tau_t, x),
                                    self.cfg, amp_dtype=amp)
 

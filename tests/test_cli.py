@@ -85,3 +85,84 @@ def test_sample_refuses_bad_counts_and_keeps_an_existing_out_file(ckpt, tmp_path
     assert out.read_text() == "keep me\n" and not (tmp_path / "samples.jsonl.tmp").exists()
     assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "2", "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Checks that must come before any work: loading the checkpoint fails the test."""
+    def load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the arguments were checked")
+    monkeypatch.setattr(fmlm, "load_checkpoint", load)
+
+
+def test_sample_refuses_a_directory_as_out_before_any_work(ckpt, tmp_path, capsys, no_loading):
+    d = tmp_path / "outdir"
+    d.mkdir()
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmlm: error: --out") and "is a directory" in err
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "nodir" / "s.jsonl")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["outdir"] and not any(d.iterdir())
+
+
+def test_os_errors_are_one_line_and_exit_1(ckpt, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "conv"              # FileExistsError on mkdir: an OSError for the user to fix
+    assert main(["convert", str(ckpt), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmlm: error:") and "afile" in err and "Traceback" not in err
+    with pytest.raises(OSError):
+        main(["convert", str(ckpt), str(out), "--debug"])
+
+
+def test_sample_bf16_on_cpu(ckpt, tmp_path):
+    """A bf16 model on the CPU runs the plain-PyTorch paths under bf16 autocast, as the published code does (its fp32
+    LayerNorm output used to meet bf16 weights and fail in the first matmul)."""
+    for extra in ([], ["--backend", "torch"], ["--backend", "reference"]):
+        out = tmp_path / f"s{len(extra)}{extra[-1] if extra else ''}.jsonl"
+        assert main(["sample", "--checkpoint", str(ckpt), "--dtype", "bfloat16", "--device", "cpu", "--batch-size",
+                     "2", "--out", str(out), *extra]) == 0
+        assert len(out.read_text().splitlines()) == 2
+
+
+def test_tokenizer_that_is_not_a_tokenizer_json(ckpt, tmp_path, capsys, no_loading):
+    (tmp_path / "vocab.txt").write_text("[PAD]\nhello\n")
+    assert main(["sample", "--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "vocab.txt")]) == 1
+    assert "vocab.txt: not a tokenizer.json (Hugging Face `tokenizers` format)" in capsys.readouterr().err
+    out = tmp_path / "conv"
+    assert main(["convert", str(ckpt), str(out), "--tokenizer", str(tmp_path / "vocab.txt")]) == 1
+    assert "not a tokenizer.json" in capsys.readouterr().err
+    assert main(["convert", str(ckpt), str(out), "--tokenizer", "bogus"]) == 1
+    assert "tokenizer 'bogus'" in capsys.readouterr().err
+    assert not out.exists() and sorted(f.name for f in tmp_path.iterdir()) == ["vocab.txt"]
+
+
+def test_convert_with_a_tokenizer_and_into_the_working_directory(ckpt, tmp_path, monkeypatch, capsys):
+    """The tokenizer is stored unpadded beside the weights; converting into the working directory is a one-line
+    error that leaves it as it was."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from ckpt_builders import word_level_tokenizer
+    tok = word_level_tokenizer(131)
+    tok.enable_padding(length=32)
+    tok.save(str(tmp_path / "tok.json"))
+    d = tmp_path / "conv"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    assert main(["convert", str(ckpt), ".", "--tokenizer", str(tmp_path / "tok.json")]) == 1
+    assert "working directory" in capsys.readouterr().err and not any(d.iterdir())
+    assert main(["convert", str(ckpt), "out", "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    assert sorted(f.name for f in (d / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    saved = tokenizers.Tokenizer.from_file("out/tokenizer.json")
+    assert saved.get_vocab_size() == 131 and saved.padding is None
+    a, b = fmlm.load_checkpoint(ckpt), fmlm.load_checkpoint("out")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_info_on_a_bare_safetensors_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    assert main(["info", str(tmp_path / "w.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "a safetensors file" in err and "config.json" in err and "not a torch checkpoint" not in err

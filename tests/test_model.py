@@ -117,3 +117,27 @@ def test_bad_config_numbers_and_tau_shapes_are_refused(tiny_cfg):
     with pytest.raises(ValueError, match="h must be"):
         m.trunk(torch.randn(2, 9, 31), torch.zeros(2))
     assert m(x, 0.5, torch.ones(2)).shape == (2, 9, 131)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_weights_run_the_reference_under_autocast(tiny_cfg, dtype):
+    """bf16/fp16 weights: forward, trunk and fmlm.sample (every CPU backend) run the reference math under autocast in
+    that dtype, as the published code does; before, its fp32 LayerNorm output met half weights and failed. The
+    result is the fp32 model's under the same autocast."""
+    m32 = fmlm.FlowLM(tiny_cfg(two_time=True))
+    m32.reset_parameters(seed=0)
+    m16 = fmlm.FlowLM(tiny_cfg(two_time=True))
+    m16.load_state_dict(m32.state_dict())
+    m16 = m16.to(dtype)
+    x = torch.randn(2, 9, 131, generator=torch.Generator().manual_seed(1))
+    tau = torch.tensor([0.3, 0.7])
+    with torch.autocast("cpu", dtype=dtype):
+        want = m32(x, tau, tau)
+    got = m16(x.to(dtype), tau.to(dtype), tau.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+    h = x.to(dtype) @ m16.embed
+    assert torch.isfinite(m16.trunk(h, tau.to(dtype), tau.to(dtype), backend="reference").float()).all()
+    for backend in ("auto", "torch", "reference"):
+        t = fmlm.sample(m16, 2, 2, backend=backend, generator=torch.Generator().manual_seed(0))
+        assert t.shape == (2, 9) and int(t.min()) >= 0 and int(t.max()) < 131
