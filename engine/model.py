@@ -212,6 +212,31 @@ class _FastWeights:
         return self._rope[L]
 
 
+def weights_epoch(model) -> int:
+    """A per-model counter that every weight cache adds to its key. It moves on each `load_state_dict` of the model
+    (a post-hook, registered on first use) and on `fmlm.refresh(model)`: a Parameter swapped for a new object
+    (`load_state_dict(assign=True)`) or data written through `.data` (which bypasses the version counter) changes
+    neither the cached objects' pointers nor their versions."""
+    d = model.__dict__
+    if "_fmlm_epoch" not in d:
+        d["_fmlm_epoch"] = 0
+        model.register_load_state_dict_post_hook(_next_epoch)
+    return d["_fmlm_epoch"]
+
+
+def _next_epoch(module, incompatible_keys=None) -> None:
+    module.__dict__["_fmlm_epoch"] = module.__dict__.get("_fmlm_epoch", 0) + 1
+
+
+def refresh(model) -> None:
+    """Tell fmlm that `model`'s weights changed in a way it cannot see: written through `.data` (e.g. an EMA
+    `copy_to` that way), or Parameters replaced by assignment. Every cache derived from the weights (the fast-path
+    copies, the padded heads and noise factor, the Samplers' graphs) is rebuilt on its next use. In-place updates,
+    `load_state_dict`, `.to()` and dtype casts need no call: they are detected."""
+    weights_epoch(model)
+    _next_epoch(model)
+
+
 def _version_key(tensors) -> tuple:
     """Changes when a weight's data is replaced (.to(), .data =: new pointer) or updated in place (_version).
     ~0.3 µs per tensor: cheap enough to check on every call (walking model.parameters() is ~10× dearer)."""
@@ -222,13 +247,15 @@ _FAST_CACHE: "weakref.WeakKeyDictionary[FlowLM, dict]" = weakref.WeakKeyDictiona
 
 
 def _fast_weights(model: "FlowLM", device: torch.device, dtype: torch.dtype) -> _FastWeights:
-    """The cached fast-path weights, rebuilt when a weight changed (in place, or its data replaced). A
-    Parameter *object* swapped for a new one is not seen: call _drop_fast_weights(model) after that."""
+    """The cached fast-path weights, rebuilt when a weight changed (in place, its data replaced, a load_state_dict,
+    or `refresh(model)`)."""
     per_model = _FAST_CACHE.setdefault(model, {})
     w = per_model.get((device, dtype))
-    if w is None or _version_key(w.sources) != w.key:
+    epoch = weights_epoch(model)
+    if w is None or _version_key(w.sources) != w.key or w.epoch != epoch:
         per_model.pop((device, dtype), None)       # free the stale copy before building the new one
         w = per_model[(device, dtype)] = _FastWeights(model, device, dtype)
+        w.epoch = epoch
     return w
 
 

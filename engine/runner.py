@@ -26,7 +26,8 @@ import torch
 from fmlm import kernels
 from fmlm.kernels import reference as ref
 from . import nvtx
-from .model import _FAST_CACHE, GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key
+from .model import (_FAST_CACHE, GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key,
+                    weights_epoch)
 from .sampling import Heads, hidden_noise_factor, make_plan, positive_int
 
 BACKENDS = ("auto", "fast", "reference")
@@ -58,7 +59,8 @@ class Sampler:
     chunked head elsewhere; 'fast' / 'reference' force the trunk path. graph: capture CUDA graphs (ignored
     without CUDA: the sampler runs eagerly). compile_blocks: run the fast trunk's blocks through
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
-    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call.
+    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call; weights written through
+    .data need `fmlm.refresh(model)` (or `refresh()`).
     kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
@@ -110,6 +112,7 @@ class Sampler:
         model, dev = self.model, self.device
         self._sources = [*model.parameters(), *model.buffers()]
         self._key = _version_key(self._sources)
+        self._epoch = weights_epoch(model)
         self._slots.clear()
         self._pool = None
         cuda = dev.type == "cuda"
@@ -145,14 +148,17 @@ class Sampler:
             from fmlm.kernels import flow_map_step  # noqa: PLC0415
             self._flow_map_step = flow_map_step
 
+    def _weights_unchanged(self) -> bool:
+        return _version_key(self._sources) == self._key and weights_epoch(self.model) == self._epoch
+
     def _check_weights(self):
-        if _version_key(self._sources) != self._key:
+        if not self._weights_unchanged():
             self._prepare()
 
     def refresh(self) -> "Sampler":
-        """Rebuild everything from the model's current weights and drop the captured graphs. Needed only
-        after a Parameter object was replaced by another (in-place updates, load_state_dict, .to() and
-        dtype casts are detected on every call)."""
+        """Rebuild everything from the model's current weights and drop the captured graphs now. In-place
+        updates, load_state_dict (assign=True too), .to() and dtype casts are detected on every call; weights written
+        through .data are not: call this, or `fmlm.refresh(model)` (which reaches every Sampler of the model)."""
         _drop_fast_weights(self.model)
         self._prepare()
         return self
@@ -261,7 +267,8 @@ class Sampler:
         g = torch.cuda.CUDAGraph()
         # Graphs share one pool: every output goes to the slot's static buffers, so no graph's memory is
         # live across another's replay (replays are serialized on the current stream).
-        with torch.cuda.graph(g, pool=self._pool):
+        # capture on our side stream: the default capture stream is made once, on whichever device was current then
+        with torch.cuda.graph(g, pool=self._pool, stream=side):
             self._run(slot, from_seed)
         return g
 
@@ -274,10 +281,11 @@ class Sampler:
         """Capture the graphs of these batch sizes' buckets now (default: the constructor's batch_size)."""
         self._check_weights()
         if self.use_graphs:
-            for B in batch_sizes or [self.batch_size]:
-                slot = self._slot(bucket_for(B))
-                if from_seed not in slot.graphs:
-                    slot.graphs[from_seed] = self._capture(slot, from_seed)
+            with torch.cuda.device(self.device):
+                for B in batch_sizes or [self.batch_size]:
+                    slot = self._slot(bucket_for(B))
+                    if from_seed not in slot.graphs:
+                        slot.graphs[from_seed] = self._capture(slot, from_seed)
         return self
 
     # -- public --------------------------------------------------------------------------------------
@@ -286,11 +294,22 @@ class Sampler:
         """Token ids (B, L), int64, on the model's device. Same seed → same tokens (eager or replay).
 
         h0: optional initial hidden state (B, L, D) (= z0·E) instead of the seeded draw; noise: optional
-        V-space z0 (B, L, V), projected to h0 (parity with the reference sampler on the same z0). The seed
-        still drives the re-noising draws."""
+        V-space z0 (B, L, V), projected to h0 (parity with the reference sampler on the same z0, without
+        re-noising)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):    # streams, graphs and replays on the model's GPU, not the current
+                return self._sample(seed, batch_size, h0, noise)
+        return self._sample(seed, batch_size, h0, noise)
+
+    def _sample(self, seed, batch_size, h0, noise) -> torch.Tensor:
         if noise is not None:
             if h0 is not None:
                 raise ValueError("give h0 or noise, not both")
+            if any(self.plan.c):
+                # the reference re-noises with V-space ε' from its generator; this Sampler draws ξ·C from the seed
+                raise ValueError("noise (the reference's z0) with re-noising would not give the reference's tokens: "
+                                 "the re-noising draws differ; use fmlm.sample(..., noise=z0, generator=g, "
+                                 "backend='torch')")
             V = self.cfg.vocab_size
             if noise.dim() != 3 or noise.shape[1:] != (self.cfg.seq_len, V):
                 raise ValueError(f"noise must be (B, {self.cfg.seq_len}, {V}), got {tuple(noise.shape)}")
@@ -304,6 +323,8 @@ class Sampler:
             batch_size = h0.shape[0]
         B = self.batch_size if batch_size is None else batch_size
         bucket = bucket_for(B)
+        if isinstance(seed, bool):
+            raise TypeError("seed must be an int, got a bool")
         seed = operator.index(seed)         # an int (or numpy/0-d integer tensor); a float is refused, not truncated
         from_seed = h0 is None
         if self.use_graphs:
@@ -315,7 +336,7 @@ class Sampler:
                 # otherwise wait for); tokens are returned only if the weights were the captured ones
                 self._feed(slot, seed, h0, B)
                 graph.replay()
-                if _version_key(self._sources) == self._key:
+                if self._weights_unchanged():
                     return slot.tokens[:B].clone()
                 # the stale replay ends before its graph and pool are dropped (on the device it was captured on,
                 # which a model.to() may have left)

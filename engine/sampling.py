@@ -37,10 +37,10 @@ def make_plan(method: str, steps: int, renoise: float, vocab_size: int) -> Sampl
     """Per-step times and update coefficients, float64 on the host, through the device spline buffers."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not 0.0 <= renoise <= 1.0:
-        raise ValueError(f"renoise must be in [0, 1], got {renoise}")
+    steps = positive_int(steps, "steps")             # numpy ints pass; a bool or a float is refused
+    if isinstance(renoise, bool) or not isinstance(renoise, (int, float)) or not 0.0 <= renoise <= 1.0:
+        raise ValueError(f"renoise must be a number in [0, 1], got {renoise!r}")
+    renoise = float(renoise)
     if method == "flm" and renoise:
         raise ValueError("renoise applies to method='fmlm' only")
     sch = get_schedule(int(vocab_size), "cpu")
@@ -96,9 +96,12 @@ class Heads:
 
 def engine_state(model) -> dict:
     """Per-weight-set engine state (padded heads, hidden-noise factor C), cached on the model and rebuilt
-    when the head, bias or embedding changes (data pointer, in-place version, dtype or device)."""
+    when the head, bias or embedding changes (data pointer, in-place version, dtype or device, a load_state_dict,
+    or `fmlm.refresh(model)`)."""
+    from .model import weights_epoch  # noqa: PLC0415
+
     W, bvec, E = model.output_layer.linear.weight, model.output_layer.linear.bias, model.embed
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (W, bvec, E))
+    key = (weights_epoch(model), *((t.data_ptr(), t._version, t.dtype, t.device) for t in (W, bvec, E)))
     cache = model.__dict__.setdefault("_fmlm_engine_cache", {})
     if cache.get("key") != key:
         cache.clear()
@@ -152,9 +155,11 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
            backend: str = "auto") -> torch.Tensor:
     """Sample token ids (B, L) from an FLM (method='flm', Euler) or FMLM (method='fmlm', flow map).
 
-    noise: optional initial state z0 (B, L, V). Given z0, every backend returns the tokens of the reference
-    sampler on the same z0 (re-noising draws V-space ε' from `generator`, as the reference does). Without
-    it, the engine draws hidden-space noise ξ·C (same law, no (B, L, V) tensor) and the reference V-space z0.
+    noise: optional initial state z0 (B, L, V). Given z0, the backends that compute in the model's dtype ('torch',
+    'reference', and 'auto' off CUDA) return the tokens of the reference sampler on the same z0 (re-noising draws
+    V-space ε' from `generator`, as the reference does); on CUDA 'auto'/'triton' run the bf16 fast trunk, whose
+    tokens agree with them up to bf16 rounding (nearly all positions, not all). Without z0, the engine draws
+    hidden-space noise ξ·C (same law, no (B, L, V) tensor) and the reference V-space z0.
 
     On CUDA, backend 'auto'/'triton' runs the CUDA-graph `Sampler` (bf16 fused trunk, Triton vocabulary ops;
     its noise comes from a counter-based generator seeded from `generator`). 'torch' keeps the plain-PyTorch

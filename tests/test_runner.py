@@ -1074,3 +1074,41 @@ def test_batch_size_and_seed_are_ints():
     with pytest.raises(TypeError):
         s.sample(1.7)
     assert torch.equal(s.sample(np.int64(3)), s.sample(3))
+
+
+def test_weights_swapped_by_load_state_dict_or_written_through_data(tmp_path):
+    """load_state_dict(assign=True) swaps the Parameter objects the caches hold: detected (a post-hook moves the
+    model's weights epoch). Writes through .data bypass the version counter: fmlm.refresh(model) tells every cache
+    (found by review: both went on sampling the old weights, or a mix of old heads and new trunk)."""
+    def fresh(m, B=3):
+        c = _model()
+        c.load_state_dict(m.state_dict())
+        return fmlm.sample(c, B, 2, generator=torch.Generator().manual_seed(0), backend="torch"), Sampler(c, B, 2)
+
+    def check(m, s):
+        want, ws = fresh(m)
+        assert torch.equal(fmlm.sample(m, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch"), want)
+        assert torch.equal(s.sample(5), ws.sample(5))
+
+    m, other = _model(seed=0), _model(seed=1)
+    s = Sampler(m, 3, 2)
+    s.sample(5)
+    fmlm.sample(m, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch")     # fills the head cache
+    m.load_state_dict(other.state_dict(), assign=True)
+    check(m, s)
+    with torch.no_grad():
+        for p, q in zip(m.parameters(), _model(seed=2).parameters()):
+            p.data.copy_(q)
+    stale = s.sample(5)
+    fmlm.refresh(m)
+    check(m, s)
+    assert not torch.equal(stale, s.sample(5))           # the write through .data was unseen before the refresh
+
+
+def test_sampler_refuses_parity_noise_with_renoising_and_bool_seeds():
+    m = _model()
+    z0 = torch.randn(2, 9, 131)
+    with pytest.raises(ValueError, match="re-noising draws differ"):
+        Sampler(m, 2, 2, renoise=0.5).sample(0, noise=z0)
+    with pytest.raises(TypeError, match="bool"):
+        Sampler(m, 2, 2).sample(True)

@@ -143,6 +143,7 @@ def test_plan_matches_reference_schedule():
 @pytest.mark.parametrize("kw,match", [
     (dict(method="ddpm"), "method"), (dict(steps=0), "steps"), (dict(renoise=1.5), "renoise"),
     (dict(method="flm", renoise=0.5), "renoise"), (dict(noise=torch.zeros(2, 2, 2)), "shape"),
+    (dict(steps=True), "steps"), (dict(steps=2.0), "steps"), (dict(renoise=True), "renoise"),   # were accepted
 ])
 def test_bad_arguments_raise_clear_errors(tiny_cfg, kw, match):
     m = _model(tiny_cfg(two_time=True), torch.float32)
