@@ -12,9 +12,12 @@ Timing: REPS calls captured in one CUDA graph, replayed; ms = replay time / REPS
 inter-kernel gaps, as the engine's sampler replays its graph; no host launch cost), median of many replays.
 speedup_vs_default = cublas ms / triton ms at the same row (> 1: the candidate is faster).
 TFLOP/s counts the GEMM FLOPs (2·rows·N·K) only.
-Then a sweep ("trunk GEMM sweep" rows): each bare GEMM with each of kernels/linear.py's three GPU tile configs
-(and split counts for the two split-K GEMMs) beside cuBLAS's bare GEMM, column "vs cublas": the data to retune
-linear.pick_config from one GPU run.
+Then a sweep ("trunk GEMM sweep" rows): each GEMM with each of kernels/linear.py's three GPU tile configs
+(and split counts for the two split-K GEMMs) beside cuBLAS's bare GEMM (y·Wᵀ, bf16 out, no bias, no epilogue),
+column "vs cublas" = bare cuBLAS ms / Triton ms: the data to retune linear.pick_config from one GPU run. It is
+not like-for-like work everywhere, and the "work" column says what each row does: the mlp1 Triton rows add the
+bias + GELU epilogue, the out / mlp2 Triton rows write `split` fp32 partial products (split × rows × N fp32,
+summed later by gate_residual) instead of one bf16 output; only the qkv rows do the same work as cuBLAS.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ REPS = 20
 BUDGET_S = 75.0
 SWEEP_SPLITS = (1, 2, 3, 4, 6, 8)
 SWEEP_CONFIGS = None      # tag → kernels/linear.py config; None: its three GPU configs (the smoke test sets its own)
+# the sweep's "work" column: what each row computes, since "vs cublas" divides by the bare cuBLAS GEMM
+SWEEP_WORK = {"bare": "bare GEMM, bf16 out (no bias, no epilogue)",
+              "linear": "bare GEMM, bf16 out: same work as cublas (bare)",
+              "gelu": "GEMM + bias + GELU epilogue, bf16 out: more work than cublas (bare)",
+              "partials": "GEMM, {split} fp32 split-K partials written (summed later): not cublas (bare)'s bf16 out"}
 
 
 def _sweep_configs() -> dict:
@@ -131,7 +139,7 @@ def run(quick: bool = False) -> list[dict]:
             wt = {"qkv": wb["wqkv"], "mlp1 (gelu)": wb["w0"], "out": wb["wout"], "mlp2": wb["w2"]}[what]
             base = _time(lambda a=a, wt=wt: F.linear(a, wt), iters)
             rows_out.append({"op": "trunk GEMM sweep", "pass": what, "rows": rows, "impl": "cublas (bare)",
-                             "dtype": dt, **base})
+                             "work": SWEEP_WORK["bare"], "dtype": dt, **base})
             for tag, cfg in SWEEP_CONFIGS.items():
                 for split in (SWEEP_SPLITS if kind == "partials" else (None,)):
                     if time.time() - t_start > budget:
@@ -146,7 +154,8 @@ def run(quick: bool = False) -> list[dict]:
                         fn = lambda a=a, wt=wt, c=cfg, act=(kind == "gelu"): lin.linear(
                             a, wt, wb["b0"] if act else None, "gelu_tanh" if act else None, backend=kb, config=c)
                     r = {"op": "trunk GEMM sweep", "pass": what, "rows": rows, "dtype": dt,
-                         "impl": f"triton {tag}" + (f" split {split}" if split else ""), **_time(fn, iters)}
+                         "impl": f"triton {tag}" + (f" split {split}" if split else ""),
+                         "work": SWEEP_WORK[kind].format(split=split), **_time(fn, iters)}
                     if "ms" in r:
                         r["tflops"] = 2 * rows * N * K / (r["ms"] * 1e-3) / 1e12
                         if "ms" in base:
@@ -169,7 +178,7 @@ def _time(fn, iters: int) -> dict:
         return {"note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"}
 
 
-COLUMNS = ["op", "pass", "rows", "impl", "dtype", "ms", "p20_ms", "p80_ms", "tflops", "speedup_vs_default",
+COLUMNS = ["op", "pass", "rows", "impl", "work", "dtype", "ms", "p20_ms", "p80_ms", "tflops", "speedup_vs_default",
            "vs cublas", "note"]
 
 

@@ -1,18 +1,22 @@
 """Where a one-step sample's time goes at the points whose targets are open: per-kernel device time of one
-CUDA-graph replay (torch.profiler), beside the replay's own time measured with events.
+`Sampler.sample()` call (torch.profiler; the call replays one CUDA graph), beside the whole call's time measured
+with events. The call is more than the graph replay: the seed fill before it, the token clone after it and the
+Python around them (the weights check, the dispatch) are inside the timed region.
 
-Points: OWT B=1, LM1B B=1 (latency-bound: the gap between the replay time and the summed kernel time is the
-launch/dependency overhead of the graph), OWT B=32 (throughput); LM1B B=1 again with cuBLASLt preferred for
-the GEMMs (torch.backends.cuda.preferred_blas_library): an H100 profile of OWT B=32 showed one device memset per
-cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other library may differ;
-and LM1B B=1 with the opt-in batch-1 kernels (Sampler kernel_options gemm_impl='triton_small' and pdl: Triton
-GEMMs without memsets, launches overlapped), to see what remains of the gaps, and the same with the
-attention's output projection inside the attention kernel (kernel option attention_out_proj: one launch fewer
-per block).
+Points: OWT B=1, LM1B B=1 (latency-bound: the gap between the call's time and the device's busy time is the graph's
+launch/dependency overhead plus the host time the device waits for), OWT B=32 (throughput); LM1B B=1 again with
+cuBLASLt preferred for the GEMMs (torch.backends.cuda.preferred_blas_library): an H100 profile of OWT B=32 showed
+one device memset per cuBLAS GEMM call (49 per sample call), each one more graph node at batch 1, and the other
+library may differ; and LM1B B=1 with the opt-in batch-1 kernels (Sampler kernel_options gemm_impl='triton_small'
+and pdl: Triton GEMMs without memsets, launches overlapped), to see what remains of the gaps, and the same with the
+attention's output projection inside the attention kernel (kernel option attention_out_proj: one launch fewer per
+block).
 Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
-("replay ms"; "kernels ms": the device's busy time, the union of the kernels' intervals, so that PDL's
-overlapped launches count once; "gaps ms" = replay − busy; "kernel launches per call", memsets and copies not
-counted; "memsets per call"). Random never-zero weights of the released small model.
+("sample() call ms": a whole Sampler.sample() call, not the graph replay alone; "kernels ms": the device's busy
+time, the union of the kernels' intervals, so that PDL's overlapped launches count once; "gaps ms" = call − busy,
+the graph's launch gaps and the host overhead of the call (seed fill, token clone, Python) where the device waits
+for it; "kernel launches per call", memsets and copies not counted; "memsets per call"). Random never-zero
+weights of the released small model.
 """
 from __future__ import annotations
 
@@ -57,17 +61,18 @@ def run(quick: bool = False) -> list[dict]:
             model = build_model(None, name, DEVICE, 0)
             sampler = Sampler(model, B, 1, kernel_options=VARIANT_OPTIONS.get(variant))
             prof, kernel_us = profile_run(sampler, iters)
-            replay = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
+            # the whole call (seed fill, replay, token clone, Python), not the replay alone
+            call = time_fn(lambda: sampler.sample(0), warmup=2, iters=10 if quick else 30, device=DEVICE)
         finally:
             if before is not None:
                 torch.backends.cuda.preferred_blas_library(before)
         table = kernel_table(prof, top=1000)
         launches = sum(r["calls"] for r in table if not r["kernel"].lower().startswith(("memset", "memcpy"))) / iters
         point = f"{name} B={B}" + (f" {variant}" if variant else "")
-        summary = {"point": point, "kernel": "(one-step call: summary)", "replay ms": replay["ms"],
+        summary = {"point": point, "kernel": "(one-step call: summary)", "sample() call ms": call["ms"],
                    "kernels ms": (kernel_us or float("nan")) / 1e3, "kernel launches per call": launches,
                    "memsets per call": sum(r["calls"] for r in table if "memset" in r["kernel"].lower()) / iters}
-        summary["gaps ms"] = summary["replay ms"] - summary["kernels ms"]
+        summary["gaps ms"] = summary["sample() call ms"] - summary["kernels ms"]   # launch gaps + host overhead
         if kernel_us is None:
             summary["note"] = ("no device activity recorded (CPU run, or the profiler saw no kernels in the "
                                "graph replay)")

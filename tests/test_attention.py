@@ -219,10 +219,38 @@ def test_bench_attention_smoke(monkeypatch):
     monkeypatch.setattr(bench, "HEAD_DIM", 32)
     monkeypatch.setattr(bench, "SWEEP", (dict(BLOCK_M=16, BLOCK_N=32, num_stages=2, num_warps=4),))
     monkeypatch.setattr(bench, "SMALL_B_SWEEP", (dict(BLOCK_M=32, BLOCK_N=32, num_stages=1, num_warps=4),))
-    monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 0, 1, device))
+    calls = []
+
+    def fake_time(fn, warmup=2, iters=10, device="cpu"):
+        """Each call runs fn once; the first shape's first seven rows (through the no-rotary fixed shift) get
+        falling times, every later row 1000 ms: the fastest row then computes less (no rotary)."""
+        common.time_fn(fn, 0, 1, device)
+        calls.append(None)
+        ms = 100.0 - len(calls) if len(calls) <= 7 else 1000.0
+        return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "n": 1}
+    monkeypatch.setattr(bench, "time_fn", fake_time)
     rows = bench.run(quick=True)
     impls = [r["impl"] for r in rows]
     assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("best measured") for i in impls)
+    # "best measured" only among the rows computing the default's function (rotary included)
+    at_owt = [r for r in rows if r.get("shape") == "owt" and r.get("B") == 2 and "ms" in r]
+    no_rot = next(r for r in at_owt if r["impl"] == "triton: no rotary + fixed shift (candidate)")
+    best = next(r for r in rows if r["impl"].startswith("best measured"))
+    same = [r for r in at_owt if not r["impl"].startswith(("best", " ", "reference", "SDPA"))
+            and "no rotary" not in r["impl"]]
+    assert no_rot["ms"] < best["ms"] == min(r["ms"] for r in same), (best, no_rot)
+    assert best["impl"] == "best measured at this shape: triton: fixed shift (candidate)"
+    # speedup_vs_default is always against the default row of the same shape; the no-rotary row has none
+    assert "speedup_vs_default" not in no_rot and no_rot["speedup_vs_no_rotary_online"] > 0
+    for r in rows:
+        if "speedup_vs_default" in r:
+            default = next(x for x in rows if x.get("shape") == r["shape"] and x.get("B") == r["B"]
+                           and x["impl"] == "triton: rotary on load (default)")
+            assert r["speedup_vs_default"] == pytest.approx(default["ms"] / r["ms"]), r["impl"]
+    # the reference is labelled with the dtype it computes in
+    refs = [r for r in rows if r["impl"].startswith("reference")]
+    assert refs and all(r["dtype"] == "float32 in, fp32 matmuls (the spec)" and "fp32-matmul spec" in r["note"]
+                        for r in refs), refs
     assert sum(i.startswith("sweep") for i in impls) == 3        # 2 at the first shape, 1 at batch 1
     assert any("no softcap" in i for i in impls) and any(i.startswith("reference") for i in impls)
     tma = [r for r in rows if r["impl"] == "triton: prepass_tma (candidate)"]

@@ -70,6 +70,26 @@ def test_bench_sample_runs_small(capsys, tmp_path):
     assert "reference" in out and "engine" in out and (tmp_path / "bench_sample.csv").exists()
 
 
+def test_bench_sample_rows_say_dtype_and_mode(monkeypatch):
+    """Each bench sample row says the dtype and launch mode it ran in; on CUDA (auto/triton) the engine row is the
+    bf16 CUDA-graph Sampler beside the eager fp32 reference, and its note says so (and names the seed's read)."""
+    from fmlm.bench import bench_sample
+
+    small = ["--vocab", "517", "--seq-len", "8", "--hidden", "32", "--blocks", "1", "--batch-size", "2",
+             "--iters", "1", "--device", "cpu"]
+    ref, eng = bench_sample.run(quick=True, argv=small)
+    assert (ref["dtype"], ref["mode"]) == (eng["dtype"], eng["mode"]) == ("float32", "eager") and "note" not in eng
+    # the CUDA labels, without a GPU: the row logic only (fmlm.sample and the timing stubbed)
+    monkeypatch.setattr(bench_sample, "time_fn", lambda fn, **k: {"ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
+    monkeypatch.setattr(bench_sample, "peak_memory_bytes", lambda fn, device="cpu": 0)
+    make = bench_sample._model
+    monkeypatch.setattr(bench_sample, "_model", lambda args, device: make(args, "cpu"))
+    ref, eng = bench_sample.bench(bench_sample.parser().parse_args(small[:-2] + ["--device", "cuda"]), quick=True)
+    assert (ref["dtype"], ref["mode"]) == ("float32", "eager")
+    assert (eng["dtype"], eng["mode"]) == ("bf16 trunk", "CUDA graph (fmlm.Sampler)")
+    assert "not like with like" in eng["note"] and "device-to-host read of the seed" in eng["note"]
+
+
 def test_sample_refuses_bad_counts_and_keeps_an_existing_out_file(ckpt, tmp_path, capsys):
     """--steps/--batch-size/--batches must be positive ints (argparse says so), and a run that fails in its first
     batch (renoise out of range, refused by the sampler) keeps an existing --out file whole: it used to be

@@ -459,7 +459,16 @@ def test_bench_smoke(monkeypatch):
                                           "triton vocab (Philox regenerated per tile)",
                                           "triton hidden (C given), Zipf tokens"}
     f32 = next(r for r in timed if r["impl"].endswith("(the trainer's dtype)"))
-    assert f32["dtype"] == "fp32" and f32["speedup_vs_dense_xE"] > 0
+    assert f32["dtype"] == "fp32" and "speedup_vs_dense_xE" not in f32   # no bf16-dense ratio for the fp32 row
+    B, L, V, D, VP = 2, 8, 61, 32, 64
+    for r in timed:   # each row counts the work and the traffic of its own pass: a forward row, the forward's
+        fwd = r["pass"] == "fwd"
+        flops = r["dense_equiv_tflops"] * r["ms"] * 1e9
+        assert flops == pytest.approx((2 if fwd else 4) * B * L * V * D, rel=1e-9), r["impl"]
+        elt = 4 if r["dtype"] == "fp32" else 2
+        want = 2 * B * L * D * elt if fwd else 3 * B * L * D * elt + VP * D * elt
+        assert r["gbs"] * r["ms"] * 1e6 == pytest.approx(want, rel=1e-9), r["impl"]
+    assert any(r["pass"] == "fwd" for r in timed)
     zipf = next(r for r in timed if r["impl"].endswith("Zipf tokens"))
     assert zipf["speedup_vs_uniform_tokens"] > 0 and zipf["note"].startswith("most frequent token at ")
     assert all(r["ms"] > 0 for r in timed)

@@ -244,6 +244,12 @@ def test_bench_linear_cpu_smoke(monkeypatch):
     assert ("mlp2", "triton interp split 2") in sweep and ("qkv", "triton interp") in sweep
     assert ("out", "cublas (bare)") in sweep
     assert all(r["vs cublas"] > 0 for r in rows if r["op"] == "trunk GEMM sweep" and r["impl"] != "cublas (bare)")
+    # "vs cublas" divides by the bare GEMM: each sweep row states the work it does beside it
+    work = {(r["pass"], r["impl"]): r["work"] for r in rows if r["op"] == "trunk GEMM sweep"}
+    assert work[("qkv", "triton interp")].startswith("bare GEMM") and "same work" in work[("qkv", "triton interp")]
+    assert "bias + GELU" in work[("mlp1 (gelu)", "triton interp")]
+    assert work[("mlp2", "triton interp split 2")].startswith("GEMM, 2 fp32 split-K partials")
+    assert work[("out", "cublas (bare)")] == "bare GEMM, bf16 out (no bias, no epilogue)"
 
 
 @needs_triton

@@ -436,6 +436,43 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     partials = [r for r in rows if r["impl"].startswith("triton [bf16 dS·W partials")]
     assert [r["pass"] for r in partials] == ["fwd+bwd"] and partials[0]["speedup_vs_default"] > 0
     assert partials[0]["max_dh_diff_vs_default"] == 0        # the CPU takes the same (non-addmm) path either way
+    # each row's FLOPs are the work it executes, its bytes the traffic of its own pass
+    N, V, D, VP = 20, 50, 32, 64
+    flops = {r["impl"] + "/" + r["pass"]: r["eff_tflops"] * r["ms"] * 1e9 for r in rows if "ms" in r}
+    nbytes = {r["impl"] + "/" + r["pass"]: r["gbs"] * r["ms"] * 1e6 for r in rows if "ms" in r}
+    assert flops["triton/fwd+bwd"] == pytest.approx(8 * N * V * D)
+    assert flops["triton/fwd"] == pytest.approx(2 * N * V * D)
+    for ref_impl in ("reference head (published: one-hot product)", "reference.linear_cross_entropy_ref (gather)"):
+        assert flops[ref_impl + "/fwd+bwd"] == pytest.approx(6 * N * V * D), ref_impl
+        assert next(r for r in rows if r["impl"] == ref_impl)["note"].find("6·N·V·D") >= 0
+    assert nbytes["triton/fwd+bwd"] == pytest.approx(2 * (N * D + VP * D) * 2 + VP * 4)
+    assert nbytes["triton/fwd"] == pytest.approx((N * D + VP * D) * 2 + N * 4)
+    assert nbytes["cuBLAS h·Wᵀ (padded V, no epilogue)/fwd"] == pytest.approx((N * D + VP * D + N * VP) * 2)
+
+
+def test_bench_compiled_reference_child_waits_before_gpu_work(monkeypatch):
+    """The torch.compile(reference) child makes no input, compile or first call before the parent's go line: its
+    GPU work must not overlap the rows the parent times."""
+    import io
+
+    from fmlm.bench import bench_linear_cross_entropy as bench
+
+    order = []
+
+    class Stdin(io.StringIO):
+        def readline(self, *a):
+            order.append("go")
+            return "go\n"
+
+    def inputs(*a, **k):
+        order.append("inputs")
+        raise RuntimeError("stop")
+    monkeypatch.setattr(bench.sys, "stdin", Stdin())
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    monkeypatch.setattr(bench.torch, "compile", lambda *a, **k: order.append("compile"))
+    with pytest.raises(RuntimeError, match="stop"):
+        bench._compiled_reference()
+    assert order == ["go", "inputs"]
 
 
 # ---- torch.library registration ------------------------------------------------------------

@@ -271,6 +271,14 @@ def test_triton_bench_smoke(monkeypatch):
     assert len(pairs) == 1 and pairs[0]["agree_with_default"] == 1.0 and pairs[0]["speedup_vs_default"] > 0
     diag = [r for r in rows if "triton GEMM" in r["impl"]]
     assert len(diag) == 1 and diag[0]["ms"] > 0 and diag[0]["rows"] == 32
+    # the rows that store logits count them in their bytes; the fused op counts W, h read and indices written
+    esz = 4                                                   # fp32 on the CPU (bf16 on the GPU)
+    gemms = [r for r in rows if r["impl"].startswith("cuBLAS") or "triton GEMM" in r["impl"]]
+    assert sorted(r["rows"] for r in gemms) == [32, 32, 40]
+    for r in gemms:
+        want = (256 * 32 + r["rows"] * 32 + r["rows"] * 256) * esz
+        assert r["gbs"] * r["ms"] * 1e6 == pytest.approx(want), r["impl"]
+    assert rows[0]["gbs"] * rows[0]["ms"] * 1e6 == pytest.approx((256 * 32 + 32 * 32) * esz + 32 * 8)
 
 
 @pytest.mark.skipif(IN_PROCESS or not triton_available(), reason="driver for the interpreter run on CPU machines")

@@ -333,6 +333,13 @@ def test_triton_bench_smoke(monkeypatch):
                                                  "triton [gemm_fused bm128_bn256 TMA]",
                                                  "triton [gemm_fused bm128_bn128_w4 TMA (2 CTAs/SM)]"], variants
     assert all(r["speedup_vs_default"] > 0 and r["max_abs_diff_vs_default"] < 1e-3 for r in variants[:3]), variants
+    # the reference's label says it runs P·E in fp32; the cuBLAS row's bytes count S written and P read
+    refs = [r for r in rows if r["impl"] == "reference.vocab_attention_ref (eager)"]
+    assert len(refs) == 3 and all("P·E fp32 (the spec)" in r["dtype"] and "fp32-matmul spec" in r["note"]
+                                  for r in refs), refs
+    cub = [r for r in rows if r["impl"].startswith("cuBLAS")]
+    assert len(cub) == 1 and cub[0]["gbs"] * cub[0]["ms"] * 1e6 == pytest.approx(
+        (32 * 32 + 256 * 32 + 32 * 256 + 32 * 256 + 256 * 32 + 32 * 32) * 4)     # fp32 on the CPU
     # past gpu_check's deadline (a shortened limit) the optional rows are skipped and the process still returns
     # its main rows, instead of being killed with none written
     monkeypatch.setenv("FMLM_BENCH_DEADLINE", "0")
