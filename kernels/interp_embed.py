@@ -350,7 +350,7 @@ def embed_grad_rows_fwd(grad, tokens, gamma, embed, config=None):
     R = tok.shape[0]
     stok, order = torch.sort(tok, stable=True)
     dh = grad.reshape(-1, D).contiguous()
-    dE = torch.zeros_like(embed)
+    dE = torch.zeros(embed.shape, device=embed.device, dtype=embed.dtype)     # contiguous: the kernels index rows
     cfg = {**(INTERPRET_EMBED_GRAD_CONFIG if interpreting() else EMBED_GRAD_CONFIG), **(config or {})}
     n_chunks = triton.cdiv(R, cfg["BLOCK_C"])
     head = torch.empty(n_chunks, D, device=embed.device, dtype=torch.float32)
@@ -510,10 +510,10 @@ def _hidden_bwd_impl(grad, tokens, gamma, embed, chol, xi, seed, need_chol_grad,
     if backend == "triton":
         dE = embed_grad_rows_fwd(grad, tokens.contiguous(), gamma.contiguous(), embed)
     else:
-        dE = _scatter_gather_grad(torch.zeros(embed.shape, device=embed.device, dtype=torch.float32), grad, tokens,
-                                  gamma).to(embed.dtype)
+        dE = _scatter_gather_grad(torch.zeros(embed.shape, device=embed.device, dtype=acc_dtype(embed.dtype)), grad,
+                                  tokens, gamma).to(embed.dtype)
     if not need_chol_grad:
-        return dE, torch.zeros_like(chol)
+        return dE, torch.zeros(chol.shape, device=chol.device, dtype=chol.dtype)
     x = _xi(xi, seed, B, L, D, embed.device, chol.dtype, backend)
     gd = (grad.reshape(-1, D).to(acc_dtype(chol.dtype))
           * (1 - gamma.to(acc_dtype(chol.dtype)).repeat_interleave(L))[:, None]).to(chol.dtype)
@@ -540,7 +540,7 @@ def _vocab_bwd_op(grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor,
 
 @_vocab_bwd_op.register_fake
 def _(grad, tokens, gamma, embed, seed, n_valid, backend):
-    return torch.empty_like(embed)
+    return _contiguous_like(embed)
 
 
 @torch.library.custom_op("fmlm::interp_embed_hidden", mutates_args=())
@@ -565,7 +565,12 @@ def _hidden_bwd_op(grad: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor
 
 @_hidden_bwd_op.register_fake
 def _(grad, tokens, gamma, embed, chol, xi, seed, need_chol_grad, backend):
-    return torch.empty_like(embed), torch.empty_like(chol)
+    return _contiguous_like(embed), _contiguous_like(chol)
+
+
+def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
+    """What the backward impls return: contiguous (empty_like would keep a transposed input's strides)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------

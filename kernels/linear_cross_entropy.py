@@ -984,8 +984,15 @@ def _lce_bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias:
 
 @_lce_bwd_op.register_fake
 def _(grad, h, weight, bias, targets, stats, cap, ignore_index, n_valid, backend):
-    return torch.empty_like(h), torch.empty_like(weight), (torch.empty_like(bias) if bias is not None
-                                                           else weight.new_empty(0))
+    return _grads_like(h, weight, bias)
+
+
+def _grads_like(h, weight, bias):
+    """(dh, dW, db) as the backward impls return them: contiguous (empty_like would keep a transposed input's
+    strides, and inductor checks them)."""
+    def like(x):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return like(h), like(weight), (like(bias) if bias is not None else weight.new_empty(0))
 
 
 @torch.library.custom_op("fmlm::soft_linear_cross_entropy", mutates_args=())
@@ -1011,8 +1018,7 @@ def _soft_bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias
 
 @_soft_bwd_op.register_fake
 def _(grad, h, weight, bias, h1, h2, lam, stats, cap, n_valid, backend):
-    return torch.empty_like(h), torch.empty_like(weight), (torch.empty_like(bias) if bias is not None
-                                                           else weight.new_empty(0))
+    return _grads_like(h, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------

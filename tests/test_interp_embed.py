@@ -287,6 +287,41 @@ def test_validation_and_reference_backend():
             interp_embed(tokens, gamma, E, **{"noise": "hidden", **bad})
 
 
+@pytest.mark.parametrize("noise", ["hidden", "vocab"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_a_transposed_embedding(backend, noise):
+    """E given as a transposed view (an embedding stored (D, V)): dE lands in the right rows (the Triton hidden
+    backward allocated dE with the view's strides and wrote rows where columns were; found by review)."""
+    tokens, gamma, E, up = _problem(2, 5, 19, 16, 24, torch.float32, seed=4)
+    P = E.t().contiguous()                            # the storage; E = P.t() is the view the op sees
+    C = embed_cholesky(E, 19)
+    eps = vocab_noise(3, 2, 5, 19, backend="torch")
+
+    def grads(fn):
+        leaf = P.clone().requires_grad_()
+        (fn(leaf.t()).double() * up.double()).sum().backward()
+        return leaf.grad
+    if noise == "hidden":
+        xi = hidden_noise(3, 2, 5, 16, backend="torch")
+        got = grads(lambda E: interp_embed(tokens, gamma, E, "hidden", chol=C, xi=xi, backend=backend))
+        want = grads(lambda E: ref.interp_embed_hidden_ref(tokens, gamma, E, xi, C))
+    else:
+        got = grads(lambda E: interp_embed(tokens, gamma, E, "vocab", seed=3, n_valid=19, backend=backend))
+        want = grads(lambda E: ref.interp_embed_ref(tokens, gamma, E[:19], eps))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fp64_hidden_grad_is_fp64_accurate():
+    """The torch backend's hidden dE accumulates in the embedding's accumulation dtype: fp64 stays fp64 (it summed
+    in fp32, ~1e-7 off; found by review)."""
+    tokens, gamma, E, up = _problem(3, 7, 19, 16, 19, torch.float64, seed=5)
+    C = embed_cholesky(E, 19)
+    xi = hidden_noise(3, 3, 7, 16, dtype=torch.float64, backend="torch")
+    got = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", chol=C, xi=xi, backend="torch"), E, up)[1]
+    want = _grad(lambda E: ref.interp_embed_hidden_ref(tokens, gamma.double(), E, xi, C), E, up)[1]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     tokens, gamma, E, _ = _problem(2, 3, 19, 16, 24, torch.float32)
@@ -296,6 +331,14 @@ def test_opcheck(backend):
     xi = hidden_noise(1, 2, 3, 16, backend="torch")
     torch.library.opcheck(torch.ops.fmlm.interp_embed_hidden.default, (tokens, gamma, E, C, None, 9, backend))
     torch.library.opcheck(torch.ops.fmlm.interp_embed_hidden.default, (tokens, gamma, E, C, xi, 9, backend))
+    # transposed E and C: the backward ops' fake impls give contiguous grads, as the impls do (found by review)
+    ET, CT = E.detach().t().contiguous().t(), C.detach().t().contiguous().t()
+    g = torch.randn(6, 16)
+    torch.library.opcheck(torch.ops.fmlm.interp_embed_vocab_backward.default,
+                          (g.view(2, 3, 16), tokens, gamma, ET, 3, 19, backend))
+    for need in (False, True):
+        torch.library.opcheck(torch.ops.fmlm.interp_embed_hidden_backward.default,
+                              (g, tokens, gamma, ET, CT, xi, 9, need, backend))
     # the registered ops (the torch.compile path) and the eager autograd.Functions agree, values and grads
     up = torch.randn(2, 3, 16)
     ops = torch.ops.fmlm

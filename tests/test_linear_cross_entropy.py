@@ -498,6 +498,14 @@ def test_opcheck(backend):
     lse = torch.ops.fmlm.linear_cross_entropy(h, W, b, t, 30.0, -100, 23, backend)[1]
     torch.library.opcheck(torch.ops.fmlm.linear_cross_entropy_backward.default,
                           (g, h.detach(), W.detach(), b.detach(), t, lse, 30.0, -100, 23, backend))
+    # transposed views: the backward ops' fake impls must give the contiguous strides the impls return (they gave
+    # the views' strides, and inductor asserted on them; found by review)
+    hT, WT = h.detach().t().contiguous().t(), W.detach().t().contiguous().t()
+    torch.library.opcheck(torch.ops.fmlm.linear_cross_entropy_backward.default,
+                          (g, hT, WT, b.detach(), t, lse, 30.0, -100, 23, backend))
+    stats = torch.ops.fmlm.soft_linear_cross_entropy(h, W, b, h1, h2, lam, 30.0, 23, backend)[1]
+    torch.library.opcheck(torch.ops.fmlm.soft_linear_cross_entropy_backward.default,
+                          (g, hT, WT, b.detach(), h1, h2, lam, stats, 30.0, 23, backend))
 
 
 def test_compile_specs_build():
