@@ -267,7 +267,9 @@ if HAS_TRITON:
                 l += tl.sum(tl.exp(s - cap), 1)
             else:
                 m_new = tl.maximum(m, tl.max(s, 1))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+                # exponents against 0 while every logit so far is −inf (a −inf bias, uncapped): −inf − −inf is NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
                 m = m_new
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
         rmask = rows < N
@@ -808,8 +810,9 @@ def _online(m, l, s, cap=None):
         e = s.sub_(cap).exp_()
         return m, 1.0, e, l + e.sum(-1)
     m_new = torch.maximum(m, s.amax(-1))
-    a = torch.exp(m - m_new)
-    e = torch.exp(s - m_new[:, None])
+    m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)     # all −inf so far (−inf bias, no cap): not NaN
+    a = torch.exp(m - m_ref)
+    e = torch.exp(s - m_ref[:, None])
     return m_new, a, e, l * a + e.sum(-1)
 
 

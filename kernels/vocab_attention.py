@@ -883,8 +883,9 @@ def _vocab_attention_torch(h, weight, bias, embed, cap, n_valid):
             if cap:
                 z = cap * torch.tanh(z / cap)
             m_new = torch.maximum(m, z.amax(-1))
-            alpha = torch.exp(m - m_new)
-            pz = torch.exp(z - m_new[:, None])
+            m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)     # all −inf so far (−inf bias, no cap)
+            alpha = torch.exp(m - m_ref)
+            pz = torch.exp(z - m_ref[:, None])
             s = s * alpha + pz.sum(-1)
             o = o * alpha[:, None] + pz @ embed[v0:v1].to(acc)
             m = m_new

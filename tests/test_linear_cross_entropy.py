@@ -834,3 +834,17 @@ def test_triton_launchers_refuse_mixed_dtypes():
     h, W, b, t, _ = _problem(5, 20, 8, 24, torch.float32, True, 0, 0)
     with pytest.raises(TypeError, match="one dtype"):
         lce_mod._check_triton_inputs(h.half(), W)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
+def test_uncapped_minus_inf_bias_columns(monkeypatch, backend):
+    """No cap and a bias of −inf on a block of columns (how a padded vocabulary can be masked, DESIGN.md §2.5): a
+    chunk or tile whose logits are all −inf made the online softmax's exp(−inf − −inf) NaN (found by review)."""
+    monkeypatch.setattr(lce_mod, "TORCH_V_CHUNK", 64)
+    h, W, b, t, _ = _problem(7, 200, 16, 200, torch.float32)
+    b[:96] = float("-inf")                   # the first chunk (torch) and the first tiles (triton) all −inf
+    t = 96 + t % 104                          # targets among the finite columns
+    got = linear_cross_entropy(h, W, b, t, cap=None, backend=backend)
+    want = ref.linear_cross_entropy_ref(h, W, b, t, cap=None)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

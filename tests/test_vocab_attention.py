@@ -455,3 +455,18 @@ def test_flow_map_step_refuses_host_coefficients_and_integer_state():
         flow_map_step(u, W, b, E, hs, 0.5, bc, c, nz, 30.0, 100, backend="torch")
     with pytest.raises(TypeError, match="h_state must be a floating tensor"):
         flow_map_step(u, W, b, E, hs.long(), a, bc, c, nz, 30.0, 100, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_uncapped_minus_inf_bias_columns(monkeypatch, backend):
+    """No cap, −inf bias on the first chunk's columns: the torch path's online softmax gave NaN (found by review)."""
+    monkeypatch.setattr(VA, "TORCH_V_CHUNK", 64)
+    g = torch.Generator().manual_seed(3)
+    h, W, b, E = (torch.randn(5, 16, generator=g), torch.randn(200, 16, generator=g) / 4,
+                  torch.randn(200, generator=g), torch.randn(200, 8, generator=g))
+    b[:96] = float("-inf")
+    o, lse = VA.vocab_attention(h, W, b, E, None, backend=backend)
+    ro, rlse = ref.vocab_attention_ref(h, W, b, E, None)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(o, ro, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-4)
