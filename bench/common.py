@@ -18,7 +18,16 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-RESULTS_DIR = Path(os.environ.get("FMLM_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
+def _default_results_dir(here: Optional[Path] = None) -> Path:
+    """bench/results/ of a source checkout (an editable install: what make runs); ./fmlm_results for an installed
+    package, whose folder is site-packages and no place for results."""
+    here = Path(__file__).resolve().parent if here is None else here
+    if (here.parent / "setup.py").is_file() and (here.parent / "kernels").is_dir():
+        return here / "results"
+    return Path.cwd() / "fmlm_results"
+
+
+RESULTS_DIR = Path(os.environ.get("FMLM_RESULTS_DIR") or _default_results_dir())
 
 
 def sync(device=None):

@@ -1048,6 +1048,21 @@ def test_gpu_check_run_group_interrupts_before_killing(tmp_path, monkeypatch):
         assert out.read_text() == want and time.time() - t0 < 20
 
 
+def test_results_dir_is_never_site_packages(tmp_path, monkeypatch):
+    """A source checkout writes bench/results/; an installed package writes ./fmlm_results (it wrote into
+    site-packages; found by review)."""
+    from pathlib import Path
+
+    from fmlm.bench import common
+
+    repo = Path(common.__file__).resolve().parent.parent
+    assert common._default_results_dir() == repo / "bench" / "results"
+    monkeypatch.chdir(tmp_path)
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "fmlm" / "bench"
+    installed.mkdir(parents=True)
+    assert common._default_results_dir(installed) == tmp_path / "fmlm_results"
+
+
 def test_git_sha_from_the_environment(monkeypatch):
     """The rows' commit: FMLM_GIT_SHA when given (the device's copy of the tree has no usable git), else git's."""
     from fmlm.bench import common
