@@ -54,6 +54,11 @@ STREAM_VOCAB, STREAM_HIDDEN = 0, 1
 # (rows × D) · (D × D) GEMM with a gather epilogue.
 VOCAB_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
 VOCAB_BWD_CONFIG = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=256, num_warps=8, num_stages=3)
+# fp32 embeddings (IEEE dots on the FMA pipes): the tiles above spill on sm_90a (forward 472 B, backward 4.2 KB a
+# thread); these do not (compile check, triton 3.7.1 / 3.6: forward 128 / 116 registers, backward 195 / 198).
+# Unmeasured on a GPU; vocab noise is the parity and toy-vocabulary path.
+VOCAB_FWD_CONFIG_FP32 = dict(BLOCK_R=64, BLOCK_V=64, BLOCK_D=128, num_warps=8, num_stages=3)
+VOCAB_BWD_CONFIG_FP32 = dict(BLOCK_R=32, BLOCK_V=32, BLOCK_D=128, num_warps=8, num_stages=2)
 HIDDEN_FWD_CONFIG = dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=256, num_warps=8, num_stages=3)
 # The default hidden forward draws each ξ tile once per column block of D (3× at D = 768). Alternatives the
 # benchmark times beside it (unmeasured): wider column blocks draw ξ fewer times, at the price of masked columns
@@ -299,7 +304,7 @@ def interp_embed_vocab_fwd(tokens, gamma, embed, seed, n_valid, config=None):
     L = tokens.shape[1]
     tok = tokens.reshape(-1)
     D = embed.shape[1]
-    cfg = _cfg(VOCAB_FWD_CONFIG, D, config)
+    cfg = _cfg(VOCAB_FWD_CONFIG_FP32 if embed.dtype == torch.float32 else VOCAB_FWD_CONFIG, D, config)
     out = torch.empty(tok.shape[0], D, device=embed.device, dtype=embed.dtype)
     _interp_embed_vocab_fwd_kernel[(triton.cdiv(tok.shape[0], cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))](
         tok, gamma, embed, out, seed, tok.shape[0], L, n_valid, D, embed.stride(0), out.stride(0),
@@ -315,7 +320,7 @@ def interp_embed_vocab_bwd(grad, tokens, gamma, embed, seed, n_valid, config=Non
     tok = tokens.reshape(-1)
     D = embed.shape[1]
     dh = grad.reshape(-1, D).to(embed.dtype).contiguous()
-    cfg = _cfg(VOCAB_BWD_CONFIG, D, config)
+    cfg = _cfg(VOCAB_BWD_CONFIG_FP32 if embed.dtype == torch.float32 else VOCAB_BWD_CONFIG, D, config)
     dE = torch.zeros(embed.shape, device=embed.device, dtype=torch.float32)
     _interp_embed_vocab_bwd_kernel[(triton.cdiv(n_valid, cfg["BLOCK_V"]), triton.cdiv(D, cfg["BLOCK_D"]))](
         gamma, dh, dE, seed, tok.shape[0], L, n_valid, D, dh.stride(0), dE.stride(0),
@@ -763,16 +768,25 @@ def _spec(name, fn, sig, const, cfg) -> dict:
 
 def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     """Kernels at the real configs: triton.compile(ASTSource(fn, signature, constexprs, attrs),
-    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=..., num_stages=...))."""
+    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=..., num_stages=...)). The bf16 list ends with the
+    fp32 forms of the GEMM kernels (the trainer passes the model's fp32 embedding), named '…[fp32]'."""
     if not HAS_TRITON:
         return []
+    specs = _specs(dtype, D)
+    if dtype == "bf16":
+        gemms = ("interp_embed_vocab_fwd", "interp_embed_vocab_bwd", "interp_embed_hidden_fwd")
+        specs += [{**sp, "name": f"{sp['name']}[fp32]"} for sp in _specs("fp32", D) if sp["name"] in gemms]
+    return specs
+
+
+def _specs(dtype: str, D: int) -> list[dict]:
     prec = "ieee" if dtype == "fp32" else "tf32"
-    c = VOCAB_FWD_CONFIG
+    c = VOCAB_FWD_CONFIG_FP32 if dtype == "fp32" else VOCAB_FWD_CONFIG
     specs = [_spec("interp_embed_vocab_fwd", _interp_embed_vocab_fwd_kernel,
                    dict(tok_ptr="*i64", gamma_ptr="*fp32", e_ptr=f"*{dtype}", out_ptr=f"*{dtype}", seed="i64",
                         R="i32", L="i32", V="i32", D="i32", stride_e="i32", stride_o="i32"),
                    dict(PREC=prec, BLOCK_R=c["BLOCK_R"], BLOCK_V=c["BLOCK_V"], BLOCK_D=c["BLOCK_D"], FAST=True), c)]
-    c = VOCAB_BWD_CONFIG
+    c = VOCAB_BWD_CONFIG_FP32 if dtype == "fp32" else VOCAB_BWD_CONFIG
     specs.append(_spec("interp_embed_vocab_bwd", _interp_embed_vocab_bwd_kernel,
                        dict(gamma_ptr="*fp32", dh_ptr=f"*{dtype}", de_ptr="*fp32", seed="i64", R="i32", L="i32",
                             V="i32", D="i32", stride_dh="i32", stride_de="i32"),

@@ -311,6 +311,32 @@ def test_grad_of_a_transposed_embedding(backend, noise):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_vocab_kernels_take_the_config_of_their_dtype(monkeypatch, dtype):
+    """On a GPU (the interpreter's small config switched off here) an fp32 embedding takes the vocab kernels'
+    fp32 tiles, which do not spill (the bf16 tiles spill in fp32: the compile check lists both); the result
+    stays within the budget either way."""
+    from kernel_test_utils import LaunchArgs
+
+    monkeypatch.setattr(ie_mod, "interpreting", lambda: False)
+    fwd, bwd = LaunchArgs(ie_mod._interp_embed_vocab_fwd_kernel), LaunchArgs(ie_mod._interp_embed_vocab_bwd_kernel)
+    monkeypatch.setattr(ie_mod, "_interp_embed_vocab_fwd_kernel", fwd)
+    monkeypatch.setattr(ie_mod, "_interp_embed_vocab_bwd_kernel", bwd)
+    tokens, gamma, E, up = _problem(2, 3, 19, 256, 19, dtype, seed=6)
+    eps = vocab_noise(4, 2, 3, 19, dtype=dtype, backend="torch")
+    out = _grad(lambda E: interp_embed(tokens, gamma, E, "vocab", seed=4, n_valid=19, backend="triton"), E, up)
+    want = {torch.float32: (ie_mod.VOCAB_FWD_CONFIG_FP32, ie_mod.VOCAB_BWD_CONFIG_FP32),
+            torch.float16: (ie_mod.VOCAB_FWD_CONFIG, ie_mod.VOCAB_BWD_CONFIG)}[dtype]
+    for spy, cfg in zip((fwd, bwd), want):
+        assert [(k["BLOCK_R"], k["BLOCK_V"], k["BLOCK_D"]) for k in spy.launches] == \
+            [(cfg["BLOCK_R"], cfg["BLOCK_V"], cfg["BLOCK_D"])]
+    rf = _grad(lambda E: ref.interp_embed_ref(tokens, gamma, E, eps), E, up)
+    tr = _grad(lambda E: ref.interp_embed_ref(tokens, gamma.double(), E, eps.double()), E.double(), up)
+    _budget("vocab h", out[0], rf[0], tr[0], dtype)
+    _budget("vocab dE", out[1], rf[1], tr[1], dtype)
+
+
 def test_fp64_hidden_grad_is_fp64_accurate():
     """The torch backend's hidden dE accumulates in the embedding's accumulation dtype: fp64 stays fp64 (it summed
     in fp32, ~1e-7 off; found by review)."""
