@@ -390,7 +390,8 @@ def parser(ap=None):
     ap.add_argument("--quick", action="store_true", help="the gpu-check budget (~90 s on an H100)")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--out", default=None, help="results folder (default: $FMLM_RESULTS_DIR, else bench/results in "
+                    "a source checkout, ./fmlm_results when installed)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 

@@ -86,7 +86,8 @@ def parser(ap=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--out", default=None, help="results folder (default: $FMLM_RESULTS_DIR, else bench/results in "
+                    "a source checkout, ./fmlm_results when installed)")
     return ap
 
 

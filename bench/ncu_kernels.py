@@ -357,7 +357,8 @@ def parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentPar
     ap.add_argument("--case", action="append", choices=list(CASES), help="a case to profile (repeatable; default all)")
     ap.add_argument("--child", choices=list(CASES), help=argparse.SUPPRESS)
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--out", default=None, help="results folder (default: $FMLM_RESULTS_DIR, else bench/results in "
+                    "a source checkout, ./fmlm_results when installed)")
     return ap
 
 

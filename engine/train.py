@@ -357,7 +357,8 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
     """Train `model` (kind 'flm': FLM loss; 'fmlm': distillation from `teacher`) on PackedBlocks `train`.
 
     Writes <out_dir>/metrics.jsonl, checkpoints/, and model/ (the EMA weights) at the end. With resume=True
-    and a checkpoint in out_dir, continues from it exactly."""
+    and a checkpoint in out_dir, continues from it exactly; another kind, model config, global batch or world
+    size is refused. kind 'fmlm': a micro-batch's rows × diag_fraction must be whole."""
     from tqdm import tqdm
 
     from .data import ShardedSampler
@@ -513,14 +514,16 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
 def _add_train_args(p, distill: bool):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="bundled",
-                   help="'bundled' (the packaged KJV Bible), a text file (.txt/.gz) or directory (one text per "
-                        "line), or 'hf:<name>[:<config>]' via the optional `datasets` package")
+                   help="'bundled' (the packaged KJV Bible), a text file (plain or gzip; a binary file is refused) "
+                        "or a directory of .txt/.gz/.text/.md files (one text per line), or 'hf:<name>[:<config>]' "
+                        "via the optional `datasets` package")
     g.add_argument("--tokenizer", default=None,
                    help="'train:<V>' (train a WordPiece of size V on the data), 'words:<V>' (word-level), a tokenizer.json / "
                         "directory, or "
                         "'bert-base-uncased' / 'gpt2'. Default: train:2048 for train; the teacher's for distill")
     g.add_argument("--style", choices=("lm1b", "owt"), default="lm1b",
-                   help="packing: lm1b = [CLS] … [SEP] blocks, texts separated by [SEP]; owt = EOS-separated")
+                   help="packing: lm1b = [CLS] … [CLS] blocks, texts separated by [CLS] (the reference's ids); "
+                        "owt = EOS-separated")
     g.add_argument("--cache-dir", default=None, help="where token ids are cached (default ~/.cache/fmlm/tokens)")
     g.add_argument("--val-every-block", type=int, default=50, help="hold out every N-th block for validation")
     if not distill:
@@ -553,7 +556,9 @@ def _add_train_args(p, distill: bool):
     t.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
     t.add_argument("--time-budget", type=float, default=0.0, help="stop (and checkpoint) after this many seconds")
     if distill:
-        t.add_argument("--diag-fraction", type=float, default=d.diag_fraction)
+        t.add_argument("--diag-fraction", type=float, default=d.diag_fraction,
+                       help="fraction of each micro-batch's rows that are diagonal (teacher) rows; diag-fraction × "
+                            "rows per micro-batch (batch-size / (GPUs × accum)) must be whole")
         t.add_argument("--boundary-fraction", type=float, default=d.boundary_fraction)
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
@@ -735,7 +740,9 @@ def register_cli(sub, bench_sub) -> None:
                        description="Trains a small FLM on the bundled KJV corpus, distills it into an FMLM, samples "
                                    "both at 1, 2, 4 and 32 steps and writes a report (demo_out/report.md). About "
                                    "6 minutes on a 2-core CPU; a larger model and more steps on a GPU.")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out",
+                   help="a new directory, or one holding only what an earlier demo wrote (it is replaced); a "
+                        "file, a link or a directory holding anything else is refused")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (smoke test)")
@@ -758,5 +765,6 @@ def register_cli(sub, bench_sub) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-write", action="store_true", help="do not append rows to bench/results/train.csv")
+    p.add_argument("--no-write", action="store_true", help="do not append rows to train.csv in the results folder "
+                   "($FMLM_RESULTS_DIR, else bench/results in a source checkout, ./fmlm_results when installed)")
     p.set_defaults(func=cmd_bench_train)

@@ -173,6 +173,12 @@ def test_binary_files_are_refused(tmp_path):
     with gzip.open(gz, "wt") as fh:
         fh.write("and god said\n")
     assert list(D.iter_texts(str(gz))) == ["and god said"]
+    d = tmp_path / "dir"                                             # inside a directory, by content too
+    d.mkdir()
+    (d / "a.txt").write_text("let there be light\n")
+    (d / "b.txt").write_bytes(lzma.compress(b"garbage\n" * 50))
+    with pytest.raises(ValueError, match="xz data"):
+        list(D.iter_texts(str(d)))
 
 
 def test_quality_measures():
