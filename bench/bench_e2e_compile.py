@@ -17,7 +17,7 @@ import torch
 
 from fmlm.bench import bench_e2e
 from fmlm.bench.bench_e2e import _row
-from fmlm.bench.common import bench_deadline, ceilings, markdown_table, time_fn, write_rows
+from fmlm.bench.common import bench_deadline, ceilings, markdown_table, optional_rows, time_fn, write_rows
 
 POINTS = (("owt", 32), ("lm1b", 1))
 POINT_S = 45.0           # seconds a point needs at most (napkin: two samplers, one cold inductor compile of the block)
@@ -28,6 +28,11 @@ def run(quick: bool = False) -> list[dict]:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_e2e_compile: needs CUDA, skipped", file=sys.stderr)
         return []
+    if not optional_rows():
+        # the compiled blocks are an opt-in variant (off by default): gpu-check's defaults-only mode leaves them to
+        # gpu-check-full, and bench_e2e already times the plain graph rows
+        return [{"dataset": name, "path": "engine graph + compile", "B": B, "steps": 1,
+                 "note": "skipped: defaults-only mode (make gpu-check-full times it)"} for name, B in POINTS]
     bench_e2e.DEVICE = DEVICE
     rate = ceilings()["bf16_tflops"]
     iters = 5 if quick else 20

@@ -158,14 +158,17 @@ def write_rows(name: str, rows: list[dict], out_dir: Optional[Path] = None) -> P
     m = meta()
     rows = [{**r, **m} for r in rows]
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    path = out / f"{name}.csv"
-    new = not path.exists()
-    if not new:
+    # append to the first of <name>.csv, <name>-<date>.csv, <name>-<date>-2.csv, … that is new or has these columns
+    # (rows under another header would land in the wrong columns)
+    day = m["date"][:10]
+    for i in range(1, 1000):
+        path = out / (f"{name}.csv" if i == 1 else f"{name}-{day}.csv" if i == 2 else f"{name}-{day}-{i - 1}.csv")
+        new = not path.exists()
+        if new:
+            break
         with open(path) as f:
-            old_keys = next(csv.reader(f), [])
-        if old_keys != keys:
-            path = out / f"{name}-{m['date'][:10]}.csv"
-            new = not path.exists()
+            if next(csv.reader(f), []) == keys:
+                break
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         if new:

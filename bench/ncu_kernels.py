@@ -28,6 +28,7 @@ import glob
 import importlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,8 +209,9 @@ def find_ncu() -> Optional[str]:
     found = shutil.which("ncu")
     if found:
         return found
-    cands = sorted(glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
-    return cands[-1] if cands else None
+    cands = glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
+    # by version numbers, not text: cuda-12.10 is newer than cuda-12.9
+    return max(cands, key=lambda c: [int(x) for x in re.findall(r"\d+", c)], default=None)
 
 
 def ncu_command(ncu: str, report: Path, case: str, max_kernels: int = MAX_KERNELS) -> list[str]:
@@ -289,23 +291,28 @@ def profile_case(ncu: str, case: str, out_dir: Path, timeout_s: float) -> list[d
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     from fmlm.bench.gpu_check import run_group     # killed as a group: the profiled process must not outlive ncu
-    with open(log, "w") as f:
-        try:
-            rc = run_group(ncu_command(ncu, report, case), timeout_s, stdout=f, stderr=subprocess.STDOUT, env=env)
-        except subprocess.TimeoutExpired:
-            report.unlink(missing_ok=True)
-            return [{"case": case, "kernel": "", "note": f"ncu did not finish within {timeout_s:.0f} s"}]
-    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-    if rc != 0 or not report.exists():
-        return [{"case": case, "kernel": "", "note": f"ncu exit {rc}: {' / '.join(tail)[:300]}"}]
     try:
-        q = subprocess.run(import_command(ncu, report), capture_output=True, text=True, timeout=90)
-    except subprocess.TimeoutExpired:
-        q = None
-    # the CSV holds every metric; the report is large (results.tar.gz must stay under the device tool's 16 MiB)
-    report.unlink(missing_ok=True)
-    if q is None:
-        return [{"case": case, "kernel": "", "note": "reading the report back took over 90 s"}]
+        with open(log, "w") as f:
+            try:
+                rc = run_group(ncu_command(ncu, report, case), timeout_s, stdout=f, stderr=subprocess.STDOUT,
+                               env=env)
+            except subprocess.TimeoutExpired:
+                return [{"case": case, "kernel": "", "note": f"ncu did not finish within {timeout_s:.0f} s"}]
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        if rc != 0 or not report.exists():
+            return [{"case": case, "kernel": "", "note": f"ncu exit {rc}: {' / '.join(tail)[:300]}"}]
+        import_s = max(5.0, min(90.0, common.bench_deadline() - time.time()))   # never past the step's deadline
+        try:
+            q = subprocess.run(import_command(ncu, report), capture_output=True, text=True, timeout=import_s)
+        except subprocess.TimeoutExpired:
+            return [{"case": case, "kernel": "", "note": f"reading the report back took over {import_s:.0f} s"}]
+    finally:
+        # the CSV holds every metric; the report is large (results.tar.gz must stay under the device tool's 16 MiB),
+        # so it goes whatever happened (a failed or interrupted case too)
+        report.unlink(missing_ok=True)
+    if q.returncode != 0:
+        err = (q.stderr or q.stdout).strip().splitlines()[-3:]
+        return [{"case": case, "kernel": "", "note": f"ncu --import exit {q.returncode}: {' / '.join(err)[:300]}"}]
     (out_dir / f"ncu_{case}.csv").write_text(q.stdout)
     records, units = parse_raw_csv(q.stdout)
     if not records:

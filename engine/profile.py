@@ -40,19 +40,34 @@ def build_model(checkpoint=None, preset: str = "owt", device="cpu", seed: int = 
     return model.to(device).eval()
 
 
+def exclusive_us(intervals) -> list[float]:
+    """Each (start, end) interval's device time not already covered by an interval that started before it. With
+    programmatic dependent launch a kernel starts before its predecessor ends and waits in griddepcontrol.wait:
+    its full duration would count that wait (and the predecessor's tail) as its own. The credits sum to busy_us."""
+    order = sorted(range(len(intervals)), key=lambda i: intervals[i][0])
+    out, reach = [0.0] * len(intervals), float("-inf")
+    for i in order:
+        a, b = intervals[i]
+        out[i] = max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    return out
+
+
 def kernel_table(prof, top: int = 40) -> list[dict]:
     """Per kernel name: calls, total and mean device time, share of all device time (CPU-only runs: the
-    self CPU time of each op instead)."""
+    self CPU time of each op instead). Device time is exclusive (exclusive_us): overlapping kernels (PDL) are not
+    counted twice, and the shares sum to 100 % of the busy time."""
     events = prof.events()
     # device activity only: kernels, memcpy/memset; not the GPU-side copies of our record_function ranges
     dev = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU
            and not getattr(e, "is_user_annotation", False)]
     agg = collections.defaultdict(lambda: [0, 0.0])
     if dev:
-        for e in dev:
+        credit = exclusive_us([(e.time_range.start, e.time_range.end) for e in dev])
+        for e, t in zip(dev, credit):
             a = agg[e.name]
             a[0] += 1
-            a[1] += e.time_range.elapsed_us()
+            a[1] += t
         unit = "device"
     else:
         for e in prof.key_averages():

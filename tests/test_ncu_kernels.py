@@ -84,6 +84,16 @@ def test_profile_case_through_a_stand_in_ncu(tmp_path):
     assert not (out / "ncu_logits_argmax.ncu-rep").exists()
     bad = nk.profile_case(_fake_ncu(tmp_path, exit_code=3), "logits_argmax", out, timeout_s=30)
     assert len(bad) == 1 and bad[0]["note"].startswith("ncu exit 3") and "stand-in failure" in bad[0]["note"]
+    # a failed case leaves no report behind (one could pass the device tool's 16 MiB and sink the archive)
+    assert not (out / "ncu_logits_argmax.ncu-rep").exists()
+
+
+def test_find_ncu_takes_the_newest_by_version(monkeypatch):
+    monkeypatch.setattr(nk.shutil, "which", lambda name: None)
+    paths = ["/usr/local/cuda-12.9/bin/ncu", "/usr/local/cuda-12.10/bin/ncu", "/usr/local/cuda-11.8/bin/ncu"]
+    monkeypatch.setattr(nk.glob, "glob", lambda pat: [p for p in paths if p.startswith("/usr/local")]
+                        if pat.startswith("/usr/local") else [])
+    assert nk.find_ncu() == "/usr/local/cuda-12.10/bin/ncu"
 
 
 def test_run_without_ncu_or_time(monkeypatch):
