@@ -3,8 +3,8 @@
 Everything runs offline: the corpus ships with the package, the tokenizer is trained on it, and quality is
 measured without a judge model (fmlm.engine.metrics): per-sample unigram entropy, the fraction of adjacent
 word pairs that occur in the training blocks, and the FLM's validation cross-entropy, beside the held-out
-blocks' own numbers and a random-token baseline. The paper's point, in miniature: one FLM step gives degenerate text; one FMLM
-step gives text about as varied and word-plausible as many FLM steps.
+blocks' own numbers and a random-token baseline. The paper's point, in miniature: one FLM step gives degenerate
+text; one FMLM step gives text about as varied and word-plausible as many FLM steps.
 
 Output (demo_out/): report.md, loss_curves.png, quality_vs_steps.png, flm/ and fmlm/ (model directories with
 their tokenizer.json, loadable by fmlm.load_checkpoint), samples.jsonl, metrics.json.
@@ -168,7 +168,8 @@ def _report(out: Path, m: dict, samples: dict, pngs: list) -> str:
               f"**{'yes' if chk['entropy_ok'] else 'no'}**",
               f"- far above random tokens ({rn['word_pairs']:.3f}): **{'yes' if chk['above_random'] else 'no'}**", ""]
     lines += ["Measures: *word pairs* = fraction of adjacent word pairs of a decoded sample that occur anywhere in "
-              "the training blocks (the held-out blocks are scored against them too; repetition like \"the the\" and random tokens score low); *entropy* = entropy of the "
+              "the training blocks (the held-out blocks are scored against them too; repetition like \"the the\" "
+              "and random tokens score low); *entropy* = entropy of the "
               "token-id histogram within one sample, averaged (as the reference computes it). Speed: wall time of "
               "one batch of samples on this device (engine sampler), after a warm-up call. The distillation loss is "
               "a cross-entropy against soft targets, so it keeps their entropy and stays flat; what distillation "

@@ -10,7 +10,8 @@ from fmlm.engine.runner import Sampler
 from fmlm.engine.sampling import sample
 from fmlm.engine.schedule import gamma_to_tau, tau_to_gamma
 
-__all__ = ["ModelConfig", "FlowLM", "Sampler", "sample", "refresh", "tau_to_gamma", "gamma_to_tau", "load_checkpoint", "save_checkpoint"]
+__all__ = ["ModelConfig", "FlowLM", "Sampler", "sample", "refresh", "tau_to_gamma", "gamma_to_tau", "load_checkpoint",
+           "save_checkpoint"]
 
 
 def __getattr__(name):          # checkpoint IO imports safetensors lazily

@@ -267,7 +267,7 @@ if HAS_TRITON:
                 l += tl.sum(tl.exp(s - cap), 1)
             else:
                 m_new = tl.maximum(m, tl.max(s, 1))
-                # exponents against 0 while every logit so far is −inf (a −inf bias, uncapped): −inf − −inf is NaN
+                # against 0 while every logit so far is −inf (a −inf bias, uncapped): −inf − −inf is NaN
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
                 m = m_new
