@@ -26,6 +26,7 @@ the MUFU tanh.approx on CUDA for 16-bit outputs (relative error 2^-11, below the
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -155,7 +156,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _auto_split(tiles: int, K: int) -> int:
     """Splits that bring tiles × splits to about a wave, each split ≥ MIN_K_PER_SPLIT deep, at most MAX_SPLIT."""
-    return max(1, min(MAX_SPLIT, _cdiv(WAVE, tiles), K // MIN_K_PER_SPLIT))
+    return max(1, min(MAX_SPLIT, _cdiv(WAVE, max(tiles, 1)), K // MIN_K_PER_SPLIT))     # no rows: no tiles
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, split_k: Optional[int] = None,
@@ -189,14 +190,14 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
         split = _auto_split(tiles, K)
     else:
         split = int(split_k)
-    k_per = _cdiv(_cdiv(K, split), bk) * bk
-    cfg["SPLIT"] = _cdiv(K, k_per)          # a requested split may shrink so that no split is empty
+    k_per = max(1, _cdiv(_cdiv(K, split), bk)) * bk     # K = 0: one (empty) split, not a division by zero
+    cfg["SPLIT"] = max(1, _cdiv(K, k_per))  # a requested split may shrink so that no split is empty
     cfg["K_PER_SPLIT"] = k_per
     return cfg
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])      # not -1: ambiguous for K = 0
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
@@ -259,11 +260,10 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         shape = (*a.shape[:-1], N)
     if M == 0 or N == 0:
         return out.view(shape)
-    if K == 0:      # an empty product: the bias alone (fp32 zeros for partials)
+    if K == 0:      # an empty product: the bias alone (fp32 zeros for partials), activated and rotated as the spec
         out.zero_()
         if not partial:
-            z = out[0].float() + (bias.float() if bias is not None else 0.0)
-            out[0].copy_(torch.nn.functional.gelu(z, approximate="tanh") if activation == "gelu_tanh" else z)
+            out[0].copy_(linear_ref(a, weight, bias, activation, rotary).reshape(M, N))
         return out.view(shape)
     bk = cfg["BLOCK_K"]
     b = bias.contiguous() if bias is not None else w

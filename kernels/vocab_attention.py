@@ -720,27 +720,27 @@ def vocab_attention_fwd(h, weight, bias, embed, cap, n_valid, config=None):
 def flow_map_step_fwd(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid, config=None):
     """u (B, L, D), h_state / noise (B, L, De), a / b / c (B,) device tensors → h_next (B, L, De), h_state's dtype."""
     B, L = u.shape[0], u.shape[1]
-    if _use_gemm(u.reshape(B * L, -1), cap, config):
+    # explicit widths, not -1: reshape cannot infer them for an empty batch (B·L = 0)
+    u2 = u.reshape(B * L, u.shape[-1])
+    hs2 = h_state.reshape(B * L, h_state.shape[-1])
+    nz2 = None if noise is None else noise.reshape(B * L, noise.shape[-1])
+    if _use_gemm(u2, cap, config):
         if (config or {}).get("fused_finish", True):
             # one Triton pass for the normalization and the update (config {"fused_finish": False}: torch ops)
-            o, ssum = _gemm_sums(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, config)
-            nz2 = None if noise is None else noise.reshape(B * L, -1).contiguous()
-            out = _flow_finish(o, ssum, h_state.reshape(B * L, -1).contiguous(), a.contiguous(), b.contiguous(),
-                               None if c is None else c.contiguous(), nz2, L)
+            o, ssum = _gemm_sums(u2, weight, bias, embed, cap, n_valid, config)
+            out = _flow_finish(o, ssum, hs2.contiguous(), a.contiguous(), b.contiguous(),
+                               None if c is None else c.contiguous(), None if nz2 is None else nz2.contiguous(), L)
             return out.view(h_state.shape)
-        de, _ = _vocab_attention_gemm(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, config)
+        de, _ = _vocab_attention_gemm(u2, weight, bias, embed, cap, n_valid, config)
         acc = torch.float32
         return ref.flow_map_update_ref(h_state.to(acc), de.view(h_state.shape), a.to(acc), b.to(acc),
                                        None if c is None else c.to(acc),
                                        None if noise is None else noise.to(acc)).to(h_state.dtype)
-    hs2 = h_state.reshape(B * L, -1)
     hs2 = hs2 if hs2.stride(-1) == 1 else hs2.contiguous()
-    nz2 = None
-    if noise is not None:
-        nz2 = noise.reshape(B * L, -1)
+    if nz2 is not None:
         nz2 = nz2 if nz2.stride(-1) == 1 else nz2.contiguous()
     flow = (hs2, a.contiguous(), b.contiguous(), None if c is None else c.contiguous(), nz2, L)
-    out = _vocab_attention_launch(u.reshape(B * L, -1), weight, bias, embed, cap, n_valid, flow, config)
+    out = _vocab_attention_launch(u2, weight, bias, embed, cap, n_valid, flow, config)
     return out.reshape(h_state.shape)
 
 

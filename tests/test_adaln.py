@@ -145,3 +145,83 @@ def test_bad_norm_shapes_are_refused(backend):
         adaln.gate_residual(x, gate[:, :8], y, backend=backend)
     with pytest.raises(ValueError, match="x_out must be"):
         adaln.gate_residual(x, gate, y, x_out=torch.empty(2, 16), backend=backend)
+
+
+@needs_triton
+@pytest.mark.parametrize("strided", ["shift", "scale"])
+def test_shift_and_scale_of_different_row_strides(strided):
+    """The kernel reads shift and scale with one row stride: where only one of them is a column block of a wider
+    modulation (row stride k·D) and the other a (B, D) tensor of its own, the launcher makes both contiguous."""
+    x, y, sh, sc, g, w = _inputs(3, 5, 32, torch.float32, _dev(), seed=2)
+    if strided == "shift":
+        sc = sc.contiguous()
+    else:
+        sh = sh.contiguous()
+    assert sh.stride(0) != sc.stride(0)
+    with must_launch(adaln, KERNEL):
+        out = adaln.adaln_modulate(x, w, sh, sc, backend="triton")
+        xn, out2 = adaln.gate_residual(x, g, y, w, sh, sc, backend="triton")
+    truth = adaln.adaln_modulate_ref(x.double(), w.double(), sh.double(), sc.double())
+    _budget(out, adaln.adaln_modulate(x, w, sh, sc, backend="reference"), truth, torch.float32)
+    xr, outr = adaln.gate_residual(x, g, y, w, sh, sc, backend="reference")
+    _budget(out2, outr, adaln.adaln_modulate_ref(xr.double(), w.double(), sh.double(), sc.double()), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_eps_other_than_the_default(backend):
+    """eps = 0.5 on rows of variance ~0.04: LayerNorm(x)·w·(1+scale)+shift with that eps (F.layer_norm written out),
+    far from the default eps's result; both backends."""
+    x, y, sh, sc, g, w = _inputs(2, 3, 16, torch.float32, _dev() if backend == "triton" else "cpu", seed=3)
+    x = 0.2 * (x - 0.5) / 3
+    want = torch.nn.functional.layer_norm(x.double(), [16], eps=0.5) * w.double() * (1 + sc.double()[:, None]) \
+        + sh.double()[:, None]
+    out = adaln.adaln_modulate(x, w, sh, sc, eps=0.5, backend=backend)
+    assert (adaln.adaln_modulate(x, w, sh, sc, backend=backend).double() - want).abs().max() > 0.1
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    xn, out2 = adaln.gate_residual(x, g, y, w, sh, sc, eps=0.5, backend=backend)
+    want2 = adaln.adaln_modulate_ref(xn.double(), w.double(), sh.double(), sc.double(), eps=0.5)
+    torch.testing.assert_close(out2.double(), want2, rtol=1e-5, atol=1e-5)
+
+
+def test_x_must_be_3d_and_the_launcher_checks_modulation_shapes():
+    x, y, sh, sc, g, w = _inputs(2, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"x must be \(B, L, D\)"):
+        adaln.adaln_modulate(x[0], w, sh, sc, backend="reference")
+    with pytest.raises(ValueError, match=r"x must be \(B, L, D\)"):
+        adaln.gate_residual(x.reshape(6, 16), g, y, w, sh, sc, backend="reference")
+    if triton_available() and (interpreting() or torch.cuda.is_available()):
+        with pytest.raises(ValueError, match="modulation must be"):      # the launcher called directly
+            adaln.gate_residual_adaln_fwd(x, g[:1], y)
+        with pytest.raises(ValueError, match="modulation must be"):
+            adaln.gate_residual_adaln_fwd(x, weight=w, shift=sh, scale=sc[:, :8])
+
+
+@needs_triton
+def test_compiling_routes_through_the_registered_ops(monkeypatch):
+    """fmlm::adaln_modulate passes opcheck (schema, fake shapes); while torch.compile traces (is_compiling) the
+    functionals call the registered ops with their arguments (eps, out_dtype, y_bias): bit-equal to the launcher.
+    gate_residual into x_out or without the norm keeps the launcher (the ops allocate their outputs)."""
+    x, y, sh, sc, g, w = _inputs(2, 5, 32, torch.float16, _dev(), seed=4)
+    yb = torch.randn(32, device=x.device, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.fmlm.adaln_modulate.default, (x, w, sh, sc, 1e-3, torch.float16))
+    want = [adaln.adaln_modulate(x, w, sh, sc, eps=1e-3, out_dtype=torch.float16, backend="triton"),
+            *adaln.gate_residual(x, g, y, w, sh, sc, eps=1e-3, backend="triton", y_bias=yb)]
+    calls = []
+
+    def spy(name, op):
+        def call(*args):
+            calls.append(name)
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(adaln, "_adaln_modulate_op", spy("modulate", adaln._adaln_modulate_op))
+    monkeypatch.setattr(adaln, "_gate_residual_adaln_op", spy("gate", adaln._gate_residual_adaln_op))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = [adaln.adaln_modulate(x, w, sh, sc, eps=1e-3, out_dtype=torch.float16, backend="triton"),
+           *adaln.gate_residual(x, g, y, w, sh, sc, eps=1e-3, backend="triton", y_bias=yb)]
+    assert calls == ["modulate", "gate"]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    adaln.gate_residual(x, g, y, backend="triton")
+    adaln.gate_residual(x, g, y, w, sh, sc, x_out=torch.empty_like(x), backend="triton")
+    assert calls == ["modulate", "gate"]

@@ -594,3 +594,122 @@ def test_mixed_dtypes_are_refused():
     q, k, v, cos, sin = _inputs(1, 5, 2, 16, torch.float32, "cpu")
     with pytest.raises(TypeError, match="one dtype"):
         A.softcap_attention(q.half(), k, v, 50.0, cos, sin, backend="reference")
+
+
+def _head_strided(t):
+    """t's values in a (B, L, H, d) view whose head dim is not unit-stride."""
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+@needs_triton
+def test_launchers_refuse_a_strided_head_dim_and_bad_rotary_qk_args():
+    """A head dim of stride ≠ 1 (the kernels add column offsets to row pointers): a ValueError from every
+    launcher, not wrong numbers; rotary_qk's argument and `out` checks; 'prepass_tma' without cos/sin."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 8, 2, 16, torch.float32, dev)
+    w = _w_out(24, 2, 16, torch.float32, dev)
+    qs = _head_strided(q)
+    assert qs.stride(-1) != 1 and torch.equal(qs, q)
+    for args in ((qs, k, v), (q, _head_strided(k), v), (q, k, _head_strided(v))):
+        with pytest.raises(ValueError, match="unit stride"):
+            A.softcap_attention(*args, 50.0, cos, sin, backend="triton")
+        with pytest.raises(ValueError, match="unit stride"):
+            A.softcap_attention_out_proj_fwd(*args, 50.0, w, cos, sin)
+    for args in ((qs, k), (q, _head_strided(k))):
+        with pytest.raises(ValueError, match="unit stride"):
+            A.rotary_qk(*args, cos, sin)
+    with pytest.raises(ValueError, match="rotary_qk needs"):
+        A.rotary_qk(q, k[:, :4], cos, sin)
+    with pytest.raises(ValueError, match="rotary_qk needs"):
+        A.rotary_qk(q, k, None, sin)
+    with pytest.raises(ValueError, match="rotary_qk needs"):
+        A.rotary_qk(q, k, cos[:, :4], sin[:, :4])
+    with pytest.raises(ValueError, match="rotary_qk needs"):
+        A.rotary_qk(q[..., :15], k[..., :15], cos[:, :7], sin[:, :7])        # odd head dim
+    good = torch.empty(2, 1, 2, 8, 16, device=dev)
+    for bad in (good[:1], good.half(), good.transpose(3, 4).contiguous().transpose(3, 4)):
+        with pytest.raises(ValueError, match="out must be"):
+            A.rotary_qk(q, k, cos, sin, out=bad)
+    qr, kr = A.rotary_qk(q, k, cos, sin, out=good)
+    assert qr.data_ptr() == good.data_ptr() and kr.data_ptr() == good[1].data_ptr()
+    with pytest.raises(ValueError, match="needs cos/sin"):
+        A.softcap_attention_prepass_tma_fwd(q, k, v, 50.0, None, None)
+
+
+@needs_triton
+def test_prepass_tma_without_descriptors_runs_prepass(monkeypatch):
+    """tma_usable is False for v of another dtype, and wherever the device half of the rule (_backend.tma_device_ok:
+    no host descriptors, or a GPU before sm_90) says no; 'prepass_tma' then runs the 'prepass' pointer kernel."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 9, 2, 32, torch.float16, dev)
+    assert not A.tma_usable(q, v.float())
+    want = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl="prepass")
+    monkeypatch.setattr(A, "tma_device_ok", lambda t: False)
+    assert not A.tma_usable(q, v)
+    _only(monkeypatch, "pointer")
+    assert torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl="prepass_tma"), want)
+
+
+def test_resolve_without_triton_or_off_cuda(monkeypatch):
+    """backend='triton' without the package, or on CPU tensors outside the interpreter: a RuntimeError; 'auto' on
+    CPU is the reference."""
+    monkeypatch.setattr(A, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        A.resolve("triton", torch.device("cpu"))
+    assert A.resolve("auto", torch.device("cpu")) == "reference"
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if triton_available():
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            A.resolve("triton", torch.device("cpu"))
+    assert A.resolve("flex", torch.device("cpu")) == "flex"
+
+
+@needs_triton
+def test_compiling_routes_through_the_registered_ops(monkeypatch):
+    """While torch.compile traces (is_compiling), every rotary_impl and the fused output projection call their
+    registered ops with the functional's arguments (cap, rotate_q, fixed_shift): bit-equal to the eager call."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 9, 2, 32, torch.float32, dev, scale=4.0)
+    w = _w_out(24, 2, 32, torch.float32, dev)
+    cases = [dict(rotary_impl=r, fixed_shift=f) for r in A.ROTARY_IMPLS for f in (False, True)]
+    want = [A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", **kw) for kw in cases]
+    want_p = [A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton", fixed_shift=f)
+              for f in (False, True)]
+    assert not torch.equal(want[0], want[1]) and not torch.equal(want_p[0], want_p[1])    # fixed_shift matters
+    seen = []
+    launch = A._launch_fwd
+    monkeypatch.setattr(A, "_launch_fwd", lambda *a: seen.append(a) or launch(*a))
+    calls = []
+    for name in ("_softcap_attention_op", "_softcap_attention_prepass_op", "_softcap_attention_prepass_tma_op",
+                 "_softcap_attention_out_proj_op"):
+        op = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for kw, x in zip(cases, want):
+        assert torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", **kw), x), kw
+    for f, x in zip((False, True), want_p):
+        assert torch.equal(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton", fixed_shift=f), x)
+    ops = ["_softcap_attention_op"] * 2 + ["_softcap_attention_prepass_op"] * 4 + \
+        ["_softcap_attention_prepass_tma_op"] * 2 + ["_softcap_attention_out_proj_op"] * 2
+    assert calls == ops
+    # what reached the pointer launcher (cos: q rotated on load; k_rotated; the projection): 'load', 'prepass',
+    # 'prepass_k' ('prepass_tma' runs the TMA kernel), then the projection
+    assert [(a[4] is not None, a[9], a[11] is not None) for a in seen] == \
+        [(True, False, False)] * 2 + [(False, True, False)] * 2 + [(True, True, False)] * 2 + [(True, False, True)] * 2
+
+
+@needs_triton
+@pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+def test_triton_tiles_dividing_L_and_d(monkeypatch, rotary):
+    """L a multiple of BLOCK_N and a power-of-two head dim: the kernel's unmasked V loads (EVEN_N and EVEN_D), as
+    at the engine's shapes (L = 128 or 1024, d = 64), within the error budget."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 32, 2, 16, torch.float32, dev, seed=5)
+    if not rotary:
+        cos = sin = None
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    out = A.softcap_attention_fwd(q, k, v, 50.0, cos, sin, block_n=16)
+    assert spy.launches[0]["EVEN_N"] and spy.launches[0]["BLOCK_D"] == spy.launches[0]["HEAD_DIM"]
+    _check_budget(out, q, k, v, 50.0, cos, sin)

@@ -619,3 +619,25 @@ def test_bad_inputs_are_refused(backend):
         interp_embed(tokens, gamma, E, "hidden", seed=1, chol=torch.eye(5), backend=backend)
     with pytest.raises(TypeError, match="n_valid must be an int"):
         interp_embed(tokens, gamma, E, "hidden", seed=1, n_valid=39.5, backend=backend)
+
+
+def test_shape_errors_and_triton_input_checks():
+    """tokens not (B, L), gamma not (B,), embed not 2-D: a ValueError naming the expected shapes. backend='triton'
+    takes fp32/fp16/bf16 embeddings (TypeError for fp64, either noise) and tensors of < 2^31 elements (the kernels
+    index with int32: a 2^31-element embedding, a stride-0 view, is a ValueError, not a launch)."""
+    tokens, gamma, E, _ = _problem(2, 3, 17, 8, 17, torch.float32)
+    for args in ((tokens[0], gamma, E), (tokens.view(2, 3, 1), gamma, E), (tokens, gamma[:1], E),
+                 (tokens, gamma.view(2, 1), E), (tokens, gamma, E[0])):
+        for noise in ("hidden", "vocab"):
+            with pytest.raises(ValueError, match="expected tokens"):
+                interp_embed(*args, noise, backend="torch")
+    if INTERP:
+        for noise in ("hidden", "vocab"):
+            with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+                interp_embed(tokens, gamma, E.double(), noise, backend="triton")
+        big = torch.zeros(1, 8).expand(2 ** 28, 8)
+        assert big.numel() == 2 ** 31
+        with pytest.raises(ValueError, match="int32"):
+            ie_mod.interp_embed_vocab_fwd(tokens, gamma, big, 0, 17)
+        with pytest.raises(ValueError, match="int32"):
+            ie_mod.interp_embed_hidden_fwd(tokens, gamma, E, torch.zeros(1, 8).expand(2 ** 31 // 8, 8), None, 0)

@@ -8,7 +8,7 @@ import torch
 
 from fmlm.kernels import adaln
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import must_launch
+from kernel_test_utils import forbid, must_launch
 
 lin = importlib.import_module("fmlm.kernels.linear")
 
@@ -267,3 +267,81 @@ def test_registered_ops_opcheck():
     gate, sh, sc = torch.randn(3, 2, 32, device=dev).unbind(0)
     torch.library.opcheck(torch.ops.fmlm.gate_residual_adaln.default,
                           (x, gate, p, torch.ones(32, device=dev), sh, sc, 1e-5, torch.float32, b[:32]))
+
+
+@needs_triton
+def test_no_rows_and_an_empty_product(monkeypatch):
+    """No rows: empty outputs and no launch (a split chosen by shape divided by zero tiles); K = 0, an empty
+    product: act(bias) per row as F.linear gives, rotated as the spec where rotary asks for it, zero partials, no
+    launch (the launcher divided by a zero-deep split, and reshape(-1, 0) refused the rows). The fake (meta)
+    shapes agree with the real ones (opcheck)."""
+    dev = _dev()
+    forbid(monkeypatch, lin, "_linear_kernel")
+    a, w, b = _inputs(0, 24, 16, torch.float32, dev, lead=(2,))
+    assert lin.linear(a, w, b, "gelu_tanh", backend="triton").shape == (2, 0, 24)
+    for split in (0, 3):
+        assert lin.linear_partials(a, w, split, backend="triton").shape == (1, 2, 0, 24)
+    a0, w0 = torch.randn(2, 3, 0, device=dev), torch.randn(24, 0, device=dev)
+    for act in (None, "gelu_tanh"):
+        torch.testing.assert_close(lin.linear(a0, w0, b, act, backend="triton"), lin.linear_ref(a0, w0, b, act))
+    assert torch.equal(lin.linear(a0, w0, None, backend="triton"), torch.zeros(2, 3, 24, device=dev))
+    cos, sin = _rope(3, 16, torch.float32, dev)              # q, k of heads of 16 (rotated bias), then 8 plain columns
+    got = lin.linear(a0, w0, b, rotary=(cos, sin, 16), backend="triton")
+    torch.testing.assert_close(got, lin.linear_ref(a0, w0, b, rotary=(cos, sin, 16)))
+    assert not torch.allclose(got[:, 1:, :16], b[:16].expand(2, 2, 16))
+    for split in (0, 1, 3):
+        p = lin.linear_partials(a0, w0, split, backend="triton")
+        assert p.shape == (1, 2, 3, 24) and p.dtype == torch.float32 and torch.equal(p, torch.zeros_like(p))
+    monkeypatch.undo()
+    torch.library.opcheck(torch.ops.fmlm.linear_partials.default, (a0, w0, 0))
+    torch.library.opcheck(torch.ops.fmlm.linear_partials.default, (a, w, 0))
+    torch.library.opcheck(torch.ops.fmlm.linear.default, (a0, w0, b, "gelu_tanh", None, None, 0))
+
+
+def test_device_and_dtype_errors():
+    """Operands on two devices, and fp64 on the Triton backend (its dots take 16-bit or fp32): clear errors."""
+    a, w, b = _inputs(5, 6, 7, torch.float32)
+    with pytest.raises(ValueError, match="one device"):
+        lin.linear(a, w.to("meta"), b, backend="torch")
+    with pytest.raises(ValueError, match="one device"):
+        lin.linear(a, w, b.to("meta"), backend="torch")
+    with pytest.raises(ValueError, match="one device"):
+        lin.linear_partials(a, w.to("meta"), backend="torch")
+    if triton_available() and (interpreting() or torch.cuda.is_available()):
+        with pytest.raises(ValueError, match="16-bit or fp32"):
+            lin.linear_partials(a.double().to(_dev()), w.double().to(_dev()), backend="triton")
+
+
+@needs_triton
+def test_compiling_routes_through_the_registered_ops(monkeypatch):
+    """While torch.compile traces (is_compiling), linear and linear_partials call the registered ops with the
+    launcher's arguments (activation, rotary, split): the same numbers as the eager launcher, bit for bit. With
+    a config (the benchmark's sweeps) the launcher runs even then."""
+    dev = _dev()
+    a, w, b = _inputs(6, 96, 64, torch.float32, dev, seed=6, lead=(2,))
+    cos, sin = _rope(6, 32, torch.float32, dev)
+    a2, w2, _ = _inputs(6, 32, 128, torch.float32, dev, seed=7)      # K = 128: 2 splits asked, 1 chosen by shape
+    want = [lin.linear(a, w, b, "gelu_tanh", backend="triton"),
+            lin.linear(a, w, rotary=(cos, sin, 64), backend="triton"),
+            lin.linear_partials(a2, w2, 2, backend="triton")]
+    assert want[2].shape[0] == 2 and lin.linear_partials(a2, w2, 0, backend="triton").shape[0] == 1
+    calls = []
+
+    def spy(name, op):
+        def call(*args):
+            calls.append(name)
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(lin, "_linear_op", spy("linear", lin._linear_op))
+    monkeypatch.setattr(lin, "_linear_partials_op", spy("partials", lin._linear_partials_op))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = [lin.linear(a, w, b, "gelu_tanh", backend="triton"),
+           lin.linear(a, w, rotary=(cos, sin, 64), backend="triton"),
+           lin.linear_partials(a2, w2, 2, backend="triton")]
+    assert calls == ["linear", "linear", "partials"]
+    for g, x in zip(got, want):
+        assert g.shape == x.shape and torch.equal(g, x)
+    lin.linear(a, w, b, backend="triton", config=dict(lin.INTERPRET_CONFIG))
+    lin.linear_partials(a, w, 2, backend="triton", config=dict(lin.INTERPRET_CONFIG))
+    assert len(calls) == 3

@@ -848,3 +848,52 @@ def test_uncapped_minus_inf_bias_columns(monkeypatch, backend):
     want = ref.linear_cross_entropy_ref(h, W, b, t, cap=None)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shape_validation_and_the_soft_reference_backend():
+    """Wrong bias, targets, h1/h2 shapes: ValueErrors up front. soft_linear_cross_entropy's 'reference' backend (and
+    the no-rows path, which takes it on every backend) gives the loss of the chunked torch backend, per row, in the
+    leading shape; λ weighs h1's distribution, 1 − λ h2's."""
+    h, W, b, h1, h2, lam, _ = _soft_problem(6, 29, 16, 32, torch.float32, seed=2)
+    t = torch.randint(0, 29, (6,))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_cross_entropy(h, W, b[:29], t, n_valid=29)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        soft_linear_cross_entropy(h, W, b[:29], h1, h2, lam, n_valid=29)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(h.view(2, 3, 16), W, b, t, n_valid=29)
+    with pytest.raises(ValueError, match="must match h"):
+        soft_linear_cross_entropy(h, W, b, h1[:5], h2, lam, n_valid=29)
+    with pytest.raises(ValueError, match="must match h"):
+        soft_linear_cross_entropy(h, W, b, h1, h2.view(2, 3, 16), lam, n_valid=29)
+    lam = torch.tensor([[0.2], [0.9]]).expand(2, 3)
+    args = (h.view(2, 3, 16), W, b, h1.view(2, 3, 16), h2.view(2, 3, 16), lam)
+    r = soft_linear_cross_entropy(*args, n_valid=29, backend="reference")
+    assert r.shape == (2, 3) and r.dtype == torch.float32
+    torch.testing.assert_close(r, soft_linear_cross_entropy(*args, n_valid=29, backend="torch"), rtol=1e-5, atol=1e-5)
+    swapped = soft_linear_cross_entropy(h.view(2, 3, 16), W, b, h2.view(2, 3, 16), h1.view(2, 3, 16), lam,
+                                        n_valid=29, backend="reference")
+    assert (swapped - r).abs().max() > 1e-2
+    for backend in ("torch", "reference") + (("triton",) if INTERP else ()):
+        empty = soft_linear_cross_entropy(h[:0].view(0, 2, 16), W, b, h1[:0].view(0, 2, 16), h2[:0].view(0, 2, 16),
+                                          0.5, n_valid=29, backend=backend)
+        assert empty.shape == (0, 2)
+
+
+@needs_interp
+def test_triton_refuses_fp64_and_int32_overflowing_operands():
+    """backend='triton' takes fp32/fp16/bf16 (TypeError for fp64, both losses) and tensors of < 2^31 elements (the
+    kernels index with int32): a 2^31-element weight (a stride-0 view, no memory) is a ValueError, not a launch."""
+    h, W, b, h1, h2, lam, _ = _soft_problem(6, 29, 16, 32, torch.float32, seed=2)
+    t = torch.randint(0, 29, (6,))
+    d = lambda x: x.double()  # noqa: E731
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        linear_cross_entropy(d(h), d(W), d(b), t, backend="triton")
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        soft_linear_cross_entropy(d(h), d(W), d(b), d(h1), d(h2), lam, backend="triton")
+    big = torch.zeros(1, 16).expand(2 ** 27, 16)
+    assert big.numel() == 2 ** 31
+    with pytest.raises(ValueError, match="int32"):
+        lce_mod.linear_cross_entropy_fwd(h, big, None, t, 30.0, -100, 29)
+    with pytest.raises(ValueError, match="int32"):
+        lce_mod.soft_linear_cross_entropy_fwd(h, big, None, h1, h2, lam, 30.0, 29)

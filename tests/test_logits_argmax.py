@@ -403,3 +403,28 @@ def test_bad_shapes_and_n_valid_are_refused():
         logits_argmax(h, W, b, 99.5, backend="torch")
     with pytest.raises(ValueError, match="shape mismatch"):
         logits_argmax(h, W[:, 0], b, 100, backend="torch")
+
+
+@needs_triton
+def test_triton_input_forms(monkeypatch):
+    """The Triton launcher refuses fp64 (TypeError naming the torch backend); promotes mixed dtypes (h fp16, W fp32:
+    the fp32 kernel on the promoted operands); copies an h or W whose last dim is not unit-stride (the kernels add
+    column offsets to row pointers); returns an empty result for no rows without a launch."""
+    h, W, b = _problem(5, 100, 128, 32, torch.float32, seed=3)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        logits_argmax(h.double(), W.double(), b.double(), 100, backend="triton")
+    for hh, ww in ((h.half(), W), (h, W.half())):
+        want = logits_argmax(hh.float(), ww.float(), b, 100, backend="triton")
+        _check(want, hh.float(), ww.float(), b, 100)
+        assert torch.equal(logits_argmax(hh, ww, b, 100, backend="triton"), want)
+    want = logits_argmax(h, W, b, 100, backend="triton")
+    ht, Wt = h.t().contiguous().t(), W.t().contiguous().t()
+    assert ht.stride(-1) != 1 and Wt.stride(-1) != 1
+    for hh, ww in ((ht, W), (h, Wt), (ht, Wt)):
+        assert torch.equal(logits_argmax(hh, ww, b, 100, backend="triton"), want)
+        assert torch.equal(LA.logits_argmax_fwd(hh, ww, b[:100], 100, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)),
+                           LA.logits_argmax_fwd(h, W, b[:100], 100, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)))
+    forbid(monkeypatch, LA, "_logits_argmax_fwd_kernel")
+    forbid(monkeypatch, LA, "_logits_argmax_tma_fwd_kernel")
+    out = logits_argmax(h[:0].view(0, 4, 32), W, b, 100, backend="triton")
+    assert out.shape == (0, 4) and out.dtype == torch.long

@@ -470,3 +470,70 @@ def test_uncapped_minus_inf_bias_columns(monkeypatch, backend):
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     torch.testing.assert_close(o, ro, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_backend_cap_above_the_fixed_shift_range(monkeypatch):
+    """A cap above 40 (no fixed shift): the online-softmax torch path applies cap·tanh(z/cap), across chunks."""
+    monkeypatch.setattr(VA, "TORCH_V_CHUNK", 64)
+    h, W, b, E = _problem(9, 257, 320, 24, 40, torch.float32, device="cpu", scale=30.0)
+    out, lse = vocab_attention(h, W, b, E, 45.0, 257, backend="torch")
+    _check("torch cap 45", out, lse, h, W, b, E, 45.0, 257)
+    uncapped = vocab_attention(h, W, b, E, None, 257, backend="torch")
+    assert (uncapped[1] - lse).abs().max() > 1.0
+
+
+def test_reference_backend_and_shape_errors():
+    """backend='reference' is reference.vocab_attention_ref on the first n_valid rows, in the leading shape;
+    malformed weight/embed/h, u and h_state, or noise shapes: ValueErrors."""
+    h, W, b, E = _problem(6, 50, 64, 8, 12, torch.float32, device="cpu")
+    out, lse = vocab_attention(h.view(2, 3, 8), W, b, E, 30.0, 50, backend="reference")
+    want = ref.vocab_attention_ref(h, W[:50], b[:50], E[:50], 30.0)
+    assert out.shape == (2, 3, 12) and lse.shape == (2, 3)
+    assert torch.equal(out.view(6, 12), want[0]) and torch.equal(lse.view(6), want[1])
+    torch.testing.assert_close(out.view(6, 12), vocab_attention(h, W, b, E, 30.0, 50, backend="torch")[0])
+    for args in ((h, W[0], b, E), (h, W, b, E[0]), (h[:, :7], W, b, E), (h[0, 0], W, b, E)):
+        with pytest.raises(ValueError, match="shape mismatch"):
+            vocab_attention(*args, 30.0, 50, backend="torch")
+    u, hs, coef, nz = h.view(2, 3, 8), torch.zeros(2, 3, 12), torch.ones(2), torch.zeros(2, 3, 12)
+    for uu, hh in ((h, hs), (u, hs[:, :2]), (u, hs[..., :6])):
+        with pytest.raises(ValueError, match=r"u must be \(B, L, D\)"):
+            flow_map_step(uu, W, b, E, hh, coef, coef, n_valid=50, backend="torch")
+    with pytest.raises(ValueError, match="noise must have"):
+        flow_map_step(u, W, b, E, hs, coef, coef, coef, nz[:, :2], n_valid=50, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)], ids=["B0", "L0"])
+def test_flow_map_step_empty_batch(monkeypatch, backend, shape):
+    """An empty batch (B = 0 or L = 0) gives an empty h_next of h_state's shape and dtype on every backend and
+    implementation, without a kernel launch over V (the Triton path reshaped with −1, which reshape cannot infer
+    from zero elements); vocab_attention's launchers likewise."""
+    W, b, E = (torch.randn(64, 8), torch.randn(64), torch.randn(64, 12))
+    u, hs, nz, a = torch.randn(*shape, 8), torch.randn(*shape, 12), torch.randn(*shape, 12), torch.ones(shape[0])
+    if backend == "triton":
+        for name in ("_vocab_attention_fwd_kernel", "_vocab_logits_cap_exp_kernel", "_vocab_logits_cap_exp_tma_kernel"):
+            forbid(monkeypatch, VA, name)
+    for c, n in ((None, None), (a, nz)):
+        out = flow_map_step(u, W, b, E, hs, a, a, c, n, 30.0, 50, backend=backend)
+        assert out.shape == hs.shape and out.dtype == hs.dtype
+    if backend == "triton":
+        for cfg in (None, dict(impl="gemm"), dict(impl="gemm", fused_finish=False), dict(impl="gemm_fused")):
+            assert VA.flow_map_step_fwd(u, W, b, E, hs, a, a, a, nz, 30.0, 50, cfg).shape == hs.shape
+            o, lse = VA.vocab_attention_fwd(u.reshape(-1, 8), W, b, E, 30.0, 50, cfg)
+            assert o.shape == (0, 12) and lse.shape == (0,)
+
+
+@needs_triton
+def test_triton_launcher_input_checks():
+    """fp64 is refused by the Triton launcher (TypeError naming the torch backend); a BLOCK_D needing more than 3
+    chunks of D, or DE_CHUNKS outside 1..3: ValueErrors naming the key."""
+    h, W, b, E = _problem(5, 50, 64, 64, 32, torch.float32)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        vocab_attention(h.double(), W.double(), b.double(), E.double(), 30.0, 50, backend="triton")
+    with pytest.raises(ValueError, match="BLOCK_D=16 needs 4 chunks"):
+        VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(BLOCK_D=16))
+    for n in (0, 4):
+        with pytest.raises(ValueError, match="DE_CHUNKS must be"):
+            VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(DE_CHUNKS=n))
+    ok = VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(BLOCK_D=32, DE_CHUNKS=2))       # 2 chunks of D, of De
+    _check("triton D in 2 chunks", *ok, h, W, b, E, 30.0, 50)
