@@ -188,7 +188,13 @@ def _guarded_newobj(cls, *args):
 
 def _guarded_reconstructor(cls, base, state):
     if _is_inert(cls):
-        return cls(state) if state is not None else cls()
+        obj = cls(state) if state is not None else cls()
+        # protocol 0/1 pickle a dict (list) subclass as _reconstructor(cls, dict, dict(obj)): keep the items
+        if isinstance(state, dict):
+            obj._map.update(state)
+        elif isinstance(state, list):
+            obj._items.extend(state)
+        return obj
     raise _Refused(f"copyreg._reconstructor for {cls!r}")
 
 
@@ -321,30 +327,36 @@ def _inert_state(obj: _Inert) -> dict:
     return st if isinstance(st, dict) else {}
 
 
-def _plain(obj: Any, depth: int = 0) -> Any:
+def _plain(obj: Any, depth: int = 0, memo: Optional[dict] = None) -> Any:
     """Inert omegaconf / Lightning containers → plain dicts and lists; other stand-ins are left as they are.
 
     omegaconf 2.x pickles a DictConfig/ListConfig as its __dict__ with the children in `_content` and each leaf
-    node (AnyNode, IntegerNode, ...) with its value in `_val`; `_parent` points back up and is never followed."""
+    node (AnyNode, IntegerNode, ...) with its value in `_val`; `_parent` points back up and is never followed.
+    Each container is converted once (`memo`): a pickle can share one node 2**64 times in a few hundred bytes."""
     if depth > 64:
         return None
     if obj is None or isinstance(obj, (str, int, float, bool, bytes)):
         return obj
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    out = obj
     if isinstance(obj, dict):
-        return {k: _plain(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, depth + 1) for v in obj]
-    if isinstance(obj, _Inert):
+        out = {k: _plain(v, depth + 1, memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = [_plain(v, depth + 1, memo) for v in obj]
+    elif isinstance(obj, _Inert):
         st = _inert_state(obj)
         if "_content" in st:
-            return _plain(st["_content"], depth + 1)
-        if "_val" in st:
-            return _plain(st["_val"], depth + 1)
-        if obj._map:
-            return {k: _plain(v, depth + 1) for k, v in obj._map.items()}
-        if obj._items:
-            return [_plain(v, depth + 1) for v in obj._items]
-    return obj
+            out = _plain(st["_content"], depth + 1, memo)
+        elif "_val" in st:
+            out = _plain(st["_val"], depth + 1, memo)
+        elif obj._map:
+            out = {k: _plain(v, depth + 1, memo) for k, v in obj._map.items()}
+        elif obj._items:
+            out = [_plain(v, depth + 1, memo) for v in obj._items]
+    memo[id(obj)] = out
+    return out
 
 
 def _mapping(obj: Any) -> dict:
@@ -547,7 +559,7 @@ def _infer_config(p: _Parsed, overrides: Optional[dict]) -> tuple[ModelConfig, d
     else:
         # the released models use 64-dim heads (768 = 12 x 64)
         n = max(1, D // 64)
-        while D % n or (D // n) % 2:
+        while n > 1 and (D % n or (D // n) % 2):     # an odd hidden: n=1, which ModelConfig then refuses
             n -= 1
         fields["n_heads"], src["n_heads"] = max(n, 1), "guess"
     if isinstance(stored.get("model.length"), int) and not isinstance(stored.get("model.length"), bool):
@@ -950,6 +962,8 @@ def _fsync(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass        # some filesystems refuse fsync on directories; durability is best effort there
+        if not path.is_dir():
+            raise   # a file's data may not be on disk: the save failed (the caller restores the previous one)
+        # some filesystems refuse fsync on directories; durability is best effort there
     finally:
         os.close(fd)

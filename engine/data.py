@@ -380,12 +380,20 @@ class Corpus:
     style: str
 
 
+def tokens_cache(cache_dir: Optional[str] = None) -> Path:
+    """Where tokenized streams and trained tokenizers are cached: cache_dir, else $FMLM_CACHE/tokens, else
+    ~/.cache/fmlm/tokens."""
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("FMLM_CACHE") or Path.home() / ".cache" / "fmlm") / "tokens"
+
+
 def load_corpus(source: str = "bundled", tokenizer: str = "train:2048", seq_len: int = 64, style: str = "lm1b",
                 cache_dir: Optional[str] = None, val_every: int = 50, split: str = "train",
                 is_builder: bool = True, barrier=None) -> Corpus:
     """Tokenize (once, cached) and pack a source. In DDP only rank 0 (`is_builder`) trains the tokenizer and
     builds the token cache; `barrier` runs between that and the other ranks' reads of the same files."""
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("FMLM_CACHE") or Path.home() / ".cache" / "fmlm") / "tokens"
+    cache = tokens_cache(cache_dir)
     if is_builder:
         tok = resolve_tokenizer(tokenizer, source, split, cache, True)
         stream = cached_stream(source, tok, style, cache, split, True)

@@ -630,21 +630,39 @@ def load_teacher(spec: str, device="cpu"):
     return teacher
 
 
-def cmd_distill(a) -> int:
-    from pathlib import Path as _P
+def teacher_tokenizer(spec: str, teacher, cache_dir: Optional[str] = None) -> str:
+    """The tokenizer spec distillation uses without --tokenizer: the tokenizer.json beside the teacher (a checkpoint
+    directory), else the one its checkpoint carries (`load_checkpoint`'s `tokenizer_json`: a reference .ckpt's
+    pickled fast tokenizer), written once to the token cache under its content hash. The student must see the
+    teacher's token ids, so no tokenizer is guessed from the vocabulary size."""
+    import hashlib  # noqa: PLC0415
 
+    from .data import tokens_cache  # noqa: PLC0415
+
+    beside = Path(spec) / "tokenizer.json"
+    if beside.is_file():
+        return str(beside)
+    text = getattr(teacher, "tokenizer_json", None)
+    if not text:
+        raise FileNotFoundError(f"the teacher {spec} carries no tokenizer (no tokenizer.json beside it, none in its "
+                                f"checkpoint): pass --tokenizer")
+    path = tokens_cache(cache_dir) / f"teacher-tokenizer-{hashlib.sha1(text.encode()).hexdigest()[:20]}.json"
+    if not path.is_file():        # every DDP rank may write it: same bytes, atomic rename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return str(path)
+
+
+def cmd_distill(a) -> int:
     from .data import load_corpus
     from .losses import init_student
 
     tc = _train_config(a, True)
     d = setup_distributed(a.device)
     teacher = load_teacher(a.teacher, d.device)
-    tok_spec = a.tokenizer
-    if tok_spec is None:
-        tj = _P(a.teacher) / "tokenizer.json"
-        if not tj.is_file():
-            raise FileNotFoundError(f"no tokenizer.json beside the teacher {a.teacher}: pass --tokenizer")
-        tok_spec = str(tj)
+    tok_spec = a.tokenizer if a.tokenizer is not None else teacher_tokenizer(a.teacher, teacher, a.cache_dir)
     corpus = load_corpus(a.data, tok_spec, teacher.cfg.seq_len, a.style, a.cache_dir, a.val_every_block,
                          is_builder=d.main, barrier=d.barrier)
     if corpus.vocab_size != teacher.cfg.vocab_size:

@@ -260,7 +260,11 @@ class _Payload:
 
 
 def _payloads(canary: Path, canary_dir: Path):
+    import codecs
+    import collections
+    import copyreg
     import functools
+    import operator
     c = str(canary)
     return {
         "os.system": (_Payload(os.system, f"touch {c}"), "system"),
@@ -274,12 +278,20 @@ def _payloads(canary: Path, canary_dir: Path):
         "functools.partial": (_Payload(functools.partial(os.system, f"touch {c}")), "functools.partial"),
         "getattr_on_real_object": (_Payload(getattr, dict, "fromkeys"), "getattr"),
         "torch.load": (_Payload(torch.load, c), "torch.serialization.load"),
+        # guarded callables used on data, called on something else
+        "type_3_args": (_Payload(type, "Evil", (), {"x": 1}), "builtins.type with arguments"),
+        "codecs_zlib": (_Payload(codecs.encode, b"x", "zlib"), "_codecs.encode with codec 'zlib'"),
+        "getitem_on_real_object": (_Payload(operator.getitem, {"a": 1}, "a"), "operator.getitem on 'dict'"),
+        "reconstructor_on_real_type": (_Payload(copyreg._reconstructor, collections.OrderedDict, dict, {}),
+                                       "copyreg._reconstructor for"),
     }
 
 
 @pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "builtins.eval", "builtins.open",
                                      "subprocess.call", "shutil.rmtree", "importlib.import_module", "pickle.loads",
-                                     "functools.partial", "getattr_on_real_object", "torch.load"])
+                                     "functools.partial", "getattr_on_real_object", "torch.load",
+                                     "type_3_args", "codecs_zlib", "getitem_on_real_object",
+                                     "reconstructor_on_real_type"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload):
     canary, canary_dir = tmp_path / "pwned", tmp_path / "keep"
     canary_dir.mkdir()
@@ -535,3 +547,338 @@ def test_bare_safetensors_file_says_what_it_needs(tmp_path):
     (tmp_path / "weights.bin").write_bytes((d / "model.safetensors").read_bytes())   # by content, not by name
     with pytest.raises(CheckpointError, match="a safetensors file not named"):
         load_checkpoint(tmp_path / "weights.bin")
+
+
+# -- layouts and branches the tests above do not reach (coverage review) -----------------------------------------
+
+def _hp_with(conf_edit=None, tokenizer=None):
+    """The look-alike hyper_parameters (AttributeDict of an omegaconf-like config and a tokenizer); call inside
+    fake_modules(_FAKES) so the look-alikes pickle under omegaconf/transformers names."""
+    import ckpt_builders as cb
+    m = small_model()
+    conf = cb.reference_config(m, 4, 9)
+    if conf_edit is not None:
+        conf_edit(conf)
+    hp = cb._AttributeDict()
+    hp["config"] = cb._DictConfig(conf)
+    hp["tokenizer"] = tokenizer
+    return hp
+
+
+def test_protocol_1_checkpoint_keeps_its_hyper_parameters(tmp_path, monkeypatch):
+    """torch.save(..., pickle_protocol=1) pickles Lightning's AttributeDict (a dict subclass) as
+    copyreg._reconstructor(AttributeDict, dict, {items}). The stand-in used to drop those items: the stored config
+    and tokenizer were lost and seq_len silently guessed (128 instead of 9)."""
+    import collections
+    import copyreg
+    import functools
+    import ckpt_builders as cb
+    m = small_model()
+    monkeypatch.setattr(torch, "save", functools.partial(torch.save, pickle_protocol=1))
+    with cb.fake_modules({**cb._FAKES, "omegaconf.listconfig.ListLike": _ListLike}):
+        hp = _hp_with(tokenizer=cb._FastTokenizer(None, "gpt2", 9))
+        hp["plain"] = _Payload(copyreg.__newobj__, collections.OrderedDict)   # a container: allowed
+        hp["callbacks"] = _ListLike([1, "two"])           # _reconstructor(ListLike, list, [1, 'two'])
+        p = write_reference_ckpt(tmp_path / "p1.ckpt", m, hyper_parameters=hp)
+    assert ck._plain(ck._read_torch_zip(p)["hyper_parameters"]._map["callbacks"]) == [1, "two"]
+    info = inspect_checkpoint(p)
+    assert info["config_sources"]["n_heads"] == "stored config" and info["config_sources"]["seq_len"] == "stored config"
+    assert info["stored_config"]["model.length"] == 9 and info["tokenizer"]["name_or_path"] == "gpt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_checkpoint(p)
+    assert loaded.cfg == m.cfg and loaded.tokenizer_name == "gpt2"
+    _assert_params_equal(loaded, m)
+    # copyreg.__newobj__ (a protocol-1 global) builds stand-ins and plain containers only
+    with cb.fake_modules(cb._FAKES):
+        hp = _hp_with()
+        hp["evil"] = _Payload(copyreg.__newobj__, torch.device)
+        p = write_reference_ckpt(tmp_path / "p1evil.ckpt", m, hyper_parameters=hp)
+    with pytest.raises(CheckpointError, match=r"copyreg.__newobj__ for .*torch.device.*nothing was executed"):
+        load_checkpoint(p)
+
+
+def test_optional_type_hints_in_hyper_parameters(tmp_path):
+    """typing.Optional[str] (omegaconf's ref_type of an optional field) pickles as
+    getitem(typing.Union, (str, type(None))): builtins.type(None) must give NoneType, not a refusal."""
+    import typing
+    m = small_model()
+    p = write_reference_ckpt(tmp_path / "opt.ckpt", m,
+                             edit=lambda c: c["hyper_parameters"].__setitem__("ref_type", typing.Optional[str]))
+    hp = ck._read_torch_zip(p)["hyper_parameters"]
+    assert hp._map["ref_type"]._args == ((str, type(None)),)
+    _assert_params_equal(load_checkpoint(p), m)
+
+
+class _ListLike(list):
+    pass
+
+
+class _SlotTokenizer:
+    __slots__ = ("name_or_path", "_tokenizer")
+
+    def __init__(self, name):
+        self.name_or_path, self._tokenizer = name, None
+
+
+class _BadBackend:
+    def __getstate__(self):
+        return b"not tokenizer.json"        # bytes, as tokenizers pickles its JSON, but not JSON
+
+    def __setstate__(self, state):
+        pass
+
+
+def test_inert_containers_slots_and_unreadable_tokenizer_json(tmp_path):
+    """Data-only layouts the look-alike config does not use: a config that is itself an AttributeDict (a dict
+    subclass: SETITEMS), a list subclass of an allowlisted package (APPENDS → extend), a tokenizer whose fields
+    live in __slots__ (state (None, {slots})), and a backend whose state is not tokenizer.json (no json, no
+    error)."""
+    import ckpt_builders as cb
+    m = small_model()
+    fakes = {**cb._FAKES, "omegaconf.listconfig.ListLike": _ListLike,
+             "transformers.tokenization_utils_fast.SlotTokenizer": _SlotTokenizer,
+             "tokenizers.Tokenizer": _BadBackend}
+    with cb.fake_modules(fakes):
+        conf = cb._AttributeDict(cb.reference_config(m, 4, 9))
+        conf["callbacks"] = _ListLike([1, "two", 3.0])
+        tok = _SlotTokenizer("gpt2")
+        p = write_reference_ckpt(tmp_path / "slots.ckpt", m,
+                                 hyper_parameters=cb._AttributeDict(config=conf, tokenizer=tok))
+    info = inspect_checkpoint(p)
+    assert info["config_sources"]["n_heads"] == "stored config" and info["stored_config"]["model.length"] == 9
+    assert info["tokenizer"]["name_or_path"] == "gpt2" and info["tokenizer"]["class"].endswith("SlotTokenizer")
+    assert ck._plain(ck._read_torch_zip(p)["hyper_parameters"]._map["config"])["callbacks"] == [1, "two", 3.0]
+    with cb.fake_modules(fakes):
+        tok = cb._FastTokenizer(_BadBackend(), "gpt2", 9)
+        p = write_reference_ckpt(tmp_path / "badjson.ckpt", m, hyper_parameters=cb._AttributeDict(
+            config=cb._DictConfig(cb.reference_config(m, 4, 9)), tokenizer=tok))
+    loaded = load_checkpoint(p)
+    assert loaded.tokenizer_json is None and loaded.tokenizer_name == "gpt2" and loaded.cfg == m.cfg
+    assert inspect_checkpoint(p)["tokenizer"]["has_tokenizer_json"] is False
+
+
+def test_shared_config_nodes_are_read_once(tmp_path, monkeypatch):
+    """A pickle shares objects by reference: 40 levels of {'a': x, 'b': x} take a few hundred bytes, and
+    reading them as a tree visited 2**40 nodes (`fmlm info` hung). Each node is read once; a cycle ends too."""
+    m = small_model()
+    junk = {"leaf": 1}
+    for _ in range(40):
+        junk = {"a": junk, "b": junk}
+    junk["self"] = junk
+    conf = {"model": {"n_heads": 4, "length": 9}, "optim": {"betas": (0.9, 0.999)}, "junk": junk}
+    p = write_reference_ckpt(tmp_path / "dag.ckpt", m, hyper_parameters={"config": conf, "tokenizer": None})
+    calls = []
+    real = ck._plain
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 10_000:
+            raise AssertionError("_plain walked the shared nodes as a tree")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ck, "_plain", counting)
+    info = inspect_checkpoint(p)
+    assert info["stored_config"] == {"model.n_heads": 4, "model.length": 9} and len(calls) < 1000
+    assert ck._plain(conf)["optim"] == {"betas": [0.9, 0.999]}
+
+
+def test_lightning_checkpoint_without_hyper_parameters(tmp_path):
+    """A LightningModule that never called save_hyperparameters(): no stored config, no tokenizer. n_heads comes
+    from the rotary buffer, seq_len is a guess (inspect says so), the weights load."""
+    m = small_model()
+    p = write_reference_ckpt(tmp_path / "nohp.ckpt", m, edit=lambda c: c.pop("hyper_parameters"))
+    info = inspect_checkpoint(p)
+    assert info["stored_config"] == {} and info["tokenizer"] is None and info["guessed"] == ["seq_len"]
+    assert info["config_sources"]["n_heads"] == "rotary buffer" and info["config"]["n_heads"] == 4
+    loaded = load_checkpoint(p, config_overrides={"seq_len": 9})
+    assert loaded.cfg == m.cfg and loaded.tokenizer_json is None and loaded.tokenizer_name is None
+    _assert_params_equal(loaded, m)
+
+
+def test_guessed_n_heads_for_a_hidden_size_not_a_multiple_of_64(tmp_path):
+    """hidden=200: 200 // 64 = 3 heads do not divide it; the guess steps down to 2 (head dim 100)."""
+    m = small_model(hidden=200, n_heads=4)
+    p = write_reference_ckpt(tmp_path / "h200.ckpt", m, store_config=False, include_inv_freq=False)
+    with pytest.warns(UserWarning, match="n_heads=2"):
+        loaded = load_checkpoint(p)
+    assert loaded.cfg.n_heads == 2 and loaded.cfg.hidden == 200
+    _assert_params_equal(loaded, m)
+
+
+def test_odd_hidden_size_is_a_checkpoint_error(tmp_path):
+    """No head count fits an odd hidden size (rotary needs an even head dim): the n_heads guess used to count
+    down to 0 and fail with ZeroDivisionError instead of saying what is wrong."""
+    def edit(c):
+        sd = c["state_dict"]
+        sd["backbone.vocab_embed.embedding"] = torch.randn(131, 33)
+        sd["backbone.blocks.0.mlp.0.weight"] = torch.randn(132, 33)
+    p = write_reference_ckpt(tmp_path / "odd.ckpt", small_model(), store_config=False, include_inv_freq=False,
+                             edit=edit)
+    for fn in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match="inferred configuration is invalid.*head dim"):
+            fn(p)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    pytest.param(lambda c: c.__setitem__("state_dict", [1, 2]), "'state_dict' is a list, not a dict",
+                 id="state_dict_not_a_dict"),
+    pytest.param(lambda c: c["state_dict"].__setitem__(3, torch.zeros(1)), "non-string state_dict keys: 3",
+                 id="int_key"),
+    pytest.param(lambda c: c["state_dict"].__setitem__("backbone._orig_mod.blocks.0.norm1.weight",
+                                                       c["state_dict"]["backbone.blocks.0.norm1.weight"]),
+                 "two state_dict keys map to 'blocks.0.norm1.weight'", id="compiled_and_plain_key"),
+    pytest.param(lambda c: c["ema"].__setitem__("shadow_params", {"a": 1}), "shadow_params is a dict, not a list",
+                 id="shadow_not_a_list"),
+    pytest.param(lambda c: c["ema"]["shadow_params"].__setitem__(2, None),
+                 r"shadow_params\[2\] \(sigma_map.mlp.0.bias\) is a NoneType, not a tensor", id="shadow_none"),
+    pytest.param(lambda c: c["state_dict"].__setitem__("backbone.vocab_embed.embedding", torch.zeros(131, 4, 8)),
+                 r"vocab_embed.embedding has shape \(131, 4, 8\), expected \(V, hidden\)", id="embedding_3d"),
+    pytest.param(lambda c: [c["state_dict"].pop(k) for k in list(c["state_dict"]) if ".blocks." in k],
+                 "no blocks.<i>.* keys: cannot infer n_blocks", id="no_blocks"),
+    pytest.param(lambda c: c["state_dict"].__setitem__("backbone.blocks.0.mlp.0.weight", torch.zeros(100, 32)),
+                 r"blocks.0.mlp.0.weight has shape \(100, 32\): not a multiple of hidden=32", id="mlp_ratio"),
+])
+def test_more_malformed_reference_checkpoints(tmp_path, edit, msg):
+    p = _bad(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=msg):
+        load_checkpoint(p)
+
+
+def test_top_level_not_a_dict(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match="top level is a Tensor, not a dict"):
+        load_checkpoint(tmp_path / "t.pt")
+
+
+def test_inspect_reports_what_would_fail_instead_of_raising(tmp_path):
+    """`fmlm info` lists a key problem under 'problems' (and still prints the rest); loading raises it."""
+    p = _bad(tmp_path, lambda c: c["state_dict"].pop("backbone.output_layer.linear.bias"))
+    info = inspect_checkpoint(p)
+    assert len(info["problems"]) == 1 and "missing keys: 'output_layer.linear.bias'" in info["problems"][0]
+    assert info["config"]["hidden"] == 32 and info["has_ema"]
+    with pytest.raises(CheckpointError, match="missing keys: 'output_layer.linear.bias'"):
+        load_checkpoint(p)
+
+
+def test_dtype_argument_is_checked(built):
+    path = built["flm"][0]
+    with pytest.raises(CheckpointError, match="unknown dtype 'fp8'"):
+        load_checkpoint(path, dtype="fp8")
+    with pytest.raises(CheckpointError, match="dtype must be a floating type, got torch.int8"):
+        load_checkpoint(path, dtype=torch.int8)
+    assert {p.dtype for p in load_checkpoint(path, dtype="half").parameters()} == {torch.float16}
+
+
+def test_bad_directory_configs(tmp_path):
+    import json
+    d = save_checkpoint(small_model(), tmp_path / "ok")
+    cfg = json.loads((d / "config.json").read_text())
+    for content, msg in (([1, 2], "expected a JSON object"),
+                         ({**cfg, "version": 2}, "format version 2; this fmlm reads version 1"),
+                         ({**cfg, "n_experts": 8}, r"unknown ModelConfig fields \['n_experts'\]")):
+        (d / "config.json").write_text(json.dumps(content))
+        with pytest.raises(CheckpointError, match=msg):
+            load_checkpoint(d)
+
+
+def test_forced_weights_only_load_is_explained(built, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch refuse any explicit pickle_module: say what to unset."""
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="unset TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
+        load_checkpoint(built["flm"][0])
+
+
+def test_unreadable_path_is_a_checkpoint_error(tmp_path):
+    """A path that exists but cannot be opened (here a unix socket; a file without read permission alike)."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(tmp_path / "s.ckpt"))
+        with pytest.raises(CheckpointError, match="s.ckpt: cannot read"):
+            load_checkpoint(tmp_path / "s.ckpt")
+    finally:
+        s.close()
+
+
+def test_save_refuses_a_root_or_a_file_and_saves_from_a_deleted_cwd(tmp_path, monkeypatch):
+    m = small_model()
+    with pytest.raises(CheckpointError, match="filesystem root"):
+        save_checkpoint(m, "/")
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        save_checkpoint(m, tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "mine"
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()                                 # the working directory was deleted: saving elsewhere works
+    _assert_params_equal(load_checkpoint(save_checkpoint(m, tmp_path / "out")), m)
+
+
+def test_save_writes_the_tokenizer_file_a_model_names(tmp_path):
+    m = small_model()
+    tok = tmp_path / "my_tokenizer.json"
+    tok.write_text('{"version": "1.0", "model": {}}')
+    m.tokenizer_path = str(tok)
+    out = save_checkpoint(m, tmp_path / "ck")
+    assert (out / "tokenizer.json").read_text() == tok.read_text()
+    assert load_checkpoint(out).tokenizer_json == tok.read_text()
+
+
+def test_failed_rename_restores_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The new directory's rename into place fails after the old one was moved aside: the old one comes back."""
+    a, b = small_model(seed=1), small_model(seed=2)
+    target = save_checkpoint(a, tmp_path / "out")
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:
+            raise OSError("rename failed (simulated)")
+        return real(src, dst)
+    monkeypatch.setattr(ck.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(b, target)
+    monkeypatch.undo()
+    assert len(calls) == 3 and calls[2][1] == "out"
+    _assert_params_equal(load_checkpoint(target), a)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
+
+
+def test_directory_fsync_refused_by_the_filesystem(tmp_path, monkeypatch):
+    """Some filesystems refuse fsync on a directory: the checkpoint is still written."""
+    import errno
+    import stat
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd)
+    monkeypatch.setattr(ck.os, "fsync", fsync)
+    m = small_model()
+    _assert_params_equal(load_checkpoint(save_checkpoint(m, tmp_path / "ck")), m)
+
+
+def test_a_file_fsync_error_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """An I/O error on a file's fsync (its data may not be on disk) fails the save instead of reporting success;
+    the previous checkpoint stays, and no temporary directory is left."""
+    import errno
+    import stat
+    m = small_model()
+    target = save_checkpoint(m, tmp_path / "ck")
+    before = (target / "model.safetensors").read_bytes()
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(ck.os, "fsync", fsync)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_checkpoint(m, target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -191,3 +191,119 @@ def test_quality_measures():
     np.testing.assert_allclose(ent, [0.0, np.log(4), np.log(2)], atol=1e-12)
     r = M.random_token_ids(3, 7, 50, n_special=5)
     assert r.shape == (3, 7) and int(r.min()) >= 5 and int(r.max()) < 50
+
+
+# -- branches the tests above do not reach (coverage review) ---------------------------------------------------
+
+def _corpus_file(path, n=300):
+    path.write_text("\n".join(ln for _, ln in zip(range(n), D.iter_texts("bundled"))) + "\n")
+    return path
+
+
+def test_directory_without_text_files(tmp_path):
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ids.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(FileNotFoundError, match=r"no text files \(.txt, .gz, .text, .md\) under"):
+        list(D.iter_texts(str(tmp_path)))
+
+
+class _FakeDataset:
+    def __init__(self, rows, columns):
+        self.rows, self.column_names = rows, columns
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_hf_source_through_datasets(monkeypatch):
+    """'hf:<name>[:<config>]' goes to datasets.load_dataset(name, config or None, split=...), reads the 'text'
+    column (else the first one), strips and skips empty rows; without `datasets` it says what to install."""
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "lm1b":
+            return _FakeDataset([{"id": 1, "text": " a cat \n"}, {"id": 2, "text": "  "}, {"id": 3, "text": "sat"}],
+                                ["id", "text"])
+        return _FakeDataset([{"sentence": "first"}, {"sentence": ""}, {"sentence": " second "}], ["sentence"])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert list(D.iter_texts("hf:lm1b")) == ["a cat", "sat"]
+    assert list(D.iter_texts("hf:glue:sst2", split="validation")) == ["first", "second"]
+    assert calls == [("lm1b", None, "train"), ("glue", "sst2", "validation")]
+    # the cache key of an hf source is its name and split (nothing on disk to stat)
+    assert D.source_signature("hf:lm1b") == "hf:lm1b:train"
+    assert D.source_signature("hf:lm1b", "test") != D.source_signature("hf:lm1b")
+    monkeypatch.setitem(sys.modules, "datasets", None)                # not installed
+    with pytest.raises(RuntimeError, match=r"'hf:lm1b' needs the optional package `datasets`"):
+        list(D.iter_texts("hf:lm1b"))
+
+
+def test_train_tokenizer_refuses_a_tiny_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size must be at least 37, got 36"):
+        D.train_tokenizer(["in the beginning"], vocab_size=36)
+
+
+def test_trained_tokenizer_is_cached_and_shared_with_other_ranks(tmp_path):
+    """A trained tokenizer is saved under cache_dir and read back (resumed runs, DDP ranks): the same
+    vocabulary, the same token cache key; a non-builder rank never trains, and says so when the file is missing.
+    load_corpus: a non-builder rank reads only after the barrier (here the barrier is where rank 0 builds)."""
+    src = str(_corpus_file(tmp_path / "c.txt"))
+    cache = tmp_path / "cache"
+    tok = D.resolve_tokenizer("words:300", src, cache_dir=cache)
+    files = list(cache.glob("tokenizer-*.json"))
+    assert len(files) == 1
+    again = D.resolve_tokenizer("words:300", src, cache_dir=cache, is_builder=False)
+    assert again.to_str() == tok.to_str() and D._tokenizer_hash(again) == D._tokenizer_hash(tok)
+    with pytest.raises(FileNotFoundError, match="rank 0 should have written it"):
+        D.resolve_tokenizer("words:300", src, cache_dir=tmp_path / "other", is_builder=False)
+    order = []
+
+    def barrier():
+        order.append("barrier")
+        built.append(D.load_corpus(src, "train:300", 12, "lm1b", cache_dir=str(tmp_path / "c2"), val_every=10))
+    built = []
+    other = D.load_corpus(src, "train:300", 12, "lm1b", cache_dir=str(tmp_path / "c2"), val_every=10,
+                          is_builder=False, barrier=barrier)
+    assert order == ["barrier"] and len(built) == 1
+    assert other.tokenizer.to_str() == built[0].tokenizer.to_str()
+    np.testing.assert_array_equal(np.asarray(other.train.stream), np.asarray(built[0].train.stream))
+    np.testing.assert_array_equal(other.val.index, built[0].val.index)
+
+
+def _word_tok(words):
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+
+
+def test_special_ids_need_the_style_tokens():
+    with pytest.raises(ValueError, match="style 'lm1b' needs a \\[CLS\\] token"):
+        D.special_ids(_word_tok(["a", "[SEP]"]), "lm1b")
+    with pytest.raises(ValueError, match="style 'owt' needs an end-of-text token"):
+        D.special_ids(_word_tok(["a", "[CLS]"]), "owt")
+    assert D.special_ids(_word_tok(["[SEP]", "</s>", "a"]), "owt") == (2, 2)      # </s> before [SEP]
+    assert D.special_ids(_word_tok(["[SEP]", "<|endoftext|>"]), "owt") == (2, 2)
+
+
+def test_a_source_without_text(tmp_path, small_tok):
+    f = tmp_path / "blank.txt"
+    f.write_text("\n   \n\n")
+    with pytest.raises(ValueError, match="the data source holds no text"):
+        D.cached_stream(str(f), small_tok, "lm1b", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_split_and_sampler_refusals():
+    blocks = D.PackedBlocks(np.arange(100, dtype=np.uint16), 12, 1, 2)          # 10 blocks
+    with pytest.raises(ValueError, match="cannot hold out every 1-th of 10 blocks"):
+        blocks.split(val_every=1)                                               # all held out
+    tr, _ = blocks.split(val_every=10)
+    with pytest.raises(ValueError, match="cannot hold out every 10-th of 9 blocks"):
+        tr.split(val_every=10)                                                  # none held out
+    with pytest.raises(ValueError, match="dataset has 7 blocks, fewer than one global batch \\(8\\)"):
+        D.ShardedSampler(7, 8)
+    a = D.ShardedSampler(100, 8, seed=1)
+    with pytest.raises(ValueError, match="the data has 120 blocks, the checkpoint was trained on 100"):
+        D.ShardedSampler(120, 8, seed=1).load_state_dict(a.state_dict())

@@ -276,3 +276,194 @@ def test_bench_train_module_cpu_smoke(monkeypatch):
     rows = bench.run(quick=True)
     assert [r["path"] for r in rows] == ["reference", "engine"] and rows[1]["speedup_vs_ref"] > 0
     assert all(r["amp"] == "none" for r in rows)         # auto: bf16 autocast on CUDA only
+
+
+# -- branches the tests above do not reach (coverage review) ---------------------------------------------------
+
+def test_more_bad_configs(tiny_cfg):
+    with pytest.raises(ValueError, match=r"ema must be in \[0, 1\)"):
+        T.TrainConfig(ema=1.0)
+    with pytest.raises(ValueError, match="amp must be auto, bf16 or none"):
+        T.TrainConfig(amp="fp16")
+    m = _model(tiny_cfg)
+    with pytest.raises(ValueError, match="kind must be 'flm' or 'fmlm', got 'mdlm'"):
+        T.LossModule(m, "mdlm", _tc())
+    with pytest.raises(ValueError, match="FMLM distillation needs a teacher"):
+        T.LossModule(m, "fmlm", _tc())
+
+
+def test_setup_distributed_single_process(monkeypatch):
+    """No torchrun variables: one process, rank 0; 'auto' picks CUDA when there is one, else the CPU."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    d = T.setup_distributed("auto")
+    assert (d.rank, d.world, d.local_rank) == (0, 1, 0) and d.main and not d.on
+    assert d.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    d.barrier()                                              # a no-op without a process group
+
+
+def test_batch_must_split_over_the_world_size(tmp_path, tiny_cfg):
+    """Under torchrun the global batch is split over ranks × accumulation steps; refused before any collective."""
+    train, val = _blocks()
+    with pytest.raises(ValueError, match=r"batch_size 4 must be divisible by world size × accum = 3"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(accum=1), tmp_path, val, dist=T.Dist(world=3),
+                     progress=False)
+
+
+def test_time_budget_stops_checkpoints_and_resumes_exactly(tmp_path, tiny_cfg):
+    """time_budget: the run stops after the step that exceeds it, validates, checkpoints and writes model/; a
+    later run resumes from that step and ends where an uninterrupted run ends. on_log sees every record."""
+    train, val = _blocks()
+    full = T.train_loop(_model(tiny_cfg), "flm", train, _tc(ckpt_every=0), tmp_path / "full", val, progress=False)
+    seen = []
+    cut = T.train_loop(_model(tiny_cfg), "flm", train, _tc(ckpt_every=0, time_budget=1e-9), tmp_path / "cut", val,
+                       progress=False, on_log=seen.append)
+    assert cut.stopped_early and cut.steps_done == 1 and not full.stopped_early
+    assert seen == cut.history and [r["step"] for r in seen if "loss" in r] == [1]
+    assert any("val_loss" in r for r in seen)
+    assert T.latest_checkpoint(tmp_path / "cut").name == "step_00000001"
+    assert fmlm.load_checkpoint(tmp_path / "cut" / T.MODEL_DIR).cfg == full.model.cfg
+    rest = T.train_loop(_model(tiny_cfg, seed=5), "flm", train, _tc(ckpt_every=0), tmp_path / "cut", val,
+                        progress=False)
+    assert rest.steps_done == 6 and not rest.stopped_early
+    for (k, x), y in zip(full.model.state_dict().items(), rest.model.state_dict().values()):
+        assert torch.equal(x, y), k
+    for (k, x), y in zip(full.ema_model.state_dict().items(), rest.ema_model.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_resume_after_a_crash_before_latest_was_updated(tmp_path, tiny_cfg):
+    """A crash after checkpoints/step_6 was written but before `latest` named it: the resumed run trains steps
+    4-6 again and replaces the stale step_6 directory as a whole (no leftovers)."""
+    train, val = _blocks()
+    T.train_loop(_model(tiny_cfg), "flm", train, _tc(), tmp_path, val, progress=False)
+    root = tmp_path / T.CKPT_DIR
+    want = torch.load(root / "step_00000006" / "train_state.pt", weights_only=False)["model"]
+    (root / "latest").write_text("step_00000003")
+    (root / "step_00000006" / "stale").write_text("from the crashed run")
+    r = T.train_loop(_model(tiny_cfg, seed=9), "flm", train, _tc(), tmp_path, val, progress=False)
+    assert r.steps_done == 6 and [x["step"] for x in r.history if "loss" in x] == [4, 5, 6]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    assert (root / "latest").read_text() == "step_00000006" and not (root / "step_00000006" / "stale").exists()
+    got = torch.load(root / "step_00000006" / "train_state.pt", weights_only=False)["model"]
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_resume_refuses_another_world_size(tmp_path, tiny_cfg):
+    """A checkpoint holds one RNG state per rank: a 2-process run cannot be resumed by one process."""
+    train, val = _blocks()
+    T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=3), tmp_path, val, progress=False)
+    f = T.latest_checkpoint(tmp_path) / "train_state.pt"
+    st = torch.load(f, weights_only=False)
+    st["rng"] = st["rng"] * 2                                # as `torchrun --nproc_per_node 2` writes it
+    torch.save(st, f)
+    with pytest.raises(ValueError, match="written by 2 processes; resume with the same world size"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(), tmp_path, val, progress=False)
+
+
+def test_validation_loss_with_fewer_blocks_than_batches(tiny_cfg):
+    """3 validation blocks, batches of 2, val_batches 4: the last batch is partial and the loop stops there."""
+    _, val = _blocks()
+    val = PackedBlocks(val.stream, val.L, val.bos, val.eos, val.index[:3])
+    m = _model(tiny_cfg)
+    a = T.validation_loss(m, "flm", val, _tc(val_batches=4), torch.device("cpu"), batch_size=2)
+    b = T.validation_loss(m, "flm", val, _tc(val_batches=2), torch.device("cpu"), batch_size=2)
+    assert a == b and np.isfinite(a)
+
+
+def _cli_train(tmp_path, out, *extra, steps="3"):
+    from fmlm.engine.cli import main
+    text = tmp_path / "corpus.txt"
+    if not text.exists():
+        _write_corpus(text)
+    return main(["train", "--data", str(text), "--out", str(out), "--steps", steps, *TINY,
+                 "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
+def test_cli_resume_uses_the_checkpoints_tokenizer(tmp_path, monkeypatch):
+    """A resumed `train:<V>` run reads the vocabulary from its checkpoint (model/tokenizer.json), not from a
+    retrained or re-cached tokenizer; --no-resume does not."""
+    from fmlm.engine import data as D
+    assert _cli_train(tmp_path, tmp_path / "run") == 0
+    specs, real = [], D.load_corpus
+
+    def spy(source, tokenizer, *args, **kwargs):
+        specs.append(tokenizer)
+        return real(source, tokenizer, *args, **kwargs)
+    monkeypatch.setattr(D, "load_corpus", spy)
+    assert _cli_train(tmp_path, tmp_path / "run", steps="4") == 0
+    ck = tmp_path / "run" / T.CKPT_DIR / "step_00000003" / T.MODEL_DIR / "tokenizer.json"
+    assert specs == [str(ck)]
+    assert _cli_train(tmp_path, tmp_path / "run", "--no-resume", steps="5") == 1       # refused by train_loop
+    assert specs[-1] == "train:200"
+
+
+def test_cli_init_from_and_distill_errors(tmp_path, capsys):
+    """--init-from starts from a checkpoint's weights and config (its V must be the tokenizer's); distill needs
+    the teacher's tokenizer.json (or --tokenizer) and a vocabulary of the teacher's size."""
+    from fmlm.engine.cli import main
+    from ckpt_builders import small_model
+    assert _cli_train(tmp_path, tmp_path / "base") == 0
+    base = tmp_path / "base" / T.MODEL_DIR
+    init = fmlm.load_checkpoint(base)
+    assert _cli_train(tmp_path, tmp_path / "ft", "--init-from", str(base), "--hidden", "64", "--lr", "1e-12",
+                      steps="1") == 0
+    cfg = json.loads((tmp_path / "ft" / "train_config.json").read_text())["model"]
+    assert cfg == init.cfg.to_dict() and cfg["hidden"] == 32                  # --hidden is the checkpoint's
+    raw = torch.load(T.latest_checkpoint(tmp_path / "ft") / "train_state.pt", weights_only=False)["model"]
+    for k, v in init.state_dict().items():
+        torch.testing.assert_close(raw[k], v, rtol=0, atol=1e-9)            # one step at lr 1e-12 from init
+    other = fmlm.save_checkpoint(small_model(vocab_size=131), tmp_path / "v131")
+    capsys.readouterr()
+    assert _cli_train(tmp_path, tmp_path / "bad", "--init-from", str(other)) == 1
+    assert "--init-from model has V=131, the tokenizer 200" in capsys.readouterr().err
+    common = ["--data", str(tmp_path / "corpus.txt"), "--device", "cpu", "--no-progress", "--steps", "1",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(["distill", "--teacher", str(other), "--out", str(tmp_path / "d1"), *common]) == 1
+    assert "carries no tokenizer" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(other), "--tokenizer", "train:200", "--out", str(tmp_path / "d2"),
+                 *common]) == 1
+    assert "tokenizer vocabulary 200 != teacher's 131" in capsys.readouterr().err
+
+
+def test_distill_uses_the_tokenizer_a_reference_checkpoint_carries(tmp_path, capsys):
+    """A reference .ckpt teacher (the released FLM's form) carries its pickled fast tokenizer: distillation without
+    --tokenizer tokenizes the data with it (written once to the token cache under its content hash), so the
+    student sees the teacher's ids."""
+    pytest.importorskip("tokenizers")
+    from fmlm.engine.cli import main
+    from ckpt_builders import small_model, write_reference_ckpt
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {**{f"w{i}": i for i in range(128)}, "<|endoftext|>": 128, "[UNK]": 129, "[PAD]": 130}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    teacher = write_reference_ckpt(tmp_path / "flm.ckpt", small_model(vocab_size=131, seq_len=8),
+                                   edit=lambda ck: setattr(ck["hyper_parameters"]["tokenizer"], "_tokenizer", backend))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(f"w{(7 * i + j) % 128}" for j in range(40)) for i in range(60)) + "\n")
+    common = ["--data", str(corpus), "--device", "cpu", "--no-progress", "--steps", "1", "--batch-size", "4",
+              "--style", "owt",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "d"), *common]) == 0, \
+        capsys.readouterr().err
+    written = sorted((tmp_path / "cache").glob("teacher-tokenizer-*.json"))
+    assert len(written) == 1
+    tok = T.teacher_tokenizer(str(teacher), fmlm.load_checkpoint(teacher), str(tmp_path / "cache"))
+    assert tok == str(written[0])
+    from fmlm.engine.tokenizer import load_tokenizer
+    assert load_tokenizer(tok).encode("w5 w127 zz <|endoftext|>").ids == [5, 127, 129, 128]   # the teacher's ids
+
+
+def test_cli_bench_train(tmp_path, monkeypatch, capsys):
+    from fmlm.bench import common
+    from fmlm.engine.cli import main
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    args = ["bench", "train", "--vocab", "257", "--seq-len", "8", "--batch", "2", "--hidden", "32", "--blocks", "1",
+            "--heads", "2", "--iters", "1", "--device", "cpu"]
+    assert main([*args, "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| op |") and out.count("train_step_flm") == 2 and "| reference |" in out
+    assert not (tmp_path / "results").exists()
+    assert main(args) == 0
+    assert "rows written to" in capsys.readouterr().err
+    assert len((tmp_path / "results" / "train.csv").read_text().splitlines()) == 3      # header + 2 rows
