@@ -398,6 +398,8 @@ def _tokenizer_info(hparams: Any) -> Optional[dict[str, Any]]:
     tok = _mapping(hparams).get("tokenizer")
     if tok is None:
         return None
+    if isinstance(tok, str):          # a config that names its tokenizer instead of pickling one
+        return {"class": "str", "name_or_path": tok or None, "json": None}
     if not isinstance(tok, _Inert):
         return {"class": type(tok).__name__, "name_or_path": None, "json": None}
     st = _inert_state(tok)

@@ -882,3 +882,11 @@ def test_a_file_fsync_error_fails_the_save_and_keeps_the_previous_checkpoint(tmp
         save_checkpoint(m, target)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_tokenizer_named_by_a_string_is_reported_by_name(tmp_path):
+    """hyper_parameters['tokenizer'] may be a name ('gpt2') rather than a pickled tokenizer: info reports that name."""
+    path = write_reference_ckpt(tmp_path / "s.ckpt", small_model(),
+                                edit=lambda ck: ck["hyper_parameters"].__setitem__("tokenizer", "gpt2"))
+    info = inspect_checkpoint(path)
+    assert info["tokenizer"] == {"class": "str", "name_or_path": "gpt2", "has_tokenizer_json": False}
