@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from fmlm.bench import common
 from fmlm.bench.common import (RESULTS_DIR, add_bench_command, bench_deadline, ceilings, markdown_table, optional_rows,
                                time_fn, write_rows)
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
@@ -221,6 +222,9 @@ def bench(args, quick: bool = False) -> list[dict]:
     def load(name):
         model = build_model(args.checkpoint, name or "owt", DEVICE, args.seed)
         cfg = model.cfg
+        if not cfg.two_time:     # the engine rows would fail, the reference row would time a meaningless sampler
+            raise ValueError(f"bench e2e times the FMLM (flow map) sampler; {args.checkpoint} is a one-time FLM "
+                             "(fmlm profile sample --checkpoint times either kind)")
         if name is None:         # a checkpoint: name it by its shape
             name = {(50258, 1024): "owt", (30522, 128): "lm1b"}.get((cfg.vocab_size, cfg.seq_len), "checkpoint")
         _sync()
@@ -333,6 +337,9 @@ def plot(rows, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except Exception:
         return None
+    # timed rows only: a skipped or failed point (ms/sample nan) or the "candidates aborted" row (no L, V, floor)
+    # made the log axes or the title fail after the rows were measured
+    rows = [r for r in rows if r["ms/sample"] == r["ms/sample"]]
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     if not names:
         return None
@@ -401,9 +408,13 @@ def cli(args) -> int:
     if not rows:
         return 0
     print(markdown_table(rows, COLUMNS))
+    # rows under other columns go to bench_e2e-<date>[-n].csv (common.write_rows): name the file that grew
+    sizes = {p: p.stat().st_size for p in Path(args.out or common.RESULTS_DIR).glob("bench_e2e*.csv")}
     md = write_rows("bench_e2e", rows, args.out)
     png = plot(rows, md.parent / "bench_e2e.png")
-    print(f"rows appended to {md.with_suffix('.csv')}" + (f"; plot {png}" if png else ""))
+    csv_path = next((p for p in md.parent.glob("bench_e2e*.csv") if sizes.get(p) != p.stat().st_size),
+                    md.with_suffix(".csv"))
+    print(f"rows appended to {csv_path}" + (f"; plot {png}" if png else ""))
     return 0
 
 

@@ -13,9 +13,11 @@ and read with int()). On the CPU both run eagerly in the model's dtype.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from fmlm.bench import common
 from fmlm.bench.common import markdown_table, peak_memory_bytes, time_fn, write_rows
 
 
@@ -37,7 +39,9 @@ def run(quick: bool = False, argv=None) -> list[dict]:
 def bench(args, quick: bool = False) -> list[dict]:
     import fmlm
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from fmlm.engine.commands import _device
+
+    device = _device(args.device)          # --device cuda without CUDA: a one-line error, not a traceback
     torch.manual_seed(args.seed)
     model = _model(args, device)
     rows = []
@@ -94,8 +98,12 @@ def parser(ap=None):
 def cli(args) -> int:
     rows = bench(args)
     print(markdown_table(rows))
+    # rows under other columns go to bench_sample-<date>[-n].csv (common.write_rows): name the file that grew
+    sizes = {p: p.stat().st_size for p in Path(args.out or common.RESULTS_DIR).glob("bench_sample*.csv")}
     md = write_rows("bench_sample", rows, args.out)
-    print(f"rows appended to {md.with_suffix('.csv')}")
+    csv_path = next((p for p in md.parent.glob("bench_sample*.csv") if sizes.get(p) != p.stat().st_size),
+                    md.with_suffix(".csv"))
+    print(f"rows appended to {csv_path}")
     return 0
 
 

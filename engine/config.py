@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Optional
 
 VOCAB_MULTIPLE = 128  # the padded V GEMM ran at 680 TFLOP/s vs 246 unpadded on an H100 (DESIGN.md §3)
@@ -40,10 +41,11 @@ class ModelConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("logit_cap", "attn_softcap"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                problems.append(f"{name} must be None or a number ≥ 0 (0: no cap), got {v!r}")
-        if isinstance(self.rotary_base, bool) or not isinstance(self.rotary_base, (int, float)) or self.rotary_base <= 1:
-            problems.append(f"rotary_base must be a number > 1, got {self.rotary_base!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+                problems.append(f"{name} must be None or a finite number ≥ 0 (0: no cap), got {v!r}")
+        rb = self.rotary_base
+        if isinstance(rb, bool) or not isinstance(rb, (int, float)) or not 1 < rb < math.inf:
+            problems.append(f"rotary_base must be a finite number > 1, got {rb!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if not self.logit_cap:

@@ -123,9 +123,10 @@ def busy_us(intervals) -> float:
 
 def profile_sample(args) -> int:
     from fmlm.bench.common import markdown_table
+    from fmlm.engine.commands import _device
     from fmlm.engine.runner import Sampler
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)          # --device cuda without CUDA: a one-line error, not a traceback
     model = build_model(args.checkpoint, args.preset, device, args.seed)
     method = args.method or ("fmlm" if model.cfg.two_time else "flm")
     sampler = Sampler(model, args.batch_size, args.steps, method, args.renoise, graph=not args.no_graph,

@@ -121,6 +121,8 @@ def setup_distributed(device: str = "auto") -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():    # one line, not torch's assertion
+        raise ValueError(f"--device {device}, but torch sees no CUDA device (use --device cpu or auto)")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())

@@ -84,6 +84,7 @@ def test_bench_sample_rows_say_dtype_and_mode(monkeypatch):
     monkeypatch.setattr(bench_sample, "peak_memory_bytes", lambda fn, device="cpu": 0)
     make = bench_sample._model
     monkeypatch.setattr(bench_sample, "_model", lambda args, device: make(args, "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # --device cuda is checked against it
     ref, eng = bench_sample.bench(bench_sample.parser().parse_args(small[:-2] + ["--device", "cuda"]), quick=True)
     assert (ref["dtype"], ref["mode"]) == ("float32", "eager")
     assert (eng["dtype"], eng["mode"]) == ("bf16 trunk", "CUDA graph (fmlm.Sampler)")
@@ -186,3 +187,95 @@ def test_info_on_a_bare_safetensors_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "w.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "a safetensors file" in err and "config.json" in err and "not a torch checkpoint" not in err
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    """`fmlm`, `fmlm bench` and `fmlm profile` without a subcommand print their usage and exit 2."""
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fmlm") and "sample" in out and "bench" in out
+    assert main(["bench"]) == 2
+    assert "usage: fmlm bench" in capsys.readouterr().out
+    assert main(["profile"]) == 2
+    assert "usage: fmlm profile" in capsys.readouterr().out
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    """Ctrl-C inside a command: 'interrupted' on stderr and exit status 130 (128 + SIGINT), no traceback, also with
+    --debug."""
+    from fmlm.engine import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(commands, "cmd_info", interrupted)
+    for extra in ([], ["--debug"]):
+        assert main(["info", "x.ckpt", *extra]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_missing_cli_module_is_skipped(monkeypatch):
+    """A module of CLI_MODULES that is not installed contributes no command; the others still register."""
+    from fmlm.engine import cli
+
+    monkeypatch.setattr(cli, "CLI_MODULES", ("fmlm.engine.no_such_module", "fmlm.engine.commands"))
+    ap = cli.build_parser()
+    assert ap.parse_args(["info", "x"]).func.__name__ == "cmd_info"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["train", "--help"])
+
+
+def test_counts_that_are_not_ints_are_refused(ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(ckpt), "--steps", "two"])
+    assert e.value.code == 2 and "expected a positive int, got 'two'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(ckpt, tmp_path, capsys, no_loading):
+    """--device cuda where torch sees no CUDA: one line and exit 1 before any work, for sample, profile, demo and
+    train (profile, demo and train raised torch's AssertionError 'Torch not compiled with CUDA enabled' with a
+    traceback; train/distill/demo check in setup_distributed)."""
+    for argv in (["sample", "--checkpoint", str(ckpt), "--device", "cuda"],
+                 ["sample", "--checkpoint", str(ckpt), "--device", "cuda:1"],
+                 ["profile", "sample", "--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "prof")],
+                 ["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "demo")],
+                 ["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "train")]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fmlm: error: --device cuda") and "torch sees no CUDA device" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_sample_prints_text_or_ids_without_out(ckpt, tmp_path, capsys):
+    """Without --out each sample is printed (its text when a tokenizer is known, else its token ids), each followed
+    by a line of 80 dashes; they are fmlm.sample's tokens for the seed."""
+    from fmlm.engine.tokenizer import decode, default_tokenizer
+
+    assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "2", "--seed", "3"]) == 0
+    model = fmlm.load_checkpoint(ckpt)
+    want = fmlm.sample(model, 2, 1, "fmlm", 0.0, generator=torch.Generator().manual_seed(3))
+    tok = default_tokenizer(131, str(ckpt), model)
+    assert capsys.readouterr().out == "".join(f"{decode(tok, r)}\n{'-' * 80}\n" for r in want.tolist())
+
+    bare = tmp_path / "bare"                      # a checkpoint without a tokenizer: the ids
+    fmlm.save_checkpoint(small_model(two_time=True), bare)
+    assert main(["sample", "--checkpoint", str(bare), "--batch-size", "2", "--seed", "3"]) == 0
+    want = fmlm.sample(fmlm.load_checkpoint(bare), 2, 1, "fmlm", 0.0, generator=torch.Generator().manual_seed(3))
+    assert capsys.readouterr().out == "".join(f"{' '.join(map(str, r))}\n{'-' * 80}\n" for r in want.tolist())
+
+
+def test_sample_that_cannot_rename_into_out_leaves_no_temporary_file(ckpt, tmp_path, monkeypatch, capsys):
+    """The samples go to OUT.tmp, renamed onto --out at the end; when that rename fails (here a directory appeared
+    at --out while sampling) the error is one line and OUT.tmp is removed."""
+    out = tmp_path / "s.jsonl"
+    real = fmlm.sample
+
+    def sample_then_block_out(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fmlm, "sample", sample_then_block_out)
+    assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmlm: error:") and "s.jsonl" in err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["s.jsonl"] and out.is_dir() and not any(out.iterdir())

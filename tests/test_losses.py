@@ -388,3 +388,55 @@ def test_losses_engine_cuda_bf16_autocast(tiny_cfg):
     for m in (teacher, st):
         assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     assert float(st.sigma_map_prime.mlp[2].weight.grad.abs().max()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks and the paths a toy vocabulary or an FMLM teacher takes
+# ---------------------------------------------------------------------------------------------
+def test_tokens_must_be_a_batch_of_rows(tiny_cfg):
+    m = _model(tiny_cfg)
+    for bad in (torch.ones(9, dtype=torch.long), torch.ones(1, 2, 9, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"tokens must be \(B, L\), got shape"):
+            Lo.flm_loss(m, bad)
+
+
+def test_toy_vocabulary_noise_seed_comes_from_the_generator(tiny_cfg):
+    """V < D: hidden noise is undefined (EᵀE singular), so the engine draws V-space Philox noise whose seed comes from
+    the loss generator, after the times: the same generator state gives the same loss (a resumed run replays it),
+    and it is the parity-mode loss of that seed."""
+    m = _model(tiny_cfg, vocab_size=16)               # hidden 32 > V
+    tok = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(0))
+    a = Lo.flm_loss(m, tok, torch.Generator().manual_seed(5))
+    assert torch.equal(a, Lo.flm_loss(m, tok, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, Lo.flm_loss(m, tok, torch.Generator().manual_seed(6)))
+    g = torch.Generator().manual_seed(5)
+    tau = Lo.stratified_times(3, g)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+    torch.testing.assert_close(a, Lo.flm_loss(m, tok, tau=tau, noise_seed=seed), rtol=0, atol=0)
+
+
+def test_distill_times_fractions_must_be_in_0_1():
+    for kw in (dict(diag_fraction=1.5), dict(diag_fraction=-0.1), dict(boundary_fraction=2.0)):
+        with pytest.raises(ValueError, match=r"diag_fraction and boundary_fraction must be in \[0, 1\]"):
+            Lo.distill_times(8, torch.Generator().manual_seed(0), **kw)
+
+
+def test_init_student_from_an_fmlm_keeps_its_second_time_embedding(tiny_cfg):
+    """Continuing distillation from an FMLM: the student is a copy, trained sigma_map_prime included (only a fresh
+    FLM teacher's student gets the zeroed last layer)."""
+    teacher = _model(tiny_cfg, two_time=True)
+    assert float(teacher.sigma_map_prime.mlp[2].weight.detach().abs().max()) > 0
+    st = Lo.init_student(teacher)
+    assert st is not teacher and st.cfg.two_time
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, st.state_dict()[k]), k
+    x = torch.randn(2, 9, 131, dtype=torch.float64)
+    ts, tt = torch.tensor([0.2, 0.7], dtype=torch.float64), torch.tensor([0.9, 0.8], dtype=torch.float64)
+    assert torch.equal(st(x, ts, tt), teacher(x, ts, tt))
+
+
+def test_distill_refuses_a_teacher_of_another_vocabulary(tiny_cfg):
+    teacher = _model(tiny_cfg, vocab_size=140)
+    student = Lo.init_student(_model(tiny_cfg))
+    with pytest.raises(ValueError, match="teacher and student vocabularies differ"):
+        Lo.fmlm_distill_loss(student, teacher, torch.ones(2, 9, dtype=torch.long))

@@ -141,3 +141,21 @@ def test_half_precision_weights_run_the_reference_under_autocast(tiny_cfg, dtype
     for backend in ("auto", "torch", "reference"):
         t = fmlm.sample(m16, 2, 2, backend=backend, generator=torch.Generator().manual_seed(0))
         assert t.shape == (2, 9) and int(t.min()) >= 0 and int(t.max()) < 131
+
+
+def test_init_must_be_random_or_published(tiny_cfg):
+    with pytest.raises(ValueError, match="init must be 'random' .* or 'published'"):
+        fmlm.FlowLM(tiny_cfg(), init="zeros")
+
+
+def test_fast_trunk_refuses_a_wrong_state_or_gemm_impl(tiny_cfg):
+    """The fast trunk's own checks (Sampler and trunk(backend='fast') check first; these guard direct callers)."""
+    from fmlm.engine import model as M
+
+    m = fmlm.FlowLM(tiny_cfg())
+    for h in (torch.randn(2, 9, 31), torch.randn(9, 32)):
+        with pytest.raises(ValueError, match=r"h must be \(B, L, 32\), got"):
+            M._fast_trunk(m, h, torch.zeros(2), None)
+    x = torch.zeros(1, 9, 32)
+    with pytest.raises(ValueError, match=r"gemm_impl must be one of \('cublas', 'triton_small'\), got 'cutlass'"):
+        M._fast_block(x, x, {}, *([None] * 9), 4, None, False, "torch", "torch", gemm_impl="cutlass")

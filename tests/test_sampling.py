@@ -155,3 +155,18 @@ def test_bad_arguments_raise_clear_errors(tiny_cfg, kw, match):
 def test_fmlm_method_on_flm_model_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="two-time"):
         fmlm.sample(_model(tiny_cfg(two_time=False)), 2, 1, "fmlm")
+
+
+def test_schedule_functions_take_python_numbers():
+    """fmlm's tau_to_gamma / gamma_to_tau accept a Python number or list (as float64), the same values as the tensor;
+    integer tensors are refused."""
+    from fmlm.engine.schedule import gamma_to_tau, tau_to_gamma
+
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    g = tau_to_gamma([0.0, 0.25, 0.5, 1.0], 131)
+    assert g.dtype == torch.float64 and torch.equal(g, tau_to_gamma(t, 131))
+    assert float(tau_to_gamma(0.25, 131)) == float(g[1])
+    assert torch.equal(gamma_to_tau([0.5, 0.9], 131), gamma_to_tau(torch.tensor([0.5, 0.9], dtype=torch.float64), 131))
+    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and 0 < float(g[1]) < float(g[2]) < 1
+    with pytest.raises(TypeError, match="tau must be a floating tensor"):
+        tau_to_gamma(torch.tensor([0, 1]), 131)

@@ -1,0 +1,154 @@
+"""bench/bench_e2e.py (`fmlm bench e2e`) without a GPU: the command's output and files, a checkpoint's rows, the
+rows of a candidate that fails, the plot's absences. The timing itself is CUDA-only; the CPU smoke tests in
+tests/test_runner.py set DEVICE = "cpu" and the tiny preset, as these do."""
+import math
+import re
+
+import pytest
+import torch
+
+import fmlm
+from ckpt_builders import small_model
+from fmlm.bench import bench_e2e as bench
+from fmlm.bench import common
+from fmlm.engine import runner
+
+
+@pytest.fixture
+def on_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.delenv("FMLM_BENCH_DEADLINE", raising=False)
+
+
+SMALL = ["--batch-sizes", "1", "--steps", "1", "--reference", "none", "--iters", "1", "--no-candidates"]
+
+
+def test_cli_prints_the_table_and_names_the_csv_it_appended_to(on_cpu, tmp_path, capsys, monkeypatch):
+    """`fmlm bench e2e`: the markdown table, then the CSV the rows went to and the plot. Rows with other columns
+    (here a 'note' column: every point skipped at the deadline) go to bench_e2e-<date>.csv, and the line names that
+    file (it named bench_e2e.csv, which did not hold them)."""
+    args = bench.parser().parse_args(SMALL + ["--out", str(tmp_path / "out")])
+    args.datasets = ["tiny"]
+    assert bench.cli(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| dataset | path | B | steps | ms/sample |") and "| tiny | engine graph | 1 | 1 |" in out
+    first = tmp_path / "out" / "bench_e2e.csv"
+    assert out.rstrip().endswith(f"rows appended to {first}; plot {tmp_path / 'out' / 'bench_e2e.png'}")
+    assert (tmp_path / "out" / "bench_e2e.png").stat().st_size > 0 and len(first.read_text().splitlines()) == 3
+
+    monkeypatch.setenv("FMLM_BENCH_DEADLINE", "0")
+    assert bench.cli(args) == 0
+    line = capsys.readouterr().out.rstrip().splitlines()[-1]
+    dated = re.fullmatch(r"rows appended to (.*/bench_e2e-\d{4}-\d\d-\d\d\.csv)", line)     # nothing timed: no plot
+    assert dated, line
+    text = open(dated.group(1)).read()
+    assert text.count("skipped: time limit") == 2 and len(first.read_text().splitlines()) == 3
+    monkeypatch.delenv("FMLM_BENCH_DEADLINE")          # the first columns again: back to bench_e2e.csv
+    assert bench.cli(args) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"rows appended to {first}; plot ")
+    assert len(first.read_text().splitlines()) == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_without_cuda_the_command_says_so_and_writes_nothing(tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "bench e2e: no CUDA device, skipped" in captured.err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_is_named_by_its_shape_and_an_flm_is_refused(on_cpu, tmp_path):
+    """--checkpoint: the rows are named lm1b / owt when the checkpoint has that shape, else 'checkpoint'; a one-time
+    FLM checkpoint is refused before any timing (its engine rows failed, and its reference row timed the flow map
+    sampler on a model that has none)."""
+    for name, (V, L) in (("lm1b", (30522, 128)), ("checkpoint", (131, 9))):
+        ck = tmp_path / name
+        fmlm.save_checkpoint(small_model(vocab_size=V, seq_len=L, two_time=True, n_blocks=1), ck)
+        args = bench.parser().parse_args(SMALL + ["--checkpoint", str(ck)])
+        rows = bench.bench(args, quick=True)
+        assert [(r["dataset"], r["path"], r["V"], r["L"]) for r in rows] == [
+            (name, "engine eager", V, L), (name, "engine graph", V, L)]
+        assert all(r["ms/sample"] > 0 for r in rows)
+    flm = tmp_path / "flm"
+    fmlm.save_checkpoint(small_model(two_time=False), flm)
+    timed = []
+    args = bench.parser().parse_args(["--reference", "all", "--checkpoint", str(flm)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "time_fn", lambda *a, **k: timed.append(a) or {})
+        with pytest.raises(ValueError, match=f"bench e2e times the FMLM .* {re.escape(str(flm))} is a one-time FLM"):
+            bench.bench(args, quick=True)
+    assert timed == []
+
+
+class _Sampler:
+    """Stands in for runner.Sampler: kernel_options {"fail": "init"} fails to build, {"fail": "sample"} to run."""
+
+    def __init__(self, model, batch_size, steps, graph=True, kernel_options=None, **kw):
+        if (kernel_options or {}).get("fail") == "init":
+            raise ValueError("needs sm_90\nsecond line of the message")
+        self.fail = (kernel_options or {}).get("fail") == "sample"
+
+    def sample(self, seed, batch_size):
+        if self.fail:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return torch.zeros(batch_size, 9, dtype=torch.long)
+
+
+def test_a_candidate_that_fails_is_a_row_and_a_default_that_fails_raises(on_cpu, monkeypatch):
+    monkeypatch.setattr(runner, "Sampler", _Sampler)
+    cfg = small_model(two_time=True).cfg
+    args = bench.parser().parse_args(["--iters", "1"])
+    rows = []
+    paths = [("engine graph [a]", dict(graph=True, kernel_options={"fail": "init"}), [1, 2]),
+             ("engine graph [b]", dict(graph=True, kernel_options={"fail": "sample"}), [1, 2]),
+             ("engine graph", dict(graph=True), [1])]
+    bench._time_paths(rows, None, "tiny", cfg, 1, paths, args, 1, float("nan"), float("inf"))
+    assert [(r["path"], r["B"], r.get("note")) for r in rows] == [
+        ("engine graph [a]", 1, "failed: ValueError: needs sm_90\nsecond line of the message"),
+        ("engine graph [b]", 1, "failed: RuntimeError: CUDA error: an illegal memory access"),
+        ("engine graph [b]", 2, "failed: RuntimeError: CUDA error: an illegal memory access"),
+        ("engine graph", 1, None)]
+    assert all(math.isnan(r["ms/sample"]) for r in rows[:3]) and rows[3]["ms/sample"] > 0
+    assert "second line" in common.markdown_table(rows, bench.COLUMNS).splitlines()[2]     # one line per row
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench._time_paths([], None, "tiny", cfg, 1, [("engine graph", dict(kernel_options={"fail": "sample"}), [1])],
+                          args, 1, float("nan"), float("inf"))
+
+
+def _row(ms, path="engine graph", B=1, dataset="tiny"):
+    return {"dataset": dataset, "path": path, "steps": 1, "B": B, "ms/sample": ms, "floor ms/sample": 0.1, "L": 9,
+            "V": 131}
+
+
+def test_plot_leaves_out_points_that_were_not_timed(tmp_path):
+    """Skipped or failed points (ms/sample nan) and the 'candidates aborted' row are not plotted: a dataset whose
+    points were all skipped at gpu_check's deadline failed the log axes ('Data cannot be log-scaled'), the aborted
+    row (no L, V or floor) raised KeyError, both after every row was measured, so run() lost them."""
+    pytest.importorskip("matplotlib")
+    nan = float("nan")
+    aborted = {"dataset": "", "path": "candidates aborted", "B": 0, "steps": 0, "ms/sample": nan, "note": "x"}
+    rows = [_row(1.0), _row(nan, "engine graph [pdl]"), _row(nan, dataset="lm1b"), _row(nan, B=8, dataset="lm1b"),
+            aborted]
+    png = bench.plot(rows, tmp_path / "e2e.png")
+    assert png == tmp_path / "e2e.png" and png.stat().st_size > 1000
+    assert bench.plot([_row(nan), aborted], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_plot_without_rows_or_matplotlib_is_none(tmp_path, monkeypatch):
+    row = _row(1.0)
+    assert bench.plot([], tmp_path / "e2e.png") is None
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert bench.plot([row], tmp_path / "e2e.png") is None
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_plots_its_rows_into_out(tmp_path, monkeypatch):
+    """run() (gpu_check's entry) writes the plot of its rows beside the results."""
+    pytest.importorskip("matplotlib")
+    row = _row(1.0)
+    monkeypatch.setattr(bench, "bench", lambda args, quick=False: [row])
+    assert bench.run(quick=True, argv=["--out", str(tmp_path)]) == [row]
+    assert (tmp_path / "bench_e2e.png").stat().st_size > 0
+    monkeypatch.setattr(bench, "bench", lambda args, quick=False: [])
+    assert bench.run(quick=True, argv=["--out", str(tmp_path / "none")]) == [] and not (tmp_path / "none").exists()
