@@ -135,16 +135,20 @@ def _nan_row(name, path, cfg, B, steps, rate, note):
 
 def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadline):
     """Time each (path, Sampler kwargs, batch sizes) on one model; a path that would start past the deadline is
-    reported as skipped; a candidate ("[" in its name) that fails is reported, a default that fails raises."""
+    reported as skipped; an optional path (a candidate, "[" in its name, or the compiled blocks) that fails is
+    reported, a default that fails raises."""
     from fmlm.engine.runner import Sampler
 
     for path, kw, path_batches in paths:
+        optional = "[" in path or kw.get("compile_blocks", False)
         if time.time() > deadline:
             rows += [_nan_row(name, path, cfg, B, steps, rate, "skipped: time limit") for B in path_batches]
             continue
         try:
             sampler = Sampler(model, max(path_batches), steps, **kw)
-        except Exception as exc:       # a candidate that cannot run here is reported, not fatal
+        except Exception as exc:       # an optional path that cannot run here is reported, not fatal
+            if not optional:
+                raise
             rows.append(_nan_row(name, path, cfg, path_batches[0], steps, rate,
                                  f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
             continue
@@ -155,7 +159,7 @@ def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadlin
                 peak = _peak(call)    # graph rows: capture (warm-up runs + pool) on the first call
                 t = time_fn(call, warmup=1, iters=iters, device=DEVICE)
             except Exception as exc:
-                if "[" not in path:   # the defaults must run; only a candidate may fail
+                if not optional:      # the defaults must run; only an optional path may fail
                     raise
                 rows.append(_nan_row(name, path, cfg, B, steps, rate,
                                      f"failed: {type(exc).__name__}: {str(exc)[:120]}"))

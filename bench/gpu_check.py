@@ -233,8 +233,9 @@ def main(argv=None) -> int:
         print(_tail(log.name), flush=True)
         failures = _failures(log.name)
         archive(out)
+    started = {}
     for name in names:
-        t0 = time.time()
+        t0 = started[name] = time.time()
         left = a.budget - (t0 - t_begin)
         if left < 20:
             status[name] = ("SKIPPED (budget)", 0.0)
@@ -256,8 +257,11 @@ def main(argv=None) -> int:
                   flush=True)
         archive(out)
     # printed last, so that a tail of the output (what a remote runner returns) holds the summaries
-    ran = [n for n in names if status.get(n, ("",))[0] == "ok"
-           and (common.RESULTS_DIR / f"{n}.md").exists()]
+    # a table written by this run: a step that wrote no rows would otherwise show an earlier run's (or the tree's)
+    ran = [n for n in names if status.get(n, ("",))[0] == "ok" and (common.RESULTS_DIR / f"{n}.md").exists()
+           and (common.RESULTS_DIR / f"{n}.md").stat().st_mtime >= started[n] - 1.0]
+    for name in [n for n in names if status.get(n, ("",))[0] == "ok" and n not in ran]:
+        print(f"### {name}: ok, but it wrote no rows")
     for name in ran:
         print(f"### {name}\n{(common.RESULTS_DIR / f'{name}.md').read_text()}")
     print("## opt-in candidates vs the defaults they would replace (speedup > 1: the candidate is faster)")

@@ -114,6 +114,15 @@ def test_a_candidate_that_fails_is_a_row_and_a_default_that_fails_raises(on_cpu,
     with pytest.raises(RuntimeError, match="illegal memory access"):
         bench._time_paths([], None, "tiny", cfg, 1, [("engine graph", dict(kernel_options={"fail": "sample"}), [1])],
                           args, 1, float("nan"), float("inf"))
+    with pytest.raises(ValueError, match="needs sm_90"):            # a default that cannot even be built
+        bench._time_paths([], None, "tiny", cfg, 1, [("engine graph", dict(kernel_options={"fail": "init"}), [1])],
+                          args, 1, float("nan"), float("inf"))
+    rows = []               # the compiled blocks (--compile) are optional: an inductor failure is a row, not fatal
+    compiled = dict(graph=True, compile_blocks=True, kernel_options={"fail": "sample"})
+    bench._time_paths(rows, None, "tiny", cfg, 1, [("engine graph + compile", compiled, [1])],
+                      args, 1, float("nan"), float("inf"))
+    assert [(r["path"], r.get("note")) for r in rows] == [
+        ("engine graph + compile", "failed: RuntimeError: CUDA error: an illegal memory access")]
 
 
 def _row(ms, path="engine graph", B=1, dataset="tiny"):

@@ -1,5 +1,6 @@
 """bench/gpu_check.py without a GPU, the paths tests/test_runner.py's driver tests do not take: the child step
 (`--one NAME`), the refusal without CUDA, and the summary of steps that time out or fail."""
+import os
 import subprocess
 import sys
 import types
@@ -47,13 +48,15 @@ def test_without_cuda_it_refuses(results, monkeypatch, capsys):
 
 def test_summary_of_steps_that_time_out_or_fail(results, monkeypatch, capsys):
     """A step past its limit is TIMEOUT, a non-zero exit FAIL rc=N, each with the end of its log; only the steps
-    that ran (ok, with an md of this run) have their table printed, not an older md of a step that failed; the
-    exit status is 1."""
+    that ran (ok, with an md of this run) have their table printed, not an older md of a step that failed or of
+    one that wrote no rows; the exit status is 1."""
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(common, "ceilings", lambda: {"bf16_tflops": 1.0, "copy_gbs": 1.0})
     monkeypatch.setattr(common, "device_name", lambda: "fake")
     monkeypatch.delenv("OUT", raising=False)
-    (results / "bench_slow.md").write_text("| old | rows |\n|---|---|\n| 1 | 2 |\n")     # an earlier run's
+    for old in ("bench_slow", "bench_norows"):          # an earlier run's tables (bench/results on the device)
+        (results / f"{old}.md").write_text("| old | rows |\n|---|---|\n| 1 | 2 |\n")
+        os.utime(results / f"{old}.md", (1e9, 1e9))
 
     def fake_run(cmd, timeout, **kw):
         name = "gpu tests" if cmd[2] == "pytest" else cmd[-1]
@@ -63,15 +66,18 @@ def test_summary_of_steps_that_time_out_or_fail(results, monkeypatch, capsys):
             raise subprocess.TimeoutExpired(cmd, timeout)
         if name == "bench_bad":
             return 3
+        if name == "bench_norows":                       # exits 0 and writes nothing (e.g. every row skipped)
+            return 0
         (results / f"{name}.md").write_text("| impl | ms |\n|---|---|\n| default | 1 |\n")
         return 0
     monkeypatch.setattr(gpu_check, "run_group", fake_run)
-    assert gpu_check.main(["--budget", "1000", "--only", "bench_ok", "bench_bad", "bench_slow"]) == 1
+    assert gpu_check.main(["--budget", "1000", "--only", "bench_ok", "bench_bad", "bench_slow",
+                          "bench_norows"]) == 1
     out = capsys.readouterr().out
     assert "### bench_bad: FAIL rc=3, the end of its log (results/logs/bench_bad.log)\nbench_bad output line\n" in out
     assert "### bench_slow: TIMEOUT, the end of its log (results/logs/bench_slow.log)\nbench_slow output line\n" in out
     assert "### bench_ok\n| impl | ms |" in out and "### bench_slow\n" not in out and "| old | rows |" not in out
-    assert "### bench_ok:" not in out
+    assert "### bench_ok:" not in out and "### bench_norows: ok, but it wrote no rows" in out
     summary = out.split("## gpu-check summary")[1]
     for step, status in (("gpu tests", "TIMEOUT"), ("bench_ok", "ok"), ("bench_bad", "FAIL rc=3"),
                          ("bench_slow", "TIMEOUT")):
