@@ -47,6 +47,18 @@ class LaunchArgs:
         return launch
 
 
+def record_calls(monkeypatch, module, calls: list, **ops: str) -> None:
+    """Replace module attributes (the registered-op entry points named by the keywords) by wrappers that append
+    the keyword's value to `calls`, then call the op: a test sees which registered ops a functional went through."""
+    for attr, label in ops.items():
+        op = getattr(module, attr)
+
+        def call(*args, _op=op, _label=label):
+            calls.append(_label)
+            return _op(*args)
+        monkeypatch.setattr(module, attr, call)
+
+
 @contextlib.contextmanager
 def must_launch(module, *names: str):
     """Within the block, module's kernels `names` are spied on; after it, each must have launched at least once.

@@ -6,7 +6,7 @@ import torch
 from fmlm.kernels import adaln
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import must_launch
+from kernel_test_utils import must_launch, record_calls
 
 needs_triton = pytest.mark.skipif(not (triton_available() and (interpreting() or torch.cuda.is_available())),
                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -207,15 +207,7 @@ def test_compiling_routes_through_the_registered_ops(monkeypatch):
     want = [adaln.adaln_modulate(x, w, sh, sc, eps=1e-3, out_dtype=torch.float16, backend="triton"),
             *adaln.gate_residual(x, g, y, w, sh, sc, eps=1e-3, backend="triton", y_bias=yb)]
     calls = []
-
-    def spy(name, op):
-        def call(*args):
-            calls.append(name)
-            return op(*args)
-        return call
-
-    monkeypatch.setattr(adaln, "_adaln_modulate_op", spy("modulate", adaln._adaln_modulate_op))
-    monkeypatch.setattr(adaln, "_gate_residual_adaln_op", spy("gate", adaln._gate_residual_adaln_op))
+    record_calls(monkeypatch, adaln, calls, _adaln_modulate_op="modulate", _gate_residual_adaln_op="gate")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     got = [adaln.adaln_modulate(x, w, sh, sc, eps=1e-3, out_dtype=torch.float16, backend="triton"),
            *adaln.gate_residual(x, g, y, w, sh, sc, eps=1e-3, backend="triton", y_bias=yb)]

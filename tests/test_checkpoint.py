@@ -845,17 +845,22 @@ def test_failed_rename_restores_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
 
 
+def _failing_fsync(monkeypatch, is_kind, err: OSError) -> None:
+    """os.fsync raises `err` for the file kinds is_kind (stat.S_ISDIR, S_ISREG) accepts, and syncs the others."""
+    real = os.fsync
+
+    def fsync(fd):
+        if is_kind(os.fstat(fd).st_mode):
+            raise err
+        return real(fd)
+    monkeypatch.setattr(ck.os, "fsync", fsync)
+
+
 def test_directory_fsync_refused_by_the_filesystem(tmp_path, monkeypatch):
     """Some filesystems refuse fsync on a directory: the checkpoint is still written."""
     import errno
     import stat
-    real = os.fsync
-
-    def fsync(fd):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd)
-    monkeypatch.setattr(ck.os, "fsync", fsync)
+    _failing_fsync(monkeypatch, stat.S_ISDIR, OSError(errno.EINVAL, "Invalid argument"))
     m = small_model()
     _assert_params_equal(load_checkpoint(save_checkpoint(m, tmp_path / "ck")), m)
 
@@ -868,13 +873,7 @@ def test_a_file_fsync_error_fails_the_save_and_keeps_the_previous_checkpoint(tmp
     m = small_model()
     target = save_checkpoint(m, tmp_path / "ck")
     before = (target / "model.safetensors").read_bytes()
-    real = os.fsync
-
-    def fsync(fd):
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd)
-    monkeypatch.setattr(ck.os, "fsync", fsync)
+    _failing_fsync(monkeypatch, stat.S_ISREG, OSError(errno.EIO, "Input/output error"))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(1.0)

@@ -8,7 +8,7 @@ import torch
 
 from fmlm.kernels import adaln
 from fmlm.kernels._backend import interpreting, triton_available
-from kernel_test_utils import forbid, must_launch
+from kernel_test_utils import forbid, must_launch, record_calls
 
 lin = importlib.import_module("fmlm.kernels.linear")
 
@@ -326,15 +326,7 @@ def test_compiling_routes_through_the_registered_ops(monkeypatch):
             lin.linear_partials(a2, w2, 2, backend="triton")]
     assert want[2].shape[0] == 2 and lin.linear_partials(a2, w2, 0, backend="triton").shape[0] == 1
     calls = []
-
-    def spy(name, op):
-        def call(*args):
-            calls.append(name)
-            return op(*args)
-        return call
-
-    monkeypatch.setattr(lin, "_linear_op", spy("linear", lin._linear_op))
-    monkeypatch.setattr(lin, "_linear_partials_op", spy("partials", lin._linear_partials_op))
+    record_calls(monkeypatch, lin, calls, _linear_op="linear", _linear_partials_op="partials")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     got = [lin.linear(a, w, b, "gelu_tanh", backend="triton"),
            lin.linear(a, w, rotary=(cos, sin, 64), backend="triton"),
