@@ -339,7 +339,7 @@ def _plain(obj: Any, depth: int = 0, memo: Optional[dict] = None) -> Any:
         return obj
     memo = {} if memo is None else memo
     if id(obj) in memo:
-        return memo[id(obj)]
+        return memo[id(obj)][1]
     out = obj
     if isinstance(obj, dict):
         out = {k: _plain(v, depth + 1, memo) for k, v in obj.items()}
@@ -355,7 +355,7 @@ def _plain(obj: Any, depth: int = 0, memo: Optional[dict] = None) -> Any:
             out = {k: _plain(v, depth + 1, memo) for k, v in obj._map.items()}
         elif obj._items:
             out = [_plain(v, depth + 1, memo) for v in obj._items]
-    memo[id(obj)] = out
+    memo[id(obj)] = (obj, out)       # holding obj keeps its id from being reused while the memo lives
     return out
 
 
