@@ -108,9 +108,17 @@ def _iter_hf(spec: str, split: str) -> Iterator[str]:
         raise RuntimeError(f"data 'hf:{spec}' needs the optional package `datasets` (pip install datasets)") from e
     name, _, config = spec.partition(":")
     ds = datasets.load_dataset(name, config or None, split=split)
-    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    cols = list(ds.column_names)
+    col = "text" if "text" in cols else None
     for row in ds:
-        t = row[col].strip()
+        if col is None:      # else the first column that holds text (e.g. glue's 'sentence' after 'idx')
+            col = next((c for c in cols if isinstance(row[c], str)), None)
+            if col is None:
+                raise ValueError(f"data 'hf:{spec}': no text column (columns {cols})")
+        t = row[col]
+        if not isinstance(t, str):
+            raise ValueError(f"data 'hf:{spec}': column {col!r} holds {type(t).__name__}, not text")
+        t = t.strip()
         if t:
             yield t
 

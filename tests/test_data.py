@@ -218,7 +218,8 @@ class _FakeDataset:
 
 def test_hf_source_through_datasets(monkeypatch):
     """'hf:<name>[:<config>]' goes to datasets.load_dataset(name, config or None, split=...), reads the 'text'
-    column (else the first one), strips and skips empty rows; without `datasets` it says what to install."""
+    column (else the first column holding text), strips and skips empty rows; a dataset without text is a clear
+    error; without `datasets` it says what to install."""
     import sys
     import types
     calls = []
@@ -228,11 +229,20 @@ def test_hf_source_through_datasets(monkeypatch):
         if name == "lm1b":
             return _FakeDataset([{"id": 1, "text": " a cat \n"}, {"id": 2, "text": "  "}, {"id": 3, "text": "sat"}],
                                 ["id", "text"])
-        return _FakeDataset([{"sentence": "first"}, {"sentence": ""}, {"sentence": " second "}], ["sentence"])
+        if name == "ints":
+            return _FakeDataset([{"idx": 0, "label": 1}], ["idx", "label"])
+        if name == "mixed":
+            return _FakeDataset([{"text": "fine"}, {"text": None}], ["text"])
+        return _FakeDataset([{"idx": 0, "sentence": "first"}, {"idx": 1, "sentence": ""},
+                             {"idx": 2, "sentence": " second "}], ["idx", "sentence"])
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     assert list(D.iter_texts("hf:lm1b")) == ["a cat", "sat"]
     assert list(D.iter_texts("hf:glue:sst2", split="validation")) == ["first", "second"]
     assert calls == [("lm1b", None, "train"), ("glue", "sst2", "validation")]
+    with pytest.raises(ValueError, match=r"'hf:ints': no text column \(columns \['idx', 'label'\]\)"):
+        list(D.iter_texts("hf:ints"))
+    with pytest.raises(ValueError, match="'hf:mixed': column 'text' holds NoneType, not text"):
+        list(D.iter_texts("hf:mixed"))
     # the cache key of an hf source is its name and split (nothing on disk to stat)
     assert D.source_signature("hf:lm1b") == "hf:lm1b:train"
     assert D.source_signature("hf:lm1b", "test") != D.source_signature("hf:lm1b")
