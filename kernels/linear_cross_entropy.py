@@ -508,7 +508,8 @@ if HAS_TRITON:
             d = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
             if HAS_CAP:
                 d = d * (1.0 - t * t)
-            d = tl.where(rmask[:, None], d, 0.0)
+            # padded columns zero whatever W's padding rows hold (their logits may be inf or NaN, and 0·NaN is NaN)
+            d = tl.where(rmask[:, None] & (cols < n_valid)[None, :], d, 0.0)
             tl.store(ptrs, d.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
             colsum += tl.sum(d, 0)
         if HAS_BIAS:
@@ -690,13 +691,16 @@ def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
         grid = min(tiles, cfg["ctas_per_sm"] * _sm_count(h.device)) if cfg["persistent"] else tiles
         launch(ds, dbp, c0, nc, cfg, (grid,))
         dsc = ds[:, :nc]
-        if h.dtype == torch.float32:
-            dh.addmm_(dsc, weight[c0:c0 + nc])
+        kv = min(nc, n_valid - c0)     # dh's product stops at n_valid: W's padding rows (zero dS) may be non-finite
+        if kv <= 0:                    # a chunk wholly in the padding (small chunks): dS is zero there, dh unchanged
+            pass
+        elif h.dtype == torch.float32:
+            dh.addmm_(dsc[:, :kv], weight[c0:c0 + kv])
         else:
             # one cuBLAS GEMM accumulating into the fp32 dh where torch allows it; config {"fp32_addmm": False}: a
             # 16-bit product then an add (the previous default: each chunk's partial rounded to bf16, ~125 MB more
             # traffic per chunk at 16384 rows)
-            accumulate_mm(dh, dsc, weight[c0:c0 + nc], bool(cfg.get("fp32_addmm", True)))
+            accumulate_mm(dh, dsc[:, :kv], weight[c0:c0 + kv], bool(cfg.get("fp32_addmm", True)))
         torch.mm(dsc.t(), h, out=dW[c0:c0 + nc])
     db = dbp.sum(0).to(bias.dtype) if bias is not None else weight.new_empty(0)
     return dh.to(h.dtype), dW, db
@@ -1113,7 +1117,8 @@ def _valid_vocab(h, weight, bias, n_valid) -> int:
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                          cap: Optional[float] = 30.0, reduction: str = "none", ignore_index: int = -100,
                          n_valid: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-token −log softmax(cap(h·Wᵀ+b))[target] over the first n_valid rows of weight.
+    """Per-token −log softmax(cap(h·Wᵀ+b))[target] over the first n_valid rows of weight (rows past n_valid, e.g.
+    padding to a multiple of 128, never reach the result, even inf or NaN ones; their gradient is zero).
 
     h (..., D), targets (...) int64; ignored targets give 0 and are excluded from 'mean'. The loss is fp32
     (fp64 for fp64 inputs). Differentiable w.r.t. h, weight and bias; no (rows, V) tensor is formed

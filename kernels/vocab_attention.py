@@ -501,7 +501,10 @@ def _gemm_sums(h, weight, bias, embed, cap, n_valid, config=None):
     fp32_addmm = bool(config.get("fp32_addmm", True))
     out = torch.zeros(M, embed.shape[1], device=h.device, dtype=torch.float32)
     Vp = min(weight.shape[0], embed.shape[0])
-    spans = [(v0, min(Vp, v0 + chunk)) for v0 in range(0, n_valid, chunk)]   # padded ends: aligned GEMM shapes
+    # padded ends: aligned shapes for the logits GEMM; the p·E product stops at n_valid, so padding rows that are not
+    # finite (the op's contract allows any) cannot leak. Its last K is then ragged (1106 at V = 50258: ~2 % of the
+    # product's flops; the cost of the ragged K on cuBLAS is not measured yet, the engine's padding is zeros)
+    spans = [(v0, min(Vp, v0 + chunk)) for v0 in range(0, n_valid, chunk)]
     if config.get("impl") == "gemm_fused":
         ssum = _gemm_fused_chunks(h, weight, bias, embed, float(cap), n_valid, spans, out, fp32_addmm, config)
     else:
@@ -514,7 +517,8 @@ def _gemm_sums(h, weight, bias, embed, cap, n_valid, config=None):
             _cap_exp_rowsum_kernel[(triton.cdiv(M, bm),)](
                 z, bias[v0:] if bias is not None else z, ssum, M, v1 - v0, min(n_valid, v1) - v0, z.stride(0),
                 float(cap), 2.0 / float(cap), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
-            _accumulate_mm(out, z, embed[v0:v1], fp32_addmm)
+            k = min(n_valid, v1) - v0            # E's padding rows stay out of the product: 0·inf would be NaN
+            _accumulate_mm(out, z[:, :k], embed[v0:v0 + k], fp32_addmm)
             del z                                # free this chunk before the next one is allocated
     return out, ssum
 
@@ -593,7 +597,8 @@ def _gemm_fused_chunks(h, weight, bias, embed, cap, n_valid, spans, out, fp32_ad
             _vocab_logits_cap_exp_kernel[grid](
                 h, weight, b_arg, p, parts, M, C, v0, n_valid, D, h.stride(0), weight.stride(0), p.stride(0),
                 row0, *scal, EVEN_K=D % BK == 0, **common)
-        _accumulate_mm(out, p, embed[v0:v1], fp32_addmm)
+        k = min(n_valid, v1) - v0                # E's padding rows stay out of the product (as in _gemm_sums)
+        _accumulate_mm(out, p[:, :k], embed[v0:v0 + k], fp32_addmm)
         row0 += nt
     return parts.sum(0)
 
@@ -945,7 +950,8 @@ def vocab_attention(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     cap: Optional[float] = 30.0, n_valid: Optional[int] = None, backend: str = "auto"):
     """h (..., D) → (softmax(cap(h·Wᵀ+b))·E of shape (..., De), lse (...)), in fp32 (fp64 for fp64 h).
 
-    weight (Vp, D) and embed (Vp, De) may be padded past the vocabulary: only the first n_valid rows count.
+    weight (Vp, D) and embed (Vp, De) may be padded past the vocabulary: only the first n_valid rows count (padding
+    rows never reach the result, even inf or NaN ones).
     backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise.
     """
     V = _check_shapes(h, weight, bias, embed, n_valid)

@@ -897,3 +897,42 @@ def test_triton_refuses_fp64_and_int32_overflowing_operands():
         lce_mod.linear_cross_entropy_fwd(h, big, None, t, 30.0, -100, 29)
     with pytest.raises(ValueError, match="int32"):
         lce_mod.soft_linear_cross_entropy_fwd(h, big, None, h1, h2, lam, 30.0, 29)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused", "gemm"])
+def test_non_finite_padding_rows_do_not_leak(monkeypatch, impl):
+    """Only the first n_valid rows of weight and bias count: padding rows of inf and NaN give the loss and the
+    gradients that zero padding gives (dW and db zero past n_valid), hard and soft targets, through every
+    implementation (the backward's dh += dS·W[chunk] stops at n_valid: 0·inf would be NaN there)."""
+    if impl != "torch" and not INTERP:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (tests/conftest.py)")
+    if impl == "gemm":
+        monkeypatch.setattr(lce_mod, "INTERPRET_CONFIG", {**lce_mod.INTERPRET_CONFIG, "impl": "gemm", "v_chunk": 64})
+    backend = "torch" if impl == "torch" else "triton"
+    g = torch.Generator().manual_seed(11)
+    N, V, Vp, D = 13, 190, 256, 32          # chunks of 64: the last (192..255) lies wholly in the padding
+    h = torch.randn(N, D, generator=g)
+    h1, h2 = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    lam = torch.rand(N, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    W0, b0 = torch.randn(Vp, D, generator=g) / 3, torch.randn(Vp, generator=g)
+    W0[V:], b0[V:] = 0.0, 0.0
+    W1, b1 = W0.clone(), b0.clone()
+    W1[V:], b1[V:] = float("inf"), float("nan")
+    W1[-3:] = float("nan")
+
+    def run(W, b, soft):
+        x, w, bb = (z.clone().requires_grad_() for z in (h, W, b))
+        if soft:
+            loss = soft_linear_cross_entropy(x, w, bb, h1, h2, lam, 30.0, n_valid=V, backend=backend)
+        else:
+            loss = linear_cross_entropy(x, w, bb, t, 30.0, n_valid=V, backend=backend)
+        (loss * torch.linspace(0.5, 1.5, N)).sum().backward()
+        return loss.detach(), x.grad, w.grad, bb.grad
+
+    for soft in (False, True):
+        got, want = run(W1, b1, soft), run(W0, b0, soft)
+        for name, a, c in zip(("loss", "dh", "dW", "db"), got, want):
+            assert torch.isfinite(a).all(), (soft, name)
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=f"soft={soft} {name}")
+        assert got[2][V:].abs().max() == 0 and got[3][V:].abs().max() == 0

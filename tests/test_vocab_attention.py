@@ -537,3 +537,41 @@ def test_triton_launcher_input_checks():
             VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(DE_CHUNKS=n))
     ok = VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(BLOCK_D=32, DE_CHUNKS=2))       # 2 chunks of D, of De
     _check("triton D in 2 chunks", *ok, h, W, b, E, 30.0, 50)
+
+
+@pytest.mark.parametrize("impl", [None, "gemm", "gemm_fused", "torch"])
+def test_non_finite_padding_rows_do_not_leak(impl):
+    """The op's contract: only the first n_valid rows of weight, bias and embed count. Padding rows of inf and NaN
+    (torch.empty padding can hold anything) give the same output as zero padding in every implementation: the
+    fused kernel, the cuBLAS "gemm" paths (whose logits GEMM spans the padded chunk end while p·E stops at
+    n_valid: 0·inf would be NaN), and the torch backend; for vocab_attention and the flow-map step."""
+    if impl != "torch" and not IN_PROCESS:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    V, Vp = 203, 256
+    clean = _problem(9, V, Vp, 24, 40, torch.float32)
+    h, W, b, E = (t.clone() for t in clean)
+    W[V:], b[V:], E[V:] = float("inf"), float("nan"), float("inf")
+    E[V + 1:V + 3] = float("nan")
+    W[-1], E[-1] = float("-inf"), float("-inf")
+    cfg = dict(v_chunk=96, impl=impl) if impl not in (None, "torch") else None
+
+    def run(h, W, b, E):
+        if impl == "torch":
+            return VA._vocab_attention_torch(h, W, b[:V], E, 30.0, V)
+        return VA.vocab_attention_fwd(h, W, b[:V], E, 30.0, V, cfg)
+
+    out, lse = run(h, W, b, E)
+    want, want_lse = run(*clean)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
+    rest = _flow_problem(3, 3, V, Vp, 24, 40, torch.float32, True)[4:]       # h_state, a, b, c, noise
+
+    def step(h, W, b, E):
+        if impl == "torch":
+            return flow_map_step(h.view(3, 3, 24), W, b, E, *rest, cap=30.0, n_valid=V, backend="torch")
+        return VA.flow_map_step_fwd(h.view(3, 3, 24), W, b[:V], E, *rest, 30.0, V, cfg)
+
+    got = step(h, W, b, E)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, step(*clean), rtol=1e-6, atol=1e-6)
