@@ -7,6 +7,7 @@ on the hidden state h = x·E, which is all the engine ever carries (DESIGN.md §
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -179,7 +180,7 @@ def _as_batch(tau, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The fast trunk (CUDA, bf16): the same function as trunk_ref, computed with the fused fmlm.kernels ops
 # ---------------------------------------------------------------------------------------------
-import weakref  # noqa: E402  (used only by the fast path's weight cache)
+
 
 class _FastWeights:
     """The trunk's weights in the compute dtype, laid out for the fast path, built once per weight version.
@@ -215,13 +216,16 @@ class _FastWeights:
 
 def weights_epoch(model) -> int:
     """A per-model counter that every weight cache adds to its key. It moves on each `load_state_dict` of the model
-    (a post-hook, registered on first use) and on `fmlm.refresh(model)`: a Parameter swapped for a new object
-    (`load_state_dict(assign=True)`) or data written through `.data` (which bypasses the version counter) changes
-    neither the cached objects' pointers nor their versions."""
+    (a post-hook, registered on first use), whenever a Parameter, buffer or submodule is assigned anywhere in the
+    model (`model.blocks[0].attn_qkv.weight = nn.Parameter(...)`, a submodule's `load_state_dict(assign=True)`,
+    `model.blocks[1] = block`: torch's global registration hooks, see _watch), and on `fmlm.refresh(model)`.
+    Those swap the objects the caches hold, so neither their pointers nor their versions change. Data written
+    through `.data` bypasses every check: that needs `fmlm.refresh(model)`."""
     d = model.__dict__
     if "_fmlm_epoch" not in d:
         d["_fmlm_epoch"] = 0
         model.register_load_state_dict_post_hook(_next_epoch)
+        _watch(model, model)
     return d["_fmlm_epoch"]
 
 
@@ -229,11 +233,40 @@ def _next_epoch(module, incompatible_keys=None) -> None:
     module.__dict__["_fmlm_epoch"] = module.__dict__.get("_fmlm_epoch", 0) + 1
 
 
+# submodule → the models (roots) whose weights epoch an assignment inside it moves. Weak both ways: watching a
+# model keeps neither it nor its submodules alive.
+_WATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_HOOKS: list = []
+
+
+def _watch(root, module) -> None:
+    """Let assignments inside `module` (and its submodules) move `root`'s weights epoch."""
+    if not _HOOKS:
+        from torch.nn.modules import module as nn_module  # noqa: PLC0415
+        _HOOKS.extend([nn_module.register_module_parameter_registration_hook(_on_registration),
+                       nn_module.register_module_buffer_registration_hook(_on_registration),
+                       nn_module.register_module_module_registration_hook(_on_registration)])
+    for m in module.modules():
+        _WATCHED.setdefault(m, weakref.WeakSet()).add(root)
+
+
+def _on_registration(module, name, value):
+    """torch calls this for every Parameter, buffer or submodule registered on any module of the process (at
+    construction too: one dict lookup when the module is not watched). Returns None: the value is kept."""
+    roots = _WATCHED.get(module)
+    if roots:
+        for root in list(roots):
+            _next_epoch(root)
+            if isinstance(value, torch.nn.Module):
+                _watch(root, value)          # a new submodule: assignments inside it count as well
+    return None
+
+
 def refresh(model) -> None:
     """Tell fmlm that `model`'s weights changed in a way it cannot see: written through `.data` (e.g. an EMA
-    `copy_to` that way), or Parameters replaced by assignment. Every cache derived from the weights (the fast-path
-    copies, the padded heads and noise factor, the Samplers' graphs) is rebuilt on its next use. In-place updates,
-    `load_state_dict`, `.to()` and dtype casts need no call: they are detected."""
+    `copy_to` that way). Every cache derived from the weights (the fast-path copies, the padded heads and noise
+    factor, the Samplers' graphs) is rebuilt on its next use. In-place updates, `load_state_dict`, `.to()`, dtype
+    casts and Parameters, buffers or submodules assigned to the model need no call: they are detected."""
     weights_epoch(model)
     _next_epoch(model)
 
@@ -249,7 +282,7 @@ _FAST_CACHE: "weakref.WeakKeyDictionary[FlowLM, dict]" = weakref.WeakKeyDictiona
 
 def _fast_weights(model: "FlowLM", device: torch.device, dtype: torch.dtype) -> _FastWeights:
     """The cached fast-path weights, rebuilt when a weight changed (in place, its data replaced, a load_state_dict,
-    or `refresh(model)`)."""
+    an assignment in the model, or `refresh(model)`)."""
     per_model = _FAST_CACHE.setdefault(model, {})
     w = per_model.get((device, dtype))
     epoch = weights_epoch(model)

@@ -59,9 +59,8 @@ class Sampler:
     chunked head elsewhere; 'fast' / 'reference' force the trunk path. graph: capture CUDA graphs (ignored
     without CUDA: the sampler runs eagerly). compile_blocks: run the fast trunk's blocks through
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
-    replaced (in place, load_state_dict, .to()) invalidate every graph on the next call; weights written through
-    .data, or a Parameter assigned to a module (model.x.weight = nn.Parameter(...)), need `fmlm.refresh(model)`
-    (or `refresh()`).
+    replaced (in place, load_state_dict, .to(), a Parameter or submodule assigned anywhere in the model) invalidate
+    every graph on the next call; weights written through .data need `fmlm.refresh(model)` (or `refresh()`).
     kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
     defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
@@ -158,9 +157,9 @@ class Sampler:
 
     def refresh(self) -> "Sampler":
         """Rebuild everything from the model's current weights and drop the captured graphs now. In-place
-        updates, load_state_dict (assign=True too), .to() and dtype casts are detected on every call; weights written
-        through .data and Parameters assigned to a module are not: call this, or `fmlm.refresh(model)` (which
-        reaches every Sampler of the model, and fmlm.sample's caches)."""
+        updates, load_state_dict (assign=True too), .to(), dtype casts and Parameters, buffers or submodules assigned
+        in the model are detected on every call; weights written through .data are not: call this, or
+        `fmlm.refresh(model)` (which reaches every Sampler of the model, and fmlm.sample's caches)."""
         _drop_fast_weights(self.model)
         self._prepare()
         return self

@@ -97,7 +97,7 @@ class Heads:
 def engine_state(model) -> dict:
     """Per-weight-set engine state (padded heads, hidden-noise factor C), cached on the model and rebuilt
     when the head, bias or embedding changes (data pointer, in-place version, dtype or device, a load_state_dict,
-    or `fmlm.refresh(model)`)."""
+    an assignment in the model, or `fmlm.refresh(model)`: model.weights_epoch)."""
     from .model import weights_epoch  # noqa: PLC0415
 
     W, bvec, E = model.output_layer.linear.weight, model.output_layer.linear.bias, model.embed

@@ -116,9 +116,8 @@ def test_weight_change_invalidates():
     assert s.sample(0).shape == (3, 9) and s.C.dtype == torch.float64
     m.float()
     m.output_layer.linear.bias = torch.nn.Parameter(m.output_layer.linear.bias.detach() + 1.0)
-    s.refresh()                                  # a swapped Parameter object needs refresh()
     want = fmlm.sample(m, 3, 1, generator=torch.Generator().manual_seed(0), backend="torch")
-    assert torch.equal(s.sample(0), want)
+    assert torch.equal(s.sample(0), want)        # a swapped Parameter object: seen without refresh()
 
 
 def test_graph_fast_path_checks_weights_after_the_replay(monkeypatch):
@@ -1137,20 +1136,20 @@ def test_batch_size_and_seed_are_ints():
     assert torch.equal(s.sample(np.int64(3)), s.sample(3))
 
 
+def _check_like_fresh(m, s):
+    """fmlm.sample's cached heads and Sampler `s` of model m give what a fresh copy of m's current weights gives."""
+    c = _model()
+    c.load_state_dict(m.state_dict())
+    want = fmlm.sample(c, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch")
+    assert torch.equal(fmlm.sample(m, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch"), want)
+    assert torch.equal(s.sample(5), Sampler(c, 3, 2).sample(5))
+
+
 def test_weights_swapped_by_load_state_dict_or_written_through_data(tmp_path):
     """load_state_dict(assign=True) swaps the Parameter objects the caches hold: detected (a post-hook moves the
     model's weights epoch). Writes through .data bypass the version counter: fmlm.refresh(model) tells every cache
     (found by review: both went on sampling the old weights, or a mix of old heads and new trunk)."""
-    def fresh(m, B=3):
-        c = _model()
-        c.load_state_dict(m.state_dict())
-        return fmlm.sample(c, B, 2, generator=torch.Generator().manual_seed(0), backend="torch"), Sampler(c, B, 2)
-
-    def check(m, s):
-        want, ws = fresh(m)
-        assert torch.equal(fmlm.sample(m, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch"), want)
-        assert torch.equal(s.sample(5), ws.sample(5))
-
+    check = _check_like_fresh
     m, other = _model(seed=0), _model(seed=1)
     s = Sampler(m, 3, 2)
     s.sample(5)
@@ -1164,6 +1163,41 @@ def test_weights_swapped_by_load_state_dict_or_written_through_data(tmp_path):
     fmlm.refresh(m)
     check(m, s)
     assert not torch.equal(stale, s.sample(5))           # the write through .data was unseen before the refresh
+
+
+def test_assignments_anywhere_in_the_model_are_seen():
+    """A Parameter, buffer or submodule assigned anywhere in the model, or a submodule's own
+    load_state_dict(assign=True), moves the model's weights epoch (torch's global registration hooks), so the
+    caches rebuild without fmlm.refresh: the heads and noise factor on any device (checked by sampling here), the
+    fast trunk's weight copies on CUDA (the epoch is their key as well). Before, each of these went on sampling
+    the old objects until a refresh. Other models, and modules outside any sampled model, move nothing."""
+    import copy
+
+    from fmlm.engine.model import weights_epoch
+
+    m, other = _model(seed=0), _model(seed=1)
+    s = Sampler(m, 3, 2)
+    s.sample(5)
+    fmlm.sample(m, 3, 2, generator=torch.Generator().manual_seed(0), backend="torch")     # fills the head cache
+    m.output_layer.load_state_dict(other.output_layer.state_dict(), assign=True)          # a submodule's own load
+    _check_like_fresh(m, s)
+    m.vocab_embed.embedding = torch.nn.Parameter(other.embed.detach() * 2)               # the embedding
+    _check_like_fresh(m, s)
+    m.output_layer = copy.deepcopy(_model(seed=3).output_layer)                           # a submodule replaced
+    _check_like_fresh(m, s)
+    m.output_layer.linear.bias = torch.nn.Parameter(torch.randn(131) * 3)                 # inside the new submodule
+    _check_like_fresh(m, s)
+    deep = [lambda: setattr(m.blocks[1].attn_qkv, "weight", torch.nn.Parameter(m.blocks[1].attn_qkv.weight + 1)),
+            lambda: setattr(m.rotary_emb, "inv_freq", m.rotary_emb.inv_freq.clone()),    # a buffer
+            lambda: m.blocks.__setitem__(0, copy.deepcopy(m.blocks[1]))]
+    for assign in deep:
+        e = weights_epoch(m)
+        assign()
+        assert weights_epoch(m) > e
+    e, e_other = weights_epoch(m), weights_epoch(other)
+    _model(seed=4)                                     # constructing a model registers hundreds of tensors
+    other.vocab_embed.embedding = torch.nn.Parameter(other.embed.detach() + 1)
+    assert weights_epoch(m) == e and weights_epoch(other) == e_other + 1
 
 
 def test_sampler_refuses_parity_noise_with_renoising_and_bool_seeds():
