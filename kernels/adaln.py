@@ -84,6 +84,14 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _row_view(t: torch.Tensor, D: int) -> bool:
+    """Whether t (B, L, D) can be viewed as (B·L, D) rows with unit column stride (what the kernel writes)."""
+    try:
+        return t.view(-1, D).stride(-1) == 1
+    except RuntimeError:
+        return False
+
+
 def _mod(t: torch.Tensor, B: int, D: int) -> torch.Tensor:
     if t.shape != (B, D):
         raise ValueError(f"modulation must be (B, D) = ({B}, {D}), got {tuple(t.shape)}")
@@ -108,6 +116,11 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
         else:
             y2 = _rows(y, D)
         gate = _mod(gate, B, D)
+        dest = x_out
+        if x_out is not None and not _row_view(x_out, D):
+            # a destination the kernel cannot address as rows (e.g. a transposed x updated in place): written
+            # through a contiguous buffer, copied in at the end (x2 is then already a copy of x, so in place is safe)
+            x_out = torch.empty(B, L, D, device=x.device, dtype=x_out.dtype)
         if x_out is None:
             x_out = torch.empty(B, L, D, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         xo2 = x_out.view(-1, D)
@@ -137,6 +150,8 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
         HAS_RESIDUAL=has_res, HAS_NORM=has_norm, NUM_Y=n_y, HAS_YBIAS=y_bias is not None,
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if x.device.type == "cuda" else 1, **pdl_launch_kwargs(pdl_active(x)))
+    if has_res and dest is not None and dest is not x_out:
+        x_out = dest.copy_(x_out)
     return (x_out if has_res else None), (out if has_norm else None)
 
 

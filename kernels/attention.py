@@ -407,6 +407,7 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
     out_proj = (w_out (DM, H·d), parts (H, B, L, DM) fp32) the kernel writes the projection's per-head partials."""
     B, L, H, d = q.shape
     rotary = cos is not None
+    softcap = abs(softcap) if softcap else softcap    # cap·tanh(s/cap) is even in cap (the kernels assume cap > 0)
     if rotary:
         # the reference rounds the tables to x's dtype (apply_rotary_ref: cos.to(x.dtype)); so does the
         # kernel, which also halves their loads in the key loop
@@ -558,7 +559,7 @@ def softcap_attention_prepass_tma_fwd(q, k, v, softcap: Optional[float], cos, si
     _softcap_attention_tma_fwd_kernel[(triton.cdiv(L, BM), B * H)](
         q_desc, k_desc, v_desc, o4,
         o4.stride(0), o4.stride(1), o4.stride(2),
-        L, H, 1.0 / math.sqrt(d), float(softcap or 1.0),
+        L, H, 1.0 / math.sqrt(d), abs(float(softcap or 1.0)),
         HEAD_DIM=d, BLOCK_M=BM, BLOCK_N=BN, HAS_CAP=bool(softcap),
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % BN == 0, IEEE=q.dtype == torch.float32,

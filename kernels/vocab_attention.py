@@ -452,9 +452,14 @@ if triton is not None:
         tl.store(ps_ptr + (ps_row0 + pid_n).to(tl.int64) * M + rows, tl.sum(p.to(tl.float32), axis=1), mask=rows < M)
 
 
+IMPLS = ("fused", "gemm", "gemm_fused")
+
+
 def _use_gemm(h, cap, config) -> bool:
     config = config or {}
     impl = config.get("impl", "fused" if "BLOCK_M" in config or "BLOCK_N" in config else None)
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"vocab_attention config impl must be one of {IMPLS}, got {impl!r}")
     if impl is not None:
         return impl in ("gemm", "gemm_fused")
     return (h.device.type == "cuda" and h.dtype == torch.bfloat16 and bool(cap) and 0.0 < float(cap) <= 40.0
@@ -716,14 +721,18 @@ def _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, flow=None, con
 def vocab_attention_fwd(h, weight, bias, embed, cap, n_valid, config=None):
     """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None, embed (Vp, De)
     → (out (M, De), lse (M,)), fp32. config={"impl": "gemm" | "gemm_fused" | "fused", ...} overrides the choice
-    ("gemm_fused": opt-in, see GEMM_FUSED_CONFIGS; flow_map_step_fwd routes it like "gemm")."""
+    ("gemm_fused": opt-in, see GEMM_FUSED_CONFIGS; flow_map_step_fwd routes it like "gemm"). A negative cap is
+    its absolute value (cap·tanh(z/cap) is even in cap; the kernels assume cap > 0)."""
+    cap = abs(cap) if cap else cap
     if _use_gemm(h, cap, config):
         return _vocab_attention_gemm(h, weight, bias, embed, cap, n_valid, config)
     return _vocab_attention_launch(h, weight, bias, embed, cap, n_valid, None, config)
 
 
 def flow_map_step_fwd(u, weight, bias, embed, h_state, a, b, c, noise, cap, n_valid, config=None):
-    """u (B, L, D), h_state / noise (B, L, De), a / b / c (B,) device tensors → h_next (B, L, De), h_state's dtype."""
+    """u (B, L, D), h_state / noise (B, L, De), a / b / c (B,) device tensors → h_next (B, L, De), h_state's dtype.
+    A negative cap is its absolute value (as in vocab_attention_fwd)."""
+    cap = abs(cap) if cap else cap
     B, L = u.shape[0], u.shape[1]
     # explicit widths, not -1: reshape cannot infer them for an empty batch (B·L = 0)
     u2 = u.reshape(B * L, u.shape[-1])

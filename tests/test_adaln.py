@@ -217,3 +217,35 @@ def test_compiling_routes_through_the_registered_ops(monkeypatch):
     adaln.gate_residual(x, g, y, backend="triton")
     adaln.gate_residual(x, g, y, w, sh, sc, x_out=torch.empty_like(x), backend="triton")
     assert calls == ["modulate", "gate"]
+
+
+@needs_triton
+@pytest.mark.parametrize("norm", [False, True])
+def test_gate_residual_into_a_transposed_destination(norm):
+    """x_out that cannot be viewed as rows (a transposed buffer; x itself when x is transposed, in place) gets the
+    result the reference gives; the kernel raised a RuntimeError from x_out.view before. A row view with a row
+    stride (a slice of a wider buffer) is written directly, in place."""
+    dev = _dev()
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 2, 5, 24
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev)                                    # noqa: E731
+    x, y, gate = mk(L, B, D).transpose(0, 1), mk(B, L, D), mk(B, D)
+    w, shift, scale = mk(D), mk(B, D), mk(B, D)
+    want = adaln.gate_residual(x, gate, y, backend="reference")
+    extra = dict(weight=w, shift=shift, scale=scale) if norm else {}
+    out_t = torch.full((L, B, D), float("nan"), device=dev).transpose(0, 1)
+    got = adaln.gate_residual(x, gate, y, x_out=out_t, backend="triton", **extra)
+    got_x = got[0] if norm else got
+    assert got_x.data_ptr() == out_t.data_ptr()
+    torch.testing.assert_close(out_t, want, rtol=1e-6, atol=1e-6)
+    if norm:
+        torch.testing.assert_close(got[1], adaln.gate_residual(x, gate, y, backend="reference", **extra)[1],
+                                   rtol=1e-5, atol=1e-5)
+    x_in = x.clone().transpose(0, 1).contiguous().transpose(0, 1)          # transposed layout, its own memory
+    adaln.gate_residual(x_in, gate, y, x_out=x_in, backend="triton", **extra)
+    torch.testing.assert_close(x_in, want, rtol=1e-6, atol=1e-6)
+    wide = torch.zeros(B, L, 2 * D, device=dev)
+    wide[..., :D] = x
+    adaln.gate_residual(wide[..., :D], gate, y, x_out=wide[..., :D], backend="triton", **extra)
+    torch.testing.assert_close(wide[..., :D], want, rtol=1e-6, atol=1e-6)
+    assert wide[..., D:].abs().max() == 0

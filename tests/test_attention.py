@@ -713,3 +713,19 @@ def test_triton_tiles_dividing_L_and_d(monkeypatch, rotary):
     out = A.softcap_attention_fwd(q, k, v, 50.0, cos, sin, block_n=16)
     assert spy.launches[0]["EVEN_N"] and spy.launches[0]["BLOCK_D"] == spy.launches[0]["HEAD_DIM"]
     _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
+@needs_triton
+@pytest.mark.parametrize("rotary_impl,fixed_shift", [("load", False), ("load", True), ("prepass", True),
+                                                     ("prepass_tma", False)])
+def test_negative_softcap_is_the_same_function(rotary_impl, fixed_shift):
+    """softcap·tanh(s/softcap) is even in softcap and the reference computes it for a negative one: the kernels
+    give what its absolute value gives (fixed_shift gave NaN, exp2 overflowing; without it the tanh lost accuracy)."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (8 * torch.randn(1, 33, 2, 16, generator=g).to(dev) for _ in range(3))
+    cos, sin = (t.to(dev) for t in ref.rotary_cos_sin(33, 1.0 / (10000 ** (torch.arange(0, 16, 2) / 16))))
+    kw = dict(backend="triton", rotary_impl=rotary_impl, fixed_shift=fixed_shift)
+    got = A.softcap_attention(q, k, v, -5.0, cos, sin, **kw)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, A.softcap_attention(q, k, v, 5.0, cos, sin, **kw))

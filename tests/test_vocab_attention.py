@@ -575,3 +575,26 @@ def test_non_finite_padding_rows_do_not_leak(impl):
     got = step(h, W, b, E)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, step(*clean), rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", [None, "gemm", "gemm_fused"])
+def test_negative_cap_is_the_same_function(impl):
+    """cap·tanh(z/cap) is even in cap, and the reference computes it for any non-zero cap: a negative cap gives what
+    its absolute value gives (the fused kernel returned NaN, exp(−2z/cap) overflowing; the gemm paths refused it)."""
+    h, W, b, E = _problem(7, 101, 128, 16, 24, torch.float32, scale=30.0)
+    cfg = None if impl is None else dict(impl=impl, v_chunk=64)
+    out, lse = VA.vocab_attention_fwd(h, W, b, E, -3.0, 101, cfg)
+    _check("negative cap", out, lse, h, W, b, E, -3.0, 101)
+    want = VA.vocab_attention_fwd(h, W, b, E, 3.0, 101, cfg)
+    torch.testing.assert_close((out, lse), want, rtol=0, atol=0)
+    rest = _flow_problem(1, 7, 101, 128, 16, 24, torch.float32, True)[4:]
+    got = VA.flow_map_step_fwd(h.view(1, 7, 16), W, b, E, *rest, -3.0, 101, cfg)
+    assert torch.equal(got, VA.flow_map_step_fwd(h.view(1, 7, 16), W, b, E, *rest, 3.0, 101, cfg))
+
+
+def test_unknown_impl_is_refused():
+    """A misspelt impl ran the fused kernel without a word (linear_cross_entropy and logits_argmax refuse theirs)."""
+    h, W, b, E = _problem(3, 50, 64, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        VA.vocab_attention_fwd(h, W, b, E, 30.0, 50, dict(impl="gem"))
