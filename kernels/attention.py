@@ -433,9 +433,10 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
         w_out, parts = out_proj
         o_args = (q, 0, 0, 0)                     # never written (OUT_PROJ = True)
         p_args = (w_out, parts, w_out.stride(0), parts.stride(0), parts.stride(1), parts.stride(2), w_out.shape[0])
-        # the (BLOCK_M, BLOCK_O) fp32 partial tile lives in registers beside the attention's accumulators
-        block_o = cfg.get("BLOCK_O") or (min(256, triton.next_power_of_2(w_out.shape[0])) if cfg["BLOCK_M"] <= 32
-                                         else 64)
+        # the (BLOCK_M, BLOCK_O) fp32 partial tile lives in registers beside the attention's accumulators; at least
+        # 16 wide (tl.dot's minimum on a GPU; the interpreter takes less, so a test checks it), masked past DM
+        block_o = cfg.get("BLOCK_O") or (max(16, min(256, triton.next_power_of_2(w_out.shape[0])))
+                                         if cfg["BLOCK_M"] <= 32 else 64)
         proj = dict(OUT_PROJ=True, BLOCK_O=block_o)
     _softcap_attention_fwd_kernel[grid](
         q, k, v, o_args[0], cos, sin,

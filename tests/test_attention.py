@@ -564,6 +564,21 @@ def test_out_proj_chunks_and_the_unfused_path():
     torch.testing.assert_close(one.sum(0), att @ w.t(), rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+def test_out_proj_narrow_output_keeps_a_16_wide_tile(monkeypatch):
+    """A projection narrower than 16 (DM = 8) still launches a BLOCK_O of 16 (masked past DM): tl.dot needs 16 on
+    a GPU, which the interpreter does not enforce (next_power_of_2(8) = 8 was launched before), and the result
+    stays within the budget."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 9, 2, 16, torch.float32, dev, seed=4)
+    w = _w_out(8, 2, 16, torch.float32, dev)
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    _check_out_proj_budget(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton"),
+                           q, k, v, w, 50.0, cos, sin)
+    assert [kw["BLOCK_O"] for kw in spy.launches] == [16]
+
+
 def test_out_proj_errors_and_op_registration():
     q, k, v, cos, sin = _inputs(1, 8, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="w_out"):
