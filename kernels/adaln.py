@@ -86,6 +86,8 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
 
 def _row_view(t: torch.Tensor, D: int) -> bool:
     """Whether t (B, L, D) can be viewed as (B·L, D) rows with unit column stride (what the kernel writes)."""
+    if t.is_contiguous():             # the common case, without the view's cost
+        return True
     try:
         return t.view(-1, D).stride(-1) == 1
     except RuntimeError:
