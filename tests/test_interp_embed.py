@@ -232,6 +232,25 @@ def test_hidden_chol_computed(backend, dtype):
     _budget(f"chol {backend} dE", out[1], rf[1], tr[1], dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_chol_gradient_ill_conditioned_fp16(backend):
+    """V = D (EᵀE full rank but ill-conditioned, padded rows past n_valid): dE through the factor grows with the
+    condition number in dG while dE stays of E's size; the Gram backward rounded S = dG + dGᵀ to fp16 and went to
+    6× the budget here (fuzzing); it keeps S in fp32 precision now."""
+    B, L, V, D = 2, 37, 40, 40
+    tokens, gamma, E, up = _problem(B, L, V, D, V + 9, torch.float16, seed=0)
+    xi = hidden_noise(3, B, L, D, dtype=torch.float16, backend="torch")
+
+    def run_ref(E, dt):
+        Ev = E[:V].to(dt)
+        C = torch.linalg.cholesky(Ev.T @ Ev).T
+        return ref.interp_embed_hidden_ref(tokens, gamma.to(E.dtype), E, xi.to(E.dtype), C.to(E.dtype))
+    out = _grad(lambda E: interp_embed(tokens, gamma, E, "hidden", xi=xi, n_valid=V, backend=backend), E, up)
+    rf = _grad(lambda E: run_ref(E, torch.float32), E, up)
+    tr = _grad(lambda E: run_ref(E, torch.float64), E.double(), up)
+    _budget(f"ill-conditioned chol {backend} dE", out[1], rf[1], tr[1], torch.float16)
+
+
 def test_hidden_noise_covariance():
     """ξ·C ~ N(0, EᵀE): sample covariance within 5 s.e. of EᵀE entrywise, s.e.ᵢⱼ = √((ΣᵢᵢΣⱼⱼ + Σᵢⱼ²)/n)."""
     V, D, B, L = 53, 6, 40, 500
