@@ -130,10 +130,12 @@ def tma_device_ok(t: torch.Tensor) -> bool:
 
 def tma_rows_ok(block_k: int, *tensors: torch.Tensor) -> bool:
     """Whether 2-D row-major operands (row strides in elements, last stride 1) can back host tensor descriptors
-    with a [·, block_k] box: 16-byte aligned bases and row strides, a box row of a multiple of 16 bytes. TMA
-    zero-fills out-of-bounds boxes, so neither the row count nor D % block_k matters."""
+    with a [·, block_k] box: 16-byte aligned bases and row strides, a box row of a multiple of 16 bytes, rows that
+    do not overlap (a descriptor's row stride must cover the row: an expanded h with row stride 0 passed the
+    alignment test and would fail to encode on a GPU). TMA zero-fills out-of-bounds boxes, so neither the row count
+    nor D % block_k matters."""
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
-               for t in tensors) and (block_k * tensors[0].element_size()) % 16 == 0
+               and t.stride(0) >= t.shape[-1] for t in tensors) and (block_k * tensors[0].element_size()) % 16 == 0
 
 
 # ---------------------------------------------------------------------------------------------

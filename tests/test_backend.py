@@ -114,3 +114,19 @@ def test_with_default_constexprs():
     assert out[1]["constexprs"] == {"A": 2, "B": 4, "USE_PDL": True}
     assert out[2]["constexprs"] == {"B": 8, "m": 7, "USE_PDL": False} and out[2]["signature"]["A"] == "i32"
     assert specs[0]["signature"] == sig and specs[0]["constexprs"] == {"A": 1} and specs[2]["constexprs"] == {"B": 8}
+
+
+def test_tma_rows_ok_needs_aligned_rows_that_do_not_overlap():
+    """The shared TMA operand rule: 16-byte aligned base and row stride, unit column stride, a 16-byte box row, and
+    a row stride that covers the row (an expanded h, row stride 0, is 16-byte "aligned" but no descriptor can hold
+    it: the opt-in TMA kernels fall back to pointer loads for it)."""
+    from fmlm.kernels._backend import tma_rows_ok
+
+    h = torch.zeros(64, 48, dtype=torch.float16)
+    assert tma_rows_ok(32, h)
+    assert not tma_rows_ok(4, h)                                   # an 8-byte box row
+    assert not tma_rows_ok(32, torch.zeros(64, 52, dtype=torch.float16)[:, :48])   # 104-byte rows
+    assert not tma_rows_ok(32, h.t())                              # column-major
+    assert not tma_rows_ok(32, h[0:1].expand(64, 48))              # row stride 0
+    assert tma_rows_ok(32, torch.zeros(64, 64, dtype=torch.float16)[:, :48])       # 128-byte rows, a row view
+    assert not tma_rows_ok(32, h, h[:, 1:])                        # any operand failing fails them all
