@@ -5,9 +5,9 @@ on every replay after `seed.fill_(s)`, with no recapture and no host round trip;
 gives the same numbers eagerly and in a replay. Element i of stream k uses the Philox counter
 (q mod 2^32, q div 2^32, k, 0) with q = i // 4 (lane i % 4), so the first n values of a stream do not depend on
 how many are drawn (a batch padded up to a bucket keeps its first rows' noise); the high word of q (0 below
-2^34 values) lets one draw exceed 2^32 values (an OWT bucket of 8192 holds 6.4e9). randn_philox_fwd's `offset` starts a draw inside the stream (a multiple of 4: the tests reach the high
-word with it).
-Four consecutive elements share one Philox call (lanes 0-3).
+2^34 values) lets one draw exceed 2^32 values (an OWT bucket of 8192 holds 6.4e9). randn_philox_fwd's `offset`
+starts a draw inside the stream (a multiple of 4: the tests reach the high word with it). Four consecutive
+elements share one Philox call (lanes 0-3).
 
 Reference: none in reference.py (the published code draws with torch.randn; any N(0, 1) source is the
 same law). Backends: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1); 'torch' — torch.randn from a CPU
