@@ -37,6 +37,14 @@ class ModelConfig:
             problems.append(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
         if not problems and (self.hidden // self.n_heads) % 2:
             problems.append("head dim (hidden / n_heads) must be even for rotary embeddings")
+        for name in ("two_time", "learnable_loss_weighting"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                numpy_bool = type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")
+                if (isinstance(v, int) and v in (0, 1)) or numpy_bool:       # 0/1, numpy bools (pickled configs)
+                    setattr(self, name, bool(v))
+                else:            # a string such as "no" is truthy: it would build the other model silently
+                    problems.append(f"{name} must be a bool, got {v!r}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("logit_cap", "attn_softcap"):

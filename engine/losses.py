@@ -276,8 +276,10 @@ def _augmented_head(Ws, bs, Wt, bt):
     return torch.cat([Ws, Wt.detach(), bs[:, None], bt.detach()[:, None]], dim=1)
 
 
-def _augment(u: torch.Tensor, which: int) -> torch.Tensor:
-    z = torch.zeros_like(u)
+def _augment(u: torch.Tensor, which: int, other_width: int) -> torch.Tensor:
+    """Rows for _augmented_head: student (which 0) [u_s, 0 (D_t), 1, 0]; teacher (which 1) [0 (D_s), u_t, 0, 1].
+    other_width is the other model's hidden size (a teacher may be wider or narrower than its student)."""
+    z = u.new_zeros(*u.shape[:-1], other_width)
     one, zero = torch.ones_like(u[..., :1]), torch.zeros_like(u[..., :1])
     return torch.cat([u, z, one, zero] if which == 0 else [z, u, zero, one], dim=-1)
 
@@ -366,7 +368,7 @@ def fmlm_distill_loss(student, teacher, tokens: torch.Tensor, generator: Optiona
         with torch.no_grad():
             u_t = teacher.trunk(h_teacher, tt[dg].to(dt), backend=TRUNK).to(cd)
         Wa = _augmented_head(Wc, bc, *_cast(cd, Wt, bt))
-        ut_aug = _augment(u_t, 1)
-        parts.append(soft_linear_cross_entropy(_augment(u_main[dg], 0), Wa, None, ut_aug, ut_aug,
+        ut_aug = _augment(u_t, 1, Ws.shape[1])
+        parts.append(soft_linear_cross_entropy(_augment(u_main[dg], 0, Wt.shape[1]), Wa, None, ut_aug, ut_aug,
                                                torch.ones((B - no, 1), device=dev, dtype=dt), cap=cap, backend=backend))
     return _acc(torch.cat(parts))

@@ -320,7 +320,8 @@ class Sampler:
             if h0.dim() != 3 or h0.shape[1:] != (self.cfg.seq_len, self.cfg.hidden):
                 raise ValueError(f"h0 must be (B, {self.cfg.seq_len}, {self.cfg.hidden}), got {tuple(h0.shape)}")
             if batch_size is not None and batch_size != h0.shape[0]:
-                raise ValueError("batch_size disagrees with h0")
+                raise ValueError(f"batch_size {batch_size} disagrees with the batch of "
+                                 f"{'noise' if noise is not None else 'h0'} ({h0.shape[0]})")
             batch_size = h0.shape[0]
         B = self.batch_size if batch_size is None else batch_size
         bucket = bucket_for(B)

@@ -8,6 +8,7 @@ module buffers (knots + per-interval coefficients, float64) and evaluated on the
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import torch.nn as nn
@@ -53,13 +54,26 @@ def _check(x, name):
     return x
 
 
+def _vocab(vocab_size) -> int:
+    """An int ≥ 2 (the schedule divides by V − 1): -3 gave garbage, 2.7 was truncated, 1 divided by zero."""
+    if isinstance(vocab_size, bool):
+        raise TypeError("vocab_size must be an int, got a bool")
+    try:
+        v = operator.index(vocab_size)
+    except TypeError:
+        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}") from None
+    if v < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {v}")
+    return v
+
+
 def tau_to_gamma(tau, vocab_size: int) -> torch.Tensor:
     """Network time τ ("alpha") → interpolant time γ, on tau's device."""
     tau = _check(tau, "tau")
-    return get_schedule(int(vocab_size), str(tau.device)).tau_to_gamma(tau)
+    return get_schedule(_vocab(vocab_size), str(tau.device)).tau_to_gamma(tau)
 
 
 def gamma_to_tau(gamma, vocab_size: int) -> torch.Tensor:
     """Interpolant time γ → network time τ, on gamma's device."""
     gamma = _check(gamma, "gamma")
-    return get_schedule(int(vocab_size), str(gamma.device)).gamma_to_tau(gamma)
+    return get_schedule(_vocab(vocab_size), str(gamma.device)).gamma_to_tau(gamma)

@@ -1121,8 +1121,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     padding to a multiple of 128, never reach the result, even inf or NaN ones; their gradient is zero).
 
     h (..., D), targets (...) int64; ignored targets give 0 and are excluded from 'mean'. The loss is fp32
-    (fp64 for fp64 inputs). Differentiable w.r.t. h, weight and bias; no (rows, V) tensor is formed
-    except by backend='reference'."""
+    (fp64 for fp64 inputs, except with backend='reference': the published computation casts to fp32).
+    Differentiable w.r.t. h, weight and bias; no (rows, V) tensor is formed except by backend='reference'."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     V = _valid_vocab(h, weight, bias, n_valid)
@@ -1156,7 +1156,8 @@ def soft_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optio
     δ̄ = λ·softmax(cap(h1·Wᵀ+b)) + (1−λ)·softmax(cap(h2·Wᵀ+b)).
 
     h, h1, h2 (..., D) of one dtype; lam broadcastable to h.shape[:-1] (one value per row). No gradient
-    flows into the targets (h1, h2, λ); gradients w.r.t. h, weight, bias."""
+    flows into the targets (h1, h2, λ); gradients w.r.t. h, weight, bias. The loss is fp32 (fp64 for fp64 inputs,
+    except with backend='reference', the published fp32 computation)."""
     V = _valid_vocab(h, weight, bias, n_valid)
     if h1.shape != h.shape or h2.shape != h.shape:
         raise ValueError(f"h1 {tuple(h1.shape)} and h2 {tuple(h2.shape)} must match h {tuple(h.shape)}")

@@ -42,3 +42,18 @@ def test_to_json_round_trips():
     text = cfg.to_json()
     assert json.loads(text)["rotary_base"] == 500.0 and text.index('"attn_softcap"') < text.index('"cond_dim"')
     assert fmlm.ModelConfig.from_dict(json.loads(text)) == cfg
+
+
+def test_flags_must_be_bools():
+    """two_time and learnable_loss_weighting build different models: a string such as "no" was accepted and, being
+    truthy, built the two-time FMLM. Bools pass; 0/1 and numpy bools (from pickled configs) become bools."""
+    import numpy as np
+
+    base = {k: v for k, v in BASE.items() if k != "two_time"}
+    for name in ("two_time", "learnable_loss_weighting"):
+        for bad in ("no", "False", 2, None, 0.0):
+            with pytest.raises(ValueError, match=f"{name} must be a bool"):
+                fmlm.ModelConfig(**base, **{name: bad})
+        for ok, want in ((True, True), (0, False), (1, True), (np.bool_(True), True)):
+            v = getattr(fmlm.ModelConfig(**base, **{name: ok}), name)
+            assert v is want

@@ -264,6 +264,28 @@ def test_distill_engine_matches_reference_same_noise(tiny_cfg, B):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("teacher_hidden", [16, 48])
+def test_distill_engine_with_a_teacher_of_another_width(tiny_cfg, teacher_hidden):
+    """A teacher narrower or wider than its student (the loss supports it: _teacher_hidden_noise maps the noise
+    between embeddings of any widths): the engine path equals the reference path, value and gradients, with
+    diagonal rows (the augmented head [W_s | W_t | b_s | b_t] needs rows padded by the other model's width; the
+    student's own width was used, a shape mismatch)."""
+    teacher = _model(tiny_cfg, hidden=teacher_hidden, n_heads=2)
+    st = Lo.init_student(_model(tiny_cfg, seed=3))
+    tok = torch.randint(0, 131, (4, 9), generator=torch.Generator().manual_seed(2))
+    tm = Lo.distill_times(4, torch.Generator().manual_seed(1), boundary_fraction=0.3)
+    assert tm.n_diag > 0 and teacher.cfg.hidden != st.cfg.hidden
+    res = {}
+    for path in ("reference", "engine"):
+        st.zero_grad()
+        loss = Lo.fmlm_distill_loss(st, teacher, tok, path=path, times=tm, noise_seed=5, backend="torch")
+        loss.sum().backward()
+        res[path] = (loss.detach(), {k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(res["engine"][0], res["reference"][0], rtol=1e-10, atol=1e-10)
+    for k, g in res["reference"][1].items():
+        torch.testing.assert_close(res["engine"][1][k], g, rtol=1e-8, atol=1e-10, msg=k)
+
+
 def test_teacher_hidden_noise_joint_law():
     """n_t drawn given n_s = ε·E_s has the joint covariance of (ε·E_s, ε·E_t): E_tᵀE_t and E_sᵀE_t."""
     g = torch.Generator().manual_seed(0)

@@ -1207,3 +1207,7 @@ def test_sampler_refuses_parity_noise_with_renoising_and_bool_seeds():
         Sampler(m, 2, 2, renoise=0.5).sample(0, noise=z0)
     with pytest.raises(TypeError, match="bool"):
         Sampler(m, 2, 2).sample(True)
+    with pytest.raises(ValueError, match=r"batch_size 5 disagrees with the batch of noise \(2\)"):
+        Sampler(m, 2, 2).sample(0, batch_size=5, noise=z0)                  # it named h0, which was not given
+    with pytest.raises(ValueError, match=r"batch_size 5 disagrees with the batch of h0 \(2\)"):
+        Sampler(m, 2, 2).sample(0, batch_size=5, h0=torch.zeros(2, 9, m.cfg.hidden))

@@ -38,3 +38,18 @@ def test_keeps_dtype_and_device_and_rejects_ints():
     assert fmlm.tau_to_gamma(t, 131).dtype == torch.float32
     with pytest.raises(TypeError):
         fmlm.tau_to_gamma(torch.tensor([1, 2]), 131)
+
+
+def test_invalid_vocab_sizes_are_refused():
+    """The schedule divides by V − 1 and integrates over V: a negative size gave [1, 1] for τ = [0, 0.5] (even
+    the endpoint wrong), 2.7 was truncated to 2, and 1, 0 or True divided by zero. numpy ints are fine."""
+    import numpy as np
+
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    for bad, err in ((-3, ValueError), (1, ValueError), (0, ValueError), (2.7, TypeError), (True, TypeError),
+                     ("131", TypeError)):
+        for fn in (fmlm.tau_to_gamma, fmlm.gamma_to_tau):
+            with pytest.raises(err, match="vocab_size"):
+                fn(t, bad)
+    assert torch.equal(fmlm.tau_to_gamma(t, np.int64(131)), fmlm.tau_to_gamma(t, 131))
+    assert fmlm.tau_to_gamma(t, 2)[0] == 0
