@@ -241,6 +241,20 @@ def test_distill_reference_path_is_the_spec(tiny_cfg):
     torch.testing.assert_close(loss, torch.cat(want), rtol=1e-9, atol=1e-9)
 
 
+def _assert_distill_paths_agree(st, teacher, tok, tm, noise_seed):
+    """The engine path's distillation loss and student gradients equal the reference path's on the same noise."""
+    res = {}
+    for path in ("reference", "engine"):
+        st.zero_grad()
+        loss = Lo.fmlm_distill_loss(st, teacher, tok, path=path, times=tm, noise_seed=noise_seed, backend="torch")
+        loss.sum().backward()
+        res[path] = (loss.detach(), {k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(res["engine"][0], res["reference"][0], rtol=1e-10, atol=1e-10)
+    assert res["engine"][1].keys() == res["reference"][1].keys()
+    for k, g in res["reference"][1].items():
+        torch.testing.assert_close(res["engine"][1][k], g, rtol=1e-8, atol=1e-10, msg=k)
+
+
 @pytest.mark.parametrize("B", [pytest.param(6, id="B6"), pytest.param(1, id="B1-offdiag"),
                                pytest.param(3, id="B3")])
 def test_distill_engine_matches_reference_same_noise(tiny_cfg, B):
@@ -251,16 +265,7 @@ def test_distill_engine_matches_reference_same_noise(tiny_cfg, B):
         st.vocab_embed.embedding.mul_(1.01)
     tok = torch.randint(0, 131, (B, 9), generator=torch.Generator().manual_seed(B))
     tm = Lo.distill_times(B, torch.Generator().manual_seed(1), boundary_fraction=0.3)
-    res = {}
-    for path in ("reference", "engine"):
-        st.zero_grad()
-        loss = Lo.fmlm_distill_loss(st, teacher, tok, path=path, times=tm, noise_seed=9, backend="torch")
-        loss.sum().backward()
-        res[path] = (loss.detach(), {k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(res["engine"][0], res["reference"][0], rtol=1e-10, atol=1e-10)
-    assert res["engine"][1].keys() == res["reference"][1].keys()
-    for k, g in res["reference"][1].items():
-        torch.testing.assert_close(res["engine"][1][k], g, rtol=1e-8, atol=1e-10, msg=k)
+    _assert_distill_paths_agree(st, teacher, tok, tm, noise_seed=9)
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -275,15 +280,7 @@ def test_distill_engine_with_a_teacher_of_another_width(tiny_cfg, teacher_hidden
     tok = torch.randint(0, 131, (4, 9), generator=torch.Generator().manual_seed(2))
     tm = Lo.distill_times(4, torch.Generator().manual_seed(1), boundary_fraction=0.3)
     assert tm.n_diag > 0 and teacher.cfg.hidden != st.cfg.hidden
-    res = {}
-    for path in ("reference", "engine"):
-        st.zero_grad()
-        loss = Lo.fmlm_distill_loss(st, teacher, tok, path=path, times=tm, noise_seed=5, backend="torch")
-        loss.sum().backward()
-        res[path] = (loss.detach(), {k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(res["engine"][0], res["reference"][0], rtol=1e-10, atol=1e-10)
-    for k, g in res["reference"][1].items():
-        torch.testing.assert_close(res["engine"][1][k], g, rtol=1e-8, atol=1e-10, msg=k)
+    _assert_distill_paths_agree(st, teacher, tok, tm, noise_seed=5)
 
 
 def test_teacher_hidden_noise_joint_law():
