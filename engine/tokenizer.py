@@ -100,5 +100,8 @@ def default_tokenizer(vocab_size: int, checkpoint: Optional[str] = None, model=N
 
 
 def decode(tok, ids: list[int]) -> str:
+    """Text of token ids, special tokens skipped; ids outside the tokenizer's vocabulary [0, n) are dropped (a
+    model's vocabulary may be padded past it), negative ones too (they reached the tokenizers library, which
+    raised OverflowError)."""
     n = tok.get_vocab_size()
-    return tok.decode([i for i in ids if i < n], skip_special_tokens=True)
+    return tok.decode([i for i in ids if 0 <= i < n], skip_special_tokens=True)

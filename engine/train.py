@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import operator
 import os
 import shutil
 import sys
@@ -65,8 +66,13 @@ class TrainConfig:
     def __post_init__(self):
         problems = []
         for name in ("steps", "batch_size", "accum", "val_batches", "n_samples", "keep_ckpts", "log_every"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1")
+            v = getattr(self, name)
+            try:
+                iv = None if isinstance(v, bool) else operator.index(v)     # ints, numpy ints
+            except TypeError:                                               # steps=2.5 ran 3 and never finished
+                iv = None
+            if iv is None or iv < 1:
+                problems.append(f"{name} must be an int >= 1, got {v!r}")
         for name in ("warmup", "val_every", "sample_every", "ckpt_every", "weight_decay", "grad_clip", "time_budget"):
             v = float(getattr(self, name))
             if not v >= 0 or math.isinf(v):          # not v >= 0 is also true for NaN
@@ -669,6 +675,7 @@ def cmd_distill(a) -> int:
                          is_builder=d.main, barrier=d.barrier)
     if corpus.vocab_size != teacher.cfg.vocab_size:
         raise ValueError(f"tokenizer vocabulary {corpus.vocab_size} != teacher's {teacher.cfg.vocab_size}")
+    torch.manual_seed(tc.seed)        # init_student draws sigma_map_prime's fresh layers from the global RNG
     student = init_student(teacher)
     res = train_loop(student, "fmlm", corpus.train, tc, a.out, corpus.val, teacher=teacher, tokenizer=corpus.tokenizer,
                      dist=d, resume=not a.no_resume, progress=not a.no_progress, desc="distill fmlm")

@@ -73,6 +73,7 @@ def test_gpt2_is_gpt2s_byte_level_bpe():
     ids = tok.encode(text).ids
     assert decode(tok, ids) == text
     assert decode(tok, [15496, 50257, 995, 50257]) == "Hello world"
+    assert decode(tok, [15496, -3, 995, 10 ** 9]) == "Hello world"     # negative ids raised OverflowError
     for v in (50257, 50258):
         assert default_tokenizer(v).encode("Hello world").ids == [15496, 995]
 

@@ -139,6 +139,11 @@ def test_bad_configs():
         with pytest.raises(ValueError, match=msg):
             T.TrainConfig(**kw)
     T.TrainConfig(grad_clip=0.0, warmup=0, time_budget=0.0)          # 0 = off stays allowed
+    # counts must be ints: steps=2.5 ran 3 steps and never reached `step == steps` (no final checkpoint)
+    for kw in (dict(steps=2.5), dict(batch_size=8.0), dict(accum=True), dict(n_samples="2")):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int"):
+            T.TrainConfig(**kw)
+    assert T.TrainConfig(steps=np.int64(5)).steps == 5
 
 
 def test_fmlm_micro_batch_must_hold_the_split(tmp_path, tiny_cfg):
@@ -196,12 +201,16 @@ def test_cli_train_distill_and_errors(tmp_path, capsys):
     assert main(["train", "--data", str(text), "--out", str(tmp_path / "flm"), "--steps", "3", *TINY, *cache]) == 0
     teacher = tmp_path / "flm" / T.MODEL_DIR
     assert (teacher / "tokenizer.json").is_file() and not fmlm.load_checkpoint(teacher).cfg.two_time
-    rc = main(["distill", "--teacher", str(teacher), "--data", str(text), "--out", str(tmp_path / "fmlm"),
-               "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu", "--no-progress",
-               "--backend", "torch", "--val-batches", "1", *cache])
-    assert rc == 0
+    distill = ["distill", "--teacher", str(teacher), "--data", str(text), "--steps", "2", "--batch-size", "4",
+               "--warmup", "1", "--device", "cpu", "--no-progress", "--backend", "torch", "--val-batches", "1", *cache]
+    assert main([*distill, "--out", str(tmp_path / "fmlm")]) == 0
     fm = fmlm.load_checkpoint(tmp_path / "fmlm" / T.MODEL_DIR)
     assert fm.cfg.two_time and (tmp_path / "fmlm" / T.MODEL_DIR / "tokenizer.json").is_file()
+    # the same command again: the same student (init_student's fresh layers came from an unseeded global RNG)
+    torch.manual_seed(12345)
+    assert main([*distill, "--out", str(tmp_path / "fmlm_again")]) == 0
+    again = fmlm.load_checkpoint(tmp_path / "fmlm_again" / T.MODEL_DIR).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in fm.state_dict().items())
     capsys.readouterr()
     assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), *TINY]) == 1
     assert "no such file" in capsys.readouterr().err
