@@ -75,20 +75,21 @@ def bench(args, quick: bool = False) -> list[dict]:
 
 
 def parser(ap=None):
+    from fmlm.engine.commands import _positive_int  # noqa: PLC0415
     ap = ap or argparse.ArgumentParser(prog="fmlm bench sample", description=__doc__)
-    ap.add_argument("--vocab", type=int, default=30522)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--cond-dim", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--vocab", type=_positive_int, default=30522)
+    ap.add_argument("--seq-len", type=_positive_int, default=128)
+    ap.add_argument("--hidden", type=_positive_int, default=256)
+    ap.add_argument("--blocks", type=_positive_int, default=4)
+    ap.add_argument("--heads", type=_positive_int, default=4)
+    ap.add_argument("--cond-dim", type=_positive_int, default=128)
+    ap.add_argument("--batch-size", type=_positive_int, default=8)
+    ap.add_argument("--steps", type=_positive_int, default=1)
     ap.add_argument("--method", choices=("flm", "fmlm"), default="fmlm")
     ap.add_argument("--renoise", type=float, default=0.0)
     ap.add_argument("--backend", default="auto", help="engine backend: auto | torch | triton")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=_positive_int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default: $FMLM_RESULTS_DIR, else bench/results in "
                     "a source checkout, ./fmlm_results when installed)")

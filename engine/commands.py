@@ -12,6 +12,12 @@ def _device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}, but torch sees no CUDA device (use --device cpu or auto)")
+    try:
+        kind = torch.device(name).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    if kind not in ("cpu", "cuda"):     # mps, xpu, ...: torch printed a 55-line operator dump at the first tensor
+        raise ValueError(f"--device {name}: fmlm runs on cpu or cuda")
     return name
 
 
@@ -26,13 +32,45 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
 def _check_out_file(out: str) -> None:
     """--out must name a file in an existing directory: checked before any work, not when the samples are written."""
     p = Path(out)
     if p.is_dir():
         raise ValueError(f"--out {out}: is a directory; give a file name (e.g. {p / 'samples.jsonl'})")
-    if not p.parent.is_dir():
+    if not p.resolve().parent.is_dir():
         raise ValueError(f"--out {out}: the directory {p.parent} does not exist")
+
+
+def _open_out(out: str):
+    """(file to write, its temporary path or None, the path to rename it to at the end). A regular file (or a new one; through a
+    symlink, its target) is written to a fresh temporary file beside it and renamed over it when every sample
+    is written, so a failed run leaves an existing file as it was; anything else (/dev/stdout, a pipe) is
+    written directly: renaming over it replaced the device node itself (as root, /dev/full became a file)."""
+    import os
+    import tempfile
+    target = Path(out).resolve()
+    if target.exists() and not target.is_file():
+        return open(target, "w"), None, target
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.exists():
+        os.chmod(tmp, target.stat().st_mode & 0o7777)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    return os.fdopen(fd, "w"), Path(tmp), target
 
 
 def cmd_sample(args) -> int:
@@ -51,12 +89,16 @@ def cmd_sample(args) -> int:
     model.eval()
     cfg = model.cfg
     method = args.method or ("fmlm" if cfg.two_time else "flm")
+    if tok is not None and tok.get_vocab_size() not in (cfg.vocab_size, cfg.vocab_size - 1):
+        # V − 1: OWT's model is GPT-2's 50257 tokens and a [PAD]. Anything else decodes to unrelated words
+        # (gpt2 on a BERT-vocabulary model) or drops most ids (a smaller tokenizer), silently
+        raise ValueError(f"--tokenizer {args.tokenizer} has {tok.get_vocab_size()} tokens, the model's vocabulary "
+                         f"{cfg.vocab_size}: give the tokenizer the model was trained with")
     if tok is None:
         tok = default_tokenizer(cfg.vocab_size, args.checkpoint, model)
     # into a temporary file, renamed when every sample is written: a bad argument (refused by the first batch) or
-    # an interruption must not leave an existing --out file truncated
-    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp") if args.out else None
-    out = open(tmp, "w") if tmp else None
+    # an interruption must not leave an existing --out file truncated (_open_out)
+    out, tmp, final = _open_out(args.out) if args.out else (None, None, None)
     done = False
     try:
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -78,14 +120,15 @@ def cmd_sample(args) -> int:
     finally:
         if out:
             out.close()
-            if done:
-                try:
-                    tmp.replace(args.out)
-                except OSError:
+            if tmp is not None:
+                if done:
+                    try:
+                        tmp.replace(final)
+                    except OSError:
+                        tmp.unlink(missing_ok=True)
+                        raise
+                else:
                     tmp.unlink(missing_ok=True)
-                    raise
-            else:
-                tmp.unlink(missing_ok=True)
     if args.out:
         print(f"wrote {n} samples to {args.out}", file=sys.stderr)
     return 0

@@ -158,19 +158,20 @@ def json_object(text: str) -> dict:
 
 
 def parser(ap=None):
+    from .commands import _positive_int  # noqa: PLC0415
     ap = ap or argparse.ArgumentParser(prog="fmlm profile sample", description=__doc__)
     ap.add_argument("--checkpoint", default=None, help="a checkpoint (default: random weights at --preset's shape)")
     ap.add_argument("--preset", default="owt", choices=sorted(PRESETS))
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--batch-size", type=_positive_int, default=8)
+    ap.add_argument("--steps", type=_positive_int, default=1)
     ap.add_argument("--method", choices=("flm", "fmlm"), default=None)
     ap.add_argument("--renoise", type=float, default=0.0)
     ap.add_argument("--no-graph", action="store_true", help="run eagerly (shows the per-block ranges)")
     ap.add_argument("--kernel-options", type=json_object, default=None, metavar="JSON",
                     help="opt-in kernel variants (Sampler kernel_options, the candidates `fmlm bench e2e` times), "
                          """e.g. '{"gemm_impl": "triton_small", "pdl": true}'""")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--top", type=int, default=40, help="rows of the kernel table")
+    ap.add_argument("--iters", type=_positive_int, default=3)
+    ap.add_argument("--top", type=_positive_int, default=40, help="rows of the kernel table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="profile_out")

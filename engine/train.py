@@ -80,7 +80,7 @@ class TrainConfig:
         for name in ("diag_fraction", "boundary_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
-        if self.batch_size % self.accum:
+        if not problems and self.batch_size % self.accum:            # (accum 0 is already a problem above)
             problems.append(f"batch_size ({self.batch_size}) must be divisible by accum ({self.accum})")
         if not 0 < self.lr < math.inf:
             problems.append("lr must be a finite number > 0")
@@ -717,7 +717,8 @@ def bench_train(vocab: int = 30522, seq_len: int = 128, batch: int = 16, hidden:
     from .config import ModelConfig
     from .model import FlowLM
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    from .commands import _device  # noqa: PLC0415
+    dev = _device(device)             # --device cuda without CUDA: one line, not torch's assertion
     cfg = ModelConfig(vocab_size=vocab, seq_len=seq_len, hidden=hidden, n_blocks=blocks, n_heads=heads,
                       cond_dim=min(cond_dim, hidden))
     model = FlowLM(cfg).to(dev)
@@ -751,6 +752,7 @@ def bench_train(vocab: int = 30522, seq_len: int = 128, batch: int = 16, hidden:
 
 
 def register_cli(sub, bench_sub) -> None:
+    from .commands import _positive_float, _positive_int  # noqa: PLC0415
     p = sub.add_parser("train", help="train a flow language model (FLM) on text",
                        description="Train an FLM: per-token cross-entropy of the capped denoiser at x_γ(τ). "
                                    "Multi-GPU: torchrun --nproc_per_node N -m fmlm train …")
@@ -773,7 +775,7 @@ def register_cli(sub, bench_sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (smoke test)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=_positive_float, default=None,
                    help="seconds for the whole demo (default: 420 on CPU, 540 on a GPU, 120 with --quick); "
                         "training phases stop early to fit")
     p.add_argument("--no-progress", action="store_true")
@@ -784,13 +786,13 @@ def register_cli(sub, bench_sub) -> None:
                              description="One FLM training step (forward + backward) on random weights with the "
                                          "reference (V-space) and engine (hidden-space, chunked CE) loss paths: "
                                          "peak memory and tokens/s side by side.")
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--vocab", type=_positive_int, default=30522)
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--hidden", type=_positive_int, default=128)
+    p.add_argument("--blocks", type=_positive_int, default=2)
+    p.add_argument("--heads", type=_positive_int, default=4)
+    p.add_argument("--iters", type=_positive_int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="do not append rows to train.csv in the results folder "
                    "($FMLM_RESULTS_DIR, else bench/results in a source checkout, ./fmlm_results when installed)")

@@ -279,3 +279,72 @@ def test_sample_that_cannot_rename_into_out_leaves_no_temporary_file(ckpt, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("fmlm: error:") and "s.jsonl" in err
     assert sorted(f.name for f in tmp_path.iterdir()) == ["s.jsonl"] and out.is_dir() and not any(out.iterdir())
+
+
+def test_sample_out_through_a_symlink_a_stream_and_beside_a_users_tmp_file(ckpt, tmp_path, capsys):
+    """--out through a symlink writes the link's target and keeps the link (the rename replaced the link by a
+    file); --out naming something that is not a regular file (a FIFO here; /dev/stdout, /dev/null) is written
+    directly (renaming over it replaced the node: as root, /dev/full became a file); a user's own OUT.tmp file
+    is neither overwritten nor deleted (the temporary file was OUT.tmp itself); --device mps is refused in one
+    line (torch printed a 55-line operator dump)."""
+    import os
+    import threading
+
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    notes = tmp_path / "link.jsonl.tmp"
+    notes.write_text("my notes\n")
+    assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "2", "--out", str(link)]) == 0
+    assert link.is_symlink() and len(target.read_text().splitlines()) == 2
+    assert notes.read_text() == "my notes\n"
+    assert main(["sample", "--checkpoint", str(ckpt), "--renoise", "1.5", "--out", str(link)]) == 1
+    assert notes.read_text() == "my notes\n" and len(target.read_text().splitlines()) == 2
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link.jsonl", "link.jsonl.tmp", "real.jsonl"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "3", "--out", str(fifo)]) == 0
+    reader.join(timeout=60)
+    assert len(got[0].splitlines()) == 3 and fifo.is_fifo()
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(ckpt), "--device", "mps"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device mps" in err
+
+
+def test_sample_refuses_a_tokenizer_of_another_vocabulary(ckpt, tmp_path, capsys):
+    """A tokenizer whose size is neither the model's V nor V − 1 (OWT: GPT-2 + [PAD]) decoded to unrelated words or
+    dropped most ids without a word; it is refused before sampling. V and V − 1 are accepted."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models
+
+    def tok_file(n):
+        path = tmp_path / f"tok{n}.json"
+        Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0")).save(str(path))
+        return str(path)
+    V = 131                                                     # small_model's vocabulary
+    assert main(["sample", "--checkpoint", str(ckpt), "--tokenizer", tok_file(40)]) == 1
+    err = capsys.readouterr().err
+    assert "has 40 tokens, the model's vocabulary 131" in err and err.count("\n") == 1
+    for n in (V, V - 1):
+        assert main(["sample", "--checkpoint", str(ckpt), "--batch-size", "1", "--tokenizer", tok_file(n)]) == 0
+
+
+def test_bench_profile_and_demo_refuse_bad_counts_in_one_line(capsys):
+    """Zero or negative counts ended in "no median for empty data", a reshape error, an empty table with exit 0,
+    or a demo with a negative budget; `bench train --device cuda` without CUDA raised torch's assertion."""
+    for argv in (["bench", "sample", "--iters", "0"], ["bench", "train", "--iters", "0"],
+                 ["bench", "train", "--batch", "-2"], ["profile", "sample", "--iters", "0"],
+                 ["profile", "sample", "--top", "-3"], ["demo", "--time-budget", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "expected a positive" in capsys.readouterr().err, argv
+    if not torch.cuda.is_available():
+        assert main(["bench", "train", "--device", "cuda", "--iters", "1", "--no-write"]) == 1
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA device" in err and err.count("\n") == 1

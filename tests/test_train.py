@@ -140,7 +140,7 @@ def test_bad_configs():
             T.TrainConfig(**kw)
     T.TrainConfig(grad_clip=0.0, warmup=0, time_budget=0.0)          # 0 = off stays allowed
     # counts must be ints: steps=2.5 ran 3 steps and never reached `step == steps` (no final checkpoint)
-    for kw in (dict(steps=2.5), dict(batch_size=8.0), dict(accum=True), dict(n_samples="2")):
+    for kw in (dict(steps=2.5), dict(batch_size=8.0), dict(accum=True), dict(n_samples="2"), dict(accum=0)):
         with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int"):
             T.TrainConfig(**kw)
     assert T.TrainConfig(steps=np.int64(5)).steps == 5
