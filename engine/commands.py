@@ -54,10 +54,11 @@ def _check_out_file(out: str) -> None:
 
 
 def _open_out(out: str):
-    """(file to write, its temporary path or None, the path to rename it to at the end). A regular file (or a new one; through a
-    symlink, its target) is written to a fresh temporary file beside it and renamed over it when every sample
-    is written, so a failed run leaves an existing file as it was; anything else (/dev/stdout, a pipe) is
-    written directly: renaming over it replaced the device node itself (as root, /dev/full became a file)."""
+    """(file to write, its temporary path or None, the path to rename it to at the end). A regular file (or a new
+    one; through a symlink, its target) is written to a fresh temporary file beside it and renamed over it when
+    every sample is written, so a failed run leaves an existing file as it was; anything else (/dev/stdout, a
+    pipe) is written directly: renaming over it replaced the device node itself (as root, /dev/full became a
+    file)."""
     import os
     import tempfile
     target = Path(out).resolve()
