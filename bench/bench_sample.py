@@ -97,6 +97,9 @@ def parser(ap=None):
 
 
 def cli(args) -> int:
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        # checked before the run: writing the rows failed only after it ("File exists"), the table on stdout only
+        raise ValueError(f"--out {args.out}: exists and is not a directory (the results folder)")
     rows = bench(args)
     print(markdown_table(rows))
     # rows under other columns go to bench_sample-<date>[-n].csv (common.write_rows): name the file that grew

@@ -127,12 +127,14 @@ def profile_sample(args) -> int:
     from fmlm.engine.runner import Sampler
 
     device = _device(args.device)          # --device cuda without CUDA: a one-line error, not a traceback
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before the run: mkdir failed only after it ("File exists")
+        raise ValueError(f"--out {args.out}: exists and is not a directory (the trace and table go into a directory)")
     model = build_model(args.checkpoint, args.preset, device, args.seed)
     method = args.method or ("fmlm" if model.cfg.two_time else "flm")
     sampler = Sampler(model, args.batch_size, args.steps, method, args.renoise, graph=not args.no_graph,
                       kernel_options=args.kernel_options)
     prof, _ = profile_run(sampler, args.iters, args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = out / "trace.json"
     prof.export_chrome_trace(str(trace))

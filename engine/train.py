@@ -532,7 +532,8 @@ def _add_train_args(p, distill: bool):
     g.add_argument("--style", choices=("lm1b", "owt"), default="lm1b",
                    help="packing: lm1b = [CLS] … [CLS] blocks, texts separated by [CLS] (the reference's ids); "
                         "owt = EOS-separated")
-    g.add_argument("--cache-dir", default=None, help="where token ids are cached (default ~/.cache/fmlm/tokens)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where token ids are cached (default $FMLM_CACHE/tokens, else ~/.cache/fmlm/tokens)")
     g.add_argument("--val-every-block", type=int, default=50, help="hold out every N-th block for validation")
     if not distill:
         m = p.add_argument_group("model")

@@ -45,3 +45,13 @@ def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "fmlm: error: --device cuda, but torch sees no CUDA device (use --device cpu or auto)\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """--out is the results folder: a file there failed with "File exists" only after the timed run (the table
+    survived on stdout only); it is refused first and the file is kept."""
+    out = tmp_path / "keep.txt"
+    out.write_text("mine\n")
+    monkeypatch.setattr(bench_sample, "bench", lambda args: pytest.fail("the run started"))
+    assert fmlm_main(["bench", "sample", "--device", "cpu", "--out", str(out)]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err and out.read_text() == "mine\n"

@@ -24,6 +24,16 @@ def test_profile_sample_of_a_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(head[0])
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """--out names the directory of the trace and the table: a file there failed with "File exists" only after the
+    whole profiled run; it is refused first (the run never starts) and the file is kept."""
+    out = tmp_path / "keep.txt"
+    out.write_text("mine\n")
+    monkeypatch.setattr(profile, "build_model", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["profile", "sample", "--preset", "tiny", "--device", "cpu", "--out", str(out)]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err and out.read_text() == "mine\n"
+
+
 def test_build_model_refuses_an_unknown_preset():
     with pytest.raises(ValueError, match=r"preset must be one of \['lm1b', 'owt', 'tiny'\], got 'gpt'"):
         profile.build_model(None, "gpt")
