@@ -7,12 +7,12 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
 - engine eager: fmlm.Sampler(graph=False) (fast bf16 trunk, fused head ops);
 - engine graph: fmlm.Sampler(graph=True), one CUDA graph replay per call;
 - engine graph + compile (with --compile, not with --quick): the blocks under torch.compile as well;
-- engine graph [candidate]: the same with one opt-in kernel variant (Sampler kernel_options: the rotary
-  prepass before attention, the TMA logits_argmax, the blocks' Triton split-K GEMMs at ≤ 4096 rows,
-  programmatic dependent launch of the Triton kernels, the attention softmax without a running max, the
-  attention output projection inside the attention kernel at ≤ 512 rows) at the
-  headline batch sizes, so one run shows whether a
-  candidate should become the default (--no-candidates skips them);
+- engine graph [candidate]: the same with one kernel variant (Sampler kernel_options: the rotary
+  prepass before attention, the TMA logits_argmax at ≤ 2048 rows (its default above), the blocks' Triton
+  split-K GEMMs at ≤ 4096 rows, programmatic dependent launch of the Triton kernels, the attention's online
+  softmax (the previous default), the attention output projection inside the attention kernel at ≤ 512 rows)
+  at the headline batch sizes, so one run shows whether a candidate should become the default
+  (--no-candidates skips them);
 - engine graph [winners: ...]: at each headline point, every candidate that beat the default there merged into
   one set of kernel options, at one and four steps: what promoting them together gives, measured in the same run.
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
@@ -43,6 +43,7 @@ from fmlm.bench.common import (RESULTS_DIR, add_bench_command, bench_deadline, c
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
+from fmlm.kernels.logits_argmax import SMALL_M as ARGMAX_SMALL_M
 
 DATASETS = {"owt": (1, 8, 32, 64), "lm1b": (1, 64, 512)}
 # ms/sample targets of the issue (one step, H100, bf16)
@@ -55,7 +56,7 @@ FOUR_STEP_RATIO = 4.5
 CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
               "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
                                                                   "attention_out_proj": True},
-              "attention fixed shift": {"attention_fixed_shift": True},
+              "attention online softmax (the previous default)": {"attention_fixed_shift": False},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
               "argmax tma": {"argmax_config": {"tma": True}},
               "argmax bm128_bn128_w4": {"argmax_config": ARGMAX_CONFIGS["bm128_bn128_w4_s3"]},
@@ -63,7 +64,8 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}}
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
-                      "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS}
+                      "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
+                      "argmax tma": ARGMAX_SMALL_M}     # the default above ARGMAX_SMALL_M rows
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 # a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
 WIN_SPEEDUP = 1.02
@@ -195,14 +197,12 @@ def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None
 
 def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
     """Whether adding opts to merged times what the label will say: not another value for a merged key (two
-    rotary variants); not the fixed-shift softmax with the TMA prepass (its kernel keeps the online softmax); not
-    a rotary variant where the triton_small GEMMs apply the rotary in their epilogue (≤ SMALL_ROWS rows)."""
+    rotary variants); not a rotary variant where the triton_small GEMMs apply the rotary in their epilogue
+    (≤ SMALL_ROWS rows)."""
     if any(k in merged and merged[k] != v for k, v in opts.items()):
         return False
     both = {**merged, **opts}
     rotary = both.get("rotary_impl", "load")
-    if both.get("attention_fixed_shift") and rotary == "prepass_tma":
-        return False
     return not (rotary != "load" and both.get("gemm_impl") == "triton_small" and n_rows <= SMALL_ROWS)
 
 

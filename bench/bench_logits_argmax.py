@@ -1,11 +1,12 @@
 """logits_argmax (argmax over V of h·Wᵀ+b, fused: logits never written) beside the reference in one process.
 
 Shapes (bf16, V = 50258 passed as a weight padded to 50304 with n_valid = 50258, D = 768): the OWT final sampler
-step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default config: the pointer
-kernel, whose config the label names), the previous epilogue ("pairs") at the default tile, the alternative
-pointer configs of kernels/logits_argmax.py BENCH_CONFIGS and the opt-in TMA kernel (TMA_BENCH_CONFIGS) at the
-OWT shape, each checked against the default; the TMA kernel at the default configs of the smaller row counts;
-the default, the first TMA config and cuBLAS at 32768 rows (the B=32 sampler's final step);
+step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Triton op (default config, which the
+label names: the TMA kernel above 2048 rows, the pointer kernel below), the previous epilogue ("pairs") at the
+default tile, the pointer configs of kernels/logits_argmax.py BENCH_CONFIGS (the first, GPU_CONFIG, is the
+previous default) and the other TMA configs (TMA_BENCH_CONFIGS) at the OWT shape, each checked against the
+default; the TMA kernel at the default configs of the smaller row counts (opt-in there); the default, the
+previous default and cuBLAS at 32768 rows (the B=32 sampler's final step);
 reference.logits_argmax_ref eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM
 h·Wᵀ of the padded weight with no epilogue (the matmul ceiling), and beside it a plain Triton GEMM at the
 argmax's tile storing the logits (diagnostic: how much of the gap to cuBLAS is Triton's main loop, how much the
@@ -25,8 +26,8 @@ import time
 
 import torch
 
-from fmlm.bench.common import (ceilings, child_json_row, markdown_table, optional_budget, peak_memory_bytes, time_fn,
-                               time_left, write_rows)
+from fmlm.bench.common import (ceilings, child_json_row, markdown_table, optional_budget, optional_rows,
+                               peak_memory_bytes, time_fn, time_left, write_rows)
 
 V, VP, D = 50258, 50304, 768
 SHAPES = (16384, 1024, 128)
@@ -113,14 +114,17 @@ def run(quick: bool = False) -> list[dict]:
     gemm = add("cuBLAS h·Wᵀ (padded V, no epilogue)", n, lambda: h @ W.T, LOGITS_NOTE, mem=False,
                logits_written=True)
     main["pct_of_cublas_gemm"] = 100 * gemm["ms"] / main["ms"]
-    # Diagnostic: a plain Triton GEMM (kernels/linear.py) at the argmax's default tile, logits stored like the
-    # cuBLAS row. Beside cuBLAS it is the Triton main loop's own rate; beside the argmax, the epilogue's cost.
+    # Diagnostic (optional: `make gpu-check` times the targets only, and this row compiles a kernel of its own): a
+    # plain Triton GEMM (kernels/linear.py) at the pointer kernel's tile, logits stored like the cuBLAS row. Beside
+    # cuBLAS it is the Triton main loop's own rate; beside the argmax, the epilogue's cost.
     lin = importlib.import_module("fmlm.kernels.linear")
     tile = {k: LA.GPU_CONFIG[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
     try:
-        add(f"triton GEMM h·Wᵀ [{_cfg_label(LA.GPU_CONFIG)}] (logits stored; diagnostic)", n,
-            lambda: lin.linear_fwd(h, W, None, None, None, tile),
-            "the argmax's tile, no argmax epilogue; GB/s counts the logits written", mem=False, logits_written=True)
+        if optional_rows():
+            add(f"triton GEMM h·Wᵀ [{_cfg_label(LA.GPU_CONFIG)}] (logits stored; diagnostic)", n,
+                lambda: lin.linear_fwd(h, W, None, None, None, tile),
+                "the argmax's tile, no argmax epilogue; GB/s counts the logits written", mem=False,
+                logits_written=True)
     except Exception as e:   # a diagnostic that fails is a row, not fatal
         rows.append({"op": "logits_argmax", "impl": "triton GEMM h·Wᵀ (diagnostic)", "rows": n,
                      "note": f"failed: {e!r}"[:200]})
@@ -129,7 +133,8 @@ def run(quick: bool = False) -> list[dict]:
 
     def try_config(n, cfg, h, ref_idx):
         """Time one config (the TMA kernel checked to be the one launched); a failure is a row, not fatal."""
-        impl = f"triton [{_cfg_label(cfg)}]" + (" (opt-in)" if cfg.get("tma") else "")
+        impl = f"triton [{_cfg_label(cfg)}]" + (" (the previous default)" if cfg == LA.GPU_CONFIG
+                                                else " (opt-in)" if cfg.get("tma") else "")
         if cfg.get("tma") and not LA.tma_usable(h, W, cfg["BLOCK_K"]):
             rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": "skipped: TMA not usable here"})
             return None
@@ -149,9 +154,10 @@ def run(quick: bool = False) -> list[dict]:
 
     tried = [main]
     # first the previous default epilogue (tl.max with indices) at the default tile: a speedup below 1 there
-    # means the two-pass epilogue (the default since the fifth session of 2026-11-27, unmeasured) won
-    for cfg in [dict(LA.GPU_CONFIG, epilogue="pairs"), *LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
-        if cfg == LA.GPU_CONFIG or time.time() - t_start > budget:
+    # means the two-pass epilogue (the default since the fifth session of 2026-11-27) still wins (H100 run5: 0.90)
+    default = LA.default_config(n, dev, D, V, h.dtype)
+    for cfg in [dict(default, epilogue="pairs"), *LA.BENCH_CONFIGS.values(), *LA.TMA_BENCH_CONFIGS.values()]:
+        if cfg == default or time.time() - t_start > budget:
             continue
         r = try_config(n, cfg, h, mains[n][1])
         if r is not None:
@@ -160,14 +166,14 @@ def run(quick: bool = False) -> list[dict]:
     for m in SHAPES[1:]:
         if time.time() - t_start < budget:
             try_config(m, {**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, h_all[:m], mains[m][1])
-    # the B=32 sampler's final step: default, the first TMA config, cuBLAS
+    # the B=32 sampler's final step: default, the previous default (the pointer kernel at the same tile), cuBLAS
     if LARGE_ROWS and time.time() - t_start < budget:
         hl = torch.cat([h_all, _inputs(LARGE_ROWS - h_all.shape[0], seed=1)[0]]) if LARGE_ROWS > h_all.shape[0] \
             else h_all[:LARGE_ROWS]
         idx_l = LA.logits_argmax(hl, W, b, V, backend="triton")
         add(default_label(LARGE_ROWS), LARGE_ROWS, lambda: LA.logits_argmax(hl, W, b, V, backend="triton"),
             "default config", mem=False)
-        try_config(LARGE_ROWS, next(iter(LA.TMA_BENCH_CONFIGS.values())), hl, idx_l)
+        try_config(LARGE_ROWS, LA.GPU_CONFIG, hl, idx_l)
         add("cuBLAS h·Wᵀ (padded V, no epilogue)", LARGE_ROWS, lambda: hl @ W.T, LOGITS_NOTE, mem=False,
             logits_written=True)
         del hl

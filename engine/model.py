@@ -312,7 +312,7 @@ GEMM_IMPLS = ("cublas", "triton_small")
 
 def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale, cos, sin,
                 n_heads: int, softcap, in_place: bool, kb: str, ab: str, rotary_impl: str = "load",
-                gemm_impl: str = "cublas", attn_fixed_shift: bool = False, attn_out_proj: bool = False):
+                gemm_impl: str = "cublas", attn_fixed_shift: bool = True, attn_out_proj: bool = False):
     """One DiT block from (x = residual stream fp32, y = adaLN-modulated norm1(x) in the compute dtype) to
     (x', y' = the next adaLN input: the next block's norm1 or the final layer's norm). in_place: x may be
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
@@ -321,10 +321,12 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     runs the four GEMMs as Triton kernels: rotary applied to q and k in the qkv GEMM's epilogue (attention then
     rotates nothing; rotary_impl does not apply), the two GEMMs that feed the residual as split-K partials
     summed by gate_residual (no memsets, every GEMM spread over the GPU at batch 1); cuBLAS above SMALL_ROWS.
-    attn_fixed_shift: the opt-in softmax without a running max in the attention kernel (kernels/attention.py
-    fixed_shift_log2). attn_out_proj (with 'triton_small', at ≤ attention.OUT_PROJ_MAX_ROWS rows): the attention
-    kernel applies the output projection itself and writes per-head fp32 partials that gate_residual sums
-    (kernels/attention.py softcap_attention_out_proj): one launch fewer per block."""
+    attn_fixed_shift: the attention kernel's softmax without a running max (kernels/attention.py
+    fixed_shift_log2; the default since the H100 run of 2026-11-27 run5, 1.01-1.14x the online softmax in
+    bench_attention at the four headline shapes; False: the online softmax). attn_out_proj (with 'triton_small',
+    at ≤ attention.OUT_PROJ_MAX_ROWS rows): the attention kernel applies the output projection itself and writes
+    per-head fp32 partials that gate_residual sums (kernels/attention.py softcap_attention_out_proj): one launch
+    fewer per block."""
     from fmlm.kernels import adaln, attention  # noqa: PLC0415
     from fmlm.kernels import linear as lin  # noqa: PLC0415
 
@@ -375,7 +377,7 @@ def _fast_modulation(model: "FlowLM", tau_s: torch.Tensor, tau_t: Optional[torch
 def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor], tau_t: Optional[torch.Tensor],
                 dtype: torch.dtype = torch.bfloat16, kernel_backend: str = "auto", attn_backend: str = "auto",
                 block_fn=None, mods: Optional[torch.Tensor] = None, rotary_impl: str = "load",
-                gemm_impl: str = "cublas", attn_fixed_shift: bool = False, attn_out_proj: bool = False) -> torch.Tensor:
+                gemm_impl: str = "cublas", attn_fixed_shift: bool = True, attn_out_proj: bool = False) -> torch.Tensor:
     """trunk_ref computed with the fused ops: GEMMs in `dtype` (fp32 accumulate), residual stream fp32,
     LayerNorm/modulate/gate in fp32, softcap attention with rotary fused on load. Returns u in `dtype`.
     block_fn: a replacement for _fast_block (e.g. torch.compile(_fast_block)); kernel_backend/attn_backend

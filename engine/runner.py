@@ -61,12 +61,12 @@ class Sampler:
     torch.compile (off by default; the Triton ops stay opaque custom ops). Weights changed in place or
     replaced (in place, load_state_dict, .to(), a Parameter or submodule assigned anywhere in the model) invalidate
     every graph on the next call; weights written through .data need `fmlm.refresh(model)` (or `refresh()`).
-    kernel_options (fast trunk on CUDA; opt-in kernel variants that `fmlm bench e2e` times beside the
-    defaults): {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
+    kernel_options (fast trunk on CUDA; kernel variants that `fmlm bench e2e` times beside the defaults):
+    {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
     {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py),
-    {"attention_fixed_shift": True} (the attention's softmax without a running max: kernels/attention.py
-    fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
+    {"attention_fixed_shift": False} (the attention's online softmax; the default, True, drops the running max:
+    kernels/attention.py fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
     launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches),
     {"attention_out_proj": True} (with gemm_impl 'triton_small', at ≤ 512 rows: the output projection inside the
     attention kernel, kernels/attention.py softcap_attention_out_proj)."""
@@ -227,7 +227,7 @@ class Sampler:
             return _fast_trunk(self.model, h, None, None, torch.bfloat16, block_fn=block_fn, mods=self._mods[k],
                                rotary_impl=self.kernel_options.get("rotary_impl", "load"),
                                gemm_impl=self.kernel_options.get("gemm_impl", "cublas"),
-                               attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", False),
+                               attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", True),
                                attn_out_proj=self.kernel_options.get("attention_out_proj", False))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 

@@ -343,16 +343,17 @@ def _check(q, k, v, cos, sin):
 
 
 def fixed_shift_log2(softcap: Optional[float]) -> Optional[float]:
-    """The constant of the opt-in fixed-shift softmax (config {"fixed_shift": True}), or None where it cannot
+    """The constant of the fixed-shift softmax (config {"fixed_shift": True}), or None where it cannot
     apply. Capped scores in log2 units lie in (−c, c), c = cap·log2 e; with p = 2^(s − (c − 40)) every p lies
     in (2^(40 − 2c), 2^40]: for cap ≤ 57 that is above 2^−126 (fp32 and bf16 stay normal) and a sum over 2^20
     keys stays below 2^60, so the online softmax's running max and its rescaling of acc and l_i (one max
     reduction, one exp2 and a multiply of the output tile per key tile) can go. Relative precision is the
     same as with the max subtracted. bf16 and fp32 only: p is cast to V's dtype for the P·V dot, and fp16's
-    range cannot hold it (the launcher keeps the online softmax for fp16). Unmeasured (no GPU in the session
-    that wrote it); compile-only evidence (sm_90a, m128 tile, rotary on load): PTX max.f32 36 → 0, shfl 8 → 4,
-    mul.f32 145 → 81, ex2 34 → 32, 1809 → 1659 lines; bench_attention times it beside the default, bench_e2e
-    as `engine graph [attention fixed shift]`."""
+    range cannot hold it (the launcher keeps the online softmax for fp16). Compile-only evidence (sm_90a, m128
+    tile, rotary on load): PTX max.f32 36 → 0, shfl 8 → 4, mul.f32 145 → 81, ex2 34 → 32, 1809 → 1659 lines.
+    Measured on one H100 (bench_attention, 2026-11-27 run5): 1.14x the online softmax at OWT B=32, 1.07x at
+    OWT B=1, 1.06x at LM1B B=1, 1.01x at LM1B B=512; the engine's trunk uses it by default
+    (engine/model.py _fast_block attn_fixed_shift), this op's own default stays the online softmax."""
     if not softcap or softcap > 57.0:
         return None
     return softcap * 1.4426950408889634 - 40.0
@@ -584,18 +585,20 @@ def compile_specs() -> list[dict]:
                if sig[n].startswith("*") or n.startswith("stride_")}
     specs = []
     variants = (("_rope", True, True), ("", False, False), ("_rope_q", True, False))
-    # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile; "_rope_fixed": the
-    # fixed-shift softmax candidate at the B=32 tile; "_outproj_pdl": the 'attention_out_proj' candidate as the
-    # engine runs it at LM1B B=1 (rotary done by the qkv GEMM, DM = 768 in chunks of 256, PDL on)
-    variants += (("_rope_pdl", True, True), ("_rope_fixed", True, True), ("_outproj_pdl", False, False))
+    # every variant with the fixed-shift softmax, the engine's default (engine/model.py _fast_block), except
+    # "_rope_online": the online softmax (the previous default, the kernel's own default) at the B=32 tile.
+    # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile; "_outproj_pdl": the
+    # 'attention_out_proj' candidate as the engine runs it at LM1B B=1 (rotary done by the qkv GEMM, DM = 768 in
+    # chunks of 256, PDL on)
+    variants += (("_rope_pdl", True, True), ("_rope_online", True, True), ("_outproj_pdl", False, False))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
-            if ((suffix in ("_rope_q", "_rope_fixed") and block_m != 128)
+            if ((suffix in ("_rope_q", "_rope_online") and block_m != 128)
                     or (suffix == "_rope_pdl" and block_m != 64) or (suffix == "_outproj_pdl" and block_m > 32)):
                 continue         # the candidates at one tile each (the fused projection at the batch-1 tiles)
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
                          HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix.endswith("_pdl"),
-                         FIXED_SHIFT=suffix == "_rope_fixed", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256)
+                         FIXED_SHIFT=suffix != "_rope_online", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256)
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -746,9 +749,9 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     as they are loaded), or the opt-in, not yet timed candidates 'prepass' (q and k rotated once by
     rotary_qk, then the kernel without rotary), 'prepass_k' (only k rotated ahead; q on load) and
     'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot).
-    fixed_shift (opt-in, not yet timed; triton backend: the 'load', 'prepass' and 'prepass_k' kernels and the
-    kernel without rotary, not 'prepass_tma', whose kernel keeps the online softmax): the softmax without a
-    running max (fixed_shift_log2), where the cap allows it."""
+    fixed_shift (off here, the engine trunk's default; triton backend: the 'load', 'prepass' and 'prepass_k'
+    kernels and the kernel without rotary, not 'prepass_tma', whose kernel keeps the online softmax): the softmax
+    without a running max (fixed_shift_log2), where the cap allows it."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")

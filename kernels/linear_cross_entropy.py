@@ -55,13 +55,18 @@ try:
 except ImportError:  # triton < 3.4: no host tensor descriptors, config={"tma": True} runs the pointer kernels
     TensorDescriptor = None
 
-# Hopper defaults (bf16, D=768): 128×128×64 tiles, 8 warps, 3 stages (96-128 KB of shared memory); ptxas
-# gives 178 (fwd) and 213 (bwd) registers with triton 3.7.1, 189 and 255 with triton 3.6, no spills
-# (compile_specs()), so one CTA per SM. FLATTEN: Triton flattens the
-# (tile, K) loop nest into one pipelined loop, so the next tile's loads overlap the tanh/exp epilogue
+# Hopper defaults (bf16, D=768): 8 warps; the backward in 128×128×64 tiles, 3 stages (96-128 KB of shared memory),
+# the forward in 128×256×64 tiles, 4 stages (below); ptxas gave 178 (fwd, at 128×128) and 213 (bwd) registers with
+# triton 3.7.1, 189 and 255 with triton 3.6, no spills (compile_specs()), so one CTA per SM. FLATTEN: Triton
+# flattens the (tile, K) loop nest into one pipelined loop, so the next tile's loads overlap the tanh/exp epilogue
 # (that epilogue costs ~2 MUFU ops per logit, about a third of the MMA time of a 128×128×768 tile).
 # The backward is persistent (one program per SM striding over the tiles) for the same reason.
-FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, ctas_per_sm=1, FLATTEN=True)
+# The forward's default tile is 128×256 with 4 stages (bf16/fp16): measured on one H100 (bench_linear_cross_entropy,
+# 2026-11-27 run5, bench/results/h100-2026-11-27-run5) forward 2.72 ms against 3.58 for 128×128 in 3 stages (the
+# previous default, FWD_PREVIOUS), fwd+bwd 10.56 against 11.51 ms, the same losses within 4e-6. 192 KiB of shared
+# memory; fp32 inputs (4-byte tiles would need 384) keep FWD_PREVIOUS's tile (_config).
+FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, ctas_per_sm=1, FLATTEN=True)
+FWD_PREVIOUS = dict(BLOCK_N=128, num_stages=3)
 BWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, ctas_per_sm=1,
                   FLATTEN=True, persistent=True, v_chunk=8192)
 # Three logit streams per tile: 64-row blocks keep two live fp32 tiles at 32 registers each.
@@ -85,7 +90,7 @@ TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
 # fill the SM's 64K. Compile-only evidence (sm_90a, bf16, fixed shift): the pointer forward needs 171 registers with
 # triton 3.6 (128 with 3.7.1) and compiles to 128 with maxnreg=128 without spills on both; the TMA forward likewise
 # (3.6: 160 → 128); shared memory 96 KiB per CTA, 192 of the 227 KiB for two.
-FWD_TWO_CTAS = dict(ctas_per_sm=2, maxnreg=128)
+FWD_TWO_CTAS = dict(FWD_PREVIOUS, ctas_per_sm=2, maxnreg=128)
 # Opt-in implementation (config "impl": "gemm", forward and backward; unmeasured): the logits of each vocabulary
 # chunk come from cuBLAS in the input dtype, as vocab_attention's "gemm" path (464 TFLOP/s measured) does, and
 # memory-bound Triton passes read them: the forward's sums (_lce_chunk_stats_kernel), the backward's dS in place of
@@ -532,6 +537,8 @@ def _sm_count(device: torch.device) -> int:
 def _config(kind: str, dtype: torch.dtype, D: int, config: Optional[dict]) -> dict:
     base = INTERPRET_CONFIG if interpreting() else {"fwd": FWD_CONFIG, "bwd": BWD_CONFIG,
                                                     "soft_fwd": SOFT_FWD_CONFIG, "soft_bwd": SOFT_BWD_CONFIG}[kind]
+    if kind == "fwd" and dtype == torch.float32 and not interpreting():
+        base = {**base, **FWD_PREVIOUS}
     cfg = {**base, **(config or {})}
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(D)))
     return cfg
@@ -1216,7 +1223,8 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                "tiles_per_split": "i32", "cap": "fp32", "inv_cap": "fp32"}
     bwd_sig = {"N": "i32", "V": "i32", "D": "i32", "col0": "i32", "n_cols": "i32", "stride_h": "i32",
                "stride_w": "i32", "stride_ds": "i32", "stride_dbp": "i32", "cap": "fp32", "inv_cap": "fp32"}
-    fwds = (("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, FWD_CONFIG, ("h_ptr",),
+    fwd_cfg = {**FWD_CONFIG, **FWD_PREVIOUS} if dtype == "fp32" else FWD_CONFIG      # as _config picks it
+    fwds = (("linear_cross_entropy_fwd", _linear_cross_entropy_fwd_kernel, fwd_cfg, ("h_ptr",),
              dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", tgt_ptr="*i64", part_ptr="*fp32")),
             ("soft_linear_cross_entropy_fwd", _soft_linear_cross_entropy_fwd_kernel, SOFT_FWD_CONFIG,
              ("h_ptr", "h1_ptr", "h2_ptr"),
@@ -1234,7 +1242,9 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FIXED_SHIFT=True)
         specs.append(_spec(name, fn, {**ptrs, **fwd_sig}, const, cfg))
         if fn is _linear_cross_entropy_fwd_kernel:      # the opt-in two-CTA forward (FWD_TWO_CTAS)
-            specs.append(_spec(f"{name}[2 CTAs/SM]", fn, {**ptrs, **fwd_sig}, const, {**cfg, **FWD_TWO_CTAS}))
+            two = {**cfg, **FWD_TWO_CTAS}
+            specs.append(_spec(f"{name}[2 CTAs/SM]", fn, {**ptrs, **fwd_sig}, dict(const, BLOCK_N=two["BLOCK_N"]),
+                               two))
     for name, fn, cfg, _, ptrs in bwds:
         const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
                      TMA=False, TMA_STORE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -1268,9 +1278,10 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
             specs.append(_spec(f"{name}[{label}]", fn, _tma_sig({**ptrs, **fwd_sig}, cfg, dtype, rows, False),
                                const, cfg))
             if fn is _linear_cross_entropy_fwd_kernel and label == "tma":
+                two = {**cfg, **FWD_TWO_CTAS}
                 specs.append(_spec(f"{name}[tma, 2 CTAs/SM]", fn,
-                                   _tma_sig({**ptrs, **fwd_sig}, cfg, dtype, rows, False), const,
-                                   {**cfg, **FWD_TWO_CTAS}))
+                                   _tma_sig({**ptrs, **fwd_sig}, two, dtype, rows, False),
+                                   dict(const, BLOCK_N=two["BLOCK_N"]), two))
         for name, fn, base, rows, ptrs in bwds:
             cfg = {**base, **bcfg}
             store = bool(cfg.get("tma_store"))

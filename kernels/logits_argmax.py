@@ -12,7 +12,8 @@ the V tiles are split across programs (grid axis 1) and a second tiny kernel red
 earlier tiles and splits win ties). Columns ≥ n_valid (the engine pads V to a multiple of 128) are
 masked to −inf. NaN logits are not handled like torch.argmax (which returns the first NaN).
 
-Opt-in TMA variant (`config={"tma": True}`, `_logits_argmax_tma_fwd_kernel`): the same loop and epilogue,
+TMA variant (`config={"tma": True}`, `_logits_argmax_tma_fwd_kernel`; the default above 2048 rows on CUDA,
+GPU_CONFIG_LARGE_M, opt-in below): the same loop and epilogue,
 h and W read through host tensor descriptors (bulk tensor copies, zero fill out of bounds, no load masks);
 the pointer kernel runs when a descriptor is impossible (tma_usable). No persistent-grid variant: at the
 large row counts every program already walks all of V for its row block (128 programs for 132 SMs at 16384
@@ -55,6 +56,12 @@ GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=
 GPU_CONFIG_SMALL_M = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 GPU_CONFIG_TINY_M = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 SMALL_M, TINY_M = 2048, 64
+# Above SMALL_M rows the default is the TMA kernel at GPU_CONFIG's tile (the pointer kernel where tma_usable says
+# no). Measured on one H100 (bench_logits_argmax, 2026-11-27 run5, bench/results/h100-2026-11-27-run5): 16384 rows
+# 1.879 ms (673 TFLOP/s) against 2.555 for the pointer kernel (1.36x), 32768 rows 3.885 against 5.569 (1.43x),
+# the same indices on every row; at the smaller row counts' tiles it did not win (1024 rows 1.02x, 128 rows 0.69x),
+# so they keep the pointer kernel.
+GPU_CONFIG_LARGE_M = dict(GPU_CONFIG, tma=True)
 # fp32 inputs take the exact (non-tensor-core) dot: 4-byte tiles need a smaller footprint (16 KiB of shared
 # memory, 128 registers, no spills on sm_90a). A correctness path: backend='auto' sends fp32 to 'torch'.
 GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
@@ -70,13 +77,13 @@ BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG, "bm128_bn128_s4": GPU_CONFIG_SMAL
                  "bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4),
                  "bm128_bn128_w4_s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
                  "bm128_bn256_bk128_s2": dict(GPU_CONFIG, BLOCK_K=128, num_stages=2)}
-# The TMA kernel (config key "tma": True), opt-in until an H100 run shows it beats the default; the benchmark
-# times these beside the pointer kernel. Why try it (unmeasured reasoning): the pointer kernel computes
+# The TMA kernel (config key "tma": True): the default above SMALL_M rows since the H100 run of 2026-11-27 run5
+# (GPU_CONFIG_LARGE_M: 466-499 → 673 TFLOP/s); the benchmark times these configs, and the pointer kernel as the
+# previous default, beside it. Why it was tried (reasoning before the run): the pointer kernel computes
 # per-element addresses and masks for its cp.async loads; TMA copies a whole box with one instruction, as in
 # Triton's Hopper matmul tutorials. Compile-only evidence (sm_90a, bm128_bn256 w8 s3): the same 255 registers
 # (triton 3.7.1; 246 on 3.6: the 128×256 fp32 accumulator and the argmax epilogue set the pressure, not the
-# loads), static SASS 1896 instructions against 2192 (IMAD 181 vs 284, LEA 7 vs 67). Whether that moves the
-# 466 TFLOP/s is for the benchmark to say.
+# loads), static SASS 1896 instructions against 2192 (IMAD 181 vs 284, LEA 7 vs 67).
 TMA_BENCH_CONFIGS = {"tma_bm128_bn256_s3": dict(GPU_CONFIG, tma=True),
                      "tma_bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4, tma=True),
                      "tma_bm128_bn128_w4_s3": dict(BENCH_CONFIGS["bm128_bn128_w4_s3"], tma=True)}
@@ -297,7 +304,7 @@ def default_config(M: int, device: torch.device, D: int = 768, V: int = 50304,
                     BLOCK_K=min(INTERPRET_CONFIG["BLOCK_K"], max(16, _pow2(D))))
     if dtype == torch.float32:
         return dict(GPU_CONFIG_FP32)
-    return dict(GPU_CONFIG_TINY_M if M <= TINY_M else GPU_CONFIG_SMALL_M if M <= SMALL_M else GPU_CONFIG)
+    return dict(GPU_CONFIG_TINY_M if M <= TINY_M else GPU_CONFIG_SMALL_M if M <= SMALL_M else GPU_CONFIG_LARGE_M)
 
 
 def tma_usable(h: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:

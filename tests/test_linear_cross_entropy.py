@@ -731,7 +731,7 @@ def test_launch_opts_register_cap(monkeypatch):
     """A launcher config's maxnreg reaches the launch (ptxas .maxnreg), except under the interpreter."""
     from fmlm.kernels import _backend
 
-    cfg = dict(num_warps=8, num_stages=3, **lce_mod.FWD_TWO_CTAS)
+    cfg = dict(dict(num_warps=8, num_stages=3), **lce_mod.FWD_TWO_CTAS)
     monkeypatch.setattr(_backend, "interpreting", lambda: False)
     assert _backend.launch_opts(cfg) == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
     assert _backend.launch_opts(dict(num_warps=4, num_stages=2)) == {"num_warps": 4, "num_stages": 2}

@@ -289,15 +289,15 @@ TRUNK_KERNELS = {"gemm": (lin, "_linear_kernel"), "attn": (attention, "_softcap_
 # each kernel option of the fast trunk → the kernel launches (short name, constexprs) that show its path ran
 _ROPE_GEMM, _SPLIT_K = ("gemm", dict(ROTARY=True)), ("gemm", dict(PARTIAL=True))
 TRUNK_VARIANTS = [
-    (dict(), [("attn", dict(ROTARY_Q=True, ROTARY_K=True))]),
+    (dict(), [("attn", dict(ROTARY_Q=True, ROTARY_K=True, FIXED_SHIFT=True))]),
     (dict(rotary_impl="prepass"), [("rotary_qk", {}), ("attn", dict(ROTARY_Q=False, ROTARY_K=False))]),
     (dict(rotary_impl="prepass_tma"), [("rotary_qk", {}), ("attn_tma", {})]),
     (dict(gemm_impl="triton_small"), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(ROTARY_Q=False, ROTARY_K=False))]),
-    (dict(attn_fixed_shift=True), [("attn", dict(FIXED_SHIFT=True))]),
-    (dict(gemm_impl="triton_small", attn_fixed_shift=True), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(FIXED_SHIFT=True))]),
+    (dict(attn_fixed_shift=False), [("attn", dict(FIXED_SHIFT=False))]),
+    (dict(gemm_impl="triton_small", attn_fixed_shift=False), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(FIXED_SHIFT=False))]),
     (dict(gemm_impl="triton_small", attn_out_proj=True), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True))]),
-    (dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=True),
-     [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True, FIXED_SHIFT=True))]),
+    (dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=False),
+     [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True, FIXED_SHIFT=False))]),
 ]
 
 
@@ -497,12 +497,12 @@ def test_graph_replay_equals_eager(steps, renoise):
 @pytest.mark.parametrize("opts", [{"rotary_impl": "prepass"}, {"rotary_impl": "prepass_k"},
                                   {"rotary_impl": "prepass_tma"}, {"argmax_config": {"tma": True}},
                                   {"gemm_impl": "triton_small"}, {"pdl": True},
-                                  {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": True},
+                                  {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": False},
                                   {"gemm_impl": "triton_small", "pdl": True, "attention_out_proj": True},
                                   {"argmax_config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
                                                      "num_stages": 3}}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
-                              "gemm_triton_small_pdl", "attention_fixed_shift", "gemm_triton_small_pdl_out_proj",
+                              "gemm_triton_small_pdl", "attention_online_softmax", "gemm_triton_small_pdl_out_proj",
                               "argmax_w4"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
@@ -840,7 +840,8 @@ def test_bench_e2e_combine_winners():
         return {"dataset": name, "path": path, "B": B, "steps": steps, "ms/sample": ms}
     rows = [row("engine graph", 1.0), row("engine graph [pdl]", 0.9), row("engine graph [rotary prepass]", 0.95),
             row("engine graph [rotary prepass k]", 0.8), row("engine graph [argmax tma]", 0.99),
-            row("engine graph [attention fixed shift]", 1.2), row("engine graph [gemm triton small]", 0.5, B=512),
+            row("engine graph [attention online softmax (the previous default)]", 1.2),
+            row("engine graph [gemm triton small]", 0.5, B=512),
             row("engine graph", 1.0, steps=4), row("engine graph [gemm triton small]", 0.5, name="owt")]
     label, opts = bench.combine_winners(rows, "lm1b", 1)
     assert label == "winners: rotary prepass k, pdl" and opts == {"rotary_impl": "prepass_k", "pdl": True}
@@ -850,11 +851,14 @@ def test_bench_e2e_combine_winners():
     assert bench.combine_winners(rows, "lm1b", 512) is None            # no default timed there
     nan_default = [row("engine graph", float("nan")), row("engine graph [pdl]", 0.5)]
     assert bench.combine_winners(nan_default, "lm1b", 1) is None
-    # options that would not compose are left out, so that the label names only what runs: the fixed shift with
-    # the TMA prepass (online softmax there), a rotary variant where the triton_small GEMMs do the rotary
+    # the online softmax (the previous default) composes with the TMA prepass, whose kernel has no other
     tma = [row("engine graph", 1.0), row("engine graph [rotary prepass + tma]", 0.8),
-           row("engine graph [attention fixed shift]", 0.9), row("engine graph [pdl]", 0.95)]
-    assert bench.combine_winners(tma, "lm1b", 1)[0] == "winners: rotary prepass + tma, pdl"
+           row("engine graph [attention online softmax (the previous default)]", 0.9), row("engine graph [pdl]", 0.95)]
+    assert bench.combine_winners(tma, "lm1b", 1) == (
+        "winners: rotary prepass + tma, attention online softmax (the previous default), pdl",
+        {"rotary_impl": "prepass_tma", "attention_fixed_shift": False, "pdl": True})
+    # options that would not compose are left out, so that the label names only what runs: a rotary variant where
+    # the triton_small GEMMs do the rotary
     small = [row("engine graph", 1.0), row("engine graph [gemm triton small]", 0.7),
              row("engine graph [rotary prepass]", 0.9)]
     assert bench.combine_winners(small, "lm1b", 1, seq_len=128)[0] == "winners: gemm triton small"
