@@ -56,6 +56,12 @@ VARIANTS = [
     ("BLOCK_K 128 (fwd 3 stages, bwd 2)", dict(lce.FWD_PREVIOUS, BLOCK_K=128), dict(BLOCK_K=128, num_stages=2)),
     ("no loop flattening", dict(FLATTEN=False), dict(FLATTEN=False, persistent=False)),
     ("bwd v_chunk 16384", {}, dict(v_chunk=16384)),
+    # the backward's dS kernel is most of fwd+bwd (run5: ~7.8 of 10.6 ms, of which ~3.7 are the two cuBLAS GEMMs),
+    # and the forward gained 1.31x from 256-wide V tiles; the backward spills at 128×256 (724 B with triton 3.7.1),
+    # so two shapes that compile without spills on sm_90a (triton 3.7.1): 4 stages (213 registers, 160 KiB), and
+    # 64×256 tiles with 8 warps (255 registers, 136 KiB)
+    ("bwd 4 stages", {}, dict(num_stages=4)),
+    ("bwd BLOCK_M 64, BLOCK_N 256", {}, dict(BLOCK_M=64, BLOCK_N=256)),
 ]
 
 
