@@ -120,7 +120,7 @@ def host_descriptors() -> bool:
 
 
 def tma_device_ok(t: torch.Tensor) -> bool:
-    """The device half of the rule every opt-in TMA kernel shares: host tensor descriptors exist; on CUDA,
+    """The device half of the rule every TMA kernel shares: host tensor descriptors exist; on CUDA,
     sm_90+ and 16-bit data (the variants exist to feed wgmma; fp32 runs the exact FMA dot, where a TMA kernel
     at the fp32 configs spilled in the compile check). The interpreter takes fp32 (its bf16 math is wrong)."""
     if not host_descriptors():

@@ -64,7 +64,8 @@ except ImportError:  # triton < 3.4: no host tensor descriptors, config={"tma": 
 # The forward's default tile is 128×256 with 4 stages (bf16/fp16): measured on one H100 (bench_linear_cross_entropy,
 # 2026-11-27 run5, bench/results/h100-2026-11-27-run5) forward 2.72 ms against 3.58 for 128×128 in 3 stages (the
 # previous default, FWD_PREVIOUS), fwd+bwd 10.56 against 11.51 ms, the same losses within 4e-6. 192 KiB of shared
-# memory; fp32 inputs (4-byte tiles would need 384) keep FWD_PREVIOUS's tile (_config).
+# memory; fp32 inputs (4-byte tiles would need 384) and GPUs with less shared memory per block than that (an A100)
+# keep FWD_PREVIOUS's tile (_config).
 FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, ctas_per_sm=1, FLATTEN=True)
 FWD_PREVIOUS = dict(BLOCK_N=128, num_stages=3)
 BWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, ctas_per_sm=1,
@@ -534,11 +535,29 @@ def _sm_count(device: torch.device) -> int:
     return 4     # the interpreter: a few splits, so the split combine is exercised on CPU too
 
 
-def _config(kind: str, dtype: torch.dtype, D: int, config: Optional[dict]) -> dict:
+@functools.lru_cache(maxsize=8)
+def _smem_optin(device: torch.device) -> int:
+    """Bytes of shared memory one CUDA block may opt in to (227 KiB on an H100, 163 on an A100, 99 on sm_86/89/120);
+    0 where torch does not report it."""
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0))
+
+
+def _stages_smem(cfg: dict, esz: int) -> int:
+    """The operand stages' shared memory of a forward config (A and B tiles per stage), bytes."""
+    return cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * esz
+
+
+def _config(kind: str, dtype: torch.dtype, D: int, config: Optional[dict],
+            device: Optional[torch.device] = None) -> dict:
     base = INTERPRET_CONFIG if interpreting() else {"fwd": FWD_CONFIG, "bwd": BWD_CONFIG,
                                                     "soft_fwd": SOFT_FWD_CONFIG, "soft_bwd": SOFT_BWD_CONFIG}[kind]
-    if kind == "fwd" and dtype == torch.float32 and not interpreting():
-        base = {**base, **FWD_PREVIOUS}
+    if kind == "fwd" and not interpreting():
+        # the 128×256 four-stage forward needs 192 KiB of operand stages (+ barriers): fp32 inputs (twice that) and
+        # GPUs that cannot give one block that much (an A100's 163 KiB) keep the previous tile (96 KiB in 16 bits)
+        small_smem = (device is not None and device.type == "cuda"
+                      and _smem_optin(device) < _stages_smem(base, torch.finfo(dtype).bits // 8) + 1024)
+        if dtype == torch.float32 or small_smem:
+            base = {**base, **FWD_PREVIOUS}
     cfg = {**base, **(config or {})}
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(D)))
     return cfg
@@ -619,7 +638,7 @@ def linear_cross_entropy_fwd(h, weight, bias, targets, cap, ignore_index, n_vali
     """Triton forward on 2-D contiguous h (N, D): (loss (N,), stats (2, N) = (max, log l)), fp32."""
     _check_triton_inputs(h, weight)
     N, D = h.shape
-    cfg = _config("fwd", h.dtype, D, config)
+    cfg = _config("fwd", h.dtype, D, config, h.device)
     if _impl(cfg) == "gemm" and _fixed_shift(cap):
         return _lce_fwd_gemm(h, weight, bias, targets, cap, ignore_index, n_valid, cfg)
     n_tiles = triton.cdiv(n_valid, cfg["BLOCK_N"])

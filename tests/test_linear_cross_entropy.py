@@ -727,6 +727,25 @@ def test_lce_gpu_no_vocab_sized_buffer():
     assert extra < logits_bytes / 2, f"peak extra {extra / 2**20:.0f} MiB vs logits {logits_bytes / 2**20:.0f} MiB"
 
 
+@pytest.mark.skipif(not lce_mod.HAS_TRITON, reason="needs the triton package")
+def test_forward_tile_follows_dtype_and_shared_memory(monkeypatch):
+    """The 128×256 four-stage forward tile (192 KiB of operand stages) where the GPU lets one block have that much
+    shared memory (an H100: 227 KiB); fp32 inputs and GPUs with less (an A100: 163 KiB) keep the previous 128×128
+    three-stage tile (a launch at 192 KiB would fail there); an explicit config still wins; the backward's tile
+    does not depend on it."""
+    monkeypatch.setattr(lce_mod, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    for smem, dtype, want in ((232448, torch.bfloat16, (256, 4)), (232448, torch.float16, (256, 4)),
+                              (166912, torch.bfloat16, (128, 3)), (232448, torch.float32, (128, 3)),
+                              (101376, torch.float16, (128, 3))):
+        monkeypatch.setattr(lce_mod, "_smem_optin", lambda device, smem=smem: smem)
+        cfg = lce_mod._config("fwd", dtype, 768, None, cuda)
+        assert (cfg["BLOCK_N"], cfg["num_stages"]) == want, (smem, dtype, cfg)
+        assert lce_mod._config("fwd", dtype, 768, {"BLOCK_N": 64, "num_stages": 2}, cuda)["BLOCK_N"] == 64
+        assert lce_mod._config("bwd", dtype, 768, None, cuda)["BLOCK_N"] == lce_mod.BWD_CONFIG["BLOCK_N"]
+    assert lce_mod._config("fwd", torch.bfloat16, 768, None)["BLOCK_N"] == 256     # no device given: the default
+
+
 def test_launch_opts_register_cap(monkeypatch):
     """A launcher config's maxnreg reaches the launch (ptxas .maxnreg), except under the interpreter."""
     from fmlm.kernels import _backend
