@@ -31,6 +31,9 @@ Opt-in "gemm" implementation (launcher config {"impl": "gemm"}, a cap in (0, 40]
 chunk's logits in the input dtype and memory-bound Triton passes read them, the forward's sums
 (_lce_chunk_stats_kernel) and the backward's dS in place (_lce_chunk_ds_kernel), as vocab_attention's "gemm"
 path does; see IMPLS.
+
+Opt-in backward config {"db_gemm": True} (hard targets, fused kernel): db from the dW GEMM's ones column instead
+of per-tile column sums in the dS kernel (_bwd_chunks).
 """
 from __future__ import annotations
 
@@ -290,11 +293,13 @@ if HAS_TRITON:
             N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
             EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
-            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            DB_PARTIALS: tl.constexpr = True):
         """Tiles (row block, column block) of the chunk [col0, col0+n_cols), strided over the programs
         (persistent when the grid is smaller than the tile count): recompute S, write
-        dS = g·(p − onehot)·cap' to ds (N, n_cols) in the input dtype, and its column sums to dbp[row block].
-        TMA: h_ptr, w_ptr are tensor descriptors; TMA_STORE: ds_ptr is one over ds[:, :n_cols] (_store_ds)."""
+        dS = g·(p − onehot)·cap' to ds (N, n_cols) in the input dtype, and (HAS_BIAS and DB_PARTIALS) its column
+        sums to dbp[row block]. TMA: h_ptr, w_ptr are tensor descriptors; TMA_STORE: ds_ptr is one over
+        ds[:, :n_cols] (_store_ds)."""
         num_m = tl.cdiv(N, BLOCK_M)
         num_n = tl.cdiv(n_cols, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
@@ -319,7 +324,7 @@ if HAS_TRITON:
             cmask = lcols < n_cols
             _store_ds(ds_ptr, d, rows, lcols, pid_m * BLOCK_M, pid_n * BLOCK_N, n_cols, N, stride_ds, TMA_STORE,
                       BLOCK_M, BLOCK_N)
-            if HAS_BIAS:
+            if HAS_BIAS and DB_PARTIALS:
                 colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=cmask)
 
@@ -698,7 +703,12 @@ def _ds_chunk(N: int, v_chunk: int, BN: int, v_end: int) -> int:
 
 def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     """Shared backward driver: per vocabulary chunk, the kernel writes dS (N, chunk) and db partials;
-    cuBLAS then does dh += dS·W[chunk] (fp32 accumulator) and dW[chunk] = dSᵀ·h."""
+    cuBLAS then does dh += dS·W[chunk] (fp32 accumulator) and dW[chunk] = dSᵀ·h.
+    config {"db_gemm": True} (opt-in, the hard-target fused kernel only): no db partials in the kernel (a
+    cross-warp column sum and a store per tile, and the (row blocks × V) fp32 partials zeroed, written and summed);
+    db comes from the dW GEMM instead, as the column of dSᵀ·[h, 1] (h copied once with a ones column, rows padded
+    to 16 bytes), i.e. summed from the stored, rounded dS as the published head's autograd sums its 16-bit
+    gradient; dW is copied out of that product per chunk."""
     N, D = h.shape
     Vp = weight.shape[0]
     cfg = _config(kind, h.dtype, D, config)
@@ -707,7 +717,16 @@ def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     chunk = _ds_chunk(N, cfg["v_chunk"], BN, v_end)
     ds = torch.empty(N, chunk, device=h.device, dtype=h.dtype)
     m_blocks = triton.cdiv(N, cfg["BLOCK_M"])
-    dbp = torch.zeros(m_blocks, Vp, device=h.device, dtype=torch.float32) if bias is not None else None
+    db_gemm = bool(cfg.get("db_gemm")) and bias is not None and kind == "bwd" and _impl(cfg) != "gemm"
+    dbp = torch.zeros(m_blocks, Vp, device=h.device, dtype=torch.float32) if bias is not None and not db_gemm \
+        else None
+    if db_gemm:
+        per16 = 16 // h.element_size()
+        h_one = torch.zeros(N, triton.cdiv(D + 1, per16) * per16, device=h.device, dtype=h.dtype)
+        h_one[:, :D] = h
+        h_one[:, D] = 1
+        dwb = torch.empty(chunk, h_one.shape[1], device=h.device, dtype=h.dtype)
+        db = torch.zeros(Vp, device=h.device, dtype=bias.dtype)
     dh = torch.zeros(N, D, device=h.device, dtype=torch.float32)
     dW = torch.empty_like(weight)
     dW[v_end:].zero_()
@@ -727,8 +746,14 @@ def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
             # 16-bit product then an add (the previous default: each chunk's partial rounded to bf16, ~125 MB more
             # traffic per chunk at 16384 rows)
             accumulate_mm(dh, dsc[:, :kv], weight[c0:c0 + kv], bool(cfg.get("fp32_addmm", True)))
-        torch.mm(dsc.t(), h, out=dW[c0:c0 + nc])
-    db = dbp.sum(0).to(bias.dtype) if bias is not None else weight.new_empty(0)
+        if db_gemm:
+            torch.mm(dsc.t(), h_one, out=dwb[:nc])
+            dW[c0:c0 + nc] = dwb[:nc, :D]
+            db[c0:c0 + nc] = dwb[:nc, D]
+        else:
+            torch.mm(dsc.t(), h, out=dW[c0:c0 + nc])
+    if not db_gemm:
+        db = dbp.sum(0).to(bias.dtype) if bias is not None else weight.new_empty(0)
     return dh.to(h.dtype), dW, db
 
 
@@ -760,7 +785,7 @@ def linear_cross_entropy_bwd(grad, h, weight, bias, targets, stats, cap, ignore_
             h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
             0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
             GROUP_M=cfg["GROUP_M"], TMA_STORE=tma_store, **_flags(h, bias, cap, D, cfg, tma),
-            **launch_opts(cfg))
+            DB_PARTIALS=dbp is not None, **launch_opts(cfg))
 
     return _bwd_chunks(h, weight, bias, n_valid, "bwd", config, launch)
 
@@ -1218,6 +1243,12 @@ def _spec(name, fn, sig, const, cfg) -> dict:
                 **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
 
 
+def _db_flag(fn) -> dict:
+    """The hard backward's DB_PARTIALS constexpr as the launcher passes it by default (a compile spec, unlike a
+    launch, gets no parameter defaults)."""
+    return {"DB_PARTIALS": True} if fn is _linear_cross_entropy_bwd_kernel else {}
+
+
 def _tma_sig(sig: dict, cfg: dict, dtype: str, rows: tuple, store: bool) -> dict:
     """The signature of the TMA variant: a host TensorDescriptor argument is typed "tensordesc<dtype[box]>"
     (what triton.runtime.jit.mangle_type returns, the same spelling in triton 3.6 and 3.7.1)."""
@@ -1267,8 +1298,10 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
     for name, fn, cfg, _, ptrs in bwds:
         const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
                      TMA=False, TMA_STORE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                     BLOCK_K=cfg["BLOCK_K"])
+                     BLOCK_K=cfg["BLOCK_K"], **_db_flag(fn))
         specs.append(_spec(name, fn, {**ptrs, **bwd_sig}, const, cfg))
+        if fn is _linear_cross_entropy_bwd_kernel:      # the opt-in {"db_gemm": True}: no db partials in the kernel
+            specs.append(_spec(f"{name}[db_gemm]", fn, {**ptrs, **bwd_sig}, dict(const, DB_PARTIALS=False), cfg))
     # the "gemm" implementation's passes (config "impl": "gemm")
     pass_sig = {"z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "tgt_ptr": "*i64", "N": "i32", "n_cols": "i32",
                 "col0": "i32", "n_valid": "i32", "stride_z": "i32"}
@@ -1306,7 +1339,7 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
             store = bool(cfg.get("tma_store"))
             const = dict(common, EVEN_K=D % cfg["BLOCK_K"] == 0, GROUP_M=cfg["GROUP_M"], FLATTEN=cfg["FLATTEN"],
                          TMA=True, TMA_STORE=store, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                         BLOCK_K=cfg["BLOCK_K"])
+                         BLOCK_K=cfg["BLOCK_K"], **_db_flag(fn))
             specs.append(_spec(f"{name}[{label}]", fn, _tma_sig({**ptrs, **bwd_sig}, cfg, dtype, rows, store),
                                const, cfg))
     return specs

@@ -18,7 +18,7 @@ import torch
 lce_mod = importlib.import_module("fmlm.kernels.linear_cross_entropy")   # the module, not the re-exported op
 from fmlm.kernels import reference as ref
 from fmlm.kernels.linear_cross_entropy import linear_cross_entropy, soft_linear_cross_entropy
-from kernel_test_utils import LaunchSpy, must_launch
+from kernel_test_utils import LaunchArgs, LaunchSpy, must_launch
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Floors relative to the largest |truth|: a few units of fp32 rounding, and of fp16 logit rounding.
@@ -325,6 +325,32 @@ TMA_CASES = [
 
 
 @needs_interp
+@pytest.mark.parametrize("N,V,Vp,D,dtype,cap,ignore", [
+    pytest.param(29, 257, 300, 64, torch.float32, 30.0, 5, id="fp32-rows29-Vprime-pad-ignore"),
+    pytest.param(23, 101, 128, 72, torch.float16, 30.0, 1, id="fp16-rows23-Ktail"),
+    pytest.param(17, 37, 40, 24, torch.float32, None, 0, id="fp32-rows17-nocap")])
+def test_lce_backward_db_from_the_dw_gemm(monkeypatch, N, V, Vp, D, dtype, cap, ignore):
+    """Backward config {"db_gemm": True}: the kernel runs without its db partials (DB_PARTIALS=False at every
+    chunk's launch) and db is the ones column of dSᵀ·[h, 1]; dh is the default's bit for bit (the same dS, the
+    same dh GEMM), dW and db within the budget against the fp64 truth, padded vocabulary rows exactly zero."""
+    h, W, b, t, up = _problem(N, V, D, Vp, dtype, True, seed=2, ignore=ignore)
+    spy = LaunchArgs(lce_mod._linear_cross_entropy_bwd_kernel)
+    monkeypatch.setattr(lce_mod, "_linear_cross_entropy_bwd_kernel", spy)
+    default = _launchers(h, W, b, t, up, cap, V, None, None)
+    n_default = len(spy.launches)
+    out = _launchers(h, W, b, t, up, cap, V, None, {"db_gemm": True})
+    flags = [launch["DB_PARTIALS"] for launch in spy.launches]
+    assert n_default >= 1 and flags == [True] * n_default + [False] * n_default, flags
+    assert torch.equal(out[0], default[0]) and torch.equal(out[1], default[1])
+    assert out[2][V:].abs().max() == 0 and out[3][V:].abs().max() == 0
+    truth = _truth(h, W, b, t, cap, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up, targets=t,
+              cap=cap)
+    for i, name in ((2, "dW"), (3, "db")):
+        _budget(f"db_gemm {name}", out[i], rf[i], truth[i], dtype)
+
+
+@needs_interp
 @pytest.mark.parametrize("N,V,Vp,D,dtype,bias,cap,ignore,fcfg,bcfg", TMA_CASES)
 def test_lce_triton_tma(monkeypatch, N, V, Vp, D, dtype, bias, cap, ignore, fcfg, bcfg):
     """The TMA variant against the fp64 truth with the error budget (loss, dh, dW, db), padded vocabulary rows
@@ -436,6 +462,9 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     partials = [r for r in rows if r["impl"].startswith("triton [bf16 dS·W partials")]
     assert [r["pass"] for r in partials] == ["fwd+bwd"] and partials[0]["speedup_vs_default"] > 0
     assert partials[0]["max_dh_diff_vs_default"] == 0        # the CPU takes the same (non-addmm) path either way
+    dbg = [r for r in rows if r["impl"].startswith("triton [bwd db from the dW GEMM")]
+    assert [r["pass"] for r in dbg] == ["fwd+bwd"] * 2 and all(r["speedup_vs_default"] > 0 for r in dbg)
+    assert all(r["max_dh_diff_vs_default"] == 0 and r["max_db_diff_vs_default"] < 1e-2 for r in dbg), dbg
     # each row's FLOPs are the work it executes, its bytes the traffic of its own pass
     N, V, D, VP = 20, 50, 32, 64
     flops = {r["impl"] + "/" + r["pass"]: r["eff_tflops"] * r["ms"] * 1e9 for r in rows if "ms" in r}
@@ -521,7 +550,7 @@ def test_compile_specs_build():
            if not (label == "tma+store" and n.endswith("_fwd"))}        # the same forward as "tma"
     two = {"linear_cross_entropy_fwd[2 CTAs/SM]"} | ({"linear_cross_entropy_fwd[tma, 2 CTAs/SM]"}
                                                      if mod.TensorDescriptor is not None else set())
-    gemm = {"lce_chunk_stats[gemm]", "lce_chunk_ds[gemm]"}
+    gemm = {"lce_chunk_stats[gemm]", "lce_chunk_ds[gemm]", "linear_cross_entropy_bwd[db_gemm]"}
     assert {s["name"] for s in specs} == base | two | gemm | (tma if mod.TensorDescriptor is not None else set())
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
