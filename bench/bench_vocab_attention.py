@@ -152,7 +152,11 @@ def run(quick: bool = False) -> list[dict]:
     # 3.0 / 2.8 / 1.0 s on a 2-core CPU) unless the GPU tests, which run the same configs at this shape, left them
     # in the cache: ≤ ~7 s.
     w4 = VA.GEMM_FUSED_CONFIGS["bm128_bn128_w4"]
-    variants = {"gemm_fused bm128_bn256 (pointer)": dict(impl="gemm_fused"),
+    # first the "gemm" loop over row blocks (config row_chunk, unmeasured): a 16.8 MB logits chunk that may stay in
+    # the 50 MB L2 between the logits GEMM, the cap/exp pass and the p·E GEMM (kernels/vocab_attention.py _row_spans)
+    variants = {"gemm row_chunk 2048, v_chunk 4096": dict(impl="gemm", row_chunk=2048, v_chunk=4096),
+                "gemm row_chunk 1024, v_chunk 8192": dict(impl="gemm", row_chunk=1024, v_chunk=8192),
+                "gemm_fused bm128_bn256 (pointer)": dict(impl="gemm_fused"),
                 "gemm_fused bm128_bn256 TMA": dict(impl="gemm_fused", tma=True),
                 "gemm_fused bm128_bn128_w4 TMA (2 CTAs/SM)": dict(impl="gemm_fused", tma=True, **w4),
                 "gemm v_chunk 4096": dict(impl="gemm", v_chunk=4096),
