@@ -32,8 +32,8 @@ chunk's logits in the input dtype and memory-bound Triton passes read them, the 
 (_lce_chunk_stats_kernel) and the backward's dS in place (_lce_chunk_ds_kernel), as vocab_attention's "gemm"
 path does; see IMPLS.
 
-Opt-in backward config {"db_gemm": True} (hard targets, fused kernel): db from the dW GEMM's ones column instead
-of per-tile column sums in the dS kernel (_bwd_chunks).
+Opt-in backward config {"db_gemm": True} (the fused kernels, hard and soft targets): db from the dW GEMM's ones
+column instead of per-tile column sums in the dS kernel (_bwd_chunks).
 """
 from __future__ import annotations
 
@@ -417,9 +417,10 @@ if HAS_TRITON:
             N, V, D, col0, n_cols, stride_h, stride_w, stride_ds, stride_dbp, cap, inv_cap,
             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, TANH: tl.constexpr, PREC: tl.constexpr,
             EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TMA: tl.constexpr,
-            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile; stats (6, N): (max, log l) of the h, h1, h2
-        streams.
+            TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            DB_PARTIALS: tl.constexpr = True):
+        """dS = g·(p0 − λ·p1 − (1−λ)·p2)·cap'(z0) per tile, its column sums to dbp (HAS_BIAS and DB_PARTIALS);
+        stats (6, N): (max, log l) of the h, h1, h2 streams.
         The target streams go first so that only dS and one accumulator are live at a time."""
         num_m = tl.cdiv(N, BLOCK_M)
         num_n = tl.cdiv(n_cols, BLOCK_N)
@@ -454,7 +455,7 @@ if HAS_TRITON:
             lmask = lcols < n_cols
             _store_ds(ds_ptr, d, rows, lcols, pid_m * BLOCK_M, pid_n * BLOCK_N, n_cols, N, stride_ds, TMA_STORE,
                       BLOCK_M, BLOCK_N)
-            if HAS_BIAS:
+            if HAS_BIAS and DB_PARTIALS:
                 colsum = tl.sum(tl.where(rmask[:, None], d, 0.0), 0)
                 tl.store(dbp_ptr + pid_m * stride_dbp + cols, colsum, mask=lmask)
 
@@ -704,7 +705,7 @@ def _ds_chunk(N: int, v_chunk: int, BN: int, v_end: int) -> int:
 def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     """Shared backward driver: per vocabulary chunk, the kernel writes dS (N, chunk) and db partials;
     cuBLAS then does dh += dS·W[chunk] (fp32 accumulator) and dW[chunk] = dSᵀ·h.
-    config {"db_gemm": True} (opt-in, the hard-target fused kernel only): no db partials in the kernel (a
+    config {"db_gemm": True} (opt-in; the fused kernels, hard and soft targets): no db partials in the kernel (a
     cross-warp column sum and a store per tile, and the (row blocks × V) fp32 partials zeroed, written and summed);
     db comes from the dW GEMM instead, as the column of dSᵀ·[h, 1] (h copied once with a ones column, rows padded
     to 16 bytes), i.e. summed from the stored, rounded dS as the published head's autograd sums its 16-bit
@@ -717,7 +718,7 @@ def _bwd_chunks(h, weight, bias, n_valid, kind, config, launch):
     chunk = _ds_chunk(N, cfg["v_chunk"], BN, v_end)
     ds = torch.empty(N, chunk, device=h.device, dtype=h.dtype)
     m_blocks = triton.cdiv(N, cfg["BLOCK_M"])
-    db_gemm = bool(cfg.get("db_gemm")) and bias is not None and kind == "bwd" and _impl(cfg) != "gemm"
+    db_gemm = bool(cfg.get("db_gemm")) and bias is not None and (kind == "soft_bwd" or _impl(cfg) != "gemm")
     dbp = torch.zeros(m_blocks, Vp, device=h.device, dtype=torch.float32) if bias is not None and not db_gemm \
         else None
     if db_gemm:
@@ -824,7 +825,7 @@ def soft_linear_cross_entropy_bwd(grad, h, weight, bias, h1, h2, lam, stats, cap
             h.shape[0], n_valid, D, c0, nc, h.stride(0), weight.stride(0), ds.stride(0),
             0 if dbp is None else dbp.stride(0), float(cap or 1.0), 1.0 / float(cap or 1.0),
             GROUP_M=cfg["GROUP_M"], TMA_STORE=tma_store, **_flags(h, bias, cap, D, cfg, tma),
-            **launch_opts(cfg))
+            DB_PARTIALS=dbp is not None, **launch_opts(cfg))
 
     return _bwd_chunks(h, weight, bias, n_valid, "soft_bwd", config, launch)
 
@@ -1244,9 +1245,10 @@ def _spec(name, fn, sig, const, cfg) -> dict:
 
 
 def _db_flag(fn) -> dict:
-    """The hard backward's DB_PARTIALS constexpr as the launcher passes it by default (a compile spec, unlike a
+    """The backward kernels' DB_PARTIALS constexpr as the launchers pass it by default (a compile spec, unlike a
     launch, gets no parameter defaults)."""
-    return {"DB_PARTIALS": True} if fn is _linear_cross_entropy_bwd_kernel else {}
+    return {"DB_PARTIALS": True} if fn in (_linear_cross_entropy_bwd_kernel, _soft_linear_cross_entropy_bwd_kernel) \
+        else {}
 
 
 def _tma_sig(sig: dict, cfg: dict, dtype: str, rows: tuple, store: bool) -> dict:
@@ -1300,8 +1302,8 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
                      TMA=False, TMA_STORE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                      BLOCK_K=cfg["BLOCK_K"], **_db_flag(fn))
         specs.append(_spec(name, fn, {**ptrs, **bwd_sig}, const, cfg))
-        if fn is _linear_cross_entropy_bwd_kernel:      # the opt-in {"db_gemm": True}: no db partials in the kernel
-            specs.append(_spec(f"{name}[db_gemm]", fn, {**ptrs, **bwd_sig}, dict(const, DB_PARTIALS=False), cfg))
+        # the opt-in {"db_gemm": True}: no db partials in the kernel
+        specs.append(_spec(f"{name}[db_gemm]", fn, {**ptrs, **bwd_sig}, dict(const, DB_PARTIALS=False), cfg))
     # the "gemm" implementation's passes (config "impl": "gemm")
     pass_sig = {"z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "tgt_ptr": "*i64", "N": "i32", "n_cols": "i32",
                 "col0": "i32", "n_valid": "i32", "stride_z": "i32"}

@@ -351,6 +351,30 @@ def test_lce_backward_db_from_the_dw_gemm(monkeypatch, N, V, Vp, D, dtype, cap, 
 
 
 @needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_soft_backward_db_from_the_dw_gemm(monkeypatch, dtype):
+    """The soft-target backward with {"db_gemm": True}: no db partials in its kernel (DB_PARTIALS=False at every
+    launch), dh the default's bit for bit, dW and db within the budget against the fp64 truth, padding zero."""
+    N, V, Vp, D = 19, 97, 128, 32
+    h, W, b, h1, h2, lam, up = _soft_problem(N, V, D, Vp, dtype, True, seed=3)
+    spy = LaunchArgs(lce_mod._soft_linear_cross_entropy_bwd_kernel)
+    monkeypatch.setattr(lce_mod, "_soft_linear_cross_entropy_bwd_kernel", spy)
+    loss, stats = lce_mod.soft_linear_cross_entropy_fwd(h, W, b, h1, h2, lam, 30.0, V)
+    default = lce_mod.soft_linear_cross_entropy_bwd(up, h, W, b, h1, h2, lam, stats, 30.0, V)
+    n_default = len(spy.launches)
+    out = lce_mod.soft_linear_cross_entropy_bwd(up, h, W, b, h1, h2, lam, stats, 30.0, V, {"db_gemm": True})
+    flags = [launch["DB_PARTIALS"] for launch in spy.launches]
+    assert n_default >= 1 and flags == [True] * n_default + [False] * n_default, flags
+    assert torch.equal(out[0], default[0])
+    assert out[1][V:].abs().max() == 0 and out[2][V:].abs().max() == 0
+    truth = _soft_truth(h, W, b, h1, h2, lam, 30.0, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.soft_linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up,
+              h1=h1, h2=h2, lam=lam, cap=30.0)
+    for i, name in ((1, "dW"), (2, "db")):
+        _budget(f"soft db_gemm {name}", out[i], rf[i + 1], truth[i + 1], dtype)
+
+
+@needs_interp
 @pytest.mark.parametrize("N,V,Vp,D,dtype,bias,cap,ignore,fcfg,bcfg", TMA_CASES)
 def test_lce_triton_tma(monkeypatch, N, V, Vp, D, dtype, bias, cap, ignore, fcfg, bcfg):
     """The TMA variant against the fp64 truth with the error budget (loss, dh, dW, db), padded vocabulary rows
@@ -465,6 +489,11 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     dbg = [r for r in rows if r["impl"].startswith("triton [bwd db from the dW GEMM")]
     assert [r["pass"] for r in dbg] == ["fwd+bwd"] * 2 and all(r["speedup_vs_default"] > 0 for r in dbg)
     assert all(r["max_dh_diff_vs_default"] == 0 and r["max_db_diff_vs_default"] < 1e-2 for r in dbg), dbg
+    soft_dbg = [r for r in rows if r["impl"].startswith("triton [soft launchers")]
+    assert [(r["impl"], r["pass"]) for r in soft_dbg] == [("triton [soft launchers, default]", "soft fwd+bwd"),
+                                                          ("triton [soft launchers, bwd db from the dW GEMM]",
+                                                           "soft fwd+bwd")], soft_dbg
+    assert soft_dbg[1]["speedup_vs_default"] > 0 and soft_dbg[1]["max_db_diff_vs_default"] < 1e-2, soft_dbg
     # each row's FLOPs are the work it executes, its bytes the traffic of its own pass
     N, V, D, VP = 20, 50, 32, 64
     flops = {r["impl"] + "/" + r["pass"]: r["eff_tflops"] * r["ms"] * 1e9 for r in rows if "ms" in r}
@@ -550,7 +579,8 @@ def test_compile_specs_build():
            if not (label == "tma+store" and n.endswith("_fwd"))}        # the same forward as "tma"
     two = {"linear_cross_entropy_fwd[2 CTAs/SM]"} | ({"linear_cross_entropy_fwd[tma, 2 CTAs/SM]"}
                                                      if mod.TensorDescriptor is not None else set())
-    gemm = {"lce_chunk_stats[gemm]", "lce_chunk_ds[gemm]", "linear_cross_entropy_bwd[db_gemm]"}
+    gemm = {"lce_chunk_stats[gemm]", "lce_chunk_ds[gemm]", "linear_cross_entropy_bwd[db_gemm]",
+            "soft_linear_cross_entropy_bwd[db_gemm]"}
     assert {s["name"] for s in specs} == base | two | gemm | (tma if mod.TensorDescriptor is not None else set())
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
