@@ -278,6 +278,43 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
     return d if (d / "train_state.pt").is_file() else None
 
 
+RUN_FILES = ("metrics.jsonl", "train_config.json", CKPT_DIR, MODEL_DIR)
+
+
+def check_run_dir(out_dir, resume: bool = True) -> Optional[Path]:
+    """Refuse a run directory before any work (tokenizer training, packing, the first step), not when the run
+    ends: `out_dir` must be new, empty, or a run with a checkpoint to continue (resume=True). Anything else would be
+    mixed into (metrics.jsonl appended to, train_config.json replaced) or refused only hours later, when the
+    final model/ is saved beside files that are not an fmlm checkpoint's. Returns the latest checkpoint or None."""
+    from .checkpoint import _OUR_FILES, _names  # noqa: PLC0415
+
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"--out {p}: exists and is not a directory")
+    if not p.exists():
+        return None
+    ck = latest_checkpoint(p)
+    if ck is None:
+        held = sorted(f.name for f in p.iterdir())
+        if held:
+            ours = all(n in RUN_FILES for n in held)
+            raise FileExistsError(
+                f"--out {p}: holds {_names(held)} but no checkpoint to resume" +
+                ("; it looks like a run stopped before its first checkpoint: delete it, or give a new or empty "
+                 "directory" if ours else "; give a new or empty directory"))
+        return None
+    if not resume:
+        raise FileExistsError(f"{p} already holds checkpoints ({ck.name}); resume, or choose another --out")
+    model_dir = p / MODEL_DIR
+    if model_dir.exists():        # replaced when the run ends: refused now, not after the last step
+        foreign = (sorted(f.name for f in model_dir.iterdir() if f.name not in _OUR_FILES) if model_dir.is_dir()
+                   else [MODEL_DIR])
+        if foreign:
+            raise FileExistsError(f"--out {p}: {model_dir} holds {_names(foreign)}, not an fmlm checkpoint's "
+                                  f"files; the run's final model would replace it: move them first")
+    return ck
+
+
 def save_train_checkpoint(out_dir, step: int, model, ema: EMA, opt, sampler, rng_states: list, tc: TrainConfig,
                           kind: str, tokenizer=None, extra: Optional[dict] = None) -> Path:
     """checkpoints/step_<N>/ = model/ (the EMA weights, loadable by fmlm.load_checkpoint) + train_state.pt (raw
@@ -374,6 +411,7 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
     d = dist or Dist()
     dev = d.device
     out_dir = Path(out_dir)
+    ck = check_run_dir(out_dir, resume)     # every rank: all refuse together, none waits at a barrier
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if tc.batch_size % (d.world * tc.accum):
@@ -391,9 +429,6 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
     if teacher is not None:
         teacher.to(dev).eval().requires_grad_(False)
     start = 0
-    ck = latest_checkpoint(out_dir)
-    if ck is not None and not resume:
-        raise FileExistsError(f"{out_dir} already holds checkpoints ({ck.name}); resume, or choose another --out")
     state = None
     if ck is not None:
         state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=False)
@@ -603,7 +638,7 @@ def cmd_train(a) -> int:
     tc = _train_config(a, False)
     d = setup_distributed(a.device)
     tok_spec = a.tokenizer or "train:2048"
-    ck = latest_checkpoint(a.out)
+    ck = check_run_dir(a.out, not a.no_resume)
     if ck is not None and not a.no_resume and tok_spec.split(":")[0] in ("train", "words") and (ck / MODEL_DIR / "tokenizer.json").is_file():
         tok_spec = str(ck / MODEL_DIR / "tokenizer.json")      # resume with the vocabulary it was trained on
     corpus = load_corpus(a.data, tok_spec, a.seq_len, a.style, a.cache_dir, a.val_every_block,
@@ -670,6 +705,7 @@ def cmd_distill(a) -> int:
 
     tc = _train_config(a, True)
     d = setup_distributed(a.device)
+    check_run_dir(a.out, not a.no_resume)
     teacher = load_teacher(a.teacher, d.device)
     tok_spec = a.tokenizer if a.tokenizer is not None else teacher_tokenizer(a.teacher, teacher, a.cache_dir)
     corpus = load_corpus(a.data, tok_spec, teacher.cfg.seq_len, a.style, a.cache_dir, a.val_every_block,

@@ -358,6 +358,72 @@ def test_resume_after_a_crash_before_latest_was_updated(tmp_path, tiny_cfg):
     assert all(torch.equal(got[k], v) for k, v in want.items())
 
 
+def _listing(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_out_dir_is_refused_before_any_work(tmp_path, tiny_cfg):
+    """--out holding unrelated files, or a run that stopped before its first checkpoint, or a resumable run whose
+    model/ holds files the final save would replace: refused before the first step, with nothing in it changed
+    (the first case used to append to metrics.jsonl and fail only at the end, when model/ was saved)."""
+    train, val = _blocks()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "model").mkdir()
+    (mine / "model" / "weights.bin").write_bytes(b"\x00\x01")
+    before = _listing(mine)
+    with pytest.raises(FileExistsError, match="'model', 'notes.txt' but no checkpoint to resume; give a new"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(), mine, val, progress=False)
+    assert _listing(mine) == before
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(FileExistsError, match="stopped before its first checkpoint: delete it"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(), stale, val, progress=False)
+    assert (stale / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(), a_file, val, progress=False)
+    run = tmp_path / "run"
+    T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=3), run, val, progress=False)
+    (run / T.MODEL_DIR / "mine.txt").write_text("keep me")
+    before = _listing(run)
+    with pytest.raises(FileExistsError, match="holds 'mine.txt', not an fmlm checkpoint's files"):
+        T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=6), run, val, progress=False)
+    assert _listing(run) == before
+    (run / T.MODEL_DIR / "mine.txt").unlink()
+    r = T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=6), run, val, progress=False)
+    assert r.steps_done == 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert T.train_loop(_model(tiny_cfg), "flm", train, _tc(steps=1), empty, val, progress=False).steps_done == 1
+
+
+def test_cli_refuses_out_before_building_the_tokenizer(tmp_path, monkeypatch, capsys):
+    """`fmlm train` / `fmlm distill` check --out before the corpus is read and a tokenizer trained (minutes on a
+    large corpus): exit 1, one line, the directory as it was."""
+    from fmlm.engine import data as D
+    from fmlm.engine.cli import main
+
+    def no_corpus(*a, **k):
+        raise AssertionError("load_corpus ran before --out was checked")
+
+    monkeypatch.setattr(D, "load_corpus", no_corpus)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    for argv in (["train", "--steps", "1", "--device", "cpu", "--out", str(out)],
+                 ["distill", "--teacher", str(tmp_path / "no_teacher"), "--steps", "1", "--device", "cpu",
+                  "--out", str(out)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fmlm: error: --out {out}: holds 'thesis.tex' but no checkpoint"), err
+        assert err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"] and (out / "thesis.tex").read_text() == "keep me"
+
+
 def test_resume_refuses_another_world_size(tmp_path, tiny_cfg):
     """A checkpoint holds one RNG state per rank: a 2-process run cannot be resumed by one process."""
     train, val = _blocks()
@@ -391,7 +457,7 @@ def _cli_train(tmp_path, out, *extra, steps="3"):
 
 def test_cli_resume_uses_the_checkpoints_tokenizer(tmp_path, monkeypatch):
     """A resumed `train:<V>` run reads the vocabulary from its checkpoint (model/tokenizer.json), not from a
-    retrained or re-cached tokenizer; --no-resume does not."""
+    retrained or re-cached tokenizer; --no-resume into that run is refused before any corpus is read."""
     from fmlm.engine import data as D
     assert _cli_train(tmp_path, tmp_path / "run") == 0
     specs, real = [], D.load_corpus
@@ -403,8 +469,8 @@ def test_cli_resume_uses_the_checkpoints_tokenizer(tmp_path, monkeypatch):
     assert _cli_train(tmp_path, tmp_path / "run", steps="4") == 0
     ck = tmp_path / "run" / T.CKPT_DIR / "step_00000003" / T.MODEL_DIR / "tokenizer.json"
     assert specs == [str(ck)]
-    assert _cli_train(tmp_path, tmp_path / "run", "--no-resume", steps="5") == 1       # refused by train_loop
-    assert specs[-1] == "train:200"
+    assert _cli_train(tmp_path, tmp_path / "run", "--no-resume", steps="5") == 1
+    assert specs == [str(ck)]            # refused before the corpus is read (check_run_dir), not by train_loop
 
 
 def test_cli_init_from_and_distill_errors(tmp_path, capsys):
