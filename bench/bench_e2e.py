@@ -57,6 +57,8 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
                                                                   "attention_out_proj": True},
               "attention online softmax (the previous default)": {"attention_fixed_shift": False},
+              "attention poly exp2 + rotary prepass": {"attention_poly_exp2": True, "rotary_impl": "prepass"},
+              "attention poly exp2": {"attention_poly_exp2": True},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
               "argmax tma": {"argmax_config": {"tma": True}},
               "argmax bm128_bn128_w4": {"argmax_config": ARGMAX_CONFIGS["bm128_bn128_w4_s3"]},
@@ -66,6 +68,9 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M}     # the default above ARGMAX_SMALL_M rows
+# rows from which a candidate can act: the polynomial exp2 only pays at the attention's m128 tile (napkin in
+# kernels/attention.py POLY_COEFFS), which batch 1 never gets
+CANDIDATE_MIN_ROWS = {"attention poly exp2 + rotary prepass": 4096, "attention poly exp2": 4096}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 # a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
 WIN_SPEEDUP = 1.02
@@ -203,6 +208,8 @@ def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
         return False
     both = {**merged, **opts}
     rotary = both.get("rotary_impl", "load")
+    if both.get("attention_poly_exp2") and (rotary == "prepass_tma" or both.get("attention_fixed_shift") is False):
+        return False     # the fixed-shift pointer kernel's exp2 (engine/runner.py refuses the mix)
     return not (rotary != "load" and both.get("gemm_impl") == "triton_small" and n_rows <= SMALL_ROWS)
 
 
@@ -268,7 +275,8 @@ def _time_candidates(rows, names, load, steps_list, args, iters, rate, deadline)
         for name, model, batches in models:
             # the headline batch sizes; a candidate that only acts up to some row count only where it acts
             cb = [b for b in batches if b in HEADLINE_B.get(name, batches)] or list(batches)
-            cb = [b for b in cb if b * model.cfg.seq_len <= CANDIDATE_MAX_ROWS.get(c, b * model.cfg.seq_len)]
+            cb = [b for b in cb if CANDIDATE_MIN_ROWS.get(c, 0) <= b * model.cfg.seq_len
+                  <= CANDIDATE_MAX_ROWS.get(c, b * model.cfg.seq_len)]
             if cb:
                 _time_paths(rows, model, name, model.cfg, 1,
                             [(f"engine graph [{c}]", dict(graph=True, kernel_options=o), cb)],

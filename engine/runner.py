@@ -69,7 +69,9 @@ class Sampler:
     kernels/attention.py fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
     launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches),
     {"attention_out_proj": True} (with gemm_impl 'triton_small', at ≤ 512 rows: the output projection inside the
-    attention kernel, kernels/attention.py softcap_attention_out_proj)."""
+    attention kernel, kernels/attention.py softcap_attention_out_proj), {"attention_poly_exp2": True} (the
+    fixed-shift softmax's 2^x for half the key columns by a polynomial on the FMA pipes instead of the MUFU unit:
+    kernels/attention.py POLY_COEFFS)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -228,7 +230,8 @@ class Sampler:
                                rotary_impl=self.kernel_options.get("rotary_impl", "load"),
                                gemm_impl=self.kernel_options.get("gemm_impl", "cublas"),
                                attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", True),
-                               attn_out_proj=self.kernel_options.get("attention_out_proj", False))
+                               attn_out_proj=self.kernel_options.get("attention_out_proj", False),
+                               attn_poly_exp2=self.kernel_options.get("attention_poly_exp2", False))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -382,7 +385,8 @@ class Sampler:
 
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
-                  "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool}
+                  "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool,
+                  "attention_poly_exp2": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:
@@ -395,6 +399,10 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
             raise ValueError(f"kernel option {k} must be one of {allowed}, got {v!r}")
         if isinstance(allowed, type) and not isinstance(v, allowed):
             raise ValueError(f"kernel option {k} must be a {allowed.__name__}, got {type(v).__name__}")
+    if opts.get("attention_poly_exp2") and (not opts.get("attention_fixed_shift", True)
+                                            or opts.get("rotary_impl") == "prepass_tma"):
+        raise ValueError("kernel option attention_poly_exp2 is the fixed-shift softmax's exp2: it needs "
+                         "attention_fixed_shift (the default) and a rotary_impl other than 'prepass_tma'")
     return opts
 
 

@@ -71,6 +71,30 @@ if triton_available():
         return s
 
     @triton.jit
+    def _exp2_poly(x, DEG: tl.constexpr):
+        """2^x on the FMA/ALU pipes instead of the MUFU unit (the poly_exp2 candidate, see POLY_EXP2): x = j + f
+        with j = round(x) (the 1.5·2^23 trick leaves j in the low mantissa bits of x + 1.5·2^23), f in [−½, ½],
+        2^f by a minimax polynomial in f (POLY_COEFFS[DEG]), 2^j added to the result's exponent field as the
+        integer j·2^23. Valid where 2^x is a normal fp32 number (x in [−125, 127]): the fixed-shift softmax keeps
+        its exponents in (40 − 2c, 40], c = cap·log2 e (fixed_shift_log2)."""
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        if DEG == 3:
+            p = 0.9999281167984009 + f * (0.6932609677314758 + f * (0.24261033535003662 + f * 0.05517134442925453))
+        else:
+            p = 1.0000001192092896 + f * (0.6931469440460205 + f * (0.24022120237350464 + f * (
+                0.05550713092088699 + f * (0.009675533510744572 + f * 0.0013276446843519807))))
+        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _exp2_poly_kernel(X, Y, n, DEG: tl.constexpr, BLOCK: tl.constexpr):
+        """exp2_poly's elementwise kernel (tests, the benchmark's error row)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        tl.store(Y + offs, _exp2_poly(tl.load(X + offs, mask=ok, other=0.0), DEG), mask=ok)
+
+    @triton.jit
     def _softcap_attention_fwd_kernel(
         Q, K, V, O, COS, SIN,
         stride_qb, stride_ql, stride_qh,
@@ -83,7 +107,7 @@ if triton_available():
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
         IEEE: tl.constexpr, USE_PDL: tl.constexpr = False, FIXED_SHIFT: tl.constexpr = False,
-        OUT_PROJ: tl.constexpr = False, BLOCK_O: tl.constexpr = 64,
+        OUT_PROJ: tl.constexpr = False, BLOCK_O: tl.constexpr = 64, POLY_EXP2: tl.constexpr = 0,
     ):
         """One (query block, batch·head) program. OUT_PROJ: instead of storing its o tile, the program applies
         its head's share of the output projection, o_h·W_O[:, h·d:(h+1)·d]ᵀ (W_O (DM, H·d), DM columns in
@@ -180,7 +204,18 @@ if triton_available():
             if FIXED_SHIFT:
                 # capped scores lie in (−cap, cap)·log2 e: a constant shift keeps 2^(s − shift) normal and finite
                 # (launcher: fixed_shift_log2), so no running max, no rescale of acc and l_i
-                p = tl.exp2(s - shift_log2)
+                if POLY_EXP2:
+                    # the odd key columns' 2^x by the degree-POLY_EXP2 polynomial on the FMA pipes (_exp2_poly), the
+                    # even ones on the MUFU unit: the split follows the MMA layout's register pairs (no shuffle)
+                    x = s - shift_log2
+                    if not EVEN_N:   # key columns ≥ L are −inf: kept in the polynomial's range, then zeroed
+                        x = tl.maximum(x, -125.0)
+                    xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_N // 2, 2)))
+                    p = tl.reshape(tl.join(tl.exp2(xe), _exp2_poly(xo, POLY_EXP2)), (BLOCK_M, BLOCK_N))
+                    if not EVEN_N:
+                        p = tl.where(n_ok[None, :], p, 0.0)
+                else:
+                    p = tl.exp2(s - shift_log2)
                 l_i += tl.sum(p, 1)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -359,6 +394,45 @@ def fixed_shift_log2(softcap: Optional[float]) -> Optional[float]:
     return softcap * 1.4426950408889634 - 40.0
 
 
+# 2^f ≈ Σ c_i f^i on f in [−½, ½], minimax in relative error (Lawson-weighted least squares, coefficients rounded to
+# fp32): degree 3, max rel. error 7.5e-5 (for 16-bit inputs, whose p is rounded to 2^-9 for the P·V dot anyway);
+# degree 5, 2.4e-7 evaluated in fp32 (fp32 inputs). _exp2_poly spells the same numbers (a test holds them equal).
+# Why (the opt-in poly_exp2 candidate, unmeasured): at d = 64 a score costs 256 tensor-core FLOPs (~0.06 SM clock at
+# the bf16 peak) but two MUFU ops, tanh and exp2, at 16 per SM clock (0.125 clock): by napkin the MUFU unit bounds
+# the kernel at ~0.22 ms per layer at OWT B=32 (0.45 measured in the 2026-11-27 run5 profile). The polynomial costs
+# ~7 issue slots per score (3 FADD, 3 FFMA, 1 LEA in the sm_90a SASS), a MUFU op 8 clocks of its SM sub-partition's
+# pipe per warp, so the polynomial takes half the columns. Main-loop SASS per warp and key tile at the m128 tile
+# (32 scores per thread; triton 3.7.1), instructions issued / MUFU pipe clocks (64 MUFU × 8 before):
+#   rotary on load:           389 / 512  ->  half by polynomial 492 / 384  (all by polynomial 579 / 256)
+#   no rotary ('prepass'):    281 / 512  ->  half by polynomial 388 / 384  (all by polynomial 474 / 256)
+# i.e. the bound per tile falls ~4 % with rotary on load and ~24 % with the 'prepass' kernel; at the m64 batch-1
+# tile (rotary on load: 506 / 512) the polynomial adds issue slots and cannot help. Whether the kernel sits at that
+# bound (the profile says it runs at twice it) is for the benchmark to say.
+POLY_COEFFS = {3: (0.9999281167984009, 0.6932609677314758, 0.24261033535003662, 0.05517134442925453),
+               5: (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
+                   0.009675533510744572, 0.0013276446843519807)}
+
+
+def poly_degree(dtype: torch.dtype) -> int:
+    """The polynomial degree the poly_exp2 softmax uses for inputs of this dtype."""
+    return 5 if dtype == torch.float32 else 3
+
+
+def exp2_poly(x: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """2^x for an fp32 tensor x in [−125, 127] by the poly_exp2 softmax's arithmetic (_exp2_poly), one Triton
+    launch: for tests and for the benchmark's error row."""
+    if degree not in POLY_COEFFS:
+        raise ValueError(f"degree must be one of {tuple(POLY_COEFFS)}, got {degree}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"exp2_poly takes fp32, got {x.dtype}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    block = 1024
+    _exp2_poly_kernel[(triton.cdiv(n, block),)](x, y, n, DEG=degree, BLOCK=block, num_warps=4)
+    return y
+
+
 def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None, out=None,
                           block_m: Optional[int] = None, block_n: Optional[int] = None,
                           k_rotated: bool = False, config: Optional[dict] = None) -> torch.Tensor:
@@ -366,7 +440,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     are fine); cos/sin (L, d/2), used in q's dtype. Returns (B, L, H·d) in q's dtype. k_rotated: k was
     already rotated (rotary_qk) and only q is rotated on load. config: overrides of _config's BLOCK_M,
     BLOCK_N, num_warps, num_stages (the benchmark's sweep), and "fixed_shift": True for the opt-in softmax
-    without a running max (fixed_shift_log2; ignored where the cap does not allow it)."""
+    without a running max (fixed_shift_log2; ignored where the cap does not allow it), with "poly_exp2": True
+    its 2^x on the FMA pipes (POLY_EXP2 below; ignored without the fixed shift)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -426,6 +501,7 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
     # fp16's range (2^−24 … 2^15) cannot hold p over the capped range: the online softmax there
     fixed = bool(cfg.get("fixed_shift")) and q.dtype != torch.float16 and fixed_shift_log2(softcap) is not None
     shift = fixed_shift_log2(softcap) if fixed else 0.0
+    poly = poly_degree(q.dtype) if fixed and cfg.get("poly_exp2") else 0
     if out_proj is None:
         o_args = (o4, o4.stride(0), o4.stride(1), o4.stride(2))
         p_args = (q, q, 0, 0, 0, 0, 0)            # never read (OUT_PROJ = False)
@@ -453,7 +529,7 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FIXED_SHIFT=fixed, **proj, **pdl_launch_kwargs(pdl_active(q)))
+        FIXED_SHIFT=fixed, POLY_EXP2=poly, **proj, **pdl_launch_kwargs(pdl_active(q)))
 
 
 def rotary_qk(q, k, cos, sin, rotate_q: bool = True, out: Optional[torch.Tensor] = None):
@@ -590,15 +666,19 @@ def compile_specs() -> list[dict]:
     # "_pdl": the 'pdl' kernel option's launch (griddepcontrol at the top), at a batch-1 tile; "_outproj_pdl": the
     # 'attention_out_proj' candidate as the engine runs it at LM1B B=1 (rotary done by the qkv GEMM, DM = 768 in
     # chunks of 256, PDL on)
-    variants += (("_rope_pdl", True, True), ("_rope_online", True, True), ("_outproj_pdl", False, False))
+    # "_rope_poly" / "_poly": the poly_exp2 candidate (degree 3, the bf16 inputs' polynomial) with rotary on load and
+    # without it (the 'prepass' kernel), at the B=32 and a batch-1 tile
+    variants += (("_rope_pdl", True, True), ("_rope_online", True, True), ("_outproj_pdl", False, False),
+                 ("_rope_poly", True, True), ("_poly", False, False))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
-            if ((suffix in ("_rope_q", "_rope_online") and block_m != 128)
+            if ((suffix in ("_rope_q", "_rope_online") and block_m != 128) or ("_poly" in suffix and block_m < 64)
                     or (suffix == "_rope_pdl" and block_m != 64) or (suffix == "_outproj_pdl" and block_m > 32)):
                 continue         # the candidates at one tile each (the fused projection at the batch-1 tiles)
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
                          HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix.endswith("_pdl"),
-                         FIXED_SHIFT=suffix != "_rope_online", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256)
+                         FIXED_SHIFT=suffix != "_rope_online", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256,
+                         POLY_EXP2=3 if "_poly" in suffix else 0)
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -671,13 +751,12 @@ def softcap_attention_ref(q, k, v, softcap: Optional[float], cos=None, sin=None)
 @torch.library.custom_op("fmlm::softcap_attention", mutates_args=())
 def _softcap_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
                           cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                          fixed_shift: bool = False) -> torch.Tensor:
-    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin,
-                                 config={"fixed_shift": True} if fixed_shift else None)
+                          fixed_shift: bool = False, poly_exp2: bool = False) -> torch.Tensor:
+    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin, config=_softmax_config(fixed_shift, poly_exp2))
 
 
 @_softcap_attention_op.register_fake
-def _(q, k, v, softcap, cos, sin, fixed_shift=False):
+def _(q, k, v, softcap, cos, sin, fixed_shift=False, poly_exp2=False):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -685,13 +764,13 @@ def _(q, k, v, softcap, cos, sin, fixed_shift=False):
 @torch.library.custom_op("fmlm::softcap_attention_prepass", mutates_args=())
 def _softcap_attention_prepass_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
                                   cos: torch.Tensor, sin: torch.Tensor, rotate_q: bool,
-                                  fixed_shift: bool = False) -> torch.Tensor:
+                                  fixed_shift: bool = False, poly_exp2: bool = False) -> torch.Tensor:
     return softcap_attention_prepass_fwd(q, k, v, softcap or None, cos, sin, rotate_q,
-                                         config={"fixed_shift": True} if fixed_shift else None)
+                                         config=_softmax_config(fixed_shift, poly_exp2))
 
 
 @_softcap_attention_prepass_op.register_fake
-def _(q, k, v, softcap, cos, sin, rotate_q, fixed_shift=False):
+def _(q, k, v, softcap, cos, sin, rotate_q, fixed_shift=False, poly_exp2=False):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -725,6 +804,12 @@ def _(q, k, v, softcap, w_out, cos, sin, fixed_shift=False):
 ROTARY_IMPLS = ("load", "prepass", "prepass_k", "prepass_tma")
 
 
+def _softmax_config(fixed_shift: bool, poly_exp2: bool = False) -> Optional[dict]:
+    if not fixed_shift:
+        return None
+    return {"fixed_shift": True, "poly_exp2": True} if poly_exp2 else {"fixed_shift": True}
+
+
 def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -742,7 +827,8 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
                       cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-                      backend: str = "auto", rotary_impl: str = "load", fixed_shift: bool = False) -> torch.Tensor:
+                      backend: str = "auto", rotary_impl: str = "load", fixed_shift: bool = False,
+                      poly_exp2: bool = False) -> torch.Tensor:
     """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
     cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
     rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
@@ -751,10 +837,17 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     'prepass_tma' ('prepass' with the Q, K, V tiles read through TMA descriptors; 'prepass' where it cannot).
     fixed_shift (off here, the engine trunk's default; triton backend: the 'load', 'prepass' and 'prepass_k'
     kernels and the kernel without rotary, not 'prepass_tma', whose kernel keeps the online softmax): the softmax
-    without a running max (fixed_shift_log2), where the cap allows it."""
+    without a running max (fixed_shift_log2), where the cap allows it. poly_exp2 (opt-in candidate, with
+    fixed_shift, not with 'prepass_tma'): that softmax's 2^x for half the key columns by a polynomial on the FMA
+    pipes (POLY_COEFFS), so that the MUFU unit has 1.5 ops per score to do instead of 2; where the fixed shift does
+    not apply, nothing."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
+    if poly_exp2 and (not fixed_shift or (rotary_impl == "prepass_tma" and cos is not None)):
+        raise ValueError("poly_exp2 is the fixed-shift softmax's exp2: it needs fixed_shift=True and the pointer "
+                         f"kernel (not rotary_impl 'prepass_tma'); got fixed_shift={fixed_shift}, "
+                         f"rotary_impl={rotary_impl!r}")
     be = resolve(backend, q.device)
     if be == "reference":
         return softcap_attention_ref(q, k, v, softcap, cos, sin)
@@ -767,12 +860,12 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     if rotary_impl != "load" and cos is not None:
         if torch.compiler.is_compiling():
             return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass",
-                                                 fixed_shift)
+                                                 fixed_shift, poly_exp2)
         return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass",
-                                             config={"fixed_shift": True} if fixed_shift else None)
+                                             config=_softmax_config(fixed_shift, poly_exp2))
     if torch.compiler.is_compiling():
-        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift)
-    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config={"fixed_shift": True} if fixed_shift else None)
+        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift, poly_exp2)
+    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config=_softmax_config(fixed_shift, poly_exp2))
 
 
 def head_partials(att: torch.Tensor, w_out: torch.Tensor, H: int) -> torch.Tensor:

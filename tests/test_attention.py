@@ -202,6 +202,12 @@ def test_prepass_op_registration():
     for rotate_q in (True, False):
         torch.library.opcheck(torch.ops.fmlm.softcap_attention_prepass.default, (q, k, v, 50.0, cos, sin, rotate_q),
                               test_utils=("test_schema", "test_faketensor"))
+    # with the fixed shift and its polynomial exp2, and the plain op the same way
+    both = (True, True)          # fixed_shift, poly_exp2
+    torch.library.opcheck(torch.ops.fmlm.softcap_attention_prepass.default, (q, k, v, 50.0, cos, sin, True, *both),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fmlm.softcap_attention.default, (q, k, v, 50.0, cos, sin, *both),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @needs_triton
@@ -222,11 +228,11 @@ def test_bench_attention_smoke(monkeypatch):
     calls = []
 
     def fake_time(fn, warmup=2, iters=10, device="cpu"):
-        """Each call runs fn once; the first shape's first seven rows (through the no-rotary fixed shift) get
-        falling times, every later row 1000 ms: the fastest row then computes less (no rotary)."""
+        """Each call runs fn once; the first shape's first nine rows (through the no-rotary fixed shift + poly
+        exp2) get falling times, every later row 1000 ms: the fastest row then computes less (no rotary)."""
         common.time_fn(fn, 0, 1, device)
         calls.append(None)
-        ms = 100.0 - len(calls) if len(calls) <= 7 else 1000.0
+        ms = 100.0 - len(calls) if len(calls) <= 9 else 1000.0
         return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "n": 1}
     monkeypatch.setattr(bench, "time_fn", fake_time)
     rows = bench.run(quick=True)
@@ -234,14 +240,21 @@ def test_bench_attention_smoke(monkeypatch):
     assert impls[0] == "triton: rotary on load (default)" and any(i.startswith("best measured") for i in impls)
     # "best measured" only among the rows computing the default's function (rotary included)
     at_owt = [r for r in rows if r.get("shape") == "owt" and r.get("B") == 2 and "ms" in r]
-    no_rot = next(r for r in at_owt if r["impl"] == "triton: no rotary + fixed shift (candidate)")
+    no_rot = next(r for r in at_owt if r["impl"] == "triton: no rotary + fixed shift + poly exp2 (candidate)")
     best = next(r for r in rows if r["impl"].startswith("best measured"))
     same = [r for r in at_owt if not r["impl"].startswith(("best", " ", "reference", "SDPA"))
             and "no rotary" not in r["impl"]]
     assert no_rot["ms"] < best["ms"] == min(r["ms"] for r in same), (best, no_rot)
-    assert best["impl"] == "best measured at this shape: triton: fixed shift (candidate)"
-    # speedup_vs_default is always against the default row of the same shape; the no-rotary row has none
-    assert "speedup_vs_default" not in no_rot and no_rot["speedup_vs_no_rotary_online"] > 0
+    assert best["impl"] == "best measured at this shape: triton: fixed shift + poly exp2 (candidate)"
+    # speedup_vs_default is always against the default row of the same shape; the no-rotary rows have none, but
+    # each its own baseline row (the online softmax, the fixed shift)
+    nr_fixed = next(r for r in at_owt if r["impl"] == "triton: no rotary + fixed shift (candidate)")
+    assert "speedup_vs_default" not in no_rot and "speedup_vs_default" not in nr_fixed
+    assert no_rot["speedup_vs_fixed_shift"] == pytest.approx(nr_fixed["ms"] / no_rot["ms"])
+    assert nr_fixed["speedup_vs_no_rotary_online"] > 0
+    poly = next(r for r in at_owt if r["impl"] == "triton: fixed shift + poly exp2 (candidate)")
+    fixed = next(r for r in at_owt if r["impl"] == "triton: fixed shift (candidate)")
+    assert poly["speedup_vs_fixed_shift"] == pytest.approx(fixed["ms"] / poly["ms"])
     for r in rows:
         if "speedup_vs_default" in r:
             default = next(x for x in rows if x.get("shape") == r["shape"] and x.get("B") == r["B"]
@@ -506,6 +519,114 @@ def test_fixed_shift_bf16_on_gpu(B, L):
     _check_budget(out, q, k, v, 50.0, cos, sin)
 
 
+# ---- the opt-in polynomial exp2 of the fixed-shift softmax (poly_exp2=True) -------------------------------------
+def _horner_fp32(coeffs, f):
+    """Σ c_i f^i by Horner in fp32, one rounding per multiply and per add (the interpreter's arithmetic)."""
+    c = [torch.tensor(x, dtype=torch.float32) for x in coeffs]
+    p = c[-1].expand_as(f)
+    for ci in reversed(c[:-1]):
+        p = p * f + ci
+    return p
+
+
+@needs_triton
+@pytest.mark.parametrize("degree", sorted(A.POLY_COEFFS))
+def test_exp2_poly_is_the_polynomial_within_its_bound(degree):
+    """_exp2_poly evaluates POLY_COEFFS (its hard-coded numbers are the table's: bit-equal to an fp32 Horner of the
+    table at 2^round(x)), over the whole range the fixed shift uses and beyond, half-integers (the rounding
+    boundary) and integers included; its relative error stays within the table's own minimax error over f in
+    [−½, ½] (fp64) plus the fp32 evaluation. Degree 3 must stay far below bf16's rounding of p (2^-9), degree 5
+    within a few fp32 ulps: the reasons for each degree."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    x = torch.cat([torch.linspace(-125.0, 127.0, 100_003), torch.arange(-125.0, 127.0) + 0.5,
+                   torch.arange(-125.0, 128.0), torch.tensor([-124.49999, 39.99999, 40.0, -0.0])])
+    got = A.exp2_poly(x.to(dev), degree).cpu()
+    j = torch.round(x)                              # round half to even, as the 1.5·2^23 addition does
+    want = torch.ldexp(_horner_fp32(A.POLY_COEFFS[degree], x - j), j)
+    if dev == "cpu":     # on a GPU the compiler fuses multiply-adds (one rounding fewer): the bound below holds
+        assert torch.equal(got, want)
+    f = torch.linspace(-0.5, 0.5, 200_001, dtype=torch.float64)
+    table = sum(c * f ** i for i, c in enumerate(A.POLY_COEFFS[degree]))
+    bound = ((table - 2.0 ** f) / 2.0 ** f).abs().max().item() + (degree + 2) * 2.0 ** -24
+    err = ((got.double() - torch.exp2(x.double())) / torch.exp2(x.double())).abs().max().item()
+    assert err <= bound, (err, bound)
+    assert err < (2.0 ** -9 / 16 if degree == 3 else 4 * 2.0 ** -23), err
+    assert A.poly_degree(torch.bfloat16) == A.poly_degree(torch.float16) == 3 and A.poly_degree(torch.float32) == 5
+    with pytest.raises(ValueError, match="degree must be one of"):
+        A.exp2_poly(x, 4)
+    with pytest.raises(TypeError, match="takes fp32"):
+        A.exp2_poly(x.double(), 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,dtype", [c for c in CASES if c.values[4] == torch.float32])
+@pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")   # the exact tanh's ±1 limit
+def test_poly_exp2_matches_reference(monkeypatch, B, L, H, d, dtype, rotary):
+    """fixed_shift + poly_exp2 is the same function within the error budget, scores spread over the whole capped
+    range (scale 40) and L not a multiple of the key tile (its −inf columns through the polynomial), rotary on
+    load and the 'prepass' kernels, with the polynomial really run (POLY_EXP2 = the dtype's degree reaches the
+    kernel). fp32 under the interpreter (degree 5); bf16 (degree 3) on the GPU."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    for scale in (2.0, 40.0):
+        q, k, v, cos, sin = _inputs(B, L, H, d, dtype, dev, scale=scale)
+        if not rotary:
+            cos = sin = None
+        for impl in ("load", "prepass", "prepass_k") if rotary else ("load",):
+            out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, poly_exp2=True,
+                                      rotary_impl=impl)
+            _check_budget(out, q, k, v, 50.0, cos, sin)
+    assert [kw["POLY_EXP2"] for kw in spy.launches] == [A.poly_degree(dtype)] * (6 if rotary else 2)
+
+
+@needs_triton
+def test_poly_exp2_differs_and_falls_back():
+    """poly_exp2 really changes the arithmetic in fp32 (not bit-equal to the fixed shift's exp2), and only for the
+    odd key columns. Where the fixed shift does not apply (fp16, no cap) it changes nothing; without fixed_shift,
+    or with the TMA kernel, refused."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 33, 2, 32, torch.float32, dev, scale=10.0)
+    a = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True)
+    assert not torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True,
+                                               poly_exp2=True), a)
+    # which columns: with q > 0 and no rotary, keys of −50 score at the cap's floor (p ≈ 2^(40 − 2c) ≈ 2^-104, lost
+    # in every row sum): if only even keys are live, the polynomial (odd columns) changes no bit of the output
+    qp = q.abs() + 0.1
+    for live, poly_sees_them in ((0, False), (1, True)):
+        kk = k.clone()
+        kk[:, 1 - live::2] = -50.0
+        a = A.softcap_attention(qp, kk, v, 50.0, backend="triton", fixed_shift=True)
+        b = A.softcap_attention(qp, kk, v, 50.0, backend="triton", fixed_shift=True, poly_exp2=True)
+        assert torch.equal(a, b) != poly_sees_them, live
+    for cap, dt in ((50.0, torch.float16), (None, torch.float32)):
+        qq, kk, vv = (t.to(dt) for t in (q, k, v))
+        a = A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True)
+        assert torch.equal(A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True,
+                                               poly_exp2=True), a)
+    with pytest.raises(ValueError, match="needs fixed_shift=True and the pointer kernel"):
+        A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", poly_exp2=True)
+    with pytest.raises(ValueError, match="needs fixed_shift=True and the pointer kernel"):
+        A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, poly_exp2=True,
+                            rotary_impl="prepass_tma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L", [(32, 1024), (1, 128)], ids=["owt-B32", "lm1b-B1"])
+def test_poly_exp2_bf16_on_gpu(B, L):
+    """The candidate in the engine's dtype at the engine's shapes (degree 3, MUFU tanh), rotary on load and 'prepass':
+    within the error budget of the bf16 reference, also at scores over the whole capped range."""
+    for scale in (2.0, 40.0):
+        q, k, v, cos, sin = _inputs(B, L, 12, 64, torch.bfloat16, "cuda", seed=3, scale=scale)
+        for impl in ("load", "prepass"):
+            out = A.softcap_attention(q, k, v, 50.0, cos, sin, fixed_shift=True, poly_exp2=True, rotary_impl=impl)
+            if B == 32:     # the fp64 truth of the full batch is large: check two sequences of it
+                _check_budget(out[:2], q[:2], k[:2], v[:2], 50.0, cos, sin)
+            else:
+                _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
 # ---- the opt-in output projection inside the attention kernel (softcap_attention_out_proj) ----------------------
 def _w_out(DM, H, d, dtype, device, seed=5):
     g = torch.Generator().manual_seed(seed)
@@ -688,6 +809,7 @@ def test_compiling_routes_through_the_registered_ops(monkeypatch):
     q, k, v, cos, sin = _inputs(1, 9, 2, 32, torch.float32, dev, scale=4.0)
     w = _w_out(24, 2, 32, torch.float32, dev)
     cases = [dict(rotary_impl=r, fixed_shift=f) for r in A.ROTARY_IMPLS for f in (False, True)]
+    cases += [dict(fixed_shift=True, poly_exp2=True), dict(fixed_shift=True, poly_exp2=True, rotary_impl="prepass")]
     want = [A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", **kw) for kw in cases]
     want_p = [A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton", fixed_shift=f)
               for f in (False, True)]
@@ -705,13 +827,17 @@ def test_compiling_routes_through_the_registered_ops(monkeypatch):
         assert torch.equal(A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", **kw), x), kw
     for f, x in zip((False, True), want_p):
         assert torch.equal(A.softcap_attention_out_proj(q, k, v, w, 50.0, cos, sin, backend="triton", fixed_shift=f), x)
+    assert not torch.equal(want[-2], want[1]) and not torch.equal(want[-1], want[3])       # poly_exp2 matters
     ops = ["_softcap_attention_op"] * 2 + ["_softcap_attention_prepass_op"] * 4 + \
-        ["_softcap_attention_prepass_tma_op"] * 2 + ["_softcap_attention_out_proj_op"] * 2
+        ["_softcap_attention_prepass_tma_op"] * 2 + ["_softcap_attention_op", "_softcap_attention_prepass_op"] + \
+        ["_softcap_attention_out_proj_op"] * 2
     assert calls == ops
     # what reached the pointer launcher (cos: q rotated on load; k_rotated; the projection): 'load', 'prepass',
     # 'prepass_k' ('prepass_tma' runs the TMA kernel), then the projection
     assert [(a[4] is not None, a[9], a[11] is not None) for a in seen] == \
-        [(True, False, False)] * 2 + [(False, True, False)] * 2 + [(True, True, False)] * 2 + [(True, False, True)] * 2
+        [(True, False, False)] * 2 + [(False, True, False)] * 2 + [(True, True, False)] * 2 + [(True, False, False)] \
+        + [(False, True, False)] + [(True, False, True)] * 2
+    assert [bool((a[10] or {}).get("poly_exp2")) for a in seen] == [False] * 6 + [True, True, False, False]
 
 
 @needs_triton

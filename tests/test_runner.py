@@ -296,6 +296,9 @@ TRUNK_VARIANTS = [
     (dict(attn_fixed_shift=False), [("attn", dict(FIXED_SHIFT=False))]),
     (dict(gemm_impl="triton_small", attn_fixed_shift=False), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(FIXED_SHIFT=False))]),
     (dict(gemm_impl="triton_small", attn_out_proj=True), [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True))]),
+    (dict(attn_poly_exp2=True), [("attn", dict(ROTARY_Q=True, FIXED_SHIFT=True, POLY_EXP2=5))]),
+    (dict(attn_poly_exp2=True, rotary_impl="prepass"),
+     [("rotary_qk", {}), ("attn", dict(ROTARY_Q=False, FIXED_SHIFT=True, POLY_EXP2=5))]),
     (dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=False),
      [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True, FIXED_SHIFT=False))]),
 ]
@@ -357,7 +360,9 @@ def test_compiled_block_with_triton_small_gemms(out_proj):
 def test_sampler_kernel_options_validated():
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
     for bad in ({"rotary": "load"}, {"rotary_impl": "fast"}, {"argmax_config": True}, {"gemm_impl": "cutlass"},
-                {"pdl": 1}, {"attention_out_proj": "yes"}):
+                {"pdl": 1}, {"attention_out_proj": "yes"}, {"attention_poly_exp2": 1},
+                {"attention_poly_exp2": True, "attention_fixed_shift": False},
+                {"attention_poly_exp2": True, "rotary_impl": "prepass_tma"}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
@@ -805,13 +810,15 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "WIN_SPEEDUP", 0.0)      # every candidate "wins": the merged winners rows run too
+    # the tiny preset's rows are below every CANDIDATE_MIN_ROWS: one candidate keeps a bound it cannot meet
+    monkeypatch.setattr(bench, "CANDIDATE_MIN_ROWS", {"attention poly exp2": 10 ** 9})
     args = bench.parser().parse_args(["--batch-sizes", "1", "2", "--steps", "1", "2", "--reference", "all",
                                       "--iters", "1"])
     args.datasets = ["tiny"]
     rows = bench.bench(args, quick=True)
     paths = {r["path"] for r in rows}
     assert {"reference (bf16 autocast)", "engine eager", "engine graph"} <= paths
-    assert {f"engine graph [{c}]" for c in bench.CANDIDATES} <= paths
+    assert {f"engine graph [{c}]" for c in bench.CANDIDATES} - paths == {"engine graph [attention poly exp2]"}
     assert all(r["ms/sample"] > 0 and "note" not in r for r in rows), [r for r in rows if "note" in r]
     cand = [r for r in rows if "[" in r["path"] and "[winners" not in r["path"]]
     assert all(r["steps"] == 1 and r["vs engine graph"] > 0 for r in cand)
@@ -864,6 +871,13 @@ def test_bench_e2e_combine_winners():
     assert bench.combine_winners(small, "lm1b", 1, seq_len=128)[0] == "winners: gemm triton small"
     assert bench.combine_winners(small, "lm1b", 1, seq_len=bench.SMALL_ROWS + 1)[1] == {
         "gemm_impl": "triton_small", "rotary_impl": "prepass"}           # above SMALL_ROWS cuBLAS runs: both act
+    # the polynomial exp2 is the fixed-shift pointer kernel's: not merged with the online softmax or the TMA kernel
+    poly = [row("engine graph", 1.0), row("engine graph [rotary prepass + tma]", 0.8),
+            row("engine graph [attention poly exp2]", 0.85),
+            row("engine graph [attention online softmax (the previous default)]", 0.9)]
+    assert bench.combine_winners(poly, "lm1b", 1)[1] == {"rotary_impl": "prepass_tma", "attention_fixed_shift": False}
+    poly[1]["ms/sample"] = 0.95
+    assert bench.combine_winners(poly, "lm1b", 1) == ("winners: attention poly exp2", {"attention_poly_exp2": True})
     ann = [row("engine graph", 1.0), row("engine graph [winners: pdl]", 0.3), row("engine graph [pdl]", 0.3)]
     bench._annotate(ann)
     assert ann[0]["meets target"] == "NO" and ann[1]["meets target"] == "yes (opt-in)" and ann[2]["meets target"] == ""
