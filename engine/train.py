@@ -605,7 +605,8 @@ def _add_train_args(p, distill: bool):
                             "rows per micro-batch (batch-size / (GPUs × accum)) must be whole")
         t.add_argument("--boundary-fraction", type=float, default=d.boundary_fraction)
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
+    o.add_argument("--out", required=True, help="run directory (new, empty, or a run with a checkpoint to resume): "
+                                                 "metrics.jsonl, checkpoints/, model/")
     o.add_argument("--log-every", type=int, default=d.log_every)
     o.add_argument("--val-every", type=int, default=500)
     o.add_argument("--val-batches", type=int, default=d.val_batches)
