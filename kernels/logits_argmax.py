@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import (ChunkBufs, acc_dtype, chunk_logits, no_autocast, pdl_active, pdl_launch_kwargs, resolve,
-                       tma_device_ok, tma_rows_ok, valid_rows, with_default_constexprs)
+from ._backend import (ChunkBufs, acc_dtype, chunk_logits, interpreting, no_autocast, pdl_active, pdl_launch_kwargs,
+                       resolve, tma_device_ok, tma_rows_ok, valid_rows, with_default_constexprs)
 
 try:
     import triton
@@ -266,20 +266,30 @@ if triton is not None:
 
     @triton.jit
     def _logits_argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, M, n_split, BLOCK: tl.constexpr,
-                                     USE_PDL: tl.constexpr = False):
+                                     USE_PDL: tl.constexpr = False, BLOCK_S: tl.constexpr = 1):
         if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        """Per row, the partial of the first split holding the largest value (splits cover increasing column
+        ranges: ties → lowest index). BLOCK_S splits at a time as one (BLOCK_S, BLOCK) tile, so that their loads
+        are in flight together: one split per loop iteration waited on each load in turn (13 µs for 120 splits
+        of 128 rows on an H100, 2026-11-27 run5 profile at LM1B B=1)."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < M
-        best_val = tl.load(val_ptr + rows, mask=ok, other=float("-inf"))
-        best_idx = tl.load(idx_ptr + rows, mask=ok, other=0)
-        for s in range(1, n_split):
-            v = tl.load(val_ptr + s * M + rows, mask=ok, other=float("-inf"))
-            i = tl.load(idx_ptr + s * M + rows, mask=ok, other=0)
-            better = v > best_val              # strict, in split order: ties → lowest index
-            best_val = tl.where(better, v, best_val)
-            best_idx = tl.where(better, i, best_idx)
+        best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.load(idx_ptr + rows, mask=ok, other=0)          # split 0's, where every value is −inf
+        for s0 in range(0, n_split, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m2 = (s < n_split)[:, None] & ok[None, :]
+            off = s[:, None] * M + rows[None, :]
+            v = tl.load(val_ptr + off, mask=m2, other=float("-inf"))
+            i = tl.load(idx_ptr + off, mask=m2, other=0)
+            top = tl.max(v, axis=0)
+            first = tl.min(tl.where(v == top[None, :], s[:, None], n_split), axis=0)
+            top_idx = tl.sum(tl.where(s[:, None] == first[None, :], i, 0), axis=0)
+            better = top > best_val              # strict, chunks in split order: ties → lowest index
+            best_val = tl.where(better, top, best_val)
+            best_idx = tl.where(better, top_idx, best_idx)
         tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=ok)
 
 
@@ -387,8 +397,21 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             h, weight, b_arg, vals, idxs, out, M, n_valid, D, h.stride(0), weight.stride(0), tiles_per_split,
             EVEN_K=D % BK == 0, **common)
     if split:
-        RB = 256
-        _logits_argmax_reduce_kernel[(triton.cdiv(M, RB),)](vals, idxs, out, M, splits, BLOCK=RB, **pdl)
+        reduce_splits(vals, idxs, out, pdl)
+    return out
+
+
+def reduce_splits(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor, pdl: Optional[dict] = None) -> torch.Tensor:
+    """The split launch's second kernel: vals (splits, M) fp32 and idxs (splits, M) int32, each split's best value
+    and its index per row, splits in column order → out (M,) int64, the index of the first split holding the row's
+    largest value (ties → lowest index, as torch.argmax; a row of −inf everywhere takes split 0's)."""
+    splits, M = vals.shape
+    # (BLOCK_S splits × RB rows) per step: 64 × 64 fp32 + int32 partials, 32 KB in flight per program
+    on_gpu = vals.device.type == "cuda" and not interpreting()
+    RB = 64 if on_gpu else 16
+    BS = min(64 if on_gpu else 16, _pow2(splits))
+    _logits_argmax_reduce_kernel[(triton.cdiv(M, RB),)](vals, idxs, out, M, splits, BLOCK=RB, BLOCK_S=BS,
+                                                        num_warps=4, **(pdl or {}))
     return out
 
 
@@ -439,8 +462,8 @@ def compile_specs() -> list[dict]:
                       divisible_by_16=div16))
     specs.append(dict(name="_logits_argmax_reduce_kernel", fn=_logits_argmax_reduce_kernel,
                       signature={"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "M": "i32",
-                                 "n_split": "i32", "BLOCK": "constexpr"},
-                      constexprs={"BLOCK": 256}, num_warps=4, num_stages=1))
+                                 "n_split": "i32", "BLOCK": "constexpr", "BLOCK_S": "constexpr"},
+                      constexprs={"BLOCK": 64, "BLOCK_S": 64}, num_warps=4, num_stages=1))
     big = next(s for s in specs if s["name"] == "_logits_argmax_fwd_kernel[bm128_bn256]")
     specs.append(dict(big, name="_logits_argmax_fwd_kernel[bm128_bn256_pairs]",     # config epilogue="pairs"
                       signature={**big["signature"], "TWO_PASS": "constexpr"},

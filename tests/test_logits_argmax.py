@@ -433,3 +433,34 @@ def test_triton_input_forms(monkeypatch):
     forbid(monkeypatch, LA, "_logits_argmax_tma_fwd_kernel")
     out = logits_argmax(h[:0].view(0, 4, 32), W, b, 100, backend="triton")
     assert out.shape == (0, 4) and out.dtype == torch.long
+
+
+@needs_triton
+@pytest.mark.parametrize("splits,M", [(1, 5), (3, 17), (37, 33), (130, 70)])
+def test_reduce_splits_is_the_sequential_fold(splits, M):
+    """The split launch's reduction against the rule it replaces (a fold over splits in order, strict >): ties
+    within one chunk of splits and across chunks (BLOCK_S splits per step), rows of −inf everywhere (split 0's
+    index), rows past a chunk boundary; the partials' values drawn from few levels so that ties are common."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    g = torch.Generator().manual_seed(splits)
+    vals = torch.randint(0, 4, (splits, M), generator=g).float()
+    vals[:, 0] = float("-inf")
+    vals[torch.rand(splits, M, generator=g) < 0.2] = float("-inf")
+    if splits > 20:                    # the row's only maximum in the last chunk, and a tie 16 splits apart
+        vals[:, 1] = 0.0
+        vals[-1, 1] = 9.0
+        vals[:, 2] = 1.0
+        vals[[3, 19], 2] = 5.0
+    idxs = (torch.arange(splits)[:, None] * 1000 + torch.randint(0, 1000, (splits, M), generator=g)).int()
+    want = []
+    for r in range(M):
+        best, at = vals[0, r], idxs[0, r]
+        for s in range(1, splits):
+            if vals[s, r] > best:
+                best, at = vals[s, r], idxs[s, r]
+        want.append(int(at))
+    out = torch.empty(M, dtype=torch.long, device=dev)
+    got = LA.reduce_splits(vals.to(dev), idxs.to(dev), out)
+    assert got is out and got.cpu().tolist() == want
+    if splits > 20:
+        assert want[1] == idxs[-1, 1] and want[2] == idxs[3, 2]
