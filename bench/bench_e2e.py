@@ -417,8 +417,8 @@ def parser(ap=None):
 
 def cli(args) -> int:
     rows = bench(args, quick=args.quick)
-    if not rows:
-        return 0
+    if not rows:        # no CUDA device (bench said so): nothing timed or written, and a script must not read success
+        return 2
     print(markdown_table(rows, COLUMNS))
     # rows under other columns go to bench_e2e-<date>[-n].csv (common.write_rows): name the file that grew
     sizes = {p: p.stat().st_size for p in Path(args.out or common.RESULTS_DIR).glob("bench_e2e*.csv")}
