@@ -21,6 +21,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -263,24 +264,63 @@ def cached_stream(source: str, tok, style: str, cache_dir: Path, split: str = "t
     """The source's token stream, built once and memory-mapped from <cache_dir>/<key>.npy.
 
     The file is written to a temporary name and renamed, so concurrent readers (DDP ranks) never see a
-    partial file; only `is_builder` (rank 0) builds, the others must wait for it (a barrier) before calling."""
+    partial file; only `is_builder` (rank 0) builds, the others must wait for it (a barrier) before calling.
+    A cached file that is damaged (unreadable, not the length its .json records, an id outside the vocabulary:
+    a truncated copy, a flipped bit, a file from elsewhere under this name) is rebuilt with a warning by the
+    builder and refused by the others: embedding an id ≥ V fails far from its cause (a device-side assert on
+    CUDA)."""
     _, eos = special_ids(tok, style)
     key = hashlib.sha1(f"{source_signature(source, split)}|{_tokenizer_hash(tok)}|{style}|{eos}".encode()).hexdigest()[:20]
     cache_dir = Path(cache_dir)
     path = cache_dir / f"tokens-{key}.npy"
-    if not path.exists():
+    meta_path = cache_dir / f"tokens-{key}.json"
+    vocab = tok.get_vocab_size()
+    if path.exists():
+        arr, damage = _load_tokens(path, meta_path, vocab)
+        if damage is None:
+            return arr
         if not is_builder:
-            raise FileNotFoundError(f"token cache {path} missing (rank 0 should have built it)")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        arr = tokenize_stream(iter_texts(source, split), tok, eos)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-        meta = {"source": source, "split": split, "style": style, "tokens": int(arr.size),
-                "vocab": tok.get_vocab_size()}
-        (cache_dir / f"tokens-{key}.json").write_text(json.dumps(meta, indent=1))
-    return np.load(path, mmap_mode="r")
+            raise ValueError(f"token cache {path} is damaged ({damage}); rank 0 should have rebuilt it")
+        warnings.warn(f"token cache {path} is damaged ({damage}): rebuilding it", stacklevel=2)
+        del arr
+    elif not is_builder:
+        raise FileNotFoundError(f"token cache {path} missing (rank 0 should have built it)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    arr = tokenize_stream(iter_texts(source, split), tok, eos)
+    meta = {"source": source, "split": split, "style": style, "tokens": int(arr.size), "vocab": vocab}
+    # the record first, then the stream: a stream on disk always has its record (the length it is checked against)
+    tmp = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+    arr, damage = _load_tokens(path, meta_path, vocab)
+    if damage is not None:
+        raise OSError(f"token cache {path} reads back damaged right after it was written ({damage})")
+    return arr
+
+
+def _load_tokens(path: Path, meta_path: Path, vocab: int):
+    """(memory-mapped stream, None) or (None, what is wrong with the file)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:         # truncated data, a broken header, not a .npy at all
+        return None, f"unreadable: {str(e).splitlines()[0][:160]}"
+    if arr.ndim != 1 or arr.dtype.kind not in "ui":
+        return None, f"a {arr.dtype} array of shape {arr.shape}, not a 1-D id stream"
+    try:
+        want = json.loads(meta_path.read_text())["tokens"] if meta_path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        want = None                                      # a damaged record: the ids are still checked below
+    if want is not None and want != arr.shape[0]:
+        return None, f"{arr.shape[0]} tokens where its record says {want}"
+    if arr.shape[0]:
+        lo, hi = int(arr.min()), int(arr.max())          # one pass over the stream, once per run
+        if lo < 0 or hi >= vocab:
+            return None, f"ids from {lo} to {hi}, outside the vocabulary of {vocab}"
+    return arr, None
 
 
 class PackedBlocks:

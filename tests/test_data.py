@@ -1,5 +1,6 @@
 """Data: bundled corpus, tokenizer training, the reference's wrap packing, the on-disk cache, the sharded sampler."""
 import gzip
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,35 @@ def test_text_sources_and_cache(tmp_path, small_tok):
     assert int((np.asarray(arr) == 2).sum()) == 3                    # one [CLS] after each text (lm1b)
     with pytest.raises(FileNotFoundError, match="rank 0"):
         D.cached_stream(str(d), small_tok, "owt", cache, is_builder=False)
+
+
+def test_a_damaged_token_cache_is_rebuilt_or_refused(tmp_path, small_tok):
+    """A truncated .npy, one whose length is not its record's, one holding an id ≥ V, one that is not a .npy: the
+    builder warns and rebuilds it (the same ids as a fresh build), another rank refuses it with the reason."""
+    src = tmp_path / "a.txt"
+    src.write_text("in the beginning god created the heaven\nand the earth\n")
+    cache = tmp_path / "cache"
+    want = np.asarray(D.cached_stream(str(src), small_tok, "lm1b", cache)).copy()
+    npy = next(cache.glob("tokens-*.npy"))
+    good = npy.read_bytes()
+    big = np.asarray(want).copy()
+    big[3] = small_tok.get_vocab_size()
+    longer = np.concatenate([want, want[:2]])
+    for damage, why in ((good[:-6], "unreadable"), (None, "tokens where its record says"),
+                        (None, "outside the vocabulary"), (b"not a numpy file", "unreadable")):
+        if damage is not None:
+            npy.write_bytes(damage)
+        else:
+            np.save(npy, longer if "record" in why else big)
+        with pytest.raises(ValueError, match=f"token cache .* is damaged \\(.*{why}.*\\); rank 0"):
+            D.cached_stream(str(src), small_tok, "lm1b", cache, is_builder=False)
+        with pytest.warns(UserWarning, match=f"is damaged \\(.*{why}.*\\): rebuilding it"):
+            got = D.cached_stream(str(src), small_tok, "lm1b", cache)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert npy.read_bytes() == good and not list(cache.glob("*.tmp*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # an intact cache: read as it is, no warning
+        np.testing.assert_array_equal(np.asarray(D.cached_stream(str(src), small_tok, "lm1b", cache)), want)
 
 
 def test_split_holds_out_disjoint_blocks():
