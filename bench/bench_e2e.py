@@ -57,6 +57,7 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
                                                                   "attention_out_proj": True},
               "attention online softmax (the previous default)": {"attention_fixed_shift": False},
+              "attention kv split 4": {"attention_kv_split": 4}, "attention kv split 8": {"attention_kv_split": 8},
               "attention poly exp2 + rotary prepass": {"attention_poly_exp2": True, "rotary_impl": "prepass"},
               "attention poly exp2": {"attention_poly_exp2": True},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
@@ -67,10 +68,13 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
-                      "argmax tma": ARGMAX_SMALL_M}     # the default above ARGMAX_SMALL_M rows
+                      "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
+                      "attention kv split 4": 4096, "attention kv split 8": 4096}
 # rows from which a candidate can act: the polynomial exp2 only pays at the attention's m128 tile (napkin in
 # kernels/attention.py POLY_COEFFS), which batch 1 never gets
-CANDIDATE_MIN_ROWS = {"attention poly exp2 + rotary prepass": 4096, "attention poly exp2": 4096}
+CANDIDATE_MIN_ROWS = {"attention poly exp2 + rotary prepass": 4096, "attention poly exp2": 4096,
+                      # the key split is for long key loops at batch 1 (OWT B=1: 16 key tiles; LM1B has 2)
+                      "attention kv split 4": 1024, "attention kv split 8": 1024}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
 # a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
 WIN_SPEEDUP = 1.02
@@ -208,8 +212,9 @@ def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
         return False
     both = {**merged, **opts}
     rotary = both.get("rotary_impl", "load")
-    if both.get("attention_poly_exp2") and (rotary == "prepass_tma" or both.get("attention_fixed_shift") is False):
-        return False     # the fixed-shift pointer kernel's exp2 (engine/runner.py refuses the mix)
+    if ((both.get("attention_poly_exp2") or both.get("attention_kv_split", 1) > 1)
+            and (rotary == "prepass_tma" or both.get("attention_fixed_shift") is False)):
+        return False     # the fixed-shift pointer kernel's options (engine/runner.py refuses the mix)
     return not (rotary != "load" and both.get("gemm_impl") == "triton_small" and n_rows <= SMALL_ROWS)
 
 

@@ -71,7 +71,8 @@ class Sampler:
     {"attention_out_proj": True} (with gemm_impl 'triton_small', at ≤ 512 rows: the output projection inside the
     attention kernel, kernels/attention.py softcap_attention_out_proj), {"attention_poly_exp2": True} (the
     fixed-shift softmax's 2^x for half the key columns by a polynomial on the FMA pipes instead of the MUFU unit:
-    kernels/attention.py POLY_COEFFS)."""
+    kernels/attention.py POLY_COEFFS), {"attention_kv_split": S} (each query tile's keys in up to S ranges run by
+    separate programs, then summed: more programs of shorter key loops at batch 1; kernels/attention.py KV_SPLIT)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -231,7 +232,8 @@ class Sampler:
                                gemm_impl=self.kernel_options.get("gemm_impl", "cublas"),
                                attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", True),
                                attn_out_proj=self.kernel_options.get("attention_out_proj", False),
-                               attn_poly_exp2=self.kernel_options.get("attention_poly_exp2", False))
+                               attn_poly_exp2=self.kernel_options.get("attention_poly_exp2", False),
+                               attn_kv_split=self.kernel_options.get("attention_kv_split", 1))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -386,7 +388,7 @@ class Sampler:
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
                   "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool,
-                  "attention_poly_exp2": bool}
+                  "attention_poly_exp2": bool, "attention_kv_split": int}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:
@@ -397,12 +399,14 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
         allowed = KERNEL_OPTIONS[k]
         if isinstance(allowed, tuple) and v not in allowed:
             raise ValueError(f"kernel option {k} must be one of {allowed}, got {v!r}")
-        if isinstance(allowed, type) and not isinstance(v, allowed):
+        if isinstance(allowed, type) and (not isinstance(v, allowed) or (allowed is int and isinstance(v, bool))):
             raise ValueError(f"kernel option {k} must be a {allowed.__name__}, got {type(v).__name__}")
-    if opts.get("attention_poly_exp2") and (not opts.get("attention_fixed_shift", True)
-                                            or opts.get("rotary_impl") == "prepass_tma"):
-        raise ValueError("kernel option attention_poly_exp2 is the fixed-shift softmax's exp2: it needs "
-                         "attention_fixed_shift (the default) and a rotary_impl other than 'prepass_tma'")
+    if opts.get("attention_kv_split", 1) < 1:
+        raise ValueError(f"kernel option attention_kv_split must be ≥ 1, got {opts['attention_kv_split']}")
+    if ((opts.get("attention_poly_exp2") or opts.get("attention_kv_split", 1) > 1)
+            and (not opts.get("attention_fixed_shift", True) or opts.get("rotary_impl") == "prepass_tma")):
+        raise ValueError("kernel options attention_poly_exp2 and attention_kv_split are the fixed-shift softmax's: "
+                         "they need attention_fixed_shift (the default) and a rotary_impl other than 'prepass_tma'")
     return opts
 
 

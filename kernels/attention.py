@@ -95,6 +95,30 @@ if triton_available():
         tl.store(Y + offs, _exp2_poly(tl.load(X + offs, mask=ok, other=0.0), DEG), mask=ok)
 
     @triton.jit
+    def _kv_split_combine_kernel(PACC, PL, O, stride_ob, stride_ol, stride_oh, L, H, split_rows,
+                                 N_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False):
+        """o = Σ_s acc_s / Σ_s l_s over the key splits of _softcap_attention_fwd_kernel(KV_SPLIT), in split order,
+        for BLOCK_R rows of (b, position, head), stored in O's dtype."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rows < split_rows
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        r64 = rows.to(tl.int64)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        l = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in tl.static_range(N_SPLIT):
+            acc += tl.load(PACC + (r64 + s * split_rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+            l += tl.load(PL + r64 + s * split_rows, mask=r_ok, other=1.0)
+        h = rows % H
+        bm = rows // H
+        o_off = (bm // L).to(tl.int64) * stride_ob + (bm % L) * stride_ol + h * stride_oh
+        tl.store(O + o_off[:, None] + offs_d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _softcap_attention_fwd_kernel(
         Q, K, V, O, COS, SIN,
         stride_qb, stride_ql, stride_qh,
@@ -104,15 +128,20 @@ if triton_available():
         stride_cl,
         L, H, qk_scale, softcap, shift_log2,
         WO, P, stride_won, stride_ph, stride_pb, stride_pl, DM,
+        PACC, PL, kv_chunk, split_rows,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         ROTARY_Q: tl.constexpr, ROTARY_K: tl.constexpr, HAS_CAP: tl.constexpr, FAST_TANH: tl.constexpr, EVEN_N: tl.constexpr,
         IEEE: tl.constexpr, USE_PDL: tl.constexpr = False, FIXED_SHIFT: tl.constexpr = False,
         OUT_PROJ: tl.constexpr = False, BLOCK_O: tl.constexpr = 64, POLY_EXP2: tl.constexpr = 0,
+        KV_SPLIT: tl.constexpr = False,
     ):
         """One (query block, batch·head) program. OUT_PROJ: instead of storing its o tile, the program applies
         its head's share of the output projection, o_h·W_O[:, h·d:(h+1)·d]ᵀ (W_O (DM, H·d), DM columns in
         BLOCK_O chunks), and stores that fp32 (BLOCK_M, DM) tile as partial h of a (H, B, L, DM) buffer: a
-        split-K over heads that gate_residual sums in head order (softcap_attention_out_proj_fwd)."""
+        split-K over heads that gate_residual sums in head order (softcap_attention_out_proj_fwd).
+        KV_SPLIT (with FIXED_SHIFT): program (·, ·, s) runs the keys [s·kv_chunk, (s+1)·kv_chunk) only and stores
+        its unnormalized fp32 acc and l_i as split s of PACC (S, B·L·H, d) and PL (S, B·L·H) (split_rows = B·L·H);
+        with a constant shift the splits add up without rescaling (_kv_split_combine_kernel)."""
         if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -164,7 +193,13 @@ if triton_available():
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, L, BLOCK_N):
+        if KV_SPLIT:
+            n_lo = tl.program_id(2) * kv_chunk
+            n_hi = tl.minimum(n_lo + kv_chunk, L)
+        else:
+            n_lo = 0
+            n_hi = L
+        for start_n in range(n_lo, n_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
             row_mask = n_ok[:, None]     # masked loads still pipeline (cp.async with zero fill)
@@ -233,6 +268,11 @@ if triton_available():
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision="ieee")
             else:
                 acc = tl.dot(p.to(V.dtype.element_ty), v, acc)
+        if KV_SPLIT:
+            r = (b.to(tl.int64) * L + offs_m) * H + h + tl.program_id(2).to(tl.int64) * split_rows
+            tl.store(PL + r, l_i, mask=m_ok)
+            tl.store(PACC + r[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
+            return
         o = acc / l_i[:, None]
         if OUT_PROJ:
             # rounded to W_O's dtype as the unfused path's stored attention output is, then this head's partial
@@ -346,16 +386,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(B: int, H: int, L: int, d: int, device: torch.device) -> dict:
+def _config(B: int, H: int, L: int, d: int, device: torch.device, kv_split: int = 1) -> dict:
     """Fixed configs (no autotuning): the largest query tile that still fills the GPU twice over, so B=1
-    shapes (12 heads × 1 tile at L=128) do not leave most SMs idle."""
+    shapes (12 heads × 1 tile at L=128) do not leave most SMs idle; kv_split programs per query tile count."""
     if device.type != "cuda":          # interpreter: few, small programs
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     cap_m = max(16, triton.next_power_of_2(L))
     block_m = 16
     for bm in (128, 64, 32):
-        if bm <= cap_m and B * H * triton.cdiv(L, bm) >= 2 * n_sm:
+        if bm <= cap_m and B * H * triton.cdiv(L, bm) * kv_split >= 2 * n_sm:
             block_m = bm
             break
     block_n = 64 if L > 32 else max(16, triton.next_power_of_2(L))
@@ -441,7 +481,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     already rotated (rotary_qk) and only q is rotated on load. config: overrides of _config's BLOCK_M,
     BLOCK_N, num_warps, num_stages (the benchmark's sweep), and "fixed_shift": True for the opt-in softmax
     without a running max (fixed_shift_log2; ignored where the cap does not allow it), with "poly_exp2": True
-    its 2^x on the FMA pipes (POLY_EXP2 below; ignored without the fixed shift)."""
+    its 2^x on the FMA pipes (POLY_EXP2 below) and "kv_split": S the keys in up to S ranges (KV_SPLIT; both
+    ignored without the fixed shift)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -491,17 +532,29 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
         sin = sin.to(q.dtype).contiguous()
     else:
         cos = sin = q      # never read (ROTARY_Q = ROTARY_K = False)
-    cfg = _config(B, H, L, d, q.device)
-    cfg.update(config or {})
+    config = config or {}
+    # fp16's range (2^−24 … 2^15) cannot hold p over the capped range: the online softmax there
+    fixed = bool(config.get("fixed_shift")) and q.dtype != torch.float16 and fixed_shift_log2(softcap) is not None
+    n_split = int(config.get("kv_split") or 1) if fixed and out_proj is None else 1
+    cfg = _config(B, H, L, d, q.device, n_split)
+    cfg.update(config)
     if block_m:
         cfg["BLOCK_M"] = block_m
     if block_n:
         cfg["BLOCK_N"] = block_n
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    # fp16's range (2^−24 … 2^15) cannot hold p over the capped range: the online softmax there
-    fixed = bool(cfg.get("fixed_shift")) and q.dtype != torch.float16 and fixed_shift_log2(softcap) is not None
     shift = fixed_shift_log2(softcap) if fixed else 0.0
     poly = poly_degree(q.dtype) if fixed and cfg.get("poly_exp2") else 0
+    key_tiles = triton.cdiv(L, cfg["BLOCK_N"])
+    n_split = max(1, min(n_split, key_tiles))
+    kv_chunk = triton.cdiv(key_tiles, n_split) * cfg["BLOCK_N"]
+    n_split = triton.cdiv(L, kv_chunk)                   # no empty split
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H) + ((n_split,) if n_split > 1 else ())
+    if n_split > 1:
+        pacc = torch.empty(n_split, B * L * H, d, device=q.device, dtype=torch.float32)
+        pl = torch.empty(n_split, B * L * H, device=q.device, dtype=torch.float32)
+        s_args, kv = (pacc, pl, kv_chunk, B * L * H), {"KV_SPLIT": True}
+    else:
+        s_args, kv = (q, q, 0, 0), {}             # never touched (KV_SPLIT = False)
     if out_proj is None:
         o_args = (o4, o4.stride(0), o4.stride(1), o4.stride(2))
         p_args = (q, q, 0, 0, 0, 0, 0)            # never read (OUT_PROJ = False)
@@ -523,13 +576,20 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
         *o_args[1:],
         cos.stride(0) if rotary else 0,
         L, H, 1.0 / math.sqrt(d), float(softcap or 1.0), shift,
-        *p_args,
+        *p_args, *s_args,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROTARY_Q=rotary, ROTARY_K=rotary and not k_rotated, HAS_CAP=bool(softcap),
         FAST_TANH=q.device.type == "cuda" and not interpreting(),
         EVEN_N=L % cfg["BLOCK_N"] == 0, IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FIXED_SHIFT=fixed, POLY_EXP2=poly, **proj, **pdl_launch_kwargs(pdl_active(q)))
+        FIXED_SHIFT=fixed, POLY_EXP2=poly, **proj, **kv, **pdl_launch_kwargs(pdl_active(q)))
+    if n_split > 1:
+        rows = B * L * H
+        block_r = 64 if q.device.type == "cuda" and not interpreting() else 16
+        _kv_split_combine_kernel[(triton.cdiv(rows, block_r),)](
+            pacc, pl, o4, o4.stride(0), o4.stride(1), o4.stride(2), L, H, rows,
+            N_SPLIT=n_split, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_R=block_r, num_warps=4,
+            **pdl_launch_kwargs(pdl_active(q)))
 
 
 def rotary_qk(q, k, cos, sin, rotate_q: bool = True, out: Optional[torch.Tensor] = None):
@@ -652,7 +712,8 @@ def compile_specs() -> list[dict]:
         return []
     # the launcher casts cos/sin to q's dtype
     sig = {n: "*bf16" for n in ("Q", "K", "V", "O", "COS", "SIN", "WO")}
-    sig.update({"P": "*fp32", "qk_scale": "fp32", "softcap": "fp32", "shift_log2": "fp32"})
+    sig.update({"P": "*fp32", "PACC": "*fp32", "PL": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
+                "shift_log2": "fp32"})
     sig.update({n: "i32" for n in _softcap_attention_fwd_kernel.arg_names if n not in sig})  # strides, L, H
     # what the JIT specializes at run time for the DiT's qkv views (pointers 16-byte aligned, strides of
     # 3·D, d, d/2 elements divisible by 16): without it the compiler cannot vectorize or pipeline the loads
@@ -667,18 +728,20 @@ def compile_specs() -> list[dict]:
     # 'attention_out_proj' candidate as the engine runs it at LM1B B=1 (rotary done by the qkv GEMM, DM = 768 in
     # chunks of 256, PDL on)
     # "_rope_poly" / "_poly": the poly_exp2 candidate (degree 3, the bf16 inputs' polynomial) with rotary on load and
-    # without it (the 'prepass' kernel), at the B=32 and a batch-1 tile
+    # without it (the 'prepass' kernel), at the B=32 and a batch-1 tile; "_rope_kvsplit": the kv_split candidate at
+    # the tile it gets at OWT B=1 (m128: 8 query tiles × 12 heads × 4 or 8 key ranges)
     variants += (("_rope_pdl", True, True), ("_rope_online", True, True), ("_outproj_pdl", False, False),
-                 ("_rope_poly", True, True), ("_poly", False, False))
+                 ("_rope_poly", True, True), ("_poly", False, False), ("_rope_kvsplit", True, True))
     for block_m, warps in ((128, 8), (64, 4), (32, 4), (16, 4)):
         for suffix, rq, rk in variants:
             if ((suffix in ("_rope_q", "_rope_online") and block_m != 128) or ("_poly" in suffix and block_m < 64)
+                    or (suffix == "_rope_kvsplit" and block_m != 128)
                     or (suffix == "_rope_pdl" and block_m != 64) or (suffix == "_outproj_pdl" and block_m > 32)):
                 continue         # the candidates at one tile each (the fused projection at the batch-1 tiles)
             const = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=64, ROTARY_Q=rq, ROTARY_K=rk,
                          HAS_CAP=True, FAST_TANH=True, EVEN_N=True, IEEE=False, USE_PDL=suffix.endswith("_pdl"),
                          FIXED_SHIFT=suffix != "_rope_online", OUT_PROJ=suffix == "_outproj_pdl", BLOCK_O=256,
-                         POLY_EXP2=3 if "_poly" in suffix else 0)
+                         POLY_EXP2=3 if "_poly" in suffix else 0, KV_SPLIT=suffix == "_rope_kvsplit")
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
@@ -697,6 +760,14 @@ def compile_specs() -> list[dict]:
                           signature=tsig, constexprs=const, num_warps=warps, num_stages=3,
                           attrs={(tnames.index(n),): [["tt.divisibility", 16]]
                                  for n in ("O", "stride_ob", "stride_ol", "stride_oh")}))
+    # the kv_split candidate's combine kernel at d = 64, 8 splits (OWT B=1: 1024 keys in 128-key ranges)
+    cnames = _kv_split_combine_kernel.arg_names
+    csig = {n: ("*fp32" if n in ("PACC", "PL") else "*bf16" if n == "O" else "i32") for n in cnames}
+    cconst = dict(N_SPLIT=8, HEAD_DIM=64, BLOCK_D=64, BLOCK_R=64, USE_PDL=False)
+    specs.append(dict(name="_kv_split_combine_kernel[s8_d64]", fn=_kv_split_combine_kernel,
+                      signature={**csig, **{k: "constexpr" for k in cconst}}, constexprs=cconst, num_warps=4,
+                      num_stages=1, attrs={(cnames.index(n),): [["tt.divisibility", 16]]
+                                           for n in ("PACC", "PL", "O", "stride_ob", "stride_ol", "stride_oh")}))
     rnames = _rotary_qk_fwd_kernel.arg_names
     rsig = {n: ("*bf16" if n in ("Q", "K", "QO", "KO", "COS", "SIN") else "i32") for n in rnames}
     raligned = {(rnames.index(n),): [["tt.divisibility", 16]] for n in rnames
@@ -751,12 +822,13 @@ def softcap_attention_ref(q, k, v, softcap: Optional[float], cos=None, sin=None)
 @torch.library.custom_op("fmlm::softcap_attention", mutates_args=())
 def _softcap_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
                           cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                          fixed_shift: bool = False, poly_exp2: bool = False) -> torch.Tensor:
-    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin, config=_softmax_config(fixed_shift, poly_exp2))
+                          fixed_shift: bool = False, poly_exp2: bool = False, kv_split: int = 1) -> torch.Tensor:
+    return softcap_attention_fwd(q, k, v, softcap or None, cos, sin,
+                                 config=_softmax_config(fixed_shift, poly_exp2, kv_split))
 
 
 @_softcap_attention_op.register_fake
-def _(q, k, v, softcap, cos, sin, fixed_shift=False, poly_exp2=False):
+def _(q, k, v, softcap, cos, sin, fixed_shift=False, poly_exp2=False, kv_split=1):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -764,13 +836,14 @@ def _(q, k, v, softcap, cos, sin, fixed_shift=False, poly_exp2=False):
 @torch.library.custom_op("fmlm::softcap_attention_prepass", mutates_args=())
 def _softcap_attention_prepass_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
                                   cos: torch.Tensor, sin: torch.Tensor, rotate_q: bool,
-                                  fixed_shift: bool = False, poly_exp2: bool = False) -> torch.Tensor:
+                                  fixed_shift: bool = False, poly_exp2: bool = False,
+                                  kv_split: int = 1) -> torch.Tensor:
     return softcap_attention_prepass_fwd(q, k, v, softcap or None, cos, sin, rotate_q,
-                                         config=_softmax_config(fixed_shift, poly_exp2))
+                                         config=_softmax_config(fixed_shift, poly_exp2, kv_split))
 
 
 @_softcap_attention_prepass_op.register_fake
-def _(q, k, v, softcap, cos, sin, rotate_q, fixed_shift=False, poly_exp2=False):
+def _(q, k, v, softcap, cos, sin, rotate_q, fixed_shift=False, poly_exp2=False, kv_split=1):
     B, L, H, d = q.shape
     return q.new_empty(B, L, H * d)
 
@@ -804,10 +877,15 @@ def _(q, k, v, softcap, w_out, cos, sin, fixed_shift=False):
 ROTARY_IMPLS = ("load", "prepass", "prepass_k", "prepass_tma")
 
 
-def _softmax_config(fixed_shift: bool, poly_exp2: bool = False) -> Optional[dict]:
+def _softmax_config(fixed_shift: bool, poly_exp2: bool = False, kv_split: int = 1) -> Optional[dict]:
     if not fixed_shift:
         return None
-    return {"fixed_shift": True, "poly_exp2": True} if poly_exp2 else {"fixed_shift": True}
+    cfg = {"fixed_shift": True}
+    if poly_exp2:
+        cfg["poly_exp2"] = True
+    if kv_split > 1:
+        cfg["kv_split"] = int(kv_split)
+    return cfg
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -828,7 +906,7 @@ def resolve(backend: str, device: torch.device) -> str:
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
                       cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
                       backend: str = "auto", rotary_impl: str = "load", fixed_shift: bool = False,
-                      poly_exp2: bool = False) -> torch.Tensor:
+                      poly_exp2: bool = False, kv_split: int = 1) -> torch.Tensor:
     """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
     cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
     rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
@@ -840,13 +918,17 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     without a running max (fixed_shift_log2), where the cap allows it. poly_exp2 (opt-in candidate, with
     fixed_shift, not with 'prepass_tma'): that softmax's 2^x for half the key columns by a polynomial on the FMA
     pipes (POLY_COEFFS), so that the MUFU unit has 1.5 ops per score to do instead of 2; where the fixed shift does
-    not apply, nothing."""
+    not apply, nothing. kv_split (opt-in candidate, with fixed_shift, not with 'prepass_tma'): the keys of each
+    query tile in up to kv_split ranges run by separate programs, whose fp32 partials a second kernel adds in order
+    (KV_SPLIT): at batch 1 the grid is B·H·L/BLOCK_M programs of L/BLOCK_N dependent key steps each."""
     _check(q, k, v, cos, sin)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
-    if poly_exp2 and (not fixed_shift or (rotary_impl == "prepass_tma" and cos is not None)):
-        raise ValueError("poly_exp2 is the fixed-shift softmax's exp2: it needs fixed_shift=True and the pointer "
-                         f"kernel (not rotary_impl 'prepass_tma'); got fixed_shift={fixed_shift}, "
+    if isinstance(kv_split, bool) or not isinstance(kv_split, int) or kv_split < 1:
+        raise ValueError(f"kv_split must be a positive int, got {kv_split!r}")
+    if (poly_exp2 or kv_split > 1) and (not fixed_shift or (rotary_impl == "prepass_tma" and cos is not None)):
+        raise ValueError("poly_exp2 and kv_split are the fixed-shift softmax's: they need fixed_shift=True and the "
+                         f"pointer kernel (not rotary_impl 'prepass_tma'); got fixed_shift={fixed_shift}, "
                          f"rotary_impl={rotary_impl!r}")
     be = resolve(backend, q.device)
     if be == "reference":
@@ -860,12 +942,12 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     if rotary_impl != "load" and cos is not None:
         if torch.compiler.is_compiling():
             return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass",
-                                                 fixed_shift, poly_exp2)
+                                                 fixed_shift, poly_exp2, kv_split)
         return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass",
-                                             config=_softmax_config(fixed_shift, poly_exp2))
+                                             config=_softmax_config(fixed_shift, poly_exp2, kv_split))
     if torch.compiler.is_compiling():
-        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift, poly_exp2)
-    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config=_softmax_config(fixed_shift, poly_exp2))
+        return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift, poly_exp2, kv_split)
+    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config=_softmax_config(fixed_shift, poly_exp2, kv_split))
 
 
 def head_partials(att: torch.Tensor, w_out: torch.Tensor, H: int) -> torch.Tensor:

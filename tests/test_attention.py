@@ -605,9 +605,9 @@ def test_poly_exp2_differs_and_falls_back():
         a = A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True)
         assert torch.equal(A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True,
                                                poly_exp2=True), a)
-    with pytest.raises(ValueError, match="needs fixed_shift=True and the pointer kernel"):
+    with pytest.raises(ValueError, match="they need fixed_shift=True and the pointer kernel"):
         A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", poly_exp2=True)
-    with pytest.raises(ValueError, match="needs fixed_shift=True and the pointer kernel"):
+    with pytest.raises(ValueError, match="they need fixed_shift=True and the pointer kernel"):
         A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, poly_exp2=True,
                             rotary_impl="prepass_tma")
 
@@ -625,6 +625,90 @@ def test_poly_exp2_bf16_on_gpu(B, L):
                 _check_budget(out[:2], q[:2], k[:2], v[:2], 50.0, cos, sin)
             else:
                 _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
+# ---- the opt-in key split of the fixed-shift softmax (kv_split=S) -------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d", [(1, 33, 2, 32), (2, 7, 3, 16), (1, 100, 2, 64), (1, 64, 1, 32)],
+                         ids=["L33", "L7", "L100-d64", "L64-even"])
+@pytest.mark.parametrize("rotary", [True, False], ids=["rope", "norope"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")   # the exact tanh's ±1 limit
+def test_kv_split_matches_reference(monkeypatch, B, L, H, d, rotary):
+    """The keys of each query tile split over S programs (as many as there are key tiles at most, a last split
+    shorter than the others), their fp32 partials added in order by the combine kernel: the same function within
+    the budget at scores over the whole capped range, fp32 under the interpreter; the split grid and the combine
+    kernel really ran, and with one split per key tile the sums are the unsplit kernel's, bit for bit (interpreter)."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+
+    class Combine(LaunchArgs):            # keeps the row sums the splits handed over (its second argument)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.pl = args[1].clone()
+                return super(Combine, self).__getitem__(grid)(*args, **kwargs)
+            return launch
+    comb = Combine(A._kv_split_combine_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    monkeypatch.setattr(A, "_kv_split_combine_kernel", comb)
+    for scale in (2.0, 40.0):
+        q, k, v, cos, sin = _inputs(B, L, H, d, torch.float32, dev, scale=scale)
+        if not rotary:
+            cos = sin = None
+        whole = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True)
+        tiles = -(-L // spy.launches[-1]["BLOCK_N"])
+        for S in (2, 3, 64):
+            spy.launches.clear()
+            comb.launches.clear()
+            out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, kv_split=S)
+            _check_budget(out, q, k, v, 50.0, cos, sin)
+            ran = min(S, tiles)
+            assert [kw.get("KV_SPLIT", False) for kw in spy.launches] == [ran > 1]
+            assert [kw["N_SPLIT"] for kw in comb.launches] == ([-(-tiles // -(-tiles // ran))] if ran > 1 else [])
+            if S >= tiles and dev == "cpu":      # a GPU's dot accumulates into acc in its own rounding
+                assert torch.equal(out, whole)
+        if tiles == 1:                    # one key tile: nothing to split
+            continue
+        # each key in exactly one split: the splits' row sums add up to Σ_j 2^(s_j − shift) over all keys (fp64)
+        qr, kr = (q, k) if cos is None else (ref.apply_rotary_ref(q.double(), cos.double(), sin.double()),
+                                             ref.apply_rotary_ref(k.double(), cos.double(), sin.double()))
+        sc = torch.einsum("blhd,bjhd->blhj", qr.double(), kr.double()) / d ** 0.5
+        l_true = torch.exp2(50.0 * A.LOG2E * torch.tanh(sc / 50.0) - A.fixed_shift_log2(50.0)).sum(-1)
+        torch.testing.assert_close(comb.pl.sum(0).view(B, L, H).double().cpu(), l_true.cpu(), rtol=1e-5, atol=0)
+
+
+@needs_triton
+def test_kv_split_falls_back_and_is_checked():
+    """Without the fixed shift (online softmax, fp16, no cap) kv_split is refused or changes nothing, as is the
+    output projection's kernel; a bad count is refused."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(1, 40, 2, 32, torch.float32, dev, scale=4.0)
+    for cap, dt in ((50.0, torch.float16), (None, torch.float32)):
+        qq, kk, vv = (t.to(dt) for t in (q, k, v))
+        a = A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True)
+        assert torch.equal(A.softcap_attention(qq, kk, vv, cap, cos, sin, backend="triton", fixed_shift=True,
+                                               kv_split=3), a)
+    w = _w_out(24, 2, 32, torch.float32, dev)
+    a = A.softcap_attention_out_proj_fwd(q, k, v, 50.0, w, cos, sin, config={"fixed_shift": True})
+    assert torch.equal(A.softcap_attention_out_proj_fwd(q, k, v, 50.0, w, cos, sin,
+                                                        config={"fixed_shift": True, "kv_split": 3}), a)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="kv_split must be a positive int"):
+            A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, kv_split=bad)
+    with pytest.raises(ValueError, match="they need fixed_shift=True"):
+        A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", kv_split=2)
+    torch.library.opcheck(torch.ops.fmlm.softcap_attention.default, (q, k, v, 50.0, cos, sin, True, False, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [2, 4, 8])
+def test_kv_split_bf16_on_gpu(S):
+    """The candidate at OWT B=1 (the shape it is for: 12 heads × 1024 keys, one sequence), bf16, rotary on load and
+    'prepass': within the error budget of the bf16 reference."""
+    q, k, v, cos, sin = _inputs(1, 1024, 12, 64, torch.bfloat16, "cuda", seed=3)
+    for impl in ("load", "prepass"):
+        out = A.softcap_attention(q, k, v, 50.0, cos, sin, fixed_shift=True, kv_split=S, rotary_impl=impl)
+        _check_budget(out, q, k, v, 50.0, cos, sin)
 
 
 # ---- the opt-in output projection inside the attention kernel (softcap_attention_out_proj) ----------------------
