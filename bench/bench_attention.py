@@ -10,7 +10,8 @@ OWT B=32 and B=1 at L=1024, LM1B B=1 and B=512 at L=128. Rows:
   rotary_qk part being the same), plus the prepass's two parts timed alone; the fixed-shift softmax
   (fixed_shift=True: no running max) with rotary on load, and without rotary beside the same kernel's online
   softmax; each fixed-shift row followed by the same with poly_exp2 (half the key columns' 2^x by a polynomial
-  on the FMA pipes, kernels/attention.py POLY_COEFFS), compared with it (speedup_vs_fixed_shift);
+  on the FMA pipes, kernels/attention.py POLY_COEFFS), compared with it (speedup_vs_fixed_shift); at OWT B=1 the
+  fixed shift with the keys split over 4 and 8 programs per query tile (kv_split), also against the fixed shift;
 - reference (apply_rotary_ref + attention_ref, materialized scores; skipped above 20 GB): bf16 inputs, but both
   bmm (q·kᵀ and p·v) and the softmax in fp32 (the spec); its dtype column says so, and speedup_vs_ref is
   against that fp32-matmul spec, not a bf16 implementation;
@@ -184,6 +185,17 @@ def run(quick: bool = False) -> list[dict]:
             r["speedup_vs_fixed_shift"] = fixed["ms"] / r["ms"]
             if first:
                 same_fn.append(r)
+            # the key split at the batch-1 shapes with long key loops (OWT B=1: 16 key tiles per query tile)
+            for S in (4, 8) if B == 1 and -(-L // cfg["BLOCK_N"]) > 2 else ():
+                o = A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True, kv_split=S)
+                r = add(f"triton: fixed shift + kv split {S} (candidate)", name, B, L,
+                        lambda S=S: A.softcap_attention(q, k, v, CAP, cos, sin, backend="triton", fixed_shift=True,
+                                                        kv_split=S),
+                        f"each query tile's keys in {S} ranges, partials summed by a second kernel: vs the fixed "
+                        "shift (speedup_vs_fixed_shift)", max_abs_diff_vs_ref=diff(o),
+                        max_abs_diff_vs_default=_maxdiff(o, out0), config=str(A._config(B, H, L, HEAD_DIM, q.device, S)))
+                r["speedup_vs_default"] = main["ms"] / r["ms"]
+                r["speedup_vs_fixed_shift"] = fixed["ms"] / r["ms"]
             plain = add("  no rotary (pre-rotated q, k), online softmax", name, B, L,
                         lambda: A.softcap_attention(qr, kr, v, CAP, backend="triton"), "baseline of the next row")
             # computes less than the default (no rotary): compared with the row above only, not with the default

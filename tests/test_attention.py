@@ -269,6 +269,10 @@ def test_bench_attention_smoke(monkeypatch):
     tma = [r for r in rows if r["impl"] == "triton: prepass_tma (candidate)"]
     assert len(tma) == 2 and all("by TMA" in r["note"] and r["max_abs_diff_vs_default"] < 1e-4 for r in tma), tma
     assert all("failed" not in str(r.get("note", "")) for r in rows), rows
+    split = [r for r in rows if "kv split" in r["impl"]]           # at the batch-1 shape of more than 2 key tiles
+    assert [(r["shape"], r["impl"]) for r in split] == [("lm1b", f"triton: fixed shift + kv split {S} (candidate)")
+                                                        for S in (4, 8)]
+    assert all(r["speedup_vs_fixed_shift"] > 0 and r["max_abs_diff_vs_ref"] < 1e-4 for r in split)
     for r in rows:
         if r["impl"].startswith(("triton", "sweep", "  part: attention")):
             assert r["ms"] > 0 and r.get("max_abs_diff_vs_ref", 0) < 1e-4 and r.get("max_abs_diff_vs_default", 0) < 1e-4
