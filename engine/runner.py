@@ -28,7 +28,7 @@ from fmlm.kernels import reference as ref
 from . import nvtx
 from .model import (_FAST_CACHE, GEMM_IMPLS, _drop_fast_weights, _fast_modulation, _fast_trunk, _version_key,
                     weights_epoch)
-from .sampling import Heads, hidden_noise_factor, make_plan, positive_int
+from .sampling import Heads, check_method, hidden_noise_factor, make_plan, positive_int
 
 BACKENDS = ("auto", "fast", "reference")
 
@@ -78,13 +78,12 @@ class Sampler:
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
                  kernel_options: Optional[dict] = None):
         cfg = model.cfg
-        if method == "fmlm" and not cfg.two_time:
-            raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._model, self.cfg = model, cfg           # cached_sampler swaps in a weak reference
         self.batch_size = positive_int(batch_size, "batch_size")    # a float is refused, not truncated
         self.plan = make_plan(method, steps, renoise, cfg.vocab_size)
+        check_method(method, cfg)
         self.backend = backend
         self.graph = bool(graph)
         self.compile_blocks = bool(compile_blocks)

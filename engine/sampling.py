@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import warnings
 from typing import Optional
 
 import torch
@@ -31,6 +32,17 @@ class SamplePlan:
     a: tuple[float, ...]
     b: tuple[float, ...]
     c: tuple[float, ...]
+
+
+def check_method(method: str, cfg) -> None:
+    """method='fmlm' needs a two-time model (refused otherwise). method='flm' on a two-time FMLM runs it as the
+    published FLM sampler would, without its second time input (sigma_map_prime): a conditioning the flow map was
+    never trained on, so it is allowed (it is the published function) but warned about."""
+    if method == "fmlm" and not cfg.two_time:
+        raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
+    if method == "flm" and cfg.two_time:
+        warnings.warn("method='flm' on a two-time FMLM runs it without its second time input (as the published FLM "
+                      "sampler does), which the flow map was not trained for: use method='fmlm'", stacklevel=3)
 
 
 def make_plan(method: str, steps: int, renoise: float, vocab_size: int) -> SamplePlan:
@@ -167,9 +179,8 @@ def sample(model, batch_size: int, steps: int, method: str = "fmlm", renoise: fl
     """
     cfg = model.cfg
     batch_size = positive_int(batch_size, "batch_size")
-    if method == "fmlm" and not cfg.two_time:
-        raise ValueError("method='fmlm' needs a two-time (FMLM) model; this checkpoint is an FLM: use method='flm'")
-    plan = make_plan(method, steps, renoise, cfg.vocab_size)
+    plan = make_plan(method, steps, renoise, cfg.vocab_size)     # a bad method is refused here, before the warning
+    check_method(method, cfg)
     dev, dt = model.embed.device, model.embed.dtype
     shape = (batch_size, cfg.seq_len, cfg.vocab_size)
     if noise is not None:

@@ -155,6 +155,21 @@ def test_bad_arguments_raise_clear_errors(tiny_cfg, kw, match):
 def test_fmlm_method_on_flm_model_is_refused(tiny_cfg):
     with pytest.raises(ValueError, match="two-time"):
         fmlm.sample(_model(tiny_cfg(two_time=False)), 2, 1, "fmlm")
+    with pytest.raises(ValueError, match="two-time"):
+        fmlm.Sampler(_model(tiny_cfg(two_time=False)), 2, 1, "fmlm")
+
+
+def test_flm_method_on_an_fmlm_warns_and_runs_the_published_sampler(tiny_cfg):
+    """method='flm' on a two-time model is the published FLM sampler without the second time input: allowed (the
+    same tokens as reference.flm_sample_ref on the same z0) but warned about, by fmlm.sample and by the Sampler."""
+    m = _model(tiny_cfg(two_time=True))
+    z0 = torch.randn(2, m.cfg.seq_len, m.cfg.vocab_size, generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64)
+    with pytest.warns(UserWarning, match="method='flm' on a two-time FMLM .* use method='fmlm'"):
+        got = fmlm.sample(m, 2, 2, "flm", noise=z0, backend="torch")
+    assert torch.equal(got, ref.flm_sample_ref(m.params(), m.cfg, z0, 2))
+    with pytest.warns(UserWarning, match="method='flm' on a two-time FMLM"):
+        fmlm.Sampler(m, 2, 1, "flm", graph=False)
 
 
 def test_schedule_functions_take_python_numbers():
