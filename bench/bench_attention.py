@@ -193,7 +193,8 @@ def run(quick: bool = False) -> list[dict]:
                                                         kv_split=S),
                         f"each query tile's keys in {S} ranges, partials summed by a second kernel: vs the fixed "
                         "shift (speedup_vs_fixed_shift)", max_abs_diff_vs_ref=diff(o),
-                        max_abs_diff_vs_default=_maxdiff(o, out0), config=str(A._config(B, H, L, HEAD_DIM, q.device, S)))
+                        max_abs_diff_vs_default=_maxdiff(o, out0),
+                        config=str(A._config(B, H, L, HEAD_DIM, q.device, S)))
                 r["speedup_vs_default"] = main["ms"] / r["ms"]
                 r["speedup_vs_fixed_shift"] = fixed["ms"] / r["ms"]
             plain = add("  no rotary (pre-rotated q, k), online softmax", name, B, L,

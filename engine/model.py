@@ -361,7 +361,7 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     qkv = F.linear(y, wb["wqkv"]).view(B, L, 3, n_heads, D // n_heads)
     att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, cos, sin, backend=ab,
                                       rotary_impl=rotary_impl, fixed_shift=attn_fixed_shift,
-                                              poly_exp2=attn_poly_exp2, kv_split=attn_kv_split)
+                                      poly_exp2=attn_poly_exp2, kv_split=attn_kv_split)
     o = F.linear(att, wb["wout"])
     x, y = adaln.gate_residual(x, gate_msa, o, wb["norm2"], shift_mlp, scale_mlp, out_dtype=y.dtype,
                                x_out=x if in_place else None, backend=kb)

@@ -72,7 +72,7 @@ if triton_available():
 
     @triton.jit
     def _exp2_poly(x, DEG: tl.constexpr):
-        """2^x on the FMA/ALU pipes instead of the MUFU unit (the poly_exp2 candidate, see POLY_EXP2): x = j + f
+        """2^x on the FMA/ALU pipes instead of the MUFU unit (the poly_exp2 candidate, see POLY_COEFFS): x = j + f
         with j = round(x) (the 1.5·2^23 trick leaves j in the low mantissa bits of x + 1.5·2^23), f in [−½, ½],
         2^f by a minimax polynomial in f (POLY_COEFFS[DEG]), 2^j added to the result's exponent field as the
         integer j·2^23. Valid where 2^x is a normal fp32 number (x in [−125, 127]): the fixed-shift softmax keeps
@@ -89,7 +89,7 @@ if triton_available():
 
     @triton.jit
     def _exp2_poly_kernel(X, Y, n, DEG: tl.constexpr, BLOCK: tl.constexpr):
-        """exp2_poly's elementwise kernel (tests, the benchmark's error row)."""
+        """exp2_poly's elementwise kernel (the polynomial's own tests)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         tl.store(Y + offs, _exp2_poly(tl.load(X + offs, mask=ok, other=0.0), DEG), mask=ok)
@@ -460,7 +460,7 @@ def poly_degree(dtype: torch.dtype) -> int:
 
 def exp2_poly(x: torch.Tensor, degree: int = 3) -> torch.Tensor:
     """2^x for an fp32 tensor x in [−125, 127] by the poly_exp2 softmax's arithmetic (_exp2_poly), one Triton
-    launch: for tests and for the benchmark's error row."""
+    launch: the polynomial on its own, for tests."""
     if degree not in POLY_COEFFS:
         raise ValueError(f"degree must be one of {tuple(POLY_COEFFS)}, got {degree}")
     if x.dtype != torch.float32:
@@ -468,6 +468,8 @@ def exp2_poly(x: torch.Tensor, degree: int = 3) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.numel()
+    if n == 0:
+        return y
     block = 1024
     _exp2_poly_kernel[(triton.cdiv(n, block),)](x, y, n, DEG=degree, BLOCK=block, num_warps=4)
     return y
@@ -481,8 +483,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     already rotated (rotary_qk) and only q is rotated on load. config: overrides of _config's BLOCK_M,
     BLOCK_N, num_warps, num_stages (the benchmark's sweep), and "fixed_shift": True for the opt-in softmax
     without a running max (fixed_shift_log2; ignored where the cap does not allow it), with "poly_exp2": True
-    its 2^x on the FMA pipes (POLY_EXP2 below) and "kv_split": S the keys in up to S ranges (KV_SPLIT; both
-    ignored without the fixed shift)."""
+    its 2^x on the FMA pipes (POLY_COEFFS) and "kv_split": S the keys in up to S ranges (KV_SPLIT; both ignored
+    without the fixed shift)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:

@@ -267,13 +267,13 @@ if triton is not None:
     @triton.jit
     def _logits_argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, M, n_split, BLOCK: tl.constexpr,
                                      USE_PDL: tl.constexpr = False, BLOCK_S: tl.constexpr = 1):
-        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         """Per row, the partial of the first split holding the largest value (splits cover increasing column
         ranges: ties → lowest index). BLOCK_S splits at a time as one (BLOCK_S, BLOCK) tile, so that their loads
         are in flight together: one split per loop iteration waited on each load in turn (13 µs for 120 splits
         of 128 rows on an H100, 2026-11-27 run5 profile at LM1B B=1)."""
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < M
         best_val = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -401,7 +401,8 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out
 
 
-def reduce_splits(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor, pdl: Optional[dict] = None) -> torch.Tensor:
+def reduce_splits(vals: torch.Tensor, idxs: torch.Tensor, out: torch.Tensor,
+                  pdl: Optional[dict] = None) -> torch.Tensor:
     """The split launch's second kernel: vals (splits, M) fp32 and idxs (splits, M) int32, each split's best value
     and its index per row, splits in column order → out (M,) int64, the index of the first split holding the row's
     largest value (ties → lowest index, as torch.argmax; a row of −inf everywhere takes split 0's)."""
