@@ -412,8 +412,6 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
     dev = d.device
     out_dir = Path(out_dir)
     ck = check_run_dir(out_dir, resume)     # every rank: all refuse together, none waits at a barrier
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     if tc.batch_size % (d.world * tc.accum):
         raise ValueError(f"batch_size {tc.batch_size} must be divisible by world size × accum = {d.world * tc.accum}")
     rows = tc.batch_size // (d.world * tc.accum)
@@ -422,6 +420,9 @@ def train_loop(model: nn.Module, kind: str, train, tc: TrainConfig, out_dir, val
         raise ValueError(f"a micro-batch of {rows} rows (batch_size / (world size × accum)) cannot hold "
                          f"diag_fraction {tc.diag_fraction} of diagonal rows: choose sizes that make "
                          f"diag_fraction × {rows} whole")
+    d.barrier()                             # every rank has looked at out_dir before rank 0 writes into it
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model.to(dev).train()
     if model.cfg.dropout and d.main:    # e.g. a released model's config; both trunks compute the network without it
         warnings.warn(f"the model config's dropout {model.cfg.dropout} is not applied: fmlm trains without dropout",
