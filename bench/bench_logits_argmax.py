@@ -51,7 +51,8 @@ def _inputs(rows: int, seed: int = 0, dtype=None):
 
 def _cfg_label(cfg: dict) -> str:
     kernel = "TMA" if cfg.get("tma") else "pointer"
-    split = f"_split{cfg['splits']}" if cfg.get("splits") else ""
+    split = ("" if not cfg.get("splits") else "_one_V_tile_per_program" if cfg["splits"] >= 1 << 20
+             else f"_split{cfg['splits']}")
     epilogue = f", {cfg['epilogue']} epilogue" if cfg.get("epilogue") else ""
     return (f"{kernel} bm{cfg['BLOCK_M']}_bn{cfg['BLOCK_N']}_bk{cfg['BLOCK_K']}"
             f"_w{cfg['num_warps']}_s{cfg['num_stages']}{split}{epilogue}")
@@ -162,10 +163,12 @@ def run(quick: bool = False) -> list[dict]:
         r = try_config(n, cfg, h, mains[n][1])
         if r is not None:
             tried.append(r)
-    # the TMA kernel at the smaller row counts' default configs (the V-split path)
+    # the TMA kernel at the smaller row counts' default configs (the V-split path); then one V tile per program
+    # (GPU_CONFIG_ONE_TILE: more programs in flight at batch 1, a longer reduction)
     for m in SHAPES[1:]:
-        if time.time() - t_start < budget:
-            try_config(m, {**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, h_all[:m], mains[m][1])
+        for cfg in ({**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, LA.GPU_CONFIG_ONE_TILE):
+            if time.time() - t_start < budget:
+                try_config(m, cfg, h_all[:m], mains[m][1])
     # the B=32 sampler's final step: default, the previous default (the pointer kernel at the same tile), cuBLAS
     if LARGE_ROWS and time.time() - t_start < budget:
         hl = torch.cat([h_all, _inputs(LARGE_ROWS - h_all.shape[0], seed=1)[0]]) if LARGE_ROWS > h_all.shape[0] \

@@ -62,6 +62,12 @@ SMALL_M, TINY_M = 2048, 64
 # the same indices on every row; at the smaller row counts' tiles it did not win (1024 rows 1.02x, 128 rows 0.69x),
 # so they keep the pointer kernel.
 GPU_CONFIG_LARGE_M = dict(GPU_CONFIG, tma=True)
+# Opt-in candidate for the batch-1 row counts (bench rows "one V tile per program"; engine kernel option
+# argmax_config): the 64-row tile with one 128-column V tile per program ("splits" above the tile count is clamped to
+# it), 239 programs per row block at V = 30522, of which two fit an SM (167 registers × 128 threads, 97 KiB of
+# shared memory), where the default splits V into ≤ 132 programs of 2 (LM1B B=1) to 15 (OWT B=1) tiles each. At
+# 128 rows the run5 profile has the default at 23.7 µs for a 47 MB weight read (~16 µs at the copy ceiling).
+GPU_CONFIG_ONE_TILE = dict(GPU_CONFIG_TINY_M, splits=1 << 20)
 # fp32 inputs take the exact (non-tensor-core) dot: 4-byte tiles need a smaller footprint (16 KiB of shared
 # memory, 128 registers, no spills on sm_90a). A correctness path: backend='auto' sends fp32 to 'torch'.
 GPU_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)

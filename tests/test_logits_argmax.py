@@ -267,6 +267,8 @@ def test_triton_bench_smoke(monkeypatch):
     tma = [r for r in rows if "[TMA" in r["impl"]]
     assert {r["rows"] for r in tma} == {32, 8, 3} and all(r["agree_with_default"] == 1.0 and r["speedup_vs_default"] > 0
                                                          for r in tma), tma
+    one = [r for r in rows if "one_V_tile_per_program" in r["impl"]]     # the batch-1 candidate at the small shapes
+    assert {r["rows"] for r in one} == {8, 3} and all(r["agree_with_default"] == 1.0 for r in one), one
     # the pointer kernel at the large-row tile (the default there before the TMA kernel), at 32 and LARGE_ROWS rows
     prev = [r for r in rows if r["impl"].endswith("(the previous default)")]
     assert {r["rows"] for r in prev} == {32, 40} and all("[pointer bm128_bn256" in r["impl"]
@@ -464,3 +466,20 @@ def test_reduce_splits_is_the_sequential_fold(splits, M):
     assert got is out and got.cpu().tolist() == want
     if splits > 20:
         assert want[1] == idxs[-1, 1] and want[2] == idxs[3, 2]
+
+
+@needs_triton
+def test_one_v_tile_per_program_config(monkeypatch):
+    """GPU_CONFIG_ONE_TILE (the batch-1 candidate): "splits" beyond the tile count is clamped to one V tile per
+    program, the reduction then folds that many splits (17 here: two of the interpreter's chunks of 16), ties still
+    go to the lowest column and the indices are the reference's."""
+    seen = []
+    real = LA.reduce_splits
+    monkeypatch.setattr(LA, "reduce_splits", lambda vals, *a, **k: seen.append(vals.shape[0]) or real(vals, *a, **k))
+    h, W, b = _int_problem(19, 257, 320, 32, torch.float32)
+    cfg = dict(LA.GPU_CONFIG_ONE_TILE, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)      # interpreter-sized tiles
+    idx = LA.logits_argmax_fwd(h, W, b, 257, cfg)
+    assert seen == [17]                                            # ⌈257 / 16⌉ tiles, one per program
+    assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
+    assert idx[0].item() == 5
+    assert LA.GPU_CONFIG_ONE_TILE["splits"] >= 1 << 20 and LA.GPU_CONFIG_ONE_TILE["BLOCK_M"] == 64
