@@ -43,6 +43,7 @@ from fmlm.bench.common import (RESULTS_DIR, add_bench_command, bench_deadline, c
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
+from fmlm.kernels.logits_argmax import GPU_CONFIG_LARGE_M as LA_LARGE_M
 from fmlm.kernels.logits_argmax import GPU_CONFIG_ONE_TILE as LA_ONE_TILE
 from fmlm.kernels.logits_argmax import SMALL_M as ARGMAX_SMALL_M
 
@@ -64,6 +65,7 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
               "argmax tma": {"argmax_config": {"tma": True}},
               "argmax one V tile per program": {"argmax_config": LA_ONE_TILE},
+              "argmax tma 128x256 (the large-row default) at batch 1": {"argmax_config": LA_LARGE_M},
               "argmax bm128_bn128_w4": {"argmax_config": ARGMAX_CONFIGS["bm128_bn128_w4_s3"]},
               "rotary prepass": {"rotary_impl": "prepass"}, "rotary prepass k": {"rotary_impl": "prepass_k"},
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}}
@@ -72,6 +74,7 @@ CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl"
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
                       "argmax one V tile per program": ARGMAX_SMALL_M,
+                      "argmax tma 128x256 (the large-row default) at batch 1": ARGMAX_SMALL_M,
                       "attention kv split 4": 4096, "attention kv split 8": 4096}
 # rows from which a candidate can act: the polynomial exp2 only pays at the attention's m128 tile (napkin in
 # kernels/attention.py POLY_COEFFS), which batch 1 never gets

@@ -164,9 +164,12 @@ def run(quick: bool = False) -> list[dict]:
         if r is not None:
             tried.append(r)
     # the TMA kernel at the smaller row counts' default configs (the V-split path); then one V tile per program
-    # (GPU_CONFIG_ONE_TILE: more programs in flight at batch 1, a longer reduction)
+    # (GPU_CONFIG_ONE_TILE: more programs in flight at batch 1, a longer reduction); then the large-row default (TMA,
+    # 128×256: 673 TFLOP/s at 16384 rows in run5) with the V split, where the default's 128×128 pointer tile ran the
+    # 1024-row call at ~43 % of the tensor rate in the run5 profile (201 µs)
     for m in SHAPES[1:]:
-        for cfg in ({**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, LA.GPU_CONFIG_ONE_TILE):
+        for cfg in ({**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, LA.GPU_CONFIG_ONE_TILE,
+                    LA.GPU_CONFIG_LARGE_M):
             if time.time() - t_start < budget:
                 try_config(m, cfg, h_all[:m], mains[m][1])
     # the B=32 sampler's final step: default, the previous default (the pointer kernel at the same tile), cuBLAS

@@ -269,6 +269,8 @@ def test_triton_bench_smoke(monkeypatch):
                                                          for r in tma), tma
     one = [r for r in rows if "one_V_tile_per_program" in r["impl"]]     # the batch-1 candidate at the small shapes
     assert {r["rows"] for r in one} == {8, 3} and all(r["agree_with_default"] == 1.0 for r in one), one
+    big = [r for r in rows if "[TMA bm128_bn256" in r["impl"] and r["rows"] in (8, 3)]   # the large-row tile there
+    assert {r["rows"] for r in big} == {8, 3} and all(r["agree_with_default"] == 1.0 for r in big), big
     # the pointer kernel at the large-row tile (the default there before the TMA kernel), at 32 and LARGE_ROWS rows
     prev = [r for r in rows if r["impl"].endswith("(the previous default)")]
     assert {r["rows"] for r in prev} == {32, 40} and all("[pointer bm128_bn256" in r["impl"]
