@@ -775,7 +775,8 @@ def test_bench_profile_cpu_smoke(monkeypatch):
     from fmlm.bench import bench_profile as bench
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None), ("tiny", 1, "triton_small+pdl"), ("tiny", 1, "kv_split8")))
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None), ("tiny", 1, "triton_small+pdl"),
+                                          ("tiny", 1, "kv_split8")))
     rows = bench.run(quick=True)
     assert rows[0]["point"] == "tiny B=2" and rows[0]["sample() call ms"] > 0
     assert rows[0]["kernel launches per call"] > 0
@@ -816,7 +817,8 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "WIN_SPEEDUP", 0.0)      # every candidate "wins": the merged winners rows run too
-    # the tiny preset's rows are below every CANDIDATE_MIN_ROWS: one candidate keeps a bound it cannot meet
+    # the tiny preset's rows are below the real CANDIDATE_MIN_ROWS: all candidates run there but one, kept behind a
+    # bound it cannot meet (the row-count filter at work)
     monkeypatch.setattr(bench, "CANDIDATE_MIN_ROWS", {"attention poly exp2": 10 ** 9})
     args = bench.parser().parse_args(["--batch-sizes", "1", "2", "--steps", "1", "2", "--reference", "all",
                                       "--iters", "1"])
