@@ -56,6 +56,8 @@ FOUR_STEP_RATIO = 4.5
 # in priority order (a time limit cuts the last ones): the batch-1 candidates first (the largest gaps: LM1B B=1
 # 0.54-0.65 ms against 0.35, OWT B=1 1.35 against 1.1), then those aimed at OWT B=32 (0.71 against 0.6)
 CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
+              "gemm triton small + pdl + weight prefetch": {"gemm_impl": "triton_small", "pdl": True,
+                                                            "pdl_prefetch": True},
               "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
                                                                   "attention_out_proj": True},
               "attention online softmax (the previous default)": {"attention_fixed_shift": False},
@@ -71,6 +73,7 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "rotary prepass + tma": {"rotary_impl": "prepass_tma"}}
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
+                      "gemm triton small + pdl + weight prefetch": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
                       "argmax one V tile per program": ARGMAX_SMALL_M,

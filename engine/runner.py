@@ -72,7 +72,9 @@ class Sampler:
     attention kernel, kernels/attention.py softcap_attention_out_proj), {"attention_poly_exp2": True} (the
     fixed-shift softmax's 2^x for half the key columns by a polynomial on the FMA pipes instead of the MUFU unit:
     kernels/attention.py POLY_COEFFS), {"attention_kv_split": S} (each query tile's keys in up to S ranges run by
-    separate programs, then summed: more programs of shorter key loops at batch 1; kernels/attention.py KV_SPLIT)."""
+    separate programs, then summed: more programs of shorter key loops at batch 1; kernels/attention.py KV_SPLIT),
+    {"pdl_prefetch": True} (with pdl: the Triton GEMMs and the pointer argmax ask L2 for their weights before they
+    wait on their predecessor, kernels/_prefetch.py)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -198,7 +200,7 @@ class Sampler:
              n: Optional[int] = None) -> None:
         from fmlm.kernels._backend import pdl_launches  # noqa: PLC0415
 
-        with pdl_launches(self.kernel_options.get("pdl", False)):
+        with pdl_launches(self.kernel_options.get("pdl", False), self.kernel_options.get("pdl_prefetch", False)):
             self._run_steps(slot, from_seed, generator, n)
 
     def _run_steps(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator],
@@ -387,7 +389,7 @@ class Sampler:
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
                   "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool,
-                  "attention_poly_exp2": bool, "attention_kv_split": int}
+                  "attention_poly_exp2": bool, "attention_kv_split": int, "pdl_prefetch": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:
@@ -400,6 +402,9 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
             raise ValueError(f"kernel option {k} must be one of {allowed}, got {v!r}")
         if isinstance(allowed, type) and (not isinstance(v, allowed) or (allowed is int and isinstance(v, bool))):
             raise ValueError(f"kernel option {k} must be a {allowed.__name__}, got {type(v).__name__}")
+    if opts.get("pdl_prefetch") and not opts.get("pdl"):
+        raise ValueError("kernel option pdl_prefetch prefetches weights before the programmatic-dependent-launch wait: "
+                         "it needs pdl=True")
     if opts.get("attention_kv_split", 1) < 1:
         raise ValueError(f"kernel option attention_kv_split must be ≥ 1, got {opts['attention_kv_split']}")
     if ((opts.get("attention_poly_exp2") or opts.get("attention_kv_split", 1) > 1)

@@ -145,19 +145,20 @@ _PDL = threading.local()
 
 
 @contextlib.contextmanager
-def pdl_launches(enabled: bool = True):
+def pdl_launches(enabled: bool = True, prefetch: bool = False):
     """Within this block the launchers that support it (linear, adaln, softcap attention, logits_argmax) launch
     their kernels with programmatic dependent launch on sm_90+: a kernel may be scheduled while its predecessor
     in the stream finishes (hiding the launch gap between two short kernels, which at batch 1 is a large part of
     a graph replay), and it waits (griddepcontrol.wait) for the predecessor's completion and memory before its
     first load or store, so every read-after-write and write-after-read order is kept. A CUDA graph captured in
-    the block keeps the programmatic edges."""
-    prev = getattr(_PDL, "on", False)
-    _PDL.on = bool(enabled)
+    the block keeps the programmatic edges. prefetch (with enabled): the kernels that read weights (linear, the
+    pointer logits_argmax) first ask L2 for their weight lines, then wait (kernels/_prefetch.py)."""
+    prev = getattr(_PDL, "on", False), getattr(_PDL, "prefetch", False)
+    _PDL.on, _PDL.prefetch = bool(enabled), bool(enabled and prefetch)
     try:
         yield
     finally:
-        _PDL.on = prev
+        _PDL.on, _PDL.prefetch = prev
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,6 +176,11 @@ def pdl_active(t: torch.Tensor) -> bool:
     if not getattr(_PDL, "on", False) or t.device.type != "cuda" or interpreting():
         return False
     return _pdl_device_ok(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def pdl_prefetch_active(t: torch.Tensor) -> bool:
+    """Whether a PDL launch for tensor t's device should also prefetch its weights into L2 before the wait."""
+    return getattr(_PDL, "prefetch", False) and pdl_active(t)
 
 
 def pdl_launch_kwargs(active: bool) -> dict:

@@ -32,7 +32,9 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import interpreting, pdl_active, pdl_launch_kwargs, resolve, triton_available, with_default_constexprs
+from ._backend import (interpreting, pdl_active, pdl_launch_kwargs, pdl_prefetch_active, resolve, triton_available,
+                       with_default_constexprs)
+from ._prefetch import L2_LINE_BYTES
 
 ACTIVATIONS = (None, "gelu_tanh")
 SMALL_ROWS = 4096        # the engine's "triton_small" GEMMs: rows (B·L) up to here, cuBLAS above
@@ -43,6 +45,8 @@ MAX_SPLIT = 8
 if triton_available():
     import triton
     import triton.language as tl
+
+    from ._prefetch import prefetch_rows_l2
 
     @triton.jit
     def _gelu_tanh(z, FAST_TANH: tl.constexpr):
@@ -85,28 +89,34 @@ if triton_available():
         IEEE: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROTARY: tl.constexpr = False, HEAD_DIM: tl.constexpr = 64, USE_PDL: tl.constexpr = False,
+        PREFETCH_W: tl.constexpr = False, PF_STEP: tl.constexpr = 64,
     ):
         """One (BLOCK_M × BLOCK_N) output tile over the K slice [pid_s·k_per_split, +k_per_split) ∩ [0, K).
         PARTIAL: store the fp32 tile into OUT[pid_s] (no bias, no activation); else act(acc + bias) in OUT's
         dtype, and with ROTARY the tiles of columns < rot_cols (q and k of a qkv projection; rot_cols is a
         multiple of BLOCK_N, BLOCK_N of HEAD_DIM) are rotated by _rotary_tile. Program axis 0 walks the row
         blocks, so the programs that share a weight tile run side by side (at small M the weights are the
-        traffic: each W tile is read from HBM once and from L2 after)."""
-        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        traffic: each W tile is read from HBM once and from L2 after). PREFETCH_W (with USE_PDL): before the
+        wait, the row blocks that share this W slice ask L2 for its lines, every num_programs(0)-th line step
+        each (PF_STEP: elements per L2 line; kernels/_prefetch.py)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok = rows < M
         col_ok = cols < N
-        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
-        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
         k_begin = pid_s * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            if PREFETCH_W:   # the weights do not depend on the predecessor
+                prefetch_rows_l2(W, cols, col_ok, stride_wn, k_begin + pid_m * PF_STEP, k_end,
+                                 PF_STEP * tl.num_programs(0))
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k in range(k_begin, k_end, BLOCK_K):
             ks = k + offs_k
@@ -278,7 +288,8 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         PARTIAL=partial, IEEE=a.dtype == torch.float32,
         EVEN_K=K % bk == 0 and cfg["K_PER_SPLIT"] % bk == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch_kwargs(pdl_active(a)))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch_kwargs(pdl_active(a)),
+        **({"PREFETCH_W": True, "PF_STEP": L2_LINE_BYTES // w.element_size()} if pdl_prefetch_active(a) else {}))
     return out.view(shape)
 
 
@@ -396,4 +407,10 @@ def compile_specs() -> list[dict]:
     specs.append(dict(specs[2], name="_linear_kernel[small,partial,pdl]",
                       signature={**specs[2]["signature"], "USE_PDL": "constexpr"},
                       constexprs={**specs[2]["constexprs"], "USE_PDL": True}))
+    # the 'pdl_prefetch' kernel option's launch: the weight slice's L2 prefetch before the wait (bf16: 64 per line)
+    for i, tag in ((2, "small,partial"), (7, "large,gelu")):
+        specs.append(dict(specs[i], name=f"_linear_kernel[{tag},pdl_prefetch]",
+                          signature={**specs[i]["signature"], "USE_PDL": "constexpr", "PREFETCH_W": "constexpr",
+                                     "PF_STEP": "constexpr"},
+                          constexprs={**specs[i]["constexprs"], "USE_PDL": True, "PREFETCH_W": True, "PF_STEP": 64}))
     return with_default_constexprs(specs)

@@ -34,7 +34,8 @@ import torch
 
 from . import reference as ref
 from ._backend import (ChunkBufs, acc_dtype, chunk_logits, interpreting, no_autocast, pdl_active, pdl_launch_kwargs,
-                       resolve, tma_device_ok, tma_rows_ok, valid_rows, with_default_constexprs)
+                       pdl_prefetch_active, resolve, tma_device_ok, tma_rows_ok, valid_rows, with_default_constexprs)
+from ._prefetch import L2_LINE_BYTES
 
 try:
     import triton
@@ -106,6 +107,7 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=4096, BLOCK_K=256, num_warps=4, num_
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
+    from ._prefetch import prefetch_rows_l2
 
     @triton.jit
     def _bias_tile(b_ptr, cols, n_valid, HAS_BIAS: tl.constexpr, MASK_IN_BIAS: tl.constexpr):
@@ -174,15 +176,23 @@ if triton is not None:
         M, n_valid, D, stride_h, stride_w, tiles_per_split,
         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-        TWO_PASS: tl.constexpr = True,
+        TWO_PASS: tl.constexpr = True, PREFETCH_W: tl.constexpr = False, PF_STEP: tl.constexpr = 64,
     ):
-        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        """PREFETCH_W (with USE_PDL): before the wait, the row blocks ask L2 for the lines of this program's
+        first V tile of W, every num_programs(0)-th line step each (kernels/_prefetch.py): at batch 1 the
+        head's programs walk 2-15 tiles each, so the first tile's DRAM latency is the part a prefetch can
+        hide under the predecessor (the final adaLN, ~3 µs at LM1B B=1)."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         n_tiles = tl.cdiv(n_valid, BLOCK_N)
         t_begin = pid_s * tiles_per_split
+        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
+            if PREFETCH_W:   # the weights do not depend on the predecessor
+                first = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
+                prefetch_rows_l2(w_ptr, first, first < n_valid, stride_w, pid_m * PF_STEP, D,
+                                 PF_STEP * tl.num_programs(0))
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
         k_iters = tl.cdiv(D, BLOCK_K)
 
@@ -399,9 +409,10 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         _logits_argmax_tma_fwd_kernel[(row_blocks, splits)](
             h_desc, w_desc, b_arg, vals, idxs, out, M, n_valid, D, tiles_per_split, **common)
     else:
+        pf = {"PREFETCH_W": True, "PF_STEP": L2_LINE_BYTES // weight.element_size()} if pdl_prefetch_active(h) else {}
         _logits_argmax_fwd_kernel[(row_blocks, splits)](
             h, weight, b_arg, vals, idxs, out, M, n_valid, D, h.stride(0), weight.stride(0), tiles_per_split,
-            EVEN_K=D % BK == 0, **common)
+            EVEN_K=D % BK == 0, **common, **pf)
     if split:
         reduce_splits(vals, idxs, out, pdl)
     return out
@@ -479,6 +490,10 @@ def compile_specs() -> list[dict]:
     specs.append(dict(tiny, name="_logits_argmax_fwd_kernel[bm64_bn128_w4_split_pdl]",     # the 'pdl' option
                       signature={**tiny["signature"], "USE_PDL": "constexpr"},
                       constexprs={**tiny["constexprs"], "USE_PDL": True}))
+    specs.append(dict(tiny, name="_logits_argmax_fwd_kernel[bm64_bn128_w4_split_pdl_prefetch]",  # 'pdl_prefetch'
+                      signature={**tiny["signature"], "USE_PDL": "constexpr", "PREFETCH_W": "constexpr",
+                                 "PF_STEP": "constexpr"},
+                      constexprs={**tiny["constexprs"], "USE_PDL": True, "PREFETCH_W": True, "PF_STEP": 64}))
     return with_default_constexprs(specs)
 
 

@@ -91,13 +91,26 @@ for mod, base in (("fmlm.kernels.linear", "_linear_kernel[small,partial]"),
     on, off = ptx(mod, base[:-1] + ",pdl]"), ptx(mod, base)
     assert "griddepcontrol.wait" in on and "griddepcontrol.launch_dependents" in on, base
     assert "griddepcontrol" not in off, base
+    assert "prefetch" not in on and "prefetch" not in off, base
+# the 'pdl_prefetch' option: L2 prefetches of the weights, issued before the wait (and only there)
+for mod, name, plain in (("fmlm.kernels.linear", "_linear_kernel[small,partial,pdl_prefetch]",
+                          "_linear_kernel[small,partial,pdl]"),
+                         ("fmlm.kernels.linear", "_linear_kernel[large,gelu,pdl_prefetch]",
+                          "_linear_kernel[large,gelu]"),
+                         ("fmlm.kernels.logits_argmax", "_logits_argmax_fwd_kernel[bm64_bn128_w4_split_pdl_prefetch]",
+                          "_logits_argmax_fwd_kernel[bm64_bn128_w4_split_pdl]")):
+    pf, no = ptx(mod, name), ptx(mod, plain)
+    wait = pf.index("griddepcontrol.wait")
+    assert 0 < pf.find("prefetch.global.L2") < wait and pf.find("prefetch.global.L2", wait) < 0, name
+    assert "prefetch" not in no, plain
 print("ok")
 """
 
 
 def test_pdl_variants_emit_griddepcontrol(tmp_path):
     """The 'pdl' kernel option's kernels (USE_PDL) wait on the predecessor grid and release the dependents in their
-    sm_90a PTX; the default launch carries no griddepcontrol at all."""
+    sm_90a PTX; the default launch carries no griddepcontrol at all; with 'pdl_prefetch' the weight-reading kernels
+    issue their L2 prefetches before the wait, none after it."""
     script = tmp_path / "pdl_ptx.py"
     script.write_text(PDL_PTX)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -367,11 +367,13 @@ def test_sampler_kernel_options_validated():
                 {"attention_poly_exp2": True, "attention_fixed_shift": False},
                 {"attention_poly_exp2": True, "rotary_impl": "prepass_tma"}, {"attention_kv_split": 0},
                 {"attention_kv_split": True}, {"attention_kv_split": 2.0},
-                {"attention_kv_split": 4, "attention_fixed_shift": False}):
+                {"attention_kv_split": 4, "attention_fixed_shift": False}, {"pdl_prefetch": True},
+                {"pdl": True, "pdl_prefetch": 1}, {"pdl": False, "pdl_prefetch": True}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
     assert "kernel_options" in repr(s)
+    Sampler(m, 2, 1, graph=False, kernel_options={"pdl": True, "pdl_prefetch": True})     # the pair is accepted
     assert s.sample(0).shape == (2, 5)          # CPU: the reference trunk and the torch head ignore them
 
 
@@ -550,14 +552,24 @@ def test_pdl_is_bit_exact(gemm_impl):
             g.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, want)
+        # the weights' L2 prefetch before each wait (kernel option pdl_prefetch) is a hint: the same bits
+        with pdl_launches(prefetch=True):
+            g, out = capture(lambda: model_mod._fast_trunk(m, x, ts, tt, gemm_impl=gemm_impl))
+            for _ in range(5):
+                out.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, want)
     s = _gpu_model()
     opts = {"gemm_impl": gemm_impl}
     base = Sampler(s, 3, 2, renoise=0.5, kernel_options=opts)
     pdl = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True})
     eager = Sampler(s, 3, 2, renoise=0.5, graph=False, kernel_options={**opts, "pdl": True})
+    pf = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True, "pdl_prefetch": True})
     for seed in (0, 1):
         a = base.sample(seed)
         assert torch.equal(a, pdl.sample(seed)) and torch.equal(a, eager.sample(seed))
+        assert torch.equal(a, pf.sample(seed))
 
 
 def test_pdl_flag_scoping_and_cpu():
@@ -569,11 +581,16 @@ def test_pdl_flag_scoping_and_cpu():
     assert be.pdl_launch_kwargs(False) == {"USE_PDL": False}
     assert be.pdl_launch_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
     with be.pdl_launches():
-        assert be._PDL.on and not be.pdl_active(t)
+        assert be._PDL.on and not be.pdl_active(t) and not be._PDL.prefetch
         with be.pdl_launches(False):
             assert not be._PDL.on
         assert be._PDL.on
-    assert not be._PDL.on
+        with be.pdl_launches(True, prefetch=True):
+            assert be._PDL.prefetch and not be.pdl_prefetch_active(t)
+        assert not be._PDL.prefetch
+    with be.pdl_launches(False, prefetch=True):      # the prefetch rides on PDL's wait: nothing without it
+        assert not be._PDL.on and not be._PDL.prefetch
+    assert not be._PDL.on and not be._PDL.prefetch
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
     assert Sampler(m, 2, 1, graph=False, kernel_options={"pdl": True}).sample(0).shape == (2, 5)
 
