@@ -184,6 +184,9 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # each compiles a forward and/or a backward kernel, ~2-4 s, and times ~0.3 s: within the budget below), then
     # the pointer-kernel variants while time allows.
     candidates = [("default config", {}, {})]
+    # the backward at the forward's 128×256 tile, 16 warps (lce.BWD_WIDE: the spill-free shape on sm_90a), first
+    # among the candidates: the dS kernel is the largest part of fwd+bwd left at a 128×128 tile
+    candidates += [("bwd 128x256, 16 warps, 2 stages, db from the dW GEMM", {}, dict(lce.BWD_WIDE))]
     # the forward's previous default tile (128×128, 3 stages; the default is 128×256 in 4 stages since H100 run5):
     # a speedup above 1 here would mean the promotion lost
     candidates += [("fwd BLOCK_N 128, 3 stages (the previous default)", dict(lce.FWD_PREVIOUS), {})]

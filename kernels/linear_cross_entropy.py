@@ -95,6 +95,12 @@ TMA_CANDIDATES = {"tma": (dict(tma=True), dict(tma=True)),
 # triton 3.6 (128 with 3.7.1) and compiles to 128 with maxnreg=128 without spills on both; the TMA forward likewise
 # (3.6: 160 → 128); shared memory 96 KiB per CTA, 192 of the 227 KiB for two.
 FWD_TWO_CTAS = dict(FWD_PREVIOUS, ctas_per_sm=2, maxnreg=128)
+# Opt-in backward tile (unmeasured; bench_linear_cross_entropy times it beside the default): 128×256, as the forward
+# since run5 (1.31× faster there), for the dS kernel that is ~4.1 of the backward's 7.8 ms (run5: the two cuBLAS
+# GEMMs are the rest). At 8 warps the 128×256 backward spills on sm_90a (triton 3.7.1: 724 B, 404 B with db_gemm;
+# TMA loads + dS store 4-48 B, 372 B with triton 3.6); with 16 warps, 2 stages and db from the dW GEMM it compiles
+# to 128 registers, 0 spills, 160 KiB of shared memory with both triton 3.7.1 and 3.6 (the device's).
+BWD_WIDE = dict(BLOCK_N=256, num_warps=16, num_stages=2, db_gemm=True)
 # Opt-in implementation (config "impl": "gemm", forward and backward; unmeasured): the logits of each vocabulary
 # chunk come from cuBLAS in the input dtype, as vocab_attention's "gemm" path (464 TFLOP/s measured) does, and
 # memory-bound Triton passes read them: the forward's sums (_lce_chunk_stats_kernel), the backward's dS in place of
@@ -1304,6 +1310,10 @@ def compile_specs(dtype: str = "bf16", D: int = 768) -> list[dict]:
         specs.append(_spec(name, fn, {**ptrs, **bwd_sig}, const, cfg))
         # the opt-in {"db_gemm": True}: no db partials in the kernel
         specs.append(_spec(f"{name}[db_gemm]", fn, {**ptrs, **bwd_sig}, dict(const, DB_PARTIALS=False), cfg))
+        if fn is _linear_cross_entropy_bwd_kernel:      # the opt-in 128×256 tile (BWD_WIDE)
+            wide = {**cfg, **BWD_WIDE}
+            specs.append(_spec(f"{name}[128x256, 16 warps, db_gemm]", fn, {**ptrs, **bwd_sig},
+                               dict(const, BLOCK_N=wide["BLOCK_N"], DB_PARTIALS=False), wide))
     # the "gemm" implementation's passes (config "impl": "gemm")
     pass_sig = {"z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "tgt_ptr": "*i64", "N": "i32", "n_cols": "i32",
                 "col0": "i32", "n_valid": "i32", "stride_z": "i32"}

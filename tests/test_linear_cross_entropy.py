@@ -580,18 +580,20 @@ def test_compile_specs_build():
     two = {"linear_cross_entropy_fwd[2 CTAs/SM]"} | ({"linear_cross_entropy_fwd[tma, 2 CTAs/SM]"}
                                                      if mod.TensorDescriptor is not None else set())
     gemm = {"lce_chunk_stats[gemm]", "lce_chunk_ds[gemm]", "linear_cross_entropy_bwd[db_gemm]",
-            "soft_linear_cross_entropy_bwd[db_gemm]"}
+            "soft_linear_cross_entropy_bwd[db_gemm]", "linear_cross_entropy_bwd[128x256, 16 warps, db_gemm]"}
     assert {s["name"] for s in specs} == base | two | gemm | (tma if mod.TensorDescriptor is not None else set())
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    s = next(s for s in specs if s["name"] == "linear_cross_entropy_fwd")
-    k = triton.compile(ASTSource(s["fn"], s["signature"], s["constexprs"], s["attrs"]),
-                       target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
-    assert "ttng.warp_group_dot" in k.asm["ttgir"], "no wgmma on sm_90a"
-    assert "async_copy_global_to_local" in k.asm["ttgir"], "loads not pipelined"
-    res = _ptxas_spills(k.asm["ptx"])
-    assert res is None or res[1] == 0, f"{res[1]} bytes of spills"
+    # the default forward, and the opt-in wide backward whose 16-warp shape was chosen for having no spills
+    for name in ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd[128x256, 16 warps, db_gemm]"):
+        s = next(s for s in specs if s["name"] == name)
+        k = triton.compile(ASTSource(s["fn"], s["signature"], s["constexprs"], s["attrs"]),
+                           target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+        assert "ttng.warp_group_dot" in k.asm["ttgir"], f"{name}: no wgmma on sm_90a"
+        assert "async_copy_global_to_local" in k.asm["ttgir"], f"{name}: loads not pipelined"
+        res = _ptxas_spills(k.asm["ptx"])
+        assert res is None or res[1] == 0, f"{name}: {res[1]} bytes of spills"
 
 
 def _ptxas_spills(ptx: str):
@@ -687,6 +689,46 @@ def test_lce_gpu_two_cta_forward_bf16_owt():
 def _needs_tma():
     if torch.cuda.get_device_capability()[0] < 9 or lce_mod.TensorDescriptor is None:
         pytest.skip("the TMA variant needs sm_90+ and triton host tensor descriptors")
+
+
+@needs_interp
+@pytest.mark.parametrize("N,V,Vp,D,dtype,ignore", [
+    pytest.param(29, 557, 600, 64, torch.float32, 5, id="fp32-rows29-Vprime-pad-3tiles-ignore"),
+    pytest.param(23, 101, 128, 72, torch.float16, 1, id="fp16-rows23-Ktail-1tile")])
+def test_lce_backward_wide_tile(monkeypatch, N, V, Vp, D, dtype, ignore):
+    """The opt-in 128×256 backward (lce.BWD_WIDE, the tile the benchmark times): its launches run at BLOCK_N 256
+    without db partials, dS chunks of whole 256-wide tiles; dh, dW, db within the budget against the fp64 truth,
+    padded vocabulary rows exactly zero."""
+    h, W, b, t, up = _problem(N, V, D, Vp, dtype, True, seed=3, ignore=ignore)
+    spy = LaunchArgs(lce_mod._linear_cross_entropy_bwd_kernel)
+    monkeypatch.setattr(lce_mod, "_linear_cross_entropy_bwd_kernel", spy)
+    out = _launchers(h, W, b, t, up, 30.0, V, None, dict(lce_mod.BWD_WIDE))
+    assert spy.launches and all(x["BLOCK_N"] == 256 and x["DB_PARTIALS"] is False for x in spy.launches)
+    assert out[2][V:].abs().max() == 0 and out[3][V:].abs().max() == 0
+    truth = _truth(h, W, b, t, 30.0, V, up)
+    rf = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up, targets=t,
+              cap=30.0)
+    for i, name in ((0, "loss"), (1, "dh"), (2, "dW"), (3, "db")):
+        _budget(f"wide {name}", out[i], rf[i], truth[i], dtype)
+
+
+@pytest.mark.gpu
+def test_lce_gpu_wide_backward_bf16_owt():
+    """The opt-in 128×256 backward (lce.BWD_WIDE) at the OWT shape in bf16: within the budget against the bf16
+    reference and against the default backward (the fp32 torch backend's gradients as the truth); 4096 rows keep
+    the reference's materialized logits and the test's time small."""
+    h, W, b, t = _owt(N=4096)
+    V = OWT_V
+    up = torch.randn(h.shape[0], device=h.device)
+    default = _launchers(h, W, b, t, up, 30.0, V, None, None)
+    out = _launchers(h, W, b, t, up, 30.0, V, None, dict(lce_mod.BWD_WIDE))
+    assert out[2][V:].abs().max() == 0 and out[3][V:].abs().max() == 0
+    assert torch.equal(out[0], default[0])           # the same forward
+    full_r = _run(lambda h, W, b, **kw: ref.linear_cross_entropy_ref(h, W[:V], b[:V], **kw), h, W, b, up, targets=t)
+    full_t = _run(linear_cross_entropy, h.float(), W.float(), b.float(), up, targets=t, n_valid=V, backend="torch")
+    for i, name in ((1, "dh"), (2, "dW"), (3, "db")):
+        _budget(f"wide {name}", out[i], full_r[i], full_t[i], torch.bfloat16)
+        _budget(f"wide {name} vs default", out[i], default[i], full_t[i], torch.bfloat16)
 
 
 @pytest.mark.gpu
