@@ -64,6 +64,10 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "attention kv split 4": {"attention_kv_split": 4}, "attention kv split 8": {"attention_kv_split": 8},
               "attention poly exp2 + rotary prepass": {"attention_poly_exp2": True, "rotary_impl": "prepass"},
               "attention poly exp2": {"attention_poly_exp2": True},
+              # run5's attention sweep at OWT B=32 (online softmax): 4 operand stages 1.07x (rotary on load) and
+              # 1.21x (rotary prepass) against 3 at the m128 n64 w8 tile
+              "attention 4 stages": {"attention_config": {"num_stages": 4}},
+              "attention 4 stages + rotary prepass": {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"},
               "gemm triton small": {"gemm_impl": "triton_small"}, "pdl": {"pdl": True},
               "argmax tma": {"argmax_config": {"tma": True}},
               "argmax one V tile per program": {"argmax_config": LA_ONE_TILE},
@@ -82,6 +86,7 @@ CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl"
 # rows from which a candidate can act: the polynomial exp2 only pays at the attention's m128 tile (napkin in
 # kernels/attention.py POLY_COEFFS), which batch 1 never gets
 CANDIDATE_MIN_ROWS = {"attention poly exp2 + rotary prepass": 4096, "attention poly exp2": 4096,
+                      "attention 4 stages": 4096, "attention 4 stages + rotary prepass": 4096,
                       # the key split is for long key loops at batch 1 (OWT B=1: 16 key tiles; LM1B has 2)
                       "attention kv split 4": 1024, "attention kv split 8": 1024}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}

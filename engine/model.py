@@ -313,7 +313,7 @@ GEMM_IMPLS = ("cublas", "triton_small")
 def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale, cos, sin,
                 n_heads: int, softcap, in_place: bool, kb: str, ab: str, rotary_impl: str = "load",
                 gemm_impl: str = "cublas", attn_fixed_shift: bool = True, attn_out_proj: bool = False,
-                attn_poly_exp2: bool = False, attn_kv_split: int = 1):
+                attn_poly_exp2: bool = False, attn_kv_split: int = 1, attn_config: Optional[dict] = None):
     """One DiT block from (x = residual stream fp32, y = adaLN-modulated norm1(x) in the compute dtype) to
     (x', y' = the next adaLN input: the next block's norm1 or the final layer's norm). in_place: x may be
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
@@ -330,7 +330,9 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     fewer per block. attn_poly_exp2 (with attn_fixed_shift; opt-in, unmeasured): the fixed-shift softmax's 2^x for
     half the key columns by a polynomial on the FMA pipes (kernels/attention.py POLY_COEFFS); attn_kv_split (with
     attn_fixed_shift; opt-in, unmeasured): each query tile's keys in up to that many ranges run by separate programs,
-    then summed (kernels/attention.py KV_SPLIT); neither inside the attn_out_proj kernel."""
+    then summed (kernels/attention.py KV_SPLIT); neither inside the attn_out_proj kernel. attn_config (opt-in,
+    eager blocks only): tile overrides of the attention kernel (kernels/attention.py TILE_KEYS, e.g.
+    {"num_stages": 4}), not inside the attn_out_proj kernel."""
     from fmlm.kernels import adaln, attention  # noqa: PLC0415
     from fmlm.kernels import linear as lin  # noqa: PLC0415
 
@@ -351,7 +353,8 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
         else:
             att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, rc, rs, backend=ab,
                                               rotary_impl=rotary_impl, fixed_shift=attn_fixed_shift,
-                                              poly_exp2=attn_poly_exp2, kv_split=attn_kv_split)
+                                              poly_exp2=attn_poly_exp2, kv_split=attn_kv_split,
+                                              tile_config=attn_config)
             p = lin.linear_partials(att, wb["wout"], backend=kb)
         x, y = adaln.gate_residual(x, gate_msa, p, wb["norm2"], shift_mlp, scale_mlp, out_dtype=y.dtype,
                                    x_out=x if in_place else None, backend=kb)
@@ -361,7 +364,7 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     qkv = F.linear(y, wb["wqkv"]).view(B, L, 3, n_heads, D // n_heads)
     att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, cos, sin, backend=ab,
                                       rotary_impl=rotary_impl, fixed_shift=attn_fixed_shift,
-                                      poly_exp2=attn_poly_exp2, kv_split=attn_kv_split)
+                                      poly_exp2=attn_poly_exp2, kv_split=attn_kv_split, tile_config=attn_config)
     o = F.linear(att, wb["wout"])
     x, y = adaln.gate_residual(x, gate_msa, o, wb["norm2"], shift_mlp, scale_mlp, out_dtype=y.dtype,
                                x_out=x if in_place else None, backend=kb)
@@ -384,7 +387,8 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
                 dtype: torch.dtype = torch.bfloat16, kernel_backend: str = "auto", attn_backend: str = "auto",
                 block_fn=None, mods: Optional[torch.Tensor] = None, rotary_impl: str = "load",
                 gemm_impl: str = "cublas", attn_fixed_shift: bool = True, attn_out_proj: bool = False,
-                attn_poly_exp2: bool = False, attn_kv_split: int = 1) -> torch.Tensor:
+                attn_poly_exp2: bool = False, attn_kv_split: int = 1,
+                attn_config: Optional[dict] = None) -> torch.Tensor:
     """trunk_ref computed with the fused ops: GEMMs in `dtype` (fp32 accumulate), residual stream fp32,
     LayerNorm/modulate/gate in fp32, softcap attention with rotary fused on load. Returns u in `dtype`.
     block_fn: a replacement for _fast_block (e.g. torch.compile(_fast_block)); kernel_backend/attn_backend
@@ -392,7 +396,7 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
     precomputed _fast_modulation rows, (B, ·) or (1, ·) broadcast over the batch, instead of the times.
     rotary_impl: how the attention applies rotary (kernels/attention.py softcap_attention). gemm_impl: the
     blocks' GEMMs, 'cublas' or the opt-in 'triton_small' (see _fast_block); attn_fixed_shift, attn_out_proj,
-    attn_poly_exp2, attn_kv_split: see _fast_block."""
+    attn_poly_exp2, attn_kv_split, attn_config: see _fast_block."""
     from fmlm.kernels import adaln  # noqa: PLC0415
     from . import nvtx  # noqa: PLC0415
 
@@ -429,5 +433,5 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
             # block 0 must not write into the caller's h; later blocks update their own stream in place
             x, y = block_fn(x, y, wb, *blk_mods, cos, sin, cfg.n_heads, cfg.attn_softcap, in_place and i > 0,
                             kernel_backend, attn_backend, rotary_impl, gemm_impl, attn_fixed_shift, attn_out_proj,
-                            attn_poly_exp2, attn_kv_split)
+                            attn_poly_exp2, attn_kv_split, *((attn_config,) if attn_config else ()))
     return y

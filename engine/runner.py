@@ -74,7 +74,8 @@ class Sampler:
     kernels/attention.py POLY_COEFFS), {"attention_kv_split": S} (each query tile's keys in up to S ranges run by
     separate programs, then summed: more programs of shorter key loops at batch 1; kernels/attention.py KV_SPLIT),
     {"pdl_prefetch": True} (with pdl: the Triton GEMMs and the pointer argmax ask L2 for their weights before they
-    wait on their predecessor, kernels/_prefetch.py)."""
+    wait on their predecessor, kernels/_prefetch.py), {"attention_config": {"num_stages": 4, ...}} (tile overrides
+    of the attention kernel, kernels/attention.py TILE_KEYS; not with compile_blocks)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -90,6 +91,8 @@ class Sampler:
         self.graph = bool(graph)
         self.compile_blocks = bool(compile_blocks)
         self.kernel_options = _check_kernel_options(kernel_options)
+        if self.compile_blocks and self.kernel_options.get("attention_config"):
+            raise ValueError("kernel option attention_config overrides eager launches: not with compile_blocks")
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()
@@ -234,7 +237,8 @@ class Sampler:
                                attn_fixed_shift=self.kernel_options.get("attention_fixed_shift", True),
                                attn_out_proj=self.kernel_options.get("attention_out_proj", False),
                                attn_poly_exp2=self.kernel_options.get("attention_poly_exp2", False),
-                               attn_kv_split=self.kernel_options.get("attention_kv_split", 1))
+                               attn_kv_split=self.kernel_options.get("attention_kv_split", 1),
+                               attn_config=self.kernel_options.get("attention_config"))
         return self.model.trunk(h, tau_s, tau_t, backend=self.trunk_backend)
 
     def _update(self, u, h, k: int, noise, coef):
@@ -389,7 +393,8 @@ class Sampler:
 
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
                   "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool,
-                  "attention_poly_exp2": bool, "attention_kv_split": int, "pdl_prefetch": bool}
+                  "attention_poly_exp2": bool, "attention_kv_split": int, "pdl_prefetch": bool,
+                  "attention_config": dict}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:
@@ -402,6 +407,12 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
             raise ValueError(f"kernel option {k} must be one of {allowed}, got {v!r}")
         if isinstance(allowed, type) and (not isinstance(v, allowed) or (allowed is int and isinstance(v, bool))):
             raise ValueError(f"kernel option {k} must be a {allowed.__name__}, got {type(v).__name__}")
+    if "attention_config" in opts:
+        from fmlm.kernels.attention import check_tile_config  # noqa: PLC0415
+        try:
+            opts["attention_config"] = check_tile_config(opts["attention_config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"kernel option attention_config: {e}") from None
     if opts.get("pdl_prefetch") and not opts.get("pdl"):
         raise ValueError("kernel option pdl_prefetch prefetches weights before the programmatic-dependent-launch wait: "
                          "it needs pdl=True")

@@ -879,6 +879,30 @@ def _(q, k, v, softcap, w_out, cos, sin, fixed_shift=False):
 ROTARY_IMPLS = ("load", "prepass", "prepass_k", "prepass_tma")
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def check_tile_config(tile_config: Optional[dict]) -> dict:
+    """A tile_config as a dict of TILE_KEYS → positive ints ({} for None): BLOCK_M/BLOCK_N powers of two ≥ 16,
+    num_warps a power of two (1-16), num_stages ≥ 1; anything else is refused by name."""
+    if tile_config is None:
+        return {}
+    if not isinstance(tile_config, dict):
+        raise TypeError(f"tile_config must be a dict, got {type(tile_config).__name__}")
+    out = {}
+    for key, val in tile_config.items():
+        if key not in TILE_KEYS:
+            raise ValueError(f"tile_config key {key!r} is not one of {TILE_KEYS}")
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"tile_config[{key!r}] must be a positive int, got {val!r}")
+        pow2 = val & (val - 1) == 0
+        if (key in ("BLOCK_M", "BLOCK_N") and (val < 16 or not pow2)) or (key == "num_warps" and
+                                                                        (val > 16 or not pow2)):
+            raise ValueError(f"tile_config[{key!r}] = {val} is not a valid {key}")
+        out[key] = val
+    return out
+
+
 def _softmax_config(fixed_shift: bool, poly_exp2: bool = False, kv_split: int = 1) -> Optional[dict]:
     if not fixed_shift:
         return None
@@ -908,7 +932,7 @@ def resolve(backend: str, device: torch.device) -> str:
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: Optional[float] = 50.0,
                       cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
                       backend: str = "auto", rotary_impl: str = "load", fixed_shift: bool = False,
-                      poly_exp2: bool = False, kv_split: int = 1) -> torch.Tensor:
+                      poly_exp2: bool = False, kv_split: int = 1, tile_config: Optional[dict] = None) -> torch.Tensor:
     """q, k, v (B, L, H, d) → (B, L, H·d): softmax(cap·tanh(q_r·k_rᵀ/(√d·cap)))·v, q_r/k_r rotated by
     cos/sin (L, d/2) when given (rotate-half). softcap None/0: plain scaled-dot-product attention.
     rotary_impl (triton backend with cos/sin only): 'load' (default, the measured kernel: q and k rotated
@@ -922,8 +946,11 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
     pipes (POLY_COEFFS), so that the MUFU unit has 1.5 ops per score to do instead of 2; where the fixed shift does
     not apply, nothing. kv_split (opt-in candidate, with fixed_shift, not with 'prepass_tma'): the keys of each
     query tile in up to kv_split ranges run by separate programs, whose fp32 partials a second kernel adds in order
-    (KV_SPLIT): at batch 1 the grid is B·H·L/BLOCK_M programs of L/BLOCK_N dependent key steps each."""
+    (KV_SPLIT): at batch 1 the grid is B·H·L/BLOCK_M programs of L/BLOCK_N dependent key steps each.
+    tile_config (triton backend, eager only): overrides of the launcher's tile config, keys among TILE_KEYS
+    (e.g. {"num_stages": 4}: what bench_attention's sweep and the engine's kernel option attention_config time)."""
     _check(q, k, v, cos, sin)
+    tile = check_tile_config(tile_config)
     if rotary_impl not in ROTARY_IMPLS:
         raise ValueError(f"rotary_impl must be one of {ROTARY_IMPLS}, got {rotary_impl!r}")
     if isinstance(kv_split, bool) or not isinstance(kv_split, int) or kv_split < 1:
@@ -937,19 +964,22 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap
         return softcap_attention_ref(q, k, v, softcap, cos, sin)
     if be == "flex":
         return _attention_flex(q, k, v, softcap, cos, sin)
+    if tile and torch.compiler.is_compiling():
+        raise ValueError("tile_config is an eager-launch override; the compiled custom ops take the default tiles")
+    config = {**(_softmax_config(fixed_shift, poly_exp2, kv_split) or {}), **tile} or None
     if rotary_impl == "prepass_tma" and cos is not None:
         if torch.compiler.is_compiling():
             return _softcap_attention_prepass_tma_op(q, k, v, float(softcap or 0.0), cos, sin)
-        return softcap_attention_prepass_tma_fwd(q, k, v, softcap, cos, sin)
+        return softcap_attention_prepass_tma_fwd(q, k, v, softcap, cos, sin, config=tile or None)
     if rotary_impl != "load" and cos is not None:
         if torch.compiler.is_compiling():
             return _softcap_attention_prepass_op(q, k, v, float(softcap or 0.0), cos, sin, rotary_impl == "prepass",
                                                  fixed_shift, poly_exp2, kv_split)
         return softcap_attention_prepass_fwd(q, k, v, softcap, cos, sin, rotate_q=rotary_impl == "prepass",
-                                             config=_softmax_config(fixed_shift, poly_exp2, kv_split))
+                                             config=config)
     if torch.compiler.is_compiling():
         return _softcap_attention_op(q, k, v, float(softcap or 0.0), cos, sin, fixed_shift, poly_exp2, kv_split)
-    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config=_softmax_config(fixed_shift, poly_exp2, kv_split))
+    return softcap_attention_fwd(q, k, v, softcap, cos, sin, config=config)
 
 
 def head_partials(att: torch.Tensor, w_out: torch.Tensor, H: int) -> torch.Tensor:

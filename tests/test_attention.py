@@ -228,11 +228,11 @@ def test_bench_attention_smoke(monkeypatch):
     calls = []
 
     def fake_time(fn, warmup=2, iters=10, device="cpu"):
-        """Each call runs fn once; the first shape's first nine rows (through the no-rotary fixed shift + poly
+        """Each call runs fn once; the first shape's first eleven rows (through the no-rotary fixed shift + poly
         exp2) get falling times, every later row 1000 ms: the fastest row then computes less (no rotary)."""
         common.time_fn(fn, 0, 1, device)
         calls.append(None)
-        ms = 100.0 - len(calls) if len(calls) <= 9 else 1000.0
+        ms = 100.0 - len(calls) if len(calls) <= 11 else 1000.0
         return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "n": 1}
     monkeypatch.setattr(bench, "time_fn", fake_time)
     rows = bench.run(quick=True)
@@ -245,7 +245,7 @@ def test_bench_attention_smoke(monkeypatch):
     same = [r for r in at_owt if not r["impl"].startswith(("best", " ", "reference", "SDPA"))
             and "no rotary" not in r["impl"]]
     assert no_rot["ms"] < best["ms"] == min(r["ms"] for r in same), (best, no_rot)
-    assert best["impl"] == "best measured at this shape: triton: fixed shift + poly exp2 (candidate)"
+    assert best["impl"] == "best measured at this shape: triton: fixed shift + rotary prepass, 4 stages (candidate)"
     # speedup_vs_default is always against the default row of the same shape; the no-rotary rows have none, but
     # each its own baseline row (the online softmax, the fixed shift)
     nr_fixed = next(r for r in at_owt if r["impl"] == "triton: no rotary + fixed shift (candidate)")
@@ -255,6 +255,13 @@ def test_bench_attention_smoke(monkeypatch):
     poly = next(r for r in at_owt if r["impl"] == "triton: fixed shift + poly exp2 (candidate)")
     fixed = next(r for r in at_owt if r["impl"] == "triton: fixed shift (candidate)")
     assert poly["speedup_vs_fixed_shift"] == pytest.approx(fixed["ms"] / poly["ms"])
+    # the 4-stage rows (kernel option attention_config) at the batch-32-like shape only, beside the fixed shift
+    four = [r for r in rows if "4 stages" in r["impl"] and not r["impl"].startswith("best")]
+    assert [(r["shape"], r["impl"]) for r in four] == [
+        ("owt", "triton: fixed shift, 4 stages (candidate)"),
+        ("owt", "triton: fixed shift + rotary prepass, 4 stages (candidate)")]
+    assert all(r["speedup_vs_fixed_shift"] == pytest.approx(fixed["ms"] / r["ms"]) and "'num_stages': 4" in
+               r["config"] and r["max_abs_diff_vs_ref"] < 1e-4 for r in four), four
     for r in rows:
         if "speedup_vs_default" in r:
             default = next(x for x in rows if x.get("shape") == r["shape"] and x.get("B") == r["B"]
@@ -583,6 +590,26 @@ def test_poly_exp2_matches_reference(monkeypatch, B, L, H, d, dtype, rotary):
                                       rotary_impl=impl)
             _check_budget(out, q, k, v, 50.0, cos, sin)
     assert [kw["POLY_EXP2"] for kw in spy.launches] == [A.poly_degree(dtype)] * (6 if rotary else 2)
+
+
+@needs_triton
+def test_tile_config_overrides_reach_the_launch(monkeypatch):
+    """tile_config (the engine's kernel option attention_config) replaces the launcher's tiles on every rotary path,
+    the function unchanged within the budget; malformed overrides are refused by name before any launch."""
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    q, k, v, cos, sin = _inputs(2, 33, 2, 32, torch.float32, dev, scale=4.0)
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    for impl in ("load", "prepass", "prepass_k"):
+        out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", rotary_impl=impl, fixed_shift=True,
+                                  tile_config={"BLOCK_N": 32, "num_stages": 2})
+        _check_budget(out, q, k, v, 50.0, cos, sin)
+    assert [(kw["BLOCK_N"], kw["num_stages"], kw["FIXED_SHIFT"]) for kw in spy.launches] == [(32, 2, True)] * 3
+    for bad, err in (({"stages": 4}, ValueError), ({"BLOCK_N": 24}, ValueError), ({"num_warps": 3}, ValueError),
+                     ({"num_stages": 0}, ValueError), ({"num_stages": True}, ValueError), ([4], TypeError)):
+        with pytest.raises(err, match="tile_config"):
+            A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", tile_config=bad)
+    assert len(spy.launches) == 3
 
 
 @needs_triton

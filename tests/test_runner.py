@@ -302,6 +302,11 @@ TRUNK_VARIANTS = [
      [("rotary_qk", {}), ("attn", dict(ROTARY_Q=False, FIXED_SHIFT=True, POLY_EXP2=5))]),
     (dict(gemm_impl="triton_small", attn_out_proj=True, attn_fixed_shift=False),
      [_ROPE_GEMM, _SPLIT_K, ("attn", dict(OUT_PROJ=True, FIXED_SHIFT=False))]),
+    # the attention's tile overrides (kernel option attention_config) reach its launch, with each rotary path
+    (dict(attn_config={"BLOCK_N": 32, "num_stages": 2}),
+     [("attn", dict(ROTARY_Q=True, FIXED_SHIFT=True, BLOCK_N=32, num_stages=2))]),
+    (dict(attn_config={"BLOCK_N": 32}, rotary_impl="prepass"), [("rotary_qk", {}), ("attn", dict(BLOCK_N=32))]),
+    (dict(attn_config={"BLOCK_N": 32}, gemm_impl="triton_small"), [_ROPE_GEMM, ("attn", dict(BLOCK_N=32))]),
 ]
 
 
@@ -368,12 +373,19 @@ def test_sampler_kernel_options_validated():
                 {"attention_poly_exp2": True, "rotary_impl": "prepass_tma"}, {"attention_kv_split": 0},
                 {"attention_kv_split": True}, {"attention_kv_split": 2.0},
                 {"attention_kv_split": 4, "attention_fixed_shift": False}, {"pdl_prefetch": True},
-                {"pdl": True, "pdl_prefetch": 1}, {"pdl": False, "pdl_prefetch": True}):
+                {"pdl": True, "pdl_prefetch": 1}, {"pdl": False, "pdl_prefetch": True},
+                {"attention_config": [4]}, {"attention_config": {"stages": 4}}, {"attention_config": {"num_stages": 0}},
+                {"attention_config": {"BLOCK_M": 48}}, {"attention_config": {"num_warps": 32}},
+                {"attention_config": {"num_stages": 4.0}}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
     assert "kernel_options" in repr(s)
     Sampler(m, 2, 1, graph=False, kernel_options={"pdl": True, "pdl_prefetch": True})     # the pair is accepted
+    s = Sampler(m, 2, 1, graph=False, kernel_options={"attention_config": {"num_stages": 4}})
+    assert s.sample(0).shape == (2, 5)
+    with pytest.raises(ValueError, match="compile_blocks"):
+        Sampler(m, 2, 1, graph=False, compile_blocks=True, kernel_options={"attention_config": {"num_stages": 4}})
     assert s.sample(0).shape == (2, 5)          # CPU: the reference trunk and the torch head ignore them
 
 
@@ -440,8 +452,9 @@ def test_sampler_passes_kernel_options_to_the_fast_trunk(monkeypatch):
     trunk (test_fast_trunk_fp32_triton_matches_trunk_ref checks them), so a Sampler that dropped or overrode one
     would still sample the same tokens."""
     opts = {"rotary_impl": "prepass_k", "gemm_impl": "triton_small", "attention_fixed_shift": True,
-            "attention_out_proj": True}
-    want = dict(rotary_impl="prepass_k", gemm_impl="triton_small", attn_fixed_shift=True, attn_out_proj=True)
+            "attention_out_proj": True, "attention_config": {"num_stages": 4}}
+    want = dict(rotary_impl="prepass_k", gemm_impl="triton_small", attn_fixed_shift=True, attn_out_proj=True,
+                attn_config={"num_stages": 4})
     calls, trunk = [], runner._fast_trunk
 
     def spy(*args, **kwargs):
@@ -512,10 +525,12 @@ def test_graph_replay_equals_eager(steps, renoise):
                                   {"gemm_impl": "triton_small", "pdl": True}, {"attention_fixed_shift": False},
                                   {"gemm_impl": "triton_small", "pdl": True, "attention_out_proj": True},
                                   {"argmax_config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
-                                                     "num_stages": 3}}],
+                                                     "num_stages": 3}},
+                                  {"attention_config": {"num_stages": 4}},
+                                  {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
                               "gemm_triton_small_pdl", "attention_online_softmax", "gemm_triton_small_pdl_out_proj",
-                              "argmax_w4"])
+                              "argmax_w4", "attention_4_stages", "attention_4_stages_prepass"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
