@@ -747,6 +747,10 @@ def compile_specs() -> list[dict]:
             specs.append(dict(name=f"_softcap_attention_fwd_kernel[m{block_m}{suffix}]",
                               fn=_softcap_attention_fwd_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                               constexprs=const, attrs=aligned, num_warps=warps, num_stages=3))
+    # the engine's 4-stage candidates (kernel option attention_config {"num_stages": 4}) at the m128 tile
+    for name in ("m128_rope", "m128"):
+        base = next(s for s in specs if s["name"] == f"_softcap_attention_fwd_kernel[{name}]")
+        specs.append(dict(base, name=f"_softcap_attention_fwd_kernel[{name}_s4]", num_stages=4))
     # The 'prepass_tma' kernel at the same tiles: a host descriptor argument is typed "tensordesc<dtype[box]>"
     # (triton.runtime.jit.mangle_type's spelling in triton 3.6 and 3.7.1); the JIT gives descriptors no
     # divisibility attributes, so only O and the output strides (d, H·d, L·H·d) are marked.
