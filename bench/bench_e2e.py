@@ -58,6 +58,8 @@ FOUR_STEP_RATIO = 4.5
 CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": True},
               "gemm triton small + pdl + weight prefetch": {"gemm_impl": "triton_small", "pdl": True,
                                                             "pdl_prefetch": True},
+              "gemm triton small + pdl + deep pipeline": {"gemm_impl": "triton_small", "pdl": True,
+                                                          "gemm_deep_pipeline": True},
               "gemm triton small + pdl + out proj in attention": {"gemm_impl": "triton_small", "pdl": True,
                                                                   "attention_out_proj": True},
               "attention online softmax (the previous default)": {"attention_fixed_shift": False},
@@ -78,6 +80,7 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
 # rows (B·L) up to which a candidate acts
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
                       "gemm triton small + pdl + weight prefetch": SMALL_ROWS,
+                      "gemm triton small + pdl + deep pipeline": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
                       "argmax one V tile per program": ARGMAX_SMALL_M,

@@ -75,7 +75,9 @@ class Sampler:
     separate programs, then summed: more programs of shorter key loops at batch 1; kernels/attention.py KV_SPLIT),
     {"pdl_prefetch": True} (with pdl: the Triton GEMMs and the pointer argmax ask L2 for their weights before they
     wait on their predecessor, kernels/_prefetch.py), {"attention_config": {"num_stages": 4, ...}} (tile overrides
-    of the attention kernel, kernels/attention.py TILE_KEYS; not with compile_blocks)."""
+    of the attention kernel, kernels/attention.py TILE_KEYS; not with compile_blocks), {"gemm_deep_pipeline": True}
+    (with gemm_impl 'triton_small': one operand stage per K step, all of a program's loads in flight at once,
+    kernels/_backend.py deep_pipelines)."""
 
     def __init__(self, model, batch_size: int, steps: int, method: str = "fmlm", renoise: float = 0.0,
                  graph: bool = True, backend: str = "auto", compile_blocks: bool = False,
@@ -201,9 +203,11 @@ class Sampler:
     @torch.no_grad()
     def _run(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator] = None,
              n: Optional[int] = None) -> None:
-        from fmlm.kernels._backend import pdl_launches  # noqa: PLC0415
+        from fmlm.kernels._backend import deep_pipelines, pdl_launches  # noqa: PLC0415
 
-        with pdl_launches(self.kernel_options.get("pdl", False), self.kernel_options.get("pdl_prefetch", False)):
+        opts = self.kernel_options
+        with pdl_launches(opts.get("pdl", False), opts.get("pdl_prefetch", False)), \
+                deep_pipelines(opts.get("gemm_deep_pipeline", False)):
             self._run_steps(slot, from_seed, generator, n)
 
     def _run_steps(self, slot: _Slot, from_seed: bool, generator: Optional[torch.Generator],
@@ -394,7 +398,7 @@ class Sampler:
 KERNEL_OPTIONS = {"rotary_impl": ("load", "prepass", "prepass_k", "prepass_tma"), "argmax_config": dict,
                   "gemm_impl": GEMM_IMPLS, "pdl": bool, "attention_fixed_shift": bool, "attention_out_proj": bool,
                   "attention_poly_exp2": bool, "attention_kv_split": int, "pdl_prefetch": bool,
-                  "attention_config": dict}
+                  "attention_config": dict, "gemm_deep_pipeline": bool}
 
 
 def _check_kernel_options(opts: Optional[dict]) -> dict:
@@ -413,6 +417,9 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
             opts["attention_config"] = check_tile_config(opts["attention_config"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"kernel option attention_config: {e}") from None
+    if opts.get("gemm_deep_pipeline") and opts.get("gemm_impl") != "triton_small":
+        raise ValueError("kernel option gemm_deep_pipeline deepens the Triton GEMMs' operand pipelines: it needs "
+                         "gemm_impl='triton_small'")
     if opts.get("pdl_prefetch") and not opts.get("pdl"):
         raise ValueError("kernel option pdl_prefetch prefetches weights before the programmatic-dependent-launch wait: "
                          "it needs pdl=True")

@@ -183,6 +183,31 @@ def pdl_prefetch_active(t: torch.Tensor) -> bool:
     return getattr(_PDL, "prefetch", False) and pdl_active(t)
 
 
+# ---------------------------------------------------------------------------------------------
+# Deep operand pipelines for the small-row GEMMs (opt-in: Sampler kernel option "gemm_deep_pipeline")
+# ---------------------------------------------------------------------------------------------
+_DEEP = threading.local()
+
+
+@contextlib.contextmanager
+def deep_pipelines(enabled: bool = True):
+    """Within this block the small-row GEMM launcher (kernels/linear.py) gives each program as many operand stages
+    as its K loop has steps, within linear.DEEP_PIPELINE_SMEM of shared memory, so that all of a program's loads
+    are in flight before its first MMA instead of num_stages − 1 at a time. A launch policy like pdl_launches:
+    it changes no value (the same tiles, dots and order), only when the loads are issued."""
+    prev = getattr(_DEEP, "on", False)
+    _DEEP.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _DEEP.on = prev
+
+
+def deep_pipelines_active(t: torch.Tensor) -> bool:
+    """Whether a launch for tensor t should take deep pipelines now: inside the block, on CUDA, not interpreting."""
+    return getattr(_DEEP, "on", False) and t.device.type == "cuda" and not interpreting()
+
+
 def pdl_launch_kwargs(active: bool) -> dict:
     """The launch keywords for a kernel with a USE_PDL constexpr: USE_PDL, and launch_pdl when active (the
     interpreter's launcher does not take launch_pdl)."""

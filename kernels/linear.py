@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import (interpreting, pdl_active, pdl_launch_kwargs, pdl_prefetch_active, resolve, triton_available,
-                       with_default_constexprs)
+from ._backend import (deep_pipelines_active, interpreting, pdl_active, pdl_launch_kwargs, pdl_prefetch_active,
+                       resolve, triton_available, with_default_constexprs)
 from ._prefetch import L2_LINE_BYTES
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -41,6 +41,13 @@ SMALL_ROWS = 4096        # the engine's "triton_small" GEMMs: rows (B·L) up to 
 WAVE = 132               # programs to aim for (H100 SXM: 132 SMs)
 MIN_K_PER_SPLIT = 256    # a split keeps ≥ 4 K steps of 64 to pipeline
 MAX_SPLIT = 8
+# _backend.deep_pipelines (kernel option gemm_deep_pipeline, opt-in, unmeasured): operand stages up to this much
+# shared memory per program, one per K step. Why (napkin): at LM1B B=1 the qkv and first MLP GEMMs are 72-96
+# programs (fewer than the 132 SMs, so one CTA per SM costs nothing) of 12 K steps; with 4 stages a program waits
+# for ~4 rounds of DRAM latency (~1 µs each at batch 1, where the weights are cold) one after the other, with 12
+# one round. 192 KiB: 12 stages of the 64×64 tile, 8 of 64×128, 6 of 128×128 (sm_90a: 64-114 registers, no
+# spills; compile_specs "deep" rows).
+DEEP_PIPELINE_SMEM = 192 * 1024
 
 if triton_available():
     import triton
@@ -206,6 +213,14 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     return cfg
 
 
+def deep_stages(cfg: dict, esize: int) -> int:
+    """num_stages under deep_pipelines: one per K step of a split (at least the config's), as many as
+    DEEP_PIPELINE_SMEM holds."""
+    per_stage = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * esize
+    steps = _cdiv(cfg["K_PER_SPLIT"], cfg["BLOCK_K"])
+    return max(cfg["num_stages"], min(steps, DEEP_PIPELINE_SMEM // per_stage))
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])      # not -1: ambiguous for K = 0
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
@@ -276,6 +291,8 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             out[0].copy_(linear_ref(a, weight, bias, activation, rotary).reshape(M, N))
         return out.view(shape)
     bk = cfg["BLOCK_K"]
+    if deep_pipelines_active(a):
+        cfg["num_stages"] = deep_stages(cfg, a.element_size())
     b = bias.contiguous() if bias is not None else w
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]), S)
     cos_t, sin_t, rot_cols, head_dim, seq_len = rot if rot is not None else (w, w, 0, 64, 1)
@@ -407,6 +424,11 @@ def compile_specs() -> list[dict]:
     specs.append(dict(specs[2], name="_linear_kernel[small,partial,pdl]",
                       signature={**specs[2]["signature"], "USE_PDL": "constexpr"},
                       constexprs={**specs[2]["constexprs"], "USE_PDL": True}))
+    # the 'gemm_deep_pipeline' kernel option's launches at LM1B B=1 (small: 12 K steps of the qkv / mlp1 GEMMs) and
+    # OWT B=1 (large, 6 stages: what DEEP_PIPELINE_SMEM holds)
+    for i, tag, stages in ((0, "small,bias", 12), (1, "small,gelu", 12), (7, "large,gelu", 6),
+                           (8, "large,partial", 6)):
+        specs.append(dict(specs[i], name=f"_linear_kernel[{tag},deep]", num_stages=stages))
     # the 'pdl_prefetch' kernel option's launch: the weight slice's L2 prefetch before the wait (bf16: 64 per line)
     for i, tag in ((2, "small,partial"), (7, "large,gelu")):
         specs.append(dict(specs[i], name=f"_linear_kernel[{tag},pdl_prefetch]",

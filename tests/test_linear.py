@@ -134,6 +134,28 @@ def test_partials_sum_to_the_product(dtype):
     assert cfg["K_PER_SPLIT"] >= lin.MIN_K_PER_SPLIT and cfg["K_PER_SPLIT"] % cfg["BLOCK_K"] == 0
 
 
+@needs_triton
+def test_deep_pipelines_reach_the_launch(monkeypatch):
+    """Under _backend.deep_pipelines (kernel option gemm_deep_pipeline; active on CUDA only, forced on here) each
+    launch gets one operand stage per K step of its split (deep_stages), and the results are the default's bit
+    for bit: the same tiles, dots and order, only the loads issued earlier."""
+    from kernel_test_utils import LaunchArgs
+
+    a, w, b = _inputs(19, 40, 256, torch.float32, _dev(), seed=4)
+    cfg = dict(lin.INTERPRET_CONFIG, BLOCK_K=32) if _dev() == "cpu" else dict(lin.GPU_CONFIG_FP32)
+    want = (lin.linear(a, w, b, "gelu_tanh", backend="triton", config=cfg),
+            lin.linear_partials(a, w, 2, backend="triton", config=cfg))
+    spy = LaunchArgs(lin._linear_kernel)
+    monkeypatch.setattr(lin, "_linear_kernel", spy)
+    monkeypatch.setattr(lin, "deep_pipelines_active", lambda t: True)
+    got = (lin.linear(a, w, b, "gelu_tanh", backend="triton", config=cfg),
+           lin.linear_partials(a, w, 2, backend="triton", config=cfg))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    steps = 256 // cfg["BLOCK_K"]
+    assert [x["num_stages"] for x in spy.launches] == [max(cfg["num_stages"], steps),
+                                                       max(cfg["num_stages"], steps // 2)]
+
+
 def test_pick_config_spreads_small_row_counts():
     """At batch 1 (LM1B: 128 rows; OWT: 1024) each engine GEMM gets ≥ half a wave of programs; the many-row
     shapes take the 128×128 tiles."""

@@ -376,7 +376,8 @@ def test_sampler_kernel_options_validated():
                 {"pdl": True, "pdl_prefetch": 1}, {"pdl": False, "pdl_prefetch": True},
                 {"attention_config": [4]}, {"attention_config": {"stages": 4}}, {"attention_config": {"num_stages": 0}},
                 {"attention_config": {"BLOCK_M": 48}}, {"attention_config": {"num_warps": 32}},
-                {"attention_config": {"num_stages": 4.0}}):
+                {"attention_config": {"num_stages": 4.0}}, {"gemm_deep_pipeline": True},
+                {"gemm_impl": "triton_small", "gemm_deep_pipeline": 1}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
@@ -550,7 +551,7 @@ def test_pdl_is_bit_exact(gemm_impl):
     """Programmatic dependent launch changes when kernels start, never what they compute: the fast trunk's output
     is bit-identical with and without it (a kernel reading before its predecessor finished would show here, over
     repeated runs), and the sampler's tokens are identical, graph and eager."""
-    from fmlm.kernels._backend import pdl_launches
+    from fmlm.kernels._backend import deep_pipelines, pdl_launches
 
     m = _model(device="cuda", vocab_size=1000, seq_len=128, hidden=768, n_heads=12, n_blocks=2, cond_dim=128)
     h, ts, tt = _trunk_inputs(m, 1, 128, device="cuda")
@@ -567,8 +568,9 @@ def test_pdl_is_bit_exact(gemm_impl):
             g.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, want)
-        # the weights' L2 prefetch before each wait (kernel option pdl_prefetch) is a hint: the same bits
-        with pdl_launches(prefetch=True):
+        # the weights' L2 prefetch before each wait (kernel option pdl_prefetch) is a hint, and the deep operand
+        # pipelines (gemm_deep_pipeline) only issue the same loads earlier: the same bits
+        with pdl_launches(prefetch=True), deep_pipelines():
             g, out = capture(lambda: model_mod._fast_trunk(m, x, ts, tt, gemm_impl=gemm_impl))
             for _ in range(5):
                 out.zero_()
@@ -581,10 +583,12 @@ def test_pdl_is_bit_exact(gemm_impl):
     pdl = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True})
     eager = Sampler(s, 3, 2, renoise=0.5, graph=False, kernel_options={**opts, "pdl": True})
     pf = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True, "pdl_prefetch": True})
+    deep = (Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "gemm_deep_pipeline": True})
+            if gemm_impl == "triton_small" else pf)
     for seed in (0, 1):
         a = base.sample(seed)
         assert torch.equal(a, pdl.sample(seed)) and torch.equal(a, eager.sample(seed))
-        assert torch.equal(a, pf.sample(seed))
+        assert torch.equal(a, pf.sample(seed)) and torch.equal(a, deep.sample(seed))
 
 
 def test_pdl_flag_scoping_and_cpu():
@@ -606,6 +610,19 @@ def test_pdl_flag_scoping_and_cpu():
     with be.pdl_launches(False, prefetch=True):      # the prefetch rides on PDL's wait: nothing without it
         assert not be._PDL.on and not be._PDL.prefetch
     assert not be._PDL.on and not be._PDL.prefetch
+    with be.deep_pipelines():                         # the deep GEMM pipelines: scoped the same way, CUDA only
+        assert be._DEEP.on and not be.deep_pipelines_active(t)
+        with be.deep_pipelines(False):
+            assert not be._DEEP.on
+        assert be._DEEP.on
+    assert not be._DEEP.on
+    # one stage per K step of a split, never fewer than the config's, within DEEP_PIPELINE_SMEM (bf16)
+    cfg = dict(lin.GPU_CONFIG_SMALL, K_PER_SPLIT=768)
+    assert lin.deep_stages(cfg, 2) == 12
+    assert lin.deep_stages(dict(lin.GPU_CONFIG_MID, K_PER_SPLIT=768), 2) == 8           # 24 KiB per stage
+    assert lin.deep_stages(dict(lin.GPU_CONFIG_LARGE, K_PER_SPLIT=256), 2) == 4         # 4 K steps
+    assert lin.deep_stages(dict(lin.GPU_CONFIG_LARGE, K_PER_SPLIT=64), 2) == 3          # the config's 3
+    assert lin.deep_stages(dict(lin.GPU_CONFIG_LARGE, K_PER_SPLIT=3072), 2) == 6
     m = _model(hidden=32, n_heads=2, seq_len=5, n_blocks=1)
     assert Sampler(m, 2, 1, graph=False, kernel_options={"pdl": True}).sample(0).shape == (2, 5)
 
