@@ -203,6 +203,12 @@ def deep_pipelines(enabled: bool = True):
         _DEEP.on = prev
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def deep_pipelines_active(t: torch.Tensor) -> bool:
     """Whether a launch for tensor t should take deep pipelines now: inside the block, on CUDA, not interpreting."""
     return getattr(_DEEP, "on", False) and t.device.type == "cuda" and not interpreting()

@@ -33,7 +33,7 @@ import torch
 
 from . import reference as ref
 from ._backend import (deep_pipelines_active, interpreting, pdl_active, pdl_launch_kwargs, pdl_prefetch_active,
-                       resolve, triton_available, with_default_constexprs)
+                       resolve, sm_count, triton_available, with_default_constexprs)
 from ._prefetch import L2_LINE_BYTES
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -46,7 +46,8 @@ MAX_SPLIT = 8
 # programs (fewer than the 132 SMs, so one CTA per SM costs nothing) of 12 K steps; with 4 stages a program waits
 # for ~4 rounds of DRAM latency (~1 µs each at batch 1, where the weights are cold) one after the other, with 12
 # one round. 192 KiB: 12 stages of the 64×64 tile, 8 of 64×128, 6 of 128×128 (sm_90a: 64-114 registers, no
-# spills; compile_specs "deep" rows).
+# spills; compile_specs "deep" rows). That leaves one CTA per SM, so only grids of at most one program per SM
+# deepen: at OWT B=1 the qkv GEMM's 144 programs of 128×128 fit two per SM at 3 stages, in one wave, and keep them.
 DEEP_PIPELINE_SMEM = 192 * 1024
 
 if triton_available():
@@ -291,10 +292,10 @@ def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             out[0].copy_(linear_ref(a, weight, bias, activation, rotary).reshape(M, N))
         return out.view(shape)
     bk = cfg["BLOCK_K"]
-    if deep_pipelines_active(a):
-        cfg["num_stages"] = deep_stages(cfg, a.element_size())
     b = bias.contiguous() if bias is not None else w
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]), S)
+    if deep_pipelines_active(a) and math.prod(grid) <= sm_count(a.device):
+        cfg["num_stages"] = deep_stages(cfg, a.element_size())
     cos_t, sin_t, rot_cols, head_dim, seq_len = rot if rot is not None else (w, w, 0, 64, 1)
     _linear_kernel[grid](
         a2, w, b, out, cos_t, sin_t, M, N, K, cfg["K_PER_SPLIT"], seq_len, rot_cols,

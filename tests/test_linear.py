@@ -137,8 +137,9 @@ def test_partials_sum_to_the_product(dtype):
 @needs_triton
 def test_deep_pipelines_reach_the_launch(monkeypatch):
     """Under _backend.deep_pipelines (kernel option gemm_deep_pipeline; active on CUDA only, forced on here) each
-    launch gets one operand stage per K step of its split (deep_stages), and the results are the default's bit
-    for bit: the same tiles, dots and order, only the loads issued earlier."""
+    launch of at most one program per SM gets one operand stage per K step of its split (deep_stages), a larger
+    grid keeps its stages (one CTA per SM would cost it a second wave), and the results are the default's bit for
+    bit: the same tiles, dots and order, only the loads issued earlier."""
     from kernel_test_utils import LaunchArgs
 
     a, w, b = _inputs(19, 40, 256, torch.float32, _dev(), seed=4)
@@ -148,12 +149,16 @@ def test_deep_pipelines_reach_the_launch(monkeypatch):
     spy = LaunchArgs(lin._linear_kernel)
     monkeypatch.setattr(lin, "_linear_kernel", spy)
     monkeypatch.setattr(lin, "deep_pipelines_active", lambda t: True)
+    monkeypatch.setattr(lin, "sm_count", lambda device: 2)      # the partials' grid: 2 programs
     got = (lin.linear(a, w, b, "gelu_tanh", backend="triton", config=cfg),
            lin.linear_partials(a, w, 2, backend="triton", config=cfg))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     steps = 256 // cfg["BLOCK_K"]
     assert [x["num_stages"] for x in spy.launches] == [max(cfg["num_stages"], steps),
                                                        max(cfg["num_stages"], steps // 2)]
+    monkeypatch.setattr(lin, "sm_count", lambda device: 1)      # more programs than SMs: the config's stages
+    assert torch.equal(lin.linear_partials(a, w, 2, backend="triton", config=cfg), want[1])
+    assert spy.launches[-1]["num_stages"] == cfg["num_stages"]
 
 
 def test_pick_config_spreads_small_row_counts():
