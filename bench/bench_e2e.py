@@ -61,6 +61,10 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
                                                             "pdl_prefetch": True},
               "gemm triton small + pdl + deep pipeline": {"gemm_impl": "triton_small", "pdl": True,
                                                           "gemm_deep_pipeline": True},
+              # the gate-residual and LayerNorm inside the GEMMs (kernels/norm_linear.py): 5 launches per block
+              "gemm triton fused + pdl": {"gemm_impl": "triton_fused", "pdl": True},
+              "gemm triton fused + pdl + weight prefetch + deep pipeline": {
+                  "gemm_impl": "triton_fused", "pdl": True, "pdl_prefetch": True, "gemm_deep_pipeline": True},
               "attention kv split 8": {"attention_kv_split": 8},
               "argmax tma 128x256 (the large-row default) at batch 1": {"argmax_config": LA_LARGE_M},
               # run5's attention sweep at OWT B=32 (online softmax): 4 operand stages 1.07x (rotary on load) and
@@ -84,6 +88,8 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
 CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl": SMALL_ROWS,
                       "gemm triton small + pdl + weight prefetch": SMALL_ROWS,
                       "gemm triton small + pdl + deep pipeline": SMALL_ROWS,
+                      "gemm triton fused + pdl": SMALL_ROWS,
+                      "gemm triton fused + pdl + weight prefetch + deep pipeline": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
                       "argmax one V tile per program": ARGMAX_SMALL_M,
@@ -226,8 +232,8 @@ def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None
 
 def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
     """Whether adding opts to merged times what the label will say: not another value for a merged key (two
-    rotary variants); not a rotary variant where the triton_small GEMMs apply the rotary in their epilogue
-    (≤ SMALL_ROWS rows)."""
+    rotary variants); not a rotary variant where the triton_small / triton_fused GEMMs apply the rotary in their
+    epilogue (≤ SMALL_ROWS rows)."""
     if any(k in merged and merged[k] != v for k, v in opts.items()):
         return False
     both = {**merged, **opts}
@@ -235,7 +241,8 @@ def _composes(merged: dict, opts: dict, n_rows: int) -> bool:
     if ((both.get("attention_poly_exp2") or both.get("attention_kv_split", 1) > 1)
             and (rotary == "prepass_tma" or both.get("attention_fixed_shift") is False)):
         return False     # the fixed-shift pointer kernel's options (engine/runner.py refuses the mix)
-    return not (rotary != "load" and both.get("gemm_impl") == "triton_small" and n_rows <= SMALL_ROWS)
+    return not (rotary != "load" and both.get("gemm_impl") in ("triton_small", "triton_fused")
+                and n_rows <= SMALL_ROWS)
 
 
 def bench(args, quick: bool = False) -> list[dict]:

@@ -10,9 +10,11 @@ one device memset per cuBLAS GEMM call (49 per sample call), each one more graph
 library may differ; and LM1B B=1 with the opt-in batch-1 kernels (Sampler kernel_options gemm_impl='triton_small'
 and pdl: Triton GEMMs without memsets, launches overlapped), to see what remains of the gaps, the same with the
 weights prefetched into L2 before each PDL wait and one operand stage per K step (kernel options pdl_prefetch,
-gemm_deep_pipeline), and with the attention's output projection inside the attention kernel (kernel option
-attention_out_proj: one launch fewer per block); OWT B=1 again with the attention's keys split over 8 programs
-per query tile (kernel option attention_kv_split: the attention took 34 µs per layer there, a third of the call).
+gemm_deep_pipeline), with the gate-residual and LayerNorm inside the GEMMs (gemm_impl 'triton_fused': 5
+launches per block instead of 7), and with the attention's output projection inside the attention kernel
+(kernel option attention_out_proj: one launch fewer per block); OWT B=1 again with the attention's keys split
+over 8 programs per query tile (kernel option attention_kv_split: the attention took 34 µs per layer there, a
+third of the call).
 Rows: the top kernels of each point (µs per call, % of the summed kernel time) and one summary row per point
 ("sample() call ms": a whole Sampler.sample() call, not the graph replay alone; "kernels ms": the device's busy
 time, the union of the kernels' intervals, so that PDL's overlapped launches count once; "gaps ms" = call − busy,
@@ -31,11 +33,13 @@ from fmlm.bench.common import markdown_table, optional_rows, time_fn, write_rows
 
 # (preset, B, variant): None (defaults), "cublaslt" (preferred BLAS library) or a VARIANT_OPTIONS key
 POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"),
-          ("lm1b", 1, "triton_small+pdl+prefetch+deep"), ("lm1b", 1, "triton_small+pdl+out_proj"), ("owt", 1, None),
+          ("lm1b", 1, "triton_small+pdl+prefetch+deep"), ("lm1b", 1, "triton_fused+pdl"),
+          ("lm1b", 1, "triton_small+pdl+out_proj"), ("owt", 1, None),
           ("owt", 1, "kv_split8"), ("owt", 32, None))
 VARIANT_OPTIONS = {"triton_small+pdl": {"gemm_impl": "triton_small", "pdl": True},
                    "triton_small+pdl+prefetch+deep": {"gemm_impl": "triton_small", "pdl": True, "pdl_prefetch": True,
                                                       "gemm_deep_pipeline": True},
+                   "triton_fused+pdl": {"gemm_impl": "triton_fused", "pdl": True},
                    "triton_small+pdl+out_proj": {"gemm_impl": "triton_small", "pdl": True, "attention_out_proj": True},
                    "kv_split8": {"attention_kv_split": 8}}
 TOP = 12

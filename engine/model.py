@@ -307,7 +307,17 @@ def _linear_gelu_tanh(y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torc
     return torch.nn.functional.gelu(torch.nn.functional.linear(y, w, b), approximate="tanh")
 
 
-GEMM_IMPLS = ("cublas", "triton_small")
+GEMM_IMPLS = ("cublas", "triton_small", "triton_fused")
+
+
+class _FusedState:
+    """What a 'triton_fused' block hands the next one instead of the adaLN output y: y itself (the trunk's first
+    block), or the residual stream's row statistics (kernels/norm_linear.py RowStats) with the LayerNorm weight,
+    shift and scale the next GEMM applies in its prologue; and the trunk's int32 split-K counters (zero between
+    launches: one memset per trunk call instead of one per GEMM)."""
+
+    def __init__(self, sem: torch.Tensor, y: Optional[torch.Tensor] = None, rs=None, norm: tuple = ()):
+        self.sem, self.y, self.rs, self.norm = sem, y, rs, norm
 
 
 def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale, cos, sin,
@@ -318,7 +328,8 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     (x', y' = the next adaLN input: the next block's norm1 or the final layer's norm). in_place: x may be
     overwritten (False for the caller's h and under torch.compile, which wants functional ops). rotary_impl:
     passed to softcap_attention ('load' default; 'prepass'/'prepass_k'/'prepass_tma' opt-in candidates).
-    gemm_impl: 'cublas' (default) or the opt-in 'triton_small' (kernels/linear.py), which at ≤ SMALL_ROWS rows
+    gemm_impl: 'cublas' (default), the opt-in 'triton_fused' (_fused_block; y is then a _FusedState) or the opt-in
+    'triton_small' (kernels/linear.py), which at ≤ SMALL_ROWS rows
     runs the four GEMMs as Triton kernels: rotary applied to q and k in the qkv GEMM's epilogue (attention then
     rotates nothing; rotary_impl does not apply), the two GEMMs that feed the residual as split-K partials
     summed by gate_residual (no memsets, every GEMM spread over the GPU at batch 1); cuBLAS above SMALL_ROWS.
@@ -340,7 +351,11 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     F = torch.nn.functional
     if gemm_impl not in GEMM_IMPLS:
         raise ValueError(f"gemm_impl must be one of {GEMM_IMPLS}, got {gemm_impl!r}")
-    if gemm_impl == "triton_small" and B * L <= lin.SMALL_ROWS:
+    if isinstance(y, _FusedState):
+        return _fused_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale, cos,
+                            sin, n_heads, softcap, in_place, kb, ab, attn_fixed_shift, attn_poly_exp2, attn_kv_split,
+                            attn_config)
+    if gemm_impl != "cublas" and B * L <= lin.SMALL_ROWS:
         # rotary in the qkv GEMM's epilogue (q and k: the first 2·D columns), then attention without rotation
         d = D // n_heads
         in_gemm = cos is not None and d >= 16 and d & (d - 1) == 0
@@ -371,6 +386,39 @@ def _fast_block(x, y, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next
     o = F.linear(_linear_gelu_tanh(y, wb["w0"], wb["b0"]), wb["w2"], wb["b2"])
     return adaln.gate_residual(x, gate_mlp, o, next_w, next_shift, next_scale, out_dtype=y.dtype,
                                x_out=x if in_place else None, backend=kb)
+
+
+def _fused_block(x, st: _FusedState, wb, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_w, next_shift, next_scale,
+                 cos, sin, n_heads: int, softcap, in_place: bool, kb: str, ab: str, attn_fixed_shift: bool,
+                 attn_poly_exp2: bool, attn_kv_split: int, attn_config: Optional[dict]):
+    """_fast_block with gemm_impl 'triton_fused' (opt-in, unmeasured; at ≤ SMALL_ROWS rows): 5 launches instead of
+    7. The qkv GEMM normalizes the previous block's residual stream itself (norm_linear: LayerNorm-modulate in
+    its A prologue, rotary in its epilogue), the output projection and the second MLP GEMM add their gated
+    result to the stream and leave its row statistics (residual_linear: split-K, the last split of a tile does
+    the residual), the first MLP GEMM normalizes again (norm_linear, GELU epilogue); no gate_residual kernel.
+    Returns (x', the _FusedState the next block or the trunk's final norm takes)."""
+    from fmlm.kernels import attention  # noqa: PLC0415
+    from fmlm.kernels import linear as lin  # noqa: PLC0415
+    from fmlm.kernels import norm_linear as nl  # noqa: PLC0415
+
+    B, L, D = x.shape
+    d = D // n_heads
+    in_gemm = cos is not None and d >= 16 and d & (d - 1) == 0
+    rot = (cos, sin, 2 * D) if in_gemm else None
+    if st.rs is None:          # the trunk's first block: y from adaln_modulate
+        qkv = lin.linear(st.y, wb["wqkv"], backend=kb, rotary=rot)
+    else:
+        qkv = nl.norm_linear(st.rs, *st.norm, wb["wqkv"], rotary=rot, backend=kb)
+    qkv = qkv.view(B, L, 3, n_heads, d)
+    rc, rs_ = (None, None) if in_gemm else (cos, sin)
+    att = attention.softcap_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softcap, rc, rs_, backend=ab,
+                                      fixed_shift=attn_fixed_shift, poly_exp2=attn_poly_exp2, kv_split=attn_kv_split,
+                                      tile_config=attn_config)
+    x_out = x if in_place else torch.empty_like(x)
+    rs = nl.residual_linear(att, wb["wout"], None, x, gate_msa, x_out=x_out, sem=st.sem, backend=kb)
+    hid = nl.norm_linear(rs, wb["norm2"], shift_mlp, scale_mlp, wb["w0"], wb["b0"], "gelu_tanh", backend=kb)
+    rs = nl.residual_linear(hid, wb["w2"], wb["b2"], rs.x, gate_mlp, x_out=rs.x, sem=st.sem, backend=kb)
+    return rs.x, _FusedState(st.sem, rs=rs, norm=(next_w, next_shift, next_scale))
 
 
 def _fast_modulation(model: "FlowLM", tau_s: torch.Tensor, tau_t: Optional[torch.Tensor],
@@ -418,6 +466,13 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
     x = h if h.dtype in (torch.float32, torch.float64) else h.float()
     y = adaln.adaln_modulate(x, w.blocks[0]["norm1"], mods[:, 0], mods[:, 1], out_dtype=dtype,
                              backend=kernel_backend)
+    from fmlm.kernels import linear as lin  # noqa: PLC0415
+    if gemm_impl == "triton_fused" and B * L <= lin.SMALL_ROWS:
+        if x.dtype != torch.float32 or not in_place:
+            raise ValueError("gemm_impl 'triton_fused' runs the eager blocks on an fp32 residual stream")
+        # split-K tile counters for every residual GEMM of the trunk (each launch leaves them zero): at least one
+        # per tile of the smallest tile (16 × 16)
+        y = _FusedState(torch.zeros(-(-B * L // 16) * -(-D // 16), device=x.device, dtype=torch.int32), y=y)
     for i, wb in enumerate(w.blocks):
         m = 6 * i
         if i + 1 < nb:
@@ -434,4 +489,6 @@ def _fast_trunk(model: "FlowLM", h: torch.Tensor, tau_s: Optional[torch.Tensor],
             x, y = block_fn(x, y, wb, *blk_mods, cos, sin, cfg.n_heads, cfg.attn_softcap, in_place and i > 0,
                             kernel_backend, attn_backend, rotary_impl, gemm_impl, attn_fixed_shift, attn_out_proj,
                             attn_poly_exp2, attn_kv_split, *((attn_config,) if attn_config else ()))
+    if isinstance(y, _FusedState):      # the final layer's adaLN, which the fused blocks leave to the trunk
+        y = adaln.adaln_modulate(y.rs.x, *y.norm, out_dtype=dtype, backend=kernel_backend)
     return y

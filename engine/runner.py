@@ -64,7 +64,8 @@ class Sampler:
     kernel_options (fast trunk on CUDA; kernel variants that `fmlm bench e2e` times beside the defaults):
     {"rotary_impl": "load" | "prepass" | "prepass_k" | "prepass_tma"} (kernels/attention.py),
     {"argmax_config": {...}} (kernels/logits_argmax.py launcher config, e.g. {"tma": True}),
-    {"gemm_impl": "cublas" | "triton_small"} (the blocks' GEMMs; engine/model.py _fast_block, kernels/linear.py),
+    {"gemm_impl": "cublas" | "triton_small" | "triton_fused"} (the blocks' GEMMs; engine/model.py _fast_block,
+    kernels/linear.py; 'triton_fused': the gate-residual and LayerNorm inside the GEMMs, kernels/norm_linear.py),
     {"attention_fixed_shift": False} (the attention's online softmax; the default, True, drops the running max:
     kernels/attention.py fixed_shift_log2), {"pdl": True} (the Triton trunk and argmax kernels
     launched with programmatic dependent launch on sm_90+: kernels/_backend.py pdl_launches),
@@ -95,6 +96,9 @@ class Sampler:
         self.kernel_options = _check_kernel_options(kernel_options)
         if self.compile_blocks and self.kernel_options.get("attention_config"):
             raise ValueError("kernel option attention_config overrides eager launches: not with compile_blocks")
+        if self.compile_blocks and self.kernel_options.get("gemm_impl") == "triton_fused":
+            raise ValueError("gemm_impl 'triton_fused' runs eager blocks (its ops are not registered for "
+                             "torch.compile): not with compile_blocks")
         self._key = None
         self._slots: dict[int, _Slot] = {}
         self._prepare()
@@ -417,9 +421,12 @@ def _check_kernel_options(opts: Optional[dict]) -> dict:
             opts["attention_config"] = check_tile_config(opts["attention_config"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"kernel option attention_config: {e}") from None
-    if opts.get("gemm_deep_pipeline") and opts.get("gemm_impl") != "triton_small":
+    if opts.get("gemm_deep_pipeline") and opts.get("gemm_impl") not in ("triton_small", "triton_fused"):
         raise ValueError("kernel option gemm_deep_pipeline deepens the Triton GEMMs' operand pipelines: it needs "
-                         "gemm_impl='triton_small'")
+                         "gemm_impl 'triton_small' or 'triton_fused'")
+    if opts.get("gemm_impl") == "triton_fused" and opts.get("attention_out_proj"):
+        raise ValueError("kernel option attention_out_proj (the projection in the attention kernel) is not part of "
+                         "gemm_impl 'triton_fused', whose projection GEMM does the residual")
     if opts.get("pdl_prefetch") and not opts.get("pdl"):
         raise ValueError("kernel option pdl_prefetch prefetches weights before the programmatic-dependent-launch wait: "
                          "it needs pdl=True")

@@ -4,6 +4,7 @@ CPU: bucketing, the plan, eager sampling == fmlm.sample(backend='torch') on the 
 entry points, invalidation on weight change, the device-seed path, the fast trunk against trunk_ref (fp32
 with the Triton kernels under TRITON_INTERPRET=1; bf16 with the torch ops). GPU (make gpu-check): graph
 replay == eager, no host sync in the captured region, the bf16 fast trunk within its error budget."""
+import importlib
 import os
 from pathlib import Path
 
@@ -15,10 +16,13 @@ from fmlm.engine import model as model_mod
 from fmlm.engine import nvtx, runner, sampling
 from fmlm.engine.runner import Sampler, bucket_for, cached_sampler
 from fmlm.kernels import attention
+from fmlm.kernels import adaln
 from fmlm.kernels import linear as lin
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
 from kernel_test_utils import LaunchArgs, capture
+
+nl = importlib.import_module("fmlm.kernels.norm_linear")
 
 
 def _model(two_time=True, device="cpu", seed=0, **kw):
@@ -284,7 +288,8 @@ def _assert_budget(out, reference, truth, floor_rel):
 
 TRUNK_KERNELS = {"gemm": (lin, "_linear_kernel"), "attn": (attention, "_softcap_attention_fwd_kernel"),
                  "attn_tma": (attention, "_softcap_attention_tma_fwd_kernel"),
-                 "rotary_qk": (attention, "_rotary_qk_fwd_kernel")}
+                 "rotary_qk": (attention, "_rotary_qk_fwd_kernel"), "resid": (nl, "_residual_linear_kernel"),
+                 "norm": (nl, "_norm_linear_kernel"), "adaln": (adaln, "_gate_residual_adaln_kernel")}
 
 # each kernel option of the fast trunk → the kernel launches (short name, constexprs) that show its path ran
 _ROPE_GEMM, _SPLIT_K = ("gemm", dict(ROTARY=True)), ("gemm", dict(PARTIAL=True))
@@ -307,6 +312,11 @@ TRUNK_VARIANTS = [
      [("attn", dict(ROTARY_Q=True, FIXED_SHIFT=True, BLOCK_N=32, num_stages=2))]),
     (dict(attn_config={"BLOCK_N": 32}, rotary_impl="prepass"), [("rotary_qk", {}), ("attn", dict(BLOCK_N=32))]),
     (dict(attn_config={"BLOCK_N": 32}, gemm_impl="triton_small"), [_ROPE_GEMM, ("attn", dict(BLOCK_N=32))]),
+    # the residual and LayerNorm inside the GEMMs: the qkv GEMM with rotary in its epilogue (first block), the
+    # LayerNorm-prologue GEMMs with rotary and GELU, the residual GEMMs with and without the bias
+    (dict(gemm_impl="triton_fused"),
+     [_ROPE_GEMM, ("norm", dict(ROTARY=True)), ("norm", dict(ACT=1)), ("resid", dict(HAS_BIAS=True)),
+      ("resid", dict(HAS_BIAS=False)), ("attn", dict(ROTARY_Q=False, FIXED_SHIFT=True))]),
 ]
 
 
@@ -335,6 +345,30 @@ def test_fast_trunk_fp32_triton_matches_trunk_ref(monkeypatch, L):
                 flags = {**flags, "KV_SPLIT": False}
             assert any(all(launch.get(k, False) == v for k, v in flags.items()) for launch in spies[name].launches), \
                 (kw, name, flags, spies[name].launches)
+
+
+@pytest.mark.skipif(not (triton_available() and interpreting()),
+                    reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
+def test_fused_trunk_runs_five_kernels_per_block(monkeypatch):
+    """gemm_impl 'triton_fused': per block the qkv GEMM (the first block's from the adaLN output, later ones with
+    the LayerNorm in their prologue), the attention, two residual GEMMs and the first MLP GEMM with the LayerNorm
+    prologue; gate_residual only for the trunk's first and final adaLN; split-K counters back to zero, and the
+    same trunk bit for bit on a second call."""
+    m = _model(hidden=64, n_heads=2, seq_len=7, n_blocks=3)
+    h, ts, tt = _trunk_inputs(m, 2, 7)
+    spies = {name: LaunchArgs(getattr(mod, attr)) for name, (mod, attr) in TRUNK_KERNELS.items()}
+    for name, (mod, attr) in TRUNK_KERNELS.items():
+        monkeypatch.setattr(mod, attr, spies[name])
+    sems = []
+    zeros = torch.zeros
+    monkeypatch.setattr(model_mod.torch, "zeros", lambda *a, **k: sems.append(zeros(*a, **k)) or sems[-1])
+    kw = dict(kernel_backend="triton", attn_backend="triton", gemm_impl="triton_fused")
+    out = model_mod._fast_trunk(m, h, ts, tt, torch.float32, **kw)
+    counts = {name: len(spy.launches) for name, spy in spies.items()}
+    assert counts == {"gemm": 1, "attn": 3, "attn_tma": 0, "rotary_qk": 0, "resid": 6, "norm": 5, "adaln": 2}, counts
+    assert all(not launch["HAS_RESIDUAL"] for launch in spies["adaln"].launches)
+    assert len(sems) == 1 and sems[0].dtype == torch.int32 and int(sems[0].abs().sum()) == 0
+    assert torch.equal(model_mod._fast_trunk(m, h, ts, tt, torch.float32, **kw), out)
 
 
 @pytest.mark.skipif(not (triton_available() and interpreting()), reason="Triton kernels on the CPU need TRITON_INTERPRET=1")
@@ -377,7 +411,8 @@ def test_sampler_kernel_options_validated():
                 {"attention_config": [4]}, {"attention_config": {"stages": 4}}, {"attention_config": {"num_stages": 0}},
                 {"attention_config": {"BLOCK_M": 48}}, {"attention_config": {"num_warps": 32}},
                 {"attention_config": {"num_stages": 4.0}}, {"gemm_deep_pipeline": True},
-                {"gemm_impl": "triton_small", "gemm_deep_pipeline": 1}):
+                {"gemm_impl": "triton_small", "gemm_deep_pipeline": 1},
+                {"gemm_impl": "triton_fused", "attention_out_proj": True}):
         with pytest.raises(ValueError, match="kernel option"):
             Sampler(m, 2, 1, graph=False, kernel_options=bad)
     s = Sampler(m, 2, 1, graph=False, kernel_options={"rotary_impl": "prepass", "argmax_config": {"tma": True}})
@@ -387,6 +422,8 @@ def test_sampler_kernel_options_validated():
     assert s.sample(0).shape == (2, 5)
     with pytest.raises(ValueError, match="compile_blocks"):
         Sampler(m, 2, 1, graph=False, compile_blocks=True, kernel_options={"attention_config": {"num_stages": 4}})
+    with pytest.raises(ValueError, match="compile_blocks"):
+        Sampler(m, 2, 1, graph=False, compile_blocks=True, kernel_options={"gemm_impl": "triton_fused"})
     assert s.sample(0).shape == (2, 5)          # CPU: the reference trunk and the torch head ignore them
 
 
@@ -528,10 +565,12 @@ def test_graph_replay_equals_eager(steps, renoise):
                                   {"argmax_config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
                                                      "num_stages": 3}},
                                   {"attention_config": {"num_stages": 4}},
-                                  {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"}],
+                                  {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"},
+                                  {"gemm_impl": "triton_fused", "pdl": True}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
                               "gemm_triton_small_pdl", "attention_online_softmax", "gemm_triton_small_pdl_out_proj",
-                              "argmax_w4", "attention_4_stages", "attention_4_stages_prepass"])
+                              "argmax_w4", "attention_4_stages", "attention_4_stages_prepass",
+                              "gemm_triton_fused_pdl"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
@@ -546,7 +585,7 @@ def test_kernel_option_candidates_match_default(opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm_impl", ["cublas", "triton_small"])
+@pytest.mark.parametrize("gemm_impl", ["cublas", "triton_small", "triton_fused"])
 def test_pdl_is_bit_exact(gemm_impl):
     """Programmatic dependent launch changes when kernels start, never what they compute: the fast trunk's output
     is bit-identical with and without it (a kernel reading before its predecessor finished would show here, over
@@ -583,7 +622,7 @@ def test_pdl_is_bit_exact(gemm_impl):
     eager = Sampler(s, 3, 2, renoise=0.5, graph=False, kernel_options={**opts, "pdl": True})
     pf = Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "pdl": True, "pdl_prefetch": True})
     deep = (Sampler(s, 3, 2, renoise=0.5, kernel_options={**opts, "gemm_deep_pipeline": True})
-            if gemm_impl == "triton_small" else pf)
+            if gemm_impl != "cublas" else pf)
     for seed in (0, 1):
         a = base.sample(seed)
         assert torch.equal(a, pdl.sample(seed)) and torch.equal(a, eager.sample(seed))
