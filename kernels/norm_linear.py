@@ -50,8 +50,9 @@ if triton_available():
                        stride_xm, stride_gb, stride_xo, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
         """x' = x + gate·(y + b) for one output tile, stored, and the tile's per-row statistics over its valid
         columns into STATS[pid_n] ((n_tiles_n, 3, M) fp32): (x0, s1, m2) with x0 the row's first value in the
-        tile, s1 = Σ(x' − x0), m2 = Σ(x' − mean)². Sums of deviations from a value of the row, not of x' itself:
-        a row far off zero (x' ≈ 300 ± 2) keeps fp32's accuracy for its spread (DESIGN.md §6 test at offset 300)."""
+        tile, s1 = Σ(x' − x0), m2 = Σ(x' − mean)². Sums of deviations from a value of the row, not of x' itself,
+        and norm_linear subtracts (x − c) − d rather than a rounded mean: a row far off zero (x' ≈ 300 ± 2, where
+        one fp32 ulp is 3e-5) keeps fp32's accuracy for its spread (test at offset 300)."""
         mask = row_ok[:, None] & col_ok[None, :]
         if HAS_BIAS:
             y += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
