@@ -47,7 +47,8 @@ if triton_available():
 
     @triton.jit
     def _residual_tail(y, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
-                       stride_xm, stride_gb, stride_xo, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                       stride_xm, stride_gb, stride_xo, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       ONE_BATCH: tl.constexpr):
         """x' = x + gate·(y + b) for one output tile, stored, and the tile's per-row statistics over its valid
         columns into STATS[pid_n] ((n_tiles_n, 3, M) fp32): (x0, s1, m2) with x0 the row's first value in the
         tile, s1 = Σ(x' − x0), m2 = Σ(x' − mean)². Sums of deviations from a value of the row, not of x' itself,
@@ -57,7 +58,12 @@ if triton_available():
         if HAS_BIAS:
             y += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         rows64 = rows.to(tl.int64)
-        g = tl.load(GATE + (rows64 // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ONE_BATCH:        # the tile's rows lie in one batch row (L a multiple of BLOCK_M): one gate vector
+            g = tl.load(GATE + (tl.min(rows64, 0) // L) * stride_gb + cols, mask=col_ok, other=0.0)
+            g = g.to(tl.float32)[None, :]
+        else:
+            g = tl.load(GATE + (rows64 // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+            g = g.to(tl.float32)
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = x + g * y
         tl.store(XOUT + rows64[:, None] * stride_xo + cols[None, :], x.to(XOUT.dtype.element_ty), mask=mask)
@@ -77,7 +83,7 @@ if triton_available():
         M, N, K, L, k_per_split, n_split,
         stride_am, stride_wn, stride_ps, stride_xm, stride_gb, stride_xo,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BATCH: tl.constexpr = False,
         USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False, PF_STEP: tl.constexpr = 64,
     ):
         """One (BLOCK_M × BLOCK_N) tile over the K slice of split pid_s, as linear's PARTIAL launch; with
@@ -117,7 +123,7 @@ if triton_available():
                 acc = tl.dot(a, tl.trans(w), acc)
         if n_split == 1:
             _residual_tail(acc, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
-                           stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N)
+                           stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N, ONE_BATCH)
         else:
             mask = row_ok[:, None] & col_ok[None, :]
             tile = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -132,7 +138,7 @@ if triton_available():
                 for s in range(0, n_split):          # split order: the same sum whichever split came last
                     y += tl.load(P + s * stride_ps + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 _residual_tail(y, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
-                               stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N)
+                               stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N, ONE_BATCH)
                 tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
@@ -141,7 +147,7 @@ if triton_available():
         M, N, K, L, n_tiles, tile_w, seq_len, rot_cols, eps,
         stride_xm, stride_mb, stride_wn, stride_om, stride_cl,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BATCH: tl.constexpr = False,
         ROTARY: tl.constexpr = False, HEAD_DIM: tl.constexpr = 64,
         USE_PDL: tl.constexpr = False, PREFETCH_W: tl.constexpr = False, PF_STEP: tl.constexpr = 64,
     ):
@@ -178,6 +184,7 @@ if triton_available():
             q += mt + nb * dm * dm
         d = s1 / K
         rstd = 1.0 / tl.sqrt(tl.maximum(q / K - d * d, 0.0) + eps)
+        mod_row = (pid_m * BLOCK_M // L).to(tl.int64) * stride_mb       # ONE_BATCH: the tile's batch row
         mod_rows = (rows64 // L)[:, None] * stride_mb
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = X + rows64[:, None] * stride_xm
@@ -189,8 +196,12 @@ if triton_available():
             amask = row_ok[:, None] & k_ok[None, :]
             x = tl.load(x_rows + ks[None, :], mask=amask, other=0.0).to(tl.float32)
             nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
-            sh = tl.load(SHIFT + mod_rows + ks[None, :], mask=amask, other=0.0).to(tl.float32)
-            sc = tl.load(SCALE + mod_rows + ks[None, :], mask=amask, other=0.0).to(tl.float32)
+            if ONE_BATCH:    # one shift / scale vector for the tile (L a multiple of BLOCK_M)
+                sh = tl.load(SHIFT + mod_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                sc = tl.load(SCALE + mod_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                sh = tl.load(SHIFT + mod_rows + ks[None, :], mask=amask, other=0.0).to(tl.float32)
+                sc = tl.load(SCALE + mod_rows + ks[None, :], mask=amask, other=0.0).to(tl.float32)
             a = (((x - c[:, None]) - d[:, None]) * rstd[:, None] * nw[None, :] * (1.0 + sc) + sh)
             a = a.to(W.dtype.element_ty)
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
@@ -300,7 +311,7 @@ def residual_linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         a2.stride(0), w.stride(0), P.stride(0) if S > 1 else 0, x2.stride(0), gate.stride(0), xo2.stride(0),
         HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
         EVEN_K=K % cfg["BLOCK_K"] == 0 and cfg["K_PER_SPLIT"] % cfg["BLOCK_K"] == 0,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], **_launch_opts(a, w, cfg, grid))
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], ONE_BATCH=L % BM == 0, **_launch_opts(a, w, cfg, grid))
     return RowStats(x_out, stats, BN)
 
 
@@ -341,7 +352,8 @@ def norm_linear_fwd(rs: RowStats, norm_w: torch.Tensor, shift: torch.Tensor, sca
         HAS_BIAS=bias is not None, ACT=int(activation == "gelu_tanh"),
         FAST_TANH=x.device.type == "cuda" and not interpreting() and w.dtype != torch.float32,
         IEEE=w.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        ROTARY=rot is not None, HEAD_DIM=head_dim, **_launch_opts(x, w, {**cfg, "K_PER_SPLIT": K}, grid))
+        ONE_BATCH=L % cfg["BLOCK_M"] == 0, ROTARY=rot is not None, HEAD_DIM=head_dim,
+        **_launch_opts(x, w, {**cfg, "K_PER_SPLIT": K}, grid))
     return out
 
 
@@ -402,7 +414,7 @@ def compile_specs() -> list[dict]:
             "XOUT": "*fp32", "STATS": "*fp32", "SEM": "*i32", "M": "i32", "N": "i32", "K": "i32", "L": "i32",
             "k_per_split": "i32", "n_split": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_ps": "i32",
             "stride_xm": "i32", "stride_gb": "i32", "stride_xo": "i32"}
-    rconst = dict(HAS_BIAS=True, IEEE=False, EVEN_K=True, **tiles)
+    rconst = dict(HAS_BIAS=True, IEEE=False, EVEN_K=True, ONE_BATCH=True, **tiles)
     rnames = _residual_linear_kernel.arg_names
     specs = [dict(name="_residual_linear_kernel[small]", fn=_residual_linear_kernel,
                   signature={**rsig, **{k: "constexpr" for k in rconst}}, constexprs=rconst,
@@ -417,7 +429,8 @@ def compile_specs() -> list[dict]:
     nnames = _norm_linear_kernel.arg_names
     nattrs = {(nnames.index(n),): [["tt.divisibility", 16]] for n in nsig if n in ndiv or nsig[n].startswith("*")}
     for tag, act, rotary in (("gelu", 1, False), ("rotary", 0, True)):
-        const = dict(HAS_BIAS=act == 1, ACT=act, FAST_TANH=True, IEEE=False, ROTARY=rotary, HEAD_DIM=64, **tiles)
+        const = dict(HAS_BIAS=act == 1, ACT=act, FAST_TANH=True, IEEE=False, ONE_BATCH=True, ROTARY=rotary,
+                     HEAD_DIM=64, **tiles)
         specs.append(dict(name=f"_norm_linear_kernel[small,{tag}]", fn=_norm_linear_kernel,
                           signature={**nsig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=nattrs,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))

@@ -47,6 +47,7 @@ def _config(dev, split_block_k=16):
 @needs_triton
 @pytest.mark.parametrize("B,L,K,D,dtype", [
     pytest.param(2, 7, 48, 40, torch.float32, id="fp32-D40-rows14"),
+    pytest.param(3, 16, 48, 40, torch.float32, id="fp32-L16-one-batch-per-tile"),
     pytest.param(1, 9, 64, 96, torch.float16, id="fp16-D96"),
     pytest.param(3, 1, 20, 33, torch.float32, id="fp32-L1-Dodd-Ktail")])
 def test_residual_linear_matches_reference(B, L, K, D, dtype):
@@ -89,12 +90,13 @@ def test_residual_linear_matches_reference(B, L, K, D, dtype):
 @needs_triton
 @pytest.mark.parametrize("act", [None, "gelu_tanh"])
 @pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centered", "offset300"])
-def test_norm_linear_matches_reference(act, offset):
+@pytest.mark.parametrize("L", [7, 16], ids=["L7", "L16-one-batch-per-tile"])
+def test_norm_linear_matches_reference(act, offset, L):
     """act(adaln(x)·wᵀ + b) from residual_linear's tile statistics, within the budget of the reference (the
     published LayerNorm + modulate in fp32, rounded to w's dtype, then the layer), also for rows far off zero
     (the merge has no E[x²] − E[x]² cancellation); the same from RowStats.of (the trunk's first block)."""
     dev, dtype = _dev(), torch.float32
-    a, w1, b1, x, gate = _block(2, 7, 48, 40, dtype, seed=2, offset=offset)
+    a, w1, b1, x, gate = _block(2, L, 48, 40, dtype, seed=2, offset=offset)
     rs = nl.residual_linear_fwd(a, w1, b1, x, gate, x_out=torch.empty_like(x), split_k=2, config=_config(dev))
     g = torch.Generator().manual_seed(3)
     nw = (1 + 0.1 * torch.randn(40, generator=g)).to(dev)
@@ -107,7 +109,7 @@ def test_norm_linear_matches_reference(act, offset):
     cfg = dict(_config(dev), BLOCK_K=32)
     for stats in (rs, nl.RowStats.of(rs.x, tile_w=16)):
         out = nl.norm_linear_fwd(stats, nw, shift, scale, w2, b2, act, config=cfg)
-        assert out.shape == (2, 7, 56) and out.dtype == w2.dtype
+        assert out.shape == (2, L, 56) and out.dtype == w2.dtype
         _budget(f"norm_linear {act} tile {stats.tile_w}", out, reference, truth, dtype, floor_eps=64)
 
 
