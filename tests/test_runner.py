@@ -530,6 +530,11 @@ def test_fast_trunk_bf16_gpu(B, L):
     if B * L <= 512:   # and with the attention's output projection fused (kernel option attention_out_proj)
         fused = model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_small", attn_out_proj=True)
         _assert_budget(fused, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+    # the gate-residual and LayerNorm inside the GEMMs (gemm_impl 'triton_fused'): the same budget, the same bits
+    # on a second call (split-K sums in split order, whichever split finishes last)
+    fused = model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_fused")
+    _assert_budget(fused, _bf16_reference(m, h, ts, tt), truth, 2 ** -8)
+    assert torch.equal(model_mod._fast_trunk(m, h, ts, tt, gemm_impl="triton_fused"), fused)
 
 
 @pytest.mark.gpu
