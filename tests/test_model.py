@@ -157,5 +157,15 @@ def test_fast_trunk_refuses_a_wrong_state_or_gemm_impl(tiny_cfg):
         with pytest.raises(ValueError, match=r"h must be \(B, L, 32\), got"):
             M._fast_trunk(m, h, torch.zeros(2), None)
     x = torch.zeros(1, 9, 32)
-    with pytest.raises(ValueError, match=r"gemm_impl must be one of \('cublas', 'triton_small'\), got 'cutlass'"):
+    with pytest.raises(ValueError, match=r"gemm_impl must be one of \('cublas', 'triton_small', 'triton_fused'\), "
+                                         r"got 'cutlass'"):
         M._fast_block(x, x, {}, *([None] * 9), 4, None, False, "torch", "torch", gemm_impl="cutlass")
+    # the fused GEMMs write an fp32 residual stream in place: an fp64 stream or a compiled (functional) block is
+    # refused by name
+    h = torch.randn(1, 9, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="triton_fused"):
+        M._fast_trunk(m.double(), h, torch.zeros(1, dtype=torch.float64), None, torch.float64,
+                      kernel_backend="torch", attn_backend="reference", gemm_impl="triton_fused")
+    with pytest.raises(ValueError, match="triton_fused"):
+        M._fast_trunk(m.float(), h.float(), torch.zeros(1), None, torch.float32, kernel_backend="torch",
+                      attn_backend="reference", gemm_impl="triton_fused", block_fn=M._fast_block)
