@@ -12,9 +12,10 @@ fp32 and its output is rounded to w2's dtype before the product, where the unfus
 How: residual_linear is linear_partials' split-K GEMM whose last split to finish a tile (a per-tile counter,
 atomically incremented after the partial is stored) sums the tile's partials in split order (deterministic:
 the same bits whichever split finishes last), adds the bias, applies the gate and the residual, stores x' and
-the tile's per-row (mean, M2) over its columns. norm_linear merges a row's tile statistics in tile order
-(Chan et al.'s pairwise update: no E[x²] − E[x]² cancellation), then normalizes and modulates each A tile of
-x' as it loads it, ahead of the dot. The gate_residual kernels (and their launches) disappear; the price: the
+the tile's per-row statistics over its columns (x0, Σ(x' − x0), M2: sums of deviations, _residual_tail).
+norm_linear sums a row's tile statistics in tile order about the row's first value (a parallel-axis merge of
+deviations: no E[x²] − E[x]² cancellation, no rounded mean subtracted), then normalizes and modulates each A tile
+of x' as it loads it, ahead of the dot. The gate_residual kernels (and their launches) disappear; the price: the
 GEMM programs read x' in fp32 (twice the bytes of the bf16 adaLN output they read before), and the last split
 of each tile does the residual epilogue.
 
@@ -304,7 +305,7 @@ def residual_linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     elif sem.dtype != torch.int32 or sem.numel() < grid[0] * grid[1]:
         raise ValueError(f"sem must be int32 with ≥ {grid[0] * grid[1]} entries")
     P = torch.empty(S, M, N, device=a.device, dtype=torch.float32) if S > 1 else x_out
-    x2, xo2 = x.view(M, N), x_out.view(M, N)
+    x2, xo2 = x.reshape(M, N), x_out.view(M, N)
     _residual_linear_kernel[grid](
         a2, w, bias if bias is not None else w, P, x2, gate, xo2, stats, sem,
         M, N, K, L, cfg["K_PER_SPLIT"], S,
