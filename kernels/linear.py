@@ -214,10 +214,10 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     return cfg
 
 
-def deep_stages(cfg: dict, esize: int) -> int:
+def deep_stages(cfg: dict, esize: int, per_stage: Optional[int] = None) -> int:
     """num_stages under deep_pipelines: one per K step of a split (at least the config's), as many as
-    DEEP_PIPELINE_SMEM holds."""
-    per_stage = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * esize
+    DEEP_PIPELINE_SMEM holds; per_stage: a stage's bytes (default: an A and a W tile of esize-byte elements)."""
+    per_stage = per_stage or (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * esize
     steps = _cdiv(cfg["K_PER_SPLIT"], cfg["BLOCK_K"])
     return max(cfg["num_stages"], min(steps, DEEP_PIPELINE_SMEM // per_stage))
 

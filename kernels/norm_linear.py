@@ -268,10 +268,12 @@ def _mods(t: torch.Tensor, B: int, D: int, name: str) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_opts(a: torch.Tensor, w: torch.Tensor, cfg: dict, grid: tuple) -> dict:
+def _launch_opts(a: torch.Tensor, w: torch.Tensor, cfg: dict, grid: tuple, per_stage: Optional[int] = None) -> dict:
+    """Launch keywords: the config's warps and stages (deep_pipelines: more, within DEEP_PIPELINE_SMEM at
+    per_stage bytes a stage), PDL, the weights' L2 prefetch."""
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch_kwargs(pdl_active(a)))
     if deep_pipelines_active(a) and grid[0] * grid[1] * grid[2] <= sm_count(a.device):
-        opts["num_stages"] = deep_stages(cfg, w.element_size())
+        opts["num_stages"] = deep_stages(cfg, w.element_size(), per_stage)
     if pdl_prefetch_active(a):
         opts.update(PREFETCH_W=True, PF_STEP=L2_LINE_BYTES // w.element_size())
     return opts
@@ -346,6 +348,11 @@ def norm_linear_fwd(rs: RowStats, norm_w: torch.Tensor, shift: torch.Tensor, sca
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]), 1)
     x2, o2 = x.reshape(M, K), out.view(M, N)
     cos_t, sin_t, rot_cols, head_dim = rot if rot is not None else (w, w, 0, 64)
+    one_batch = L % cfg["BLOCK_M"] == 0
+    # a stage: the fp32 x tile, the W tile, shift and scale (vectors, or tiles when a tile spans batch rows), nw
+    # (sm_90a at 64×64: 83 KB for 4 stages, 158 KB for 7; 12 would need 283 KB)
+    bm, bn, bk, es = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], w.element_size()
+    per_stage = bm * bk * 4 + bn * bk * es + (2 * bk if one_batch else 2 * bm * bk) * shift.element_size() + bk * es
     _norm_linear_kernel[grid[:2]](
         x2, rs.stats, norm_w.contiguous(), shift, scale, w, bias if bias is not None else w, o2, cos_t, sin_t,
         M, N, K, L, rs.stats.shape[0], rs.tile_w, L, rot_cols, float(eps),
@@ -353,8 +360,8 @@ def norm_linear_fwd(rs: RowStats, norm_w: torch.Tensor, shift: torch.Tensor, sca
         HAS_BIAS=bias is not None, ACT=int(activation == "gelu_tanh"),
         FAST_TANH=x.device.type == "cuda" and not interpreting() and w.dtype != torch.float32,
         IEEE=w.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        ONE_BATCH=L % cfg["BLOCK_M"] == 0, ROTARY=rot is not None, HEAD_DIM=head_dim,
-        **_launch_opts(x, w, {**cfg, "K_PER_SPLIT": K}, grid))
+        ONE_BATCH=one_batch, ROTARY=rot is not None, HEAD_DIM=head_dim,
+        **_launch_opts(x, w, {**cfg, "K_PER_SPLIT": K}, grid, per_stage))
     return out
 
 

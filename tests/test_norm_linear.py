@@ -175,3 +175,35 @@ def test_bf16_engine_shapes_on_gpu():
     out = nl.norm_linear(rs, nw, sh, sc, w0, b0, "gelu_tanh")
     _budget("bf16 norm_linear", out, nl.norm_linear_ref(rs.x, nw, sh, sc, w0, b0, "gelu_tanh"), truth,
             torch.bfloat16)
+
+
+@needs_triton
+def test_deep_pipelines_count_the_norm_kernels_stage(monkeypatch):
+    """Under deep_pipelines (forced on here) the LayerNorm GEMM's stages are counted with its fp32 x tile, so they
+    stay within linear.DEEP_PIPELINE_SMEM (at the engine's 64×64 bf16 tile: 7 stages, 158 KB on sm_90a, where
+    the plain A + W count would give 12 and 283 KB, more than an SM has); the residual GEMM's with A and W; the
+    results are the default's bit for bit."""
+    from kernel_test_utils import LaunchArgs
+
+    cfg = dict(lin.GPU_CONFIG_SMALL, K_PER_SPLIT=768)
+    assert lin.deep_stages(cfg, 2, 64 * 64 * 4 + 64 * 64 * 2 + 2 * 64 * 2 + 64 * 2) == 7
+    assert lin.deep_stages(cfg, 2) == 12
+    dev = _dev()
+    a, w1, b1, x, gate = _block(2, 16, 256, 40, torch.float32, seed=8)
+    c = _config(dev, split_block_k=32)
+    want = nl.residual_linear_fwd(a, w1, b1, x, gate, x_out=torch.empty_like(x), split_k=1, config=c)
+    nw, sh, sc = torch.ones(40, device=dev), torch.zeros(2, 40, device=dev), torch.zeros(2, 40, device=dev)
+    w2 = torch.randn(24, 40, device=dev)
+    want_y = nl.norm_linear_fwd(want, nw, sh, sc, w2, config=c)
+    spies = [LaunchArgs(nl._residual_linear_kernel), LaunchArgs(nl._norm_linear_kernel)]
+    monkeypatch.setattr(nl, "_residual_linear_kernel", spies[0])
+    monkeypatch.setattr(nl, "_norm_linear_kernel", spies[1])
+    monkeypatch.setattr(nl, "deep_pipelines_active", lambda t: True)
+    monkeypatch.setattr(nl, "sm_count", lambda device: 64)
+    got = nl.residual_linear_fwd(a, w1, b1, x, gate, x_out=torch.empty_like(x), split_k=1, config=c)
+    got_y = nl.norm_linear_fwd(got, nw, sh, sc, w2, config=c)
+    assert torch.equal(got.x, want.x) and torch.equal(got_y, want_y)
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    assert spies[0].launches[0]["num_stages"] == lin.deep_stages(dict(c, K_PER_SPLIT=256), 4)
+    per_stage = bm * bk * 4 + bn * bk * 4 + 2 * bk * 4 + bk * 4          # fp32 w; L = 16: one vector per tile
+    assert spies[1].launches[0]["num_stages"] == lin.deep_stages(dict(c, K_PER_SPLIT=40), 4, per_stage)
