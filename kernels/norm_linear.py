@@ -442,4 +442,8 @@ def compile_specs() -> list[dict]:
         specs.append(dict(name=f"_norm_linear_kernel[small,{tag}]", fn=_norm_linear_kernel,
                           signature={**nsig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=nattrs,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    # the gemm_deep_pipeline launches at LM1B B=1: 7 stages of the LayerNorm GEMM (its fp32 x tile counted),
+    # 12 of the residual GEMM
+    specs.append(dict(specs[1], name="_norm_linear_kernel[small,gelu,deep]", num_stages=7))
+    specs.append(dict(specs[0], name="_residual_linear_kernel[small,deep]", num_stages=12))
     return with_default_constexprs(specs)
