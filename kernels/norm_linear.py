@@ -446,4 +446,10 @@ def compile_specs() -> list[dict]:
     # 12 of the residual GEMM
     specs.append(dict(specs[1], name="_norm_linear_kernel[small,gelu,deep]", num_stages=7))
     specs.append(dict(specs[0], name="_residual_linear_kernel[small,deep]", num_stages=12))
+    # with pdl and pdl_prefetch: the weights' L2 prefetch before griddepcontrol.wait
+    for i in (0, 1):
+        specs.append(dict(specs[i], name=specs[i]["name"][:-1] + ",pdl_prefetch]",
+                          signature={**specs[i]["signature"], "USE_PDL": "constexpr", "PREFETCH_W": "constexpr",
+                                     "PF_STEP": "constexpr"},
+                          constexprs={**specs[i]["constexprs"], "USE_PDL": True, "PREFETCH_W": True, "PF_STEP": 64}))
     return with_default_constexprs(specs)
