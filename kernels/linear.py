@@ -89,6 +89,77 @@ if triton_available():
         return tl.reshape(tl.permute(rot, (0, 1, 3, 2)), (BLOCK_M, BLOCK_N))
 
     @triton.jit
+    def pdl_wait(W, cols, col_ok, stride_wn, k_begin, k_end, USE_PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
+                 PF_STEP: tl.constexpr):
+        """USE_PDL (programmatic dependent launch, _backend.pdl_launches): wait for the predecessor's writes, then
+        release the dependents; PREFETCH_W first asks L2 for this program's weight rows `cols` over K in
+        [k_begin, k_end) (they do not depend on the predecessor), the row blocks (axis 0) sharing them
+        every num_programs(0)-th line step each (PF_STEP: elements per L2 line; kernels/_prefetch.py)."""
+        if USE_PDL:
+            if PREFETCH_W:
+                prefetch_rows_l2(W, cols, col_ok, stride_wn, k_begin + tl.program_id(0) * PF_STEP, k_end,
+                                 PF_STEP * tl.num_programs(0))
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def slice_dot(A, W, rows, cols, row_ok, col_ok, k_begin, k_end, stride_am, stride_wn, IEEE: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Σ_k A[rows, k]·W[cols, k] over k in [k_begin, k_end), fp32 (BLOCK_M, BLOCK_N); EVEN_K: the range is
+        whole BLOCK_K steps (no K mask). IEEE: the exact fp32 dot (fp32 inputs)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(k_begin, k_end, BLOCK_K):
+            ks = k + offs_k
+            if EVEN_K:
+                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks < k_end)[None, :], other=0.0)
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < k_end)[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
+    def finish_tile(acc, rows, row_ok, cols, col_ok, BIAS, COS, SIN, stride_cl, seq_len, rot_cols,
+                    out_dtype: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr,
+                    ROTARY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The epilogue of a finished fp32 tile (column block program_id(1)): + bias, GELU(tanh) for ACT 1, and
+        with ROTARY the tiles of columns < rot_cols rotated (_rotary_tile)."""
+        if HAS_BIAS:
+            acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = _gelu_tanh(acc, FAST_TANH)
+        if ROTARY:
+            if tl.program_id(1) * BLOCK_N < rot_cols:
+                acc = _rotary_tile(acc, rows, row_ok, COS, SIN, stride_cl, seq_len, out_dtype, BLOCK_M, BLOCK_N,
+                                   HEAD_DIM)
+        return acc
+
+    @triton.jit
+    def split_tile_dot(A, W, M, N, K, k_per_split, stride_am, stride_wn, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+                       PREFETCH_W: tl.constexpr, PF_STEP: tl.constexpr):
+        """This program's (BLOCK_M × BLOCK_N) tile of A·Wᵀ over its split's K slice [pid_s·k_per_split,
+        +k_per_split) ∩ [0, K) (program ids: row block, column block, split), after pdl_wait:
+        (rows, cols, row_ok, col_ok, fp32 acc)."""
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        k_begin = tl.program_id(2) * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        pdl_wait(W, cols, col_ok, stride_wn, k_begin, k_end, USE_PDL, PREFETCH_W, PF_STEP)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        acc = slice_dot(A, W, rows, cols, row_ok, col_ok, k_begin, k_end, stride_am, stride_wn, IEEE, EVEN_K,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+        return rows, cols, row_ok, col_ok, acc
+
+    @triton.jit
     def _linear_kernel(
         A, W, BIAS, OUT, COS, SIN,
         M, N, K, k_per_split, seq_len, rot_cols,
@@ -107,50 +178,17 @@ if triton_available():
         traffic: each W tile is read from HBM once and from L2 after). PREFETCH_W (with USE_PDL): before the
         wait, the row blocks that share this W slice ask L2 for its lines, every num_programs(0)-th line step
         each (PF_STEP: elements per L2 line; kernels/_prefetch.py)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        k_begin = pid_s * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, K)
-        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
-            if PREFETCH_W:   # the weights do not depend on the predecessor
-                prefetch_rows_l2(W, cols, col_ok, stride_wn, k_begin + pid_m * PF_STEP, k_end,
-                                 PF_STEP * tl.num_programs(0))
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok = rows < M
-        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
-        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(k_begin, k_end, BLOCK_K):
-            ks = k + offs_k
-            if EVEN_K:       # K and k_per_split are multiples of BLOCK_K: no K mask
-                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
-            else:
-                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks < k_end)[None, :], other=0.0)
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < k_end)[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
+        rows, cols, row_ok, col_ok, acc = split_tile_dot(A, W, M, N, K, k_per_split, stride_am, stride_wn, IEEE,
+                                                         EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL, PREFETCH_W,
+                                                         PF_STEP)
         mask = row_ok[:, None] & col_ok[None, :]
         out = OUT + pid_s.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         if PARTIAL:
             tl.store(out, acc, mask=mask)
         else:
-            if HAS_BIAS:
-                acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                acc = _gelu_tanh(acc, FAST_TANH)
-            if ROTARY:
-                if pid_n * BLOCK_N < rot_cols:
-                    acc = _rotary_tile(acc, rows, row_ok, COS, SIN, stride_cl, seq_len, OUT.dtype.element_ty,
-                                       BLOCK_M, BLOCK_N, HEAD_DIM)
+            acc = finish_tile(acc, rows, row_ok, cols, col_ok, BIAS, COS, SIN, stride_cl, seq_len, rot_cols,
+                              OUT.dtype.element_ty, HAS_BIAS, ACT, FAST_TANH, ROTARY, BLOCK_M, BLOCK_N, HEAD_DIM)
             tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
 
 

@@ -43,8 +43,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._prefetch import prefetch_rows_l2
-    from .linear import _gelu_tanh, _rotary_tile
+    from .linear import finish_tile, pdl_wait, split_tile_dot
 
     @triton.jit
     def _residual_tail(y, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
@@ -94,34 +93,9 @@ if triton_available():
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        k_begin = pid_s * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, K)
-        if USE_PDL:          # programmatic dependent launch: the predecessor's writes first (_backend.pdl_launches)
-            if PREFETCH_W:   # the weights do not depend on the predecessor
-                prefetch_rows_l2(W, cols, col_ok, stride_wn, k_begin + pid_m * PF_STEP, k_end,
-                                 PF_STEP * tl.num_programs(0))
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok = rows < M
-        a_rows = A + rows.to(tl.int64)[:, None] * stride_am
-        w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(k_begin, k_end, BLOCK_K):
-            ks = k + offs_k
-            if EVEN_K:
-                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
-            else:
-                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks < k_end)[None, :], other=0.0)
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < k_end)[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
+        rows, cols, row_ok, col_ok, acc = split_tile_dot(A, W, M, N, K, k_per_split, stride_am, stride_wn, IEEE,
+                                                         EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL, PREFETCH_W,
+                                                         PF_STEP)
         if n_split == 1:
             _residual_tail(acc, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
                            stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N, ONE_BATCH)
@@ -162,11 +136,7 @@ if triton_available():
         pid_n = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        if USE_PDL:
-            if PREFETCH_W:
-                prefetch_rows_l2(W, cols, col_ok, stride_wn, pid_m * PF_STEP, K, PF_STEP * tl.num_programs(0))
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(W, cols, col_ok, stride_wn, 0, K, USE_PDL, PREFETCH_W, PF_STEP)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
@@ -210,14 +180,8 @@ if triton_available():
                 acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, tl.trans(w), acc)
-        if HAS_BIAS:
-            acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = _gelu_tanh(acc, FAST_TANH)
-        if ROTARY:
-            if pid_n * BLOCK_N < rot_cols:
-                acc = _rotary_tile(acc, rows, row_ok, COS, SIN, stride_cl, seq_len, OUT.dtype.element_ty,
-                                   BLOCK_M, BLOCK_N, HEAD_DIM)
+        acc = finish_tile(acc, rows, row_ok, cols, col_ok, BIAS, COS, SIN, stride_cl, seq_len, rot_cols,
+                          OUT.dtype.element_ty, HAS_BIAS, ACT, FAST_TANH, ROTARY, BLOCK_M, BLOCK_N, HEAD_DIM)
         tl.store(OUT + rows64[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
