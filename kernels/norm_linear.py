@@ -232,6 +232,19 @@ def _mods(t: torch.Tensor, B: int, D: int, name: str) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+TWO_CTA_STAGE_BYTES = 100 * 1024
+
+
+def two_cta_stages(stages: int, per_stage: int, programs: int, n_sm: int) -> int:
+    """The LayerNorm GEMM's stages: its fp32 x tile makes a stage ~1.5× linear's (49 KB at 128×128×64 bf16), so
+    linear's 3 stages there would leave one CTA per SM (115 KB; OWT B=1's qkv GEMM: 144 programs, two waves);
+    a grid of more programs than SMs keeps ≥ 2 stages within TWO_CTA_STAGE_BYTES, two CTAs per SM (sm_90a: 98 KB
+    at 128×128 with 2 stages)."""
+    if programs <= n_sm:
+        return stages
+    return max(2, min(stages, TWO_CTA_STAGE_BYTES // per_stage))
+
+
 def _launch_opts(a: torch.Tensor, w: torch.Tensor, cfg: dict, grid: tuple, per_stage: Optional[int] = None) -> dict:
     """Launch keywords: the config's warps and stages (deep_pipelines: more, within DEEP_PIPELINE_SMEM at
     per_stage bytes a stage), PDL, the weights' L2 prefetch."""
@@ -317,6 +330,8 @@ def norm_linear_fwd(rs: RowStats, norm_w: torch.Tensor, shift: torch.Tensor, sca
     # (sm_90a at 64×64: 83 KB for 4 stages, 158 KB for 7; 12 would need 283 KB)
     bm, bn, bk, es = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], w.element_size()
     per_stage = bm * bk * 4 + bn * bk * es + (2 * bk if one_batch else 2 * bm * bk) * shift.element_size() + bk * es
+    if x.device.type == "cuda" and not interpreting():
+        cfg["num_stages"] = two_cta_stages(cfg["num_stages"], per_stage, grid[0] * grid[1], sm_count(x.device))
     _norm_linear_kernel[grid[:2]](
         x2, rs.stats, norm_w.contiguous(), shift, scale, w, bias if bias is not None else w, o2, cos_t, sin_t,
         M, N, K, L, rs.stats.shape[0], rs.tile_w, L, rot_cols, float(eps),

@@ -207,3 +207,14 @@ def test_deep_pipelines_count_the_norm_kernels_stage(monkeypatch):
     assert spies[0].launches[0]["num_stages"] == lin.deep_stages(dict(c, K_PER_SPLIT=256), 4)
     per_stage = bm * bk * 4 + bn * bk * 4 + 2 * bk * 4 + bk * 4          # fp32 w; L = 16: one vector per tile
     assert spies[1].launches[0]["num_stages"] == lin.deep_stages(dict(c, K_PER_SPLIT=40), 4, per_stage)
+
+
+def test_two_cta_stages():
+    """The LayerNorm GEMM's stages where its grid exceeds the SMs: two CTAs per SM (≤ TWO_CTA_STAGE_BYTES of
+    stages, at least 2); one wave or less keeps the config's."""
+    large = 128 * 64 * 4 + 128 * 64 * 2 + 2 * 64 * 2 + 64 * 2           # OWT B=1's 128×128 tile, bf16
+    small = 64 * 64 * 4 + 64 * 64 * 2 + 2 * 64 * 2 + 64 * 2
+    assert nl.two_cta_stages(3, large, 144, 132) == 2
+    assert nl.two_cta_stages(3, large, 96, 132) == 3
+    assert nl.two_cta_stages(4, small, 192, 132) == 4
+    assert nl.two_cta_stages(4, 64 * 64 * 4 + 128 * 64 * 2 + 2 * 64 * 2 + 64 * 2, 200, 132) == 3
