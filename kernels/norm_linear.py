@@ -232,6 +232,16 @@ def _mods(t: torch.Tensor, B: int, D: int, name: str) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def one_wave_split(cfg: dict, M: int, N: int, n_sm: int) -> int:
+    """The residual GEMM's split count: linear_partials' (cfg["SPLIT"]), but with 8-warp tiles (128×128: the
+    residual tail's fp32 x, gate and partial sums take ~254 registers a thread, one CTA per SM) no more programs
+    than SMs (OWT B=1's output projection: 48 tiles × 3 splits would run in two waves, × 2 in one)."""
+    tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
+    if cfg["num_warps"] < 8 or tiles * cfg["SPLIT"] <= n_sm:
+        return cfg["SPLIT"]
+    return max(1, min(cfg["SPLIT"], n_sm // tiles))
+
+
 TWO_CTA_STAGE_BYTES = 100 * 1024
 
 
@@ -274,6 +284,11 @@ def residual_linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     M = B * L
     cfg = pick_config(M, N, K, a.dtype, a.device, split_k, config)
+    if split_k == 0 and config is None and a.device.type == "cuda" and not interpreting():
+        split = one_wave_split(cfg, M, N, sm_count(a.device))
+        if split != cfg["SPLIT"]:
+            tile = {k: v for k, v in cfg.items() if k not in ("SPLIT", "K_PER_SPLIT")}
+            cfg = pick_config(M, N, K, a.dtype, a.device, split, tile)
     S, BM, BN = cfg["SPLIT"], cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (_cdiv(M, BM), _cdiv(N, BN), S)
     stats = torch.empty(grid[1], 3, M, device=a.device, dtype=torch.float32)

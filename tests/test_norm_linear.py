@@ -218,3 +218,15 @@ def test_two_cta_stages():
     assert nl.two_cta_stages(3, large, 96, 132) == 3
     assert nl.two_cta_stages(4, small, 192, 132) == 4
     assert nl.two_cta_stages(4, 64 * 64 * 4 + 128 * 64 * 2 + 2 * 64 * 2 + 64 * 2, 200, 132) == 3
+
+
+def test_one_wave_split():
+    """The residual GEMM's splits: with 8-warp 128×128 tiles (one CTA per SM) no more programs than SMs; with the
+    4-warp tiles, or within a wave, linear_partials' choice."""
+    large, small = dict(lin.GPU_CONFIG_LARGE, SPLIT=3), dict(lin.GPU_CONFIG_SMALL, SPLIT=3)
+    assert nl.one_wave_split(large, 1024, 768, 132) == 2           # 48 tiles: 144 programs → 96
+    assert nl.one_wave_split(large, 256, 768, 132) == 3            # 12 tiles: 36 programs
+    assert nl.one_wave_split(dict(large, SPLIT=1), 4096, 768, 132) == 1
+    assert nl.one_wave_split(small, 1024, 768, 132) == 3
+    cfg = lin.pick_config(1024, 768, 768, torch.bfloat16, torch.device("cuda"), 0)
+    assert cfg["BLOCK_M"] == 128 and cfg["num_warps"] == 8 and cfg["SPLIT"] == 3      # what OWT B=1 gets
