@@ -43,6 +43,7 @@ from fmlm.bench.common import (RESULTS_DIR, add_bench_command, bench_deadline, c
 from fmlm.kernels.attention import OUT_PROJ_MAX_ROWS
 from fmlm.kernels.linear import SMALL_ROWS
 from fmlm.kernels.logits_argmax import BENCH_CONFIGS as ARGMAX_CONFIGS
+from fmlm.kernels.logits_argmax import CUDA_CONFIG as LA_CUDA
 from fmlm.kernels.logits_argmax import GPU_CONFIG_LARGE_M as LA_LARGE_M
 from fmlm.kernels.logits_argmax import GPU_CONFIG_ONE_TILE as LA_ONE_TILE
 from fmlm.kernels.logits_argmax import SMALL_M as ARGMAX_SMALL_M
@@ -66,6 +67,8 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "gemm triton fused + pdl + weight prefetch + deep pipeline": {
                   "gemm_impl": "triton_fused", "pdl": True, "pdl_prefetch": True, "gemm_deep_pipeline": True},
               "attention kv split 8": {"attention_kv_split": 8},
+              # the CUDA C++ kernel (csrc/logits_argmax.cu): one launch where the Triton split path takes two
+              "argmax cuda c++ (csrc)": {"argmax_config": LA_CUDA},
               "argmax tma 128x256 (the large-row default) at batch 1": {"argmax_config": LA_LARGE_M},
               # run5's attention sweep at OWT B=32 (online softmax): 4 operand stages 1.07x (rotary on load) and
               # 1.21x (rotary prepass) against 3 at the m128 n64 w8 tile
@@ -92,7 +95,7 @@ CANDIDATE_MAX_ROWS = {"gemm triton small": SMALL_ROWS, "gemm triton small + pdl"
                       "gemm triton fused + pdl + weight prefetch + deep pipeline": SMALL_ROWS,
                       "gemm triton small + pdl + out proj in attention": OUT_PROJ_MAX_ROWS,
                       "argmax tma": ARGMAX_SMALL_M,     # the default above ARGMAX_SMALL_M rows
-                      "argmax one V tile per program": ARGMAX_SMALL_M,
+                      "argmax one V tile per program": ARGMAX_SMALL_M, "argmax cuda c++ (csrc)": ARGMAX_SMALL_M,
                       "argmax tma 128x256 (the large-row default) at batch 1": ARGMAX_SMALL_M,
                       "attention kv split 4": 4096, "attention kv split 8": 4096}
 # rows from which a candidate can act: the polynomial exp2 only pays at the attention's m128 tile (napkin in

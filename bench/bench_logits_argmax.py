@@ -5,8 +5,8 @@ step h 16384×768 (B=16, L=1024), and B=1-ish 1024 and 128 rows. Rows: the Trito
 label names: the TMA kernel above 2048 rows, the pointer kernel below), the previous epilogue ("pairs") at the
 default tile, the pointer configs of kernels/logits_argmax.py BENCH_CONFIGS (the first, GPU_CONFIG, is the
 previous default) and the other TMA configs (TMA_BENCH_CONFIGS) at the OWT shape, each checked against the
-default; the TMA kernel at the default configs of the smaller row counts (opt-in there); the default, the
-previous default and cuBLAS at 32768 rows (the B=32 sampler's final step);
+default; the CUDA C++ kernel of csrc/ (backend='cuda') and the TMA kernel at the smaller row counts (opt-in
+there); the default, the previous default and cuBLAS at 32768 rows (the B=32 sampler's final step);
 reference.logits_argmax_ref eager; torch.compile(reference) at the OWT shape in a child process; the cuBLAS GEMM
 h·Wᵀ of the padded weight with no epilogue (the matmul ceiling), and beside it a plain Triton GEMM at the
 argmax's tile storing the logits (diagnostic: how much of the gap to cuBLAS is Triton's main loop, how much the
@@ -50,6 +50,8 @@ def _inputs(rows: int, seed: int = 0, dtype=None):
 
 
 def _cfg_label(cfg: dict) -> str:
+    if cfg.get("impl") == "cuda":
+        return "csrc/logits_argmax.cu: wmma 128x128x64, 3 stages, split reduced by the last CTA"
     kernel = "TMA" if cfg.get("tma") else "pointer"
     split = ("" if not cfg.get("splits") else "_one_V_tile_per_program" if cfg["splits"] >= 1 << 20
              else f"_split{cfg['splits']}")
@@ -134,8 +136,9 @@ def run(quick: bool = False) -> list[dict]:
 
     def try_config(n, cfg, h, ref_idx):
         """Time one config (the TMA kernel checked to be the one launched); a failure is a row, not fatal."""
-        impl = f"triton [{_cfg_label(cfg)}]" + (" (the previous default)" if cfg == LA.GPU_CONFIG
-                                                else " (opt-in)" if cfg.get("tma") else "")
+        impl = (f"cuda [{_cfg_label(cfg)}] (opt-in)" if cfg.get("impl") == "cuda" else
+                f"triton [{_cfg_label(cfg)}]" + (" (the previous default)" if cfg == LA.GPU_CONFIG
+                                                 else " (opt-in)" if cfg.get("tma") else ""))
         if cfg.get("tma") and not LA.tma_usable(h, W, cfg["BLOCK_K"]):
             rows.append({"op": "logits_argmax", "impl": impl, "rows": n, "note": "skipped: TMA not usable here"})
             return None
@@ -167,9 +170,12 @@ def run(quick: bool = False) -> list[dict]:
     # (GPU_CONFIG_ONE_TILE: more programs in flight at batch 1, a longer reduction); then the large-row default (TMA,
     # 128×256: 673 TFLOP/s at 16384 rows in run5) with the V split, where the default's 128×128 pointer tile ran the
     # 1024-row call at ~43 % of the tensor rate in the run5 profile (201 µs)
+    # First the CUDA C++ kernel (csrc/, LA.CUDA_CONFIG: one launch, no separate reduction kernel; not measured yet).
     for m in SHAPES[1:]:
-        for cfg in ({**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True}, LA.GPU_CONFIG_ONE_TILE,
-                    LA.GPU_CONFIG_LARGE_M):
+        for cfg in (LA.CUDA_CONFIG, {**LA.default_config(m, dev, D, V, h_all.dtype), "tma": True},
+                    LA.GPU_CONFIG_ONE_TILE, LA.GPU_CONFIG_LARGE_M):
+            if cfg is LA.CUDA_CONFIG and DEVICE != "cuda":
+                continue
             if time.time() - t_start < budget:
                 try_config(m, cfg, h_all[:m], mains[m][1])
     # the B=32 sampler's final step: default, the previous default (the pointer kernel at the same tile), cuBLAS

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of fmlm.kernels for sm_90a without a GPU; print registers, shared memory, spills.
+"""Compile every Triton kernel of fmlm.kernels and every csrc/ CUDA kernel for sm_90a without a GPU; print
+registers, shared memory, spills.
 
 Each module of fmlm.kernels may define `compile_specs() -> list[dict]`, one dict per kernel config:
     name (str), fn (the @triton.jit kernel), signature (dict arg → "*bf16" / "i32" / "fp32" / "constexpr"),
@@ -6,8 +7,8 @@ Each module of fmlm.kernels may define `compile_specs() -> list[dict]`, one dict
     are multiples of 16: the JIT specializes on that, and it decides vectorized and pipelined loads;
     default: every pointer argument, as torch allocations are aligned) or attrs (raw ASTSource attrs).
 Registers and spills come from `ptxas -v` on the generated PTX (the same ptxas Triton ships), shared memory
-from Triton's metadata. Exit status 1 on any compile error or a shared-memory need above the device limit
-(such a kernel compiles but fails at launch). Usage: `python -m fmlm.bench.compile_check [-k substr]`.
+from Triton's metadata; the csrc/ .cu files go through nvcc (cuda_rows). Exit status 1 on any compile error or a
+shared-memory need above the device limit (such a kernel compiles but fails at launch). Usage: `python -m fmlm.bench.compile_check [-k substr]`.
 """
 from __future__ import annotations
 
@@ -137,6 +138,36 @@ def run(pattern: str = "", arch: int = TARGET_ARCH, jobs: int = 1) -> tuple[list
     return rows, errors
 
 
+def cuda_rows(pattern: str = "", arch: int = TARGET_ARCH) -> tuple[list[dict], list[str]]:
+    """The csrc/ CUDA C++ kernels, compiled by nvcc for sm_{arch}a (DESIGN.md §5 tier 3): registers and spills from
+    `ptxas -v`, shared memory = ptxas's static bytes + the dynamic bytes the launcher asks for (read from the
+    library's ABI, which loads without a GPU). No rows and a note when nvcc is missing."""
+    from fmlm.kernels import _cuda
+
+    if not any(pattern in f"csrc.{k}" for k in _cuda.KERNELS):
+        return [], []
+    if _cuda.find_nvcc() is None:
+        print("note: no nvcc (PATH, FMLM_NVCC, CUDA_HOME): the csrc/ CUDA kernels were not compiled")
+        return [], []
+    rows, errors = [], []
+    try:
+        t0 = time.perf_counter()
+        report = [r for r in _cuda.ptxas_report(f"{arch}a") if pattern in f"csrc.{r['name']}"]
+        dynamic = _cuda.library(str(arch)).fmlm_logits_argmax_smem_bytes() if report else 0
+        secs = (time.perf_counter() - t0) / max(1, len(report))
+    except Exception as e:
+        return [], [f"csrc: {type(e).__name__}: {str(e).strip()[:2000]}"]
+    limit = SMEM_LIMIT.get(arch)
+    for r in report:
+        shared = r["static_smem"] + (dynamic if r["name"].startswith("logits_argmax_kernel") else 0)
+        if limit is not None and shared > limit:
+            errors.append(f"csrc.{r['name']}: needs {shared} B of shared memory, sm_{arch} allows {limit}")
+        rows.append({"module": f"csrc/{r['source']}", "kernel": r["name"], "registers": r["registers"],
+                     "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "shared_bytes": shared,
+                     "num_warps": 8, "num_stages": 3, "compile_s": secs})
+    return rows, errors
+
+
 def _spec_index(mod: str, spec: dict) -> int:
     specs = importlib.import_module(f"fmlm.kernels.{mod}").compile_specs()
     return [s["name"] for s in specs].index(spec["name"])
@@ -155,6 +186,8 @@ def main(argv=None) -> int:
     from fmlm.bench.common import markdown_table
 
     rows, errors = run(args.pattern, args.arch, args.jobs)
+    more_rows, more_errors = cuda_rows(args.pattern, args.arch)
+    rows, errors = rows + more_rows, errors + more_errors
     keys = ["module", "kernel", "registers", "spill_stores", "spill_loads", "shared_bytes", "num_warps",
             "num_stages", "compile_s"]
     print(markdown_table(rows, keys) if rows else "no compile specs found")

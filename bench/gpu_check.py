@@ -225,7 +225,9 @@ def main(argv=None) -> int:
             try:
                 rc = run_group([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-m", "gpu",
                                 "-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors",
-                                *xdist_args(a.tests_workers)], a.tests_limit, cwd=ROOT, env=env,
+                                # the slowest tests in the log: where the 5-minute budget goes (run4: 113 s of
+                                # tests left too little for bench_vocab_attention)
+                                "--durations=20", *xdist_args(a.tests_workers)], a.tests_limit, cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
                 status["gpu tests"] = ("pass" if rc == 0 else f"FAIL rc={rc}", time.time() - t0)
             except subprocess.TimeoutExpired:

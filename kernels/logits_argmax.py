@@ -363,12 +363,17 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """h (M, D), weight (Vp ≥ n_valid, D), bias (≥ n_valid,) or None → int64 (M,). config overrides the
     block sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), `splits` (programs along V), `tma`
     (True: the TMA kernel where tma_usable, else the pointer kernel) and `epilogue` ("two_pass", the default,
-    or "pairs", the previous one; see _argmax_tile_update).
+    or "pairs", the previous one; see _argmax_tile_update); `impl` "cuda" runs logits_argmax_cuda instead (with
+    `splits`, the other keys unused).
 
     CUDA-graph capture: both kernels allocate only the torch.empty outputs below (from the capture pool). The
     TMA path builds its descriptors on the host: the launcher encodes each CUtensorMap with a driver call
     that touches no stream and passes it by value as a kernel parameter, which the graph copies at capture.
     Replays therefore read the addresses h and weight had at capture, the usual static-buffer rule."""
+    if (config or {}).get("impl", "triton") == "cuda":
+        return logits_argmax_cuda(h, weight, bias, n_valid, (config or {}).get("splits"))
+    if (config or {}).get("impl", "triton") != "triton":
+        raise ValueError(f"logits_argmax config impl must be 'triton' or 'cuda', got {config['impl']!r}")
     if triton is None:
         raise RuntimeError("logits_argmax_fwd needs the triton package")
     h, weight, bias = _check_dtypes(h, weight, bias)
@@ -415,6 +420,60 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             EVEN_K=D % BK == 0, **common, **pf)
     if split:
         reduce_splits(vals, idxs, out, pdl)
+    return out
+
+
+CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
+
+
+def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n_valid: int,
+                       splits: Optional[int] = None) -> torch.Tensor:
+    """The CUDA C++ kernel of csrc/logits_argmax.cu (built with nvcc on first use, kernels/_cuda.py): bf16 or fp16
+    h (M, D) and weight (≥ n_valid, D) of one dtype, bias in bf16, fp16 or fp32; D a multiple of 8. One launch:
+    the V split's partials are reduced by the last CTA of each 128-row block (written for the sampler's batch-1
+    heads; the Triton kernels stay the default). splits: CTAs along V (default: one wave, as the Triton launcher).
+    CUDA-graph capture: allocates only the outputs, the partials and a zeroed counter per row block; the library
+    must be loaded before capture (the Sampler's warm-up does that)."""
+    if h.device.type != "cuda" or weight.device != h.device or (bias is not None and bias.device != h.device):
+        raise RuntimeError(f"backend='cuda' (csrc/) needs CUDA tensors on one device, got h on {h.device}, "
+                           f"weight on {weight.device}" + ("" if bias is None else f", bias on {bias.device}"))
+    if h.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != h.dtype:
+        raise TypeError(f"backend='cuda' takes bf16 or fp16 h and weight of one dtype, got {h.dtype} and "
+                        f"{weight.dtype} (backend='triton' or 'torch' take the others)")
+    if bias is not None and bias.dtype not in CUDA_DTYPES:
+        raise TypeError(f"backend='cuda' takes a bf16, fp16 or fp32 bias, got {bias.dtype}")
+    from . import _cuda
+
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    M, D = h.shape
+    out = torch.empty(M, device=h.device, dtype=torch.long)
+    if M == 0:
+        return out
+    lib = _cuda.library(_cuda.device_arch(h.device))
+    n_tiles = -(-n_valid // 128)
+    index = torch.cuda.current_device() if h.device.index is None else h.device.index
+    if splits is None:
+        splits = lib.fmlm_logits_argmax_default_splits(M, n_valid, _num_sms(index))
+    splits = max(1, min(int(splits), n_tiles))
+    part_val = part_idx = counters = None
+    if splits > 1:
+        part_val = torch.empty(splits, M, device=h.device, dtype=torch.float32)
+        part_idx = torch.empty(splits, M, device=h.device, dtype=torch.int32)
+        counters = torch.zeros(-(-M // lib.fmlm_logits_argmax_rows_per_block()), device=h.device, dtype=torch.int32)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    with torch.cuda.device(h.device):
+        rc = lib.fmlm_logits_argmax(
+            CUDA_DTYPES[h.dtype], h.data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0), ptr(bias),
+            CUDA_DTYPES[bias.dtype] if bias is not None else 0, M, n_valid, D, splits, ptr(part_val), ptr(part_idx),
+            ptr(counters), out.data_ptr(), index, torch.cuda.current_stream(h.device).cuda_stream)
+    if rc < 0:
+        raise ValueError(f"backend='cuda' logits_argmax: {_cuda.error_string(lib, rc)} (M={M}, D={D}, "
+                         f"strides {h.stride(0)} and {weight.stride(0)}, splits {splits})")
+    if rc > 0:
+        raise RuntimeError(f"backend='cuda' logits_argmax: CUDA error {rc}: {_cuda.error_string(lib, rc)}")
     return out
 
 
@@ -541,9 +600,11 @@ def logits_argmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   n_valid: Optional[int] = None, backend: str = "auto", config: Optional[dict] = None) -> torch.Tensor:
     """h (..., D) → LongTensor (...): argmax over the first n_valid rows of weight of h·Wᵀ+b.
 
-    backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise.
-    config: launcher overrides for the Triton kernel (see logits_argmax_fwd, e.g. {"tma": True}); eager calls
-    then go to the launcher directly, while torch.compile traces the registered op with the default config."""
+    backend='auto' runs the Triton kernel for fp16 / bf16 CUDA tensors and the chunked torch path otherwise;
+    backend='cuda' the CUDA C++ kernel of csrc/ (logits_argmax_cuda; bf16/fp16 on CUDA, eager only).
+    config: launcher overrides for the Triton kernel (see logits_argmax_fwd, e.g. {"tma": True}; {"impl": "cuda"}
+    runs the csrc/ kernel from there, as the engine's argmax_config can); eager calls then go to the launcher
+    directly, while torch.compile traces the registered op with the default config."""
     if weight.dim() != 2 or h.dim() < 1 or h.shape[-1] != weight.shape[1]:
         raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}")
     V = valid_rows(n_valid, weight.shape[0])
@@ -552,6 +613,8 @@ def logits_argmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])
     b = None if bias is None else bias[:V]
+    if backend == "cuda":
+        return logits_argmax_cuda(h2, weight, b, V, (config or {}).get("splits")).reshape(lead)
     be = resolve(backend, h.device)
     if be == "triton" and backend == "auto" and h.dtype in (torch.float32, torch.float64):
         be = "torch"       # fp64 is torch/reference-only; fp32 runs faster as chunked cuBLAS GEMMs

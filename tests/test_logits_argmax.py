@@ -485,3 +485,134 @@ def test_one_v_tile_per_program_config(monkeypatch):
     assert torch.equal(idx.cpu(), ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double()).cpu())
     assert idx[0].item() == 5
     assert LA.GPU_CONFIG_ONE_TILE["splits"] >= 1 << 20 and LA.GPU_CONFIG_ONE_TILE["BLOCK_M"] == 64
+
+
+# ---- backend='cuda': the CUDA C++ kernel of csrc/logits_argmax.cu --------------------------------------
+# On CPU: nvcc builds the library (the CUDA runtime linked statically, so it loads without a GPU) and its C ABI's
+# argument checks and policy are tested; on a GPU: the kernel against the reference, ties, the split reduction,
+# CUDA-graph replay.
+from fmlm.kernels import _cuda  # noqa: E402
+
+needs_nvcc = pytest.mark.skipif(_cuda.find_nvcc() is None, reason="no nvcc to build csrc/")
+CUDA_ARCH = _cuda.device_arch(0) if ON_DEVICE else "90"
+
+
+def _abi_call(lib, **kw):
+    """fmlm_logits_argmax with valid-looking arguments (fake, aligned addresses), overridden by kw."""
+    a = dict(dtype=0, h=1 << 20, ldh=768, w=1 << 21, ldw=768, bias=None, bias_dtype=0, M=128, n_valid=30522, D=768,
+             splits=1, part_val=None, part_idx=None, counters=None, out=1 << 22, device=-1, stream=None)
+    a.update(kw)
+    return lib.fmlm_logits_argmax(*a.values())
+
+
+@needs_nvcc
+def test_cuda_library_abi_and_argument_errors():
+    """The built library answers its ABI: the version, the tile rows, the dynamic shared memory (3 stages of
+    (128 + 128) × 72 bf16 + 8 warps' 32 × 68 fp32 slabs), the Triton launcher's one-wave split policy; every bad
+    argument gets its own negative code and message before any CUDA call, and with valid arguments on a machine
+    without a GPU the CUDA runtime's error comes back (a positive code), not a crash."""
+    lib = _cuda.library(CUDA_ARCH)
+    assert lib.fmlm_abi_version() == _cuda.ABI_VERSION == 1
+    assert lib.fmlm_logits_argmax_rows_per_block() == 128
+    assert lib.fmlm_logits_argmax_smem_bytes() == 3 * 256 * 72 * 2 + 8 * 32 * 68 * 4
+    for M, V, sms in ((128, 30522, 132), (1024, 50258, 132), (16384, 50258, 132), (1, 100, 132), (300, 257, 4)):
+        blocks, tiles = -(-M // 128), -(-V // 128)
+        assert lib.fmlm_logits_argmax_default_splits(M, V, sms) == max(1, min(tiles, sms // blocks)), (M, V, sms)
+    bad = {"dtype": dict(dtype=2), "bias dtype": dict(bias_dtype=3), "no h": dict(h=None), "no out": dict(out=None),
+           "M": dict(M=0), "n_valid": dict(n_valid=0), "ldh < D": dict(ldh=512), "D % 8": dict(D=100, ldh=104,
+                                                                                               ldw=104),
+           "ldw % 8": dict(ldw=772), "h alignment": dict(h=(1 << 20) + 8), "splits 0": dict(splits=0),
+           "splits > tiles": dict(splits=239 + 1), "split without partials": dict(splits=2)}
+    codes = {}
+    for name, kw in bad.items():
+        rc = _abi_call(lib, **kw)
+        assert rc < 0, name
+        codes[name] = rc
+        assert _cuda.error_string(lib, rc) not in ("no error", "unknown error"), name
+    assert len(set(codes.values())) == 5            # dtype, shape, alignment, null pointer, splits
+    assert _cuda.error_string(lib, 0) == "no error"
+    if not torch.cuda.is_available():
+        rc = _abi_call(lib)
+        assert rc > 0 and "no error" not in _cuda.error_string(lib, rc)
+
+
+@needs_nvcc
+def test_cuda_build_cache(tmp_path, monkeypatch):
+    """One nvcc build per (sources, target, nvcc): the second call finds the library in the cache (no log, the same
+    file untouched); no nvcc → a CudaBuildError that says how to provide one."""
+    monkeypatch.setenv("FMLM_CUDA_CACHE", str(tmp_path))
+    path, log = _cuda.build("90", quiet=True)
+    assert path.parent == tmp_path and path.exists() and "registers" in log
+    stamp = path.stat().st_mtime_ns
+    again, log2 = _cuda.build("90", quiet=True)
+    assert again == path and log2 == "" and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]      # no temporary file left behind
+    monkeypatch.setattr(_cuda, "find_nvcc", lambda: None)
+    with pytest.raises(_cuda.CudaBuildError, match="FMLM_NVCC"):
+        _cuda.build("90", quiet=True)
+
+
+def test_cuda_backend_input_checks():
+    """backend='cuda' and config {"impl": "cuda"} refuse CPU tensors and other dtypes with errors that name the
+    alternatives, before building anything; an unknown impl is refused."""
+    h, W, b = _problem(5, 100, 128, 32, torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        logits_argmax(h.bfloat16(), W.bfloat16(), b, 100, backend="cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        LA.logits_argmax_fwd(h.bfloat16(), W.bfloat16(), b, 100, {"impl": "cuda"})
+    with pytest.raises(ValueError, match="impl must be"):
+        LA.logits_argmax_fwd(h, W, b, 100, {"impl": "cutlass"})
+    if ON_DEVICE:
+        with pytest.raises(TypeError, match="bf16 or fp16"):
+            logits_argmax(h.cuda(), W.cuda(), b.cuda(), 100, backend="cuda")
+        with pytest.raises(ValueError, match="multiples of 8"):
+            logits_argmax(h[:, :30].cuda().half(), W[:, :30].cuda().half(), None, 100, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,V,Vp,D,dtype,bias", [
+    (1, 50258, 50304, 768, torch.bfloat16, torch.bfloat16),
+    (3, 1009, 1024, 64, torch.float16, None),
+    (128, 30522, 30592, 768, torch.bfloat16, torch.float32),      # LM1B B=1, the engine's fp32 head bias
+    (130, 50258, 50304, 768, torch.bfloat16, torch.bfloat16),     # two row blocks, the second with 2 rows
+    (1024, 50258, 50304, 768, torch.bfloat16, torch.float32),     # OWT B=1
+    (37, 1000, 1024, 776, torch.float16, torch.float16),          # D not a multiple of the 64-wide K step
+], ids=["owt-1row", "prime-V-D64-fp16", "lm1b-B1", "rows130", "owt-B1", "D776"])
+def test_gpu_cuda_matches_reference(M, V, Vp, D, dtype, bias):
+    h, W, b = _problem(M, V, Vp, D, dtype, bias=bias is not None, device="cuda")
+    b = None if b is None else b.to(bias)
+    idx = logits_argmax(h, W, b, V, backend="cuda")
+    _check(idx, h, W, b, V)
+    for splits in (1, 7):                          # no split (no partials), and a split the default would not pick
+        _check(LA.logits_argmax_cuda(h, W, b, V, splits), h, W, b, V)
+    tri = logits_argmax(h, W, b, V, backend="triton")
+    assert (idx == tri).float().mean().item() > 0.99         # both fp32 sums of the same products: near ties only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_ties_lowest_index(dtype):
+    """Exact ties (integer inputs): row 0's best columns 5 and 40 (one warp's column half), 70 (the other half of
+    the same tile) and 254 (the next tile): every split count (1: one CTA, 2 and 3: across CTAs, reduced by the
+    last one) gives the reference's lowest index, for every row."""
+    h, W, b = _int_problem(19, 257, 320, 64, dtype, device="cuda")
+    W[70] = W[5]
+    want = ref.logits_argmax_ref(h.double(), W[:257].double(), b[:257].double())
+    assert want[0].item() == 5
+    for splits in (1, 2, 3):
+        assert torch.equal(LA.logits_argmax_cuda(h, W, b, 257, splits), want), splits
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_and_counters():
+    """Captured in a CUDA graph (the library loaded by the warm-up call), the split launch replays on new contents
+    of h == eager, many times: the reducing CTA leaves the row blocks' counters at zero for the next replay."""
+    h, W, b = _owt(M=2 * 256)
+    static_h = h[:256].clone()
+    g, out = capture(lambda: LA.logits_argmax_cuda(static_h, W, b, 50258))
+    for _ in range(3):
+        for part in (h[:256], h[256:]):
+            static_h.copy_(part)
+            g.replay()
+            assert torch.equal(out, LA.logits_argmax_cuda(part.contiguous(), W, b, 50258))
+    _check(out, static_h, W, b, 50258)

@@ -1,0 +1,322 @@
+// logits_argmax for few rows, CUDA C++: out[r] = argmax over v < n_valid of h[r]·W[v] + b[v] (fp32 accumulation,
+// ties → lowest index as torch.argmax), never writing logits. Torch-free: raw pointers, strides and a stream behind
+// a C ABI (fmlm_logits_argmax below); kernels/_cuda.py builds this file with nvcc and calls it through ctypes.
+//
+// Reference: fmlm.kernels.reference.logits_argmax_ref; the Triton kernels of kernels/logits_argmax.py compute the
+// same function. This one is written for the sampler's batch-1 heads (LM1B B=1: 128 rows, V = 30522, D = 768),
+// where the Triton launch is a V-split GEMM plus a second kernel that reduces the splits (run5 profile on an H100,
+// 2026-11-27: 24.6 µs + 12.8 µs). Here the last CTA of a row block to finish reduces the splits (a counter per row
+// block, the threadFenceReduction pattern), so one launch does both.
+//
+// Napkin (H100, LM1B B=1): W is 30592×768 bf16 = 47 MB → 16 µs at 2.96 TB/s if every SM streams an equal share;
+// 120 CTAs (2 column tiles each) move 393 KB of W each, ~17.5 µs at a 132th of the copy rate. h (128×768) is re-read
+// from L2 per column tile (as W's own bytes: L2, not HBM). The MMAs (9.4 GFLOP through mma.sync, wmma API) are a
+// fraction of that. Not measured yet (no GPU in the session that wrote it).
+//
+// Tile: 128 rows × 128 columns per CTA, K in steps of 64 through a 3-stage cp.async ring; 8 warps as 4 (rows) × 2
+// (columns), each 32 × 64 = 2 × 4 wmma 16×16×16 fragments with fp32 accumulators. Per finished column tile each warp
+// stores its accumulators to its own shared-memory slab and keeps, per row, the best (value, index) of its column
+// half (one lane per row). The column tiles of the grid's x-axis split are contiguous ranges; the comparison
+// (v > best or (v == best and index < best index)) makes the result independent of the order partials merge in.
+// NaN logits never win (as the Triton kernels; torch.argmax would return the first NaN); a row whose every value is
+// NaN gets index 0.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <stdint.h>
+
+#include <climits>
+
+namespace {
+
+using namespace nvcuda;
+
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, WARPS = 8, THREADS = WARPS * 32;
+constexpr int LDS = BK + 8;          // shared row pitch in elements: 144 B, a 16-byte multiple, rows 4 banks apart
+constexpr int EPI_LD = 64 + 4;       // per-warp fp32 slab pitch (wmma stores need a multiple of 4)
+constexpr int STAGE_ELEMS = (BM + BN) * LDS;
+constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * 32 * EPI_LD * 4;   // 110592 + 69632 = 176 KiB
+
+// error codes below 0 are argument errors (fmlm_error_string); above 0, cudaError_t values
+constexpr int ERR_DTYPE = -1, ERR_SHAPE = -2, ERR_ALIGN = -3, ERR_NULL = -4, ERR_SPLITS = -5;
+
+struct Params {
+  const void* h;
+  const void* w;
+  const void* bias;      // null: no bias
+  int bias_dtype;        // 0 bf16, 1 fp16, 2 fp32
+  int64_t ldh, ldw;      // row strides in elements
+  int M, n_valid, D, splits, n_tiles;
+  float* part_val;       // (splits, M) when splits > 1
+  int* part_idx;
+  unsigned* counters;    // one per row block, zero before the launch; the reducing CTA sets it back to zero
+  int64_t* out;
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int n = pred ? 16 : 0;       // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+__device__ __forceinline__ float bias_at(const void* b, int dtype, int c) {
+  if (dtype == 2) return static_cast<const float*>(b)[c];
+  if (dtype == 1) return __half2float(static_cast<const __half*>(b)[c]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(b)[c]);
+}
+
+// One K step of the A (h rows m0..) and B (W rows n0..) tiles, 16-byte chunks; D % 8 == 0, so a chunk is wholly
+// inside or outside the valid region, and the outside ones are zero-filled (they add 0 to every dot product).
+template <typename T>
+__device__ __forceinline__ void load_stage(const Params& p, T* sA, T* sB, int m0, int n0, int k0) {
+  constexpr int CH = BK / 8;
+  const T* h = static_cast<const T*>(p.h);
+  const T* w = static_cast<const T*>(p.w);
+#pragma unroll
+  for (int c = threadIdx.x; c < BM * CH; c += THREADS) {
+    const int r = c / CH, k = k0 + (c % CH) * 8;
+    const bool ok = m0 + r < p.M && k < p.D;
+    cp_async16(sA + r * LDS + (c % CH) * 8, ok ? h + (int64_t)(m0 + r) * p.ldh + k : h, ok);
+  }
+#pragma unroll
+  for (int c = threadIdx.x; c < BN * CH; c += THREADS) {
+    const int r = c / CH, k = k0 + (c % CH) * 8;
+    const bool ok = n0 + r < p.n_valid && k < p.D;
+    cp_async16(sB + r * LDS + (c % CH) * 8, ok ? w + (int64_t)(n0 + r) * p.ldw + k : w, ok);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float s_val[2][BM];
+  __shared__ int s_idx[2][BM];
+  __shared__ int s_last;
+  T* ring = reinterpret_cast<T*>(smem);
+  float* slab = reinterpret_cast<float*>(smem + STAGES * STAGE_ELEMS * sizeof(T)) + (threadIdx.x / 32) * 32 * EPI_LD;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % 4, wn = warp / 4;
+  const int split = blockIdx.x, rb = blockIdx.y, m0 = rb * BM;
+  const int t0 = static_cast<int>(static_cast<int64_t>(split) * p.n_tiles / p.splits);
+  const int t1 = static_cast<int>(static_cast<int64_t>(split + 1) * p.n_tiles / p.splits);
+  const int KT = (p.D + BK - 1) / BK;
+  const int steps = (t1 - t0) * KT;     // (column tile, K step) pairs in one flat loop: the ring runs across tiles
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  float best_v = -INFINITY;            // lane's row (wm·32 + lane) over this warp's column half
+  int best_i = INT_MAX;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) {
+      T* sA = ring + s * STAGE_ELEMS;
+      load_stage<T>(p, sA, sA + BM * LDS, m0, (t0 + s / KT) * BN, (s % KT) * BK);
+    }
+    cp_async_commit();
+  }
+  for (int i = 0; i < steps; ++i) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();                   // step i's stage has landed; every warp is done with step i − 1's
+    const int nx = i + STAGES - 1;
+    if (nx < steps) {
+      T* sA = ring + (nx % STAGES) * STAGE_ELEMS;
+      load_stage<T>(p, sA, sA + BM * LDS, m0, (t0 + nx / KT) * BN, (nx % KT) * BK);
+    }
+    cp_async_commit();
+    const T* sA = ring + (i % STAGES) * STAGE_ELEMS;
+    const T* sB = sA + BM * LDS;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[4];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) wmma::load_matrix_sync(a[x], sA + (wm * 32 + x * 16) * LDS + kk, LDS);
+#pragma unroll
+      for (int y = 0; y < 4; ++y) wmma::load_matrix_sync(b[y], sB + (wn * 64 + y * 16) * LDS + kk, LDS);
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int y = 0; y < 4; ++y) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
+    }
+    if (i % KT == KT - 1) {            // a column tile is finished: fold it into the running best per row
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int y = 0; y < 4; ++y) {
+          wmma::store_matrix_sync(slab + x * 16 * EPI_LD + y * 16, acc[x][y], EPI_LD, wmma::mem_row_major);
+          wmma::fill_fragment(acc[x][y], 0.0f);
+        }
+      __syncwarp();
+      const int c0 = (t0 + i / KT) * BN + wn * 64 + lane, c1 = c0 + 32;
+      const bool ok0 = c0 < p.n_valid, ok1 = c1 < p.n_valid;
+      float b0 = 0.0f, b1 = 0.0f;
+      if (p.bias != nullptr) {
+        b0 = ok0 ? bias_at(p.bias, p.bias_dtype, c0) : 0.0f;
+        b1 = ok1 ? bias_at(p.bias, p.bias_dtype, c1) : 0.0f;
+      }
+      for (int r = 0; r < 32; ++r) {
+        float v = ok0 ? slab[r * EPI_LD + lane] + b0 : -INFINITY;
+        int ix = ok0 ? c0 : INT_MAX;
+        const float v1 = slab[r * EPI_LD + 32 + lane] + b1;
+        if (ok1 && better(v1, c1, v, ix)) {
+          v = v1;
+          ix = c1;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+          const int oi = __shfl_xor_sync(0xffffffffu, ix, o);
+          if (better(ov, oi, v, ix)) {
+            v = ov;
+            ix = oi;
+          }
+        }
+        if (lane == r && better(v, ix, best_v, best_i)) {
+          best_v = v;
+          best_i = ix;
+        }
+      }
+      __syncwarp();                    // the slab is rewritten at the next tile
+    }
+  }
+  cp_async_wait<0>();
+
+  // the two column halves of each row, then this split's partial (or the answer, without a split)
+  s_val[wn][wm * 32 + lane] = best_v;
+  s_idx[wn][wm * 32 + lane] = best_i;
+  __syncthreads();
+  const int row = m0 + threadIdx.x;
+  if (threadIdx.x < BM && row < p.M) {
+    float v = s_val[0][threadIdx.x];
+    int ix = s_idx[0][threadIdx.x];
+    if (better(s_val[1][threadIdx.x], s_idx[1][threadIdx.x], v, ix)) {
+      v = s_val[1][threadIdx.x];
+      ix = s_idx[1][threadIdx.x];
+    }
+    if (p.splits == 1) {
+      p.out[row] = ix == INT_MAX ? 0 : ix;
+    } else {
+      p.part_val[static_cast<int64_t>(split) * p.M + row] = v;
+      p.part_idx[static_cast<int64_t>(split) * p.M + row] = ix;
+    }
+  }
+  if (p.splits == 1) return;
+
+  // the last CTA of this row block to get here reduces every split's partials
+  __threadfence();                     // this CTA's partials are visible device-wide before the count says so
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // two threads per row, each over every other split (independent loads, unrolled so that they are in flight
+  // together), merged through shared memory
+  const int r = threadIdx.x % BM, half = threadIdx.x / BM;
+  float v = -INFINITY;
+  int ix = INT_MAX;
+  if (m0 + r < p.M) {
+#pragma unroll 8
+    for (int s = half; s < p.splits; s += 2) {
+      const float sv = __ldcg(p.part_val + static_cast<int64_t>(s) * p.M + m0 + r);
+      const int si = __ldcg(p.part_idx + static_cast<int64_t>(s) * p.M + m0 + r);
+      if (better(sv, si, v, ix)) {
+        v = sv;
+        ix = si;
+      }
+    }
+  }
+  s_val[half][r] = v;
+  s_idx[half][r] = ix;
+  __syncthreads();
+  if (threadIdx.x < BM && m0 + r < p.M) {
+    if (better(s_val[1][r], s_idx[1][r], v, ix)) ix = s_idx[1][r];
+    p.out[m0 + r] = ix == INT_MAX ? 0 : ix;
+  }
+  if (threadIdx.x == 0) p.counters[rb] = 0u;     // ready for the next launch (and the next CUDA-graph replay)
+}
+
+template <typename T>
+int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
+  static bool smem_set[64] = {};       // per device: the dynamic shared-memory opt-in (set once, outside capture)
+  // this library links its own CUDA runtime: name the caller's device to it rather than trust its current one
+  cudaError_t e = device >= 0 ? cudaSetDevice(device) : cudaSuccess;
+  int dev = 0;
+  if (e == cudaSuccess) e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (dev < 64 && !smem_set[dev]) {
+    e = cudaFuncSetAttribute(logits_argmax_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (e != cudaSuccess) return static_cast<int>(e);
+    smem_set[dev] = true;
+  }
+  logits_argmax_kernel<T><<<dim3(p.splits, row_blocks), THREADS, SMEM_BYTES, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 for this file's ABI; the Python loader checks it.
+int fmlm_abi_version() { return 1; }
+
+// Column splits for M rows: one wave of CTAs (one per SM), as the Triton launcher's policy.
+int fmlm_logits_argmax_default_splits(int M, int n_valid, int num_sms) {
+  if (M < 1 || n_valid < 1 || num_sms < 1) return 1;
+  const int row_blocks = (M + BM - 1) / BM, n_tiles = (n_valid + BN - 1) / BN;
+  const int s = num_sms / row_blocks;
+  return s < 1 ? 1 : (s > n_tiles ? n_tiles : s);
+}
+
+int fmlm_logits_argmax_rows_per_block() { return BM; }
+
+// Dynamic shared memory of one CTA (bytes): the compile check reports it beside ptxas's static count.
+int fmlm_logits_argmax_smem_bytes() { return SMEM_BYTES; }
+
+// dtype 0: bf16, 1: fp16 (h and w). h (M, D) with row stride ldh, w (≥ n_valid, D) with row stride ldw, bias
+// (≥ n_valid entries, bias_dtype 0 bf16, 1 fp16, 2 fp32: the engine keeps its head bias in fp32) or null, out (M)
+// int64. With splits > 1: part_val / part_idx of splits·M entries and one
+// zeroed counter per 128-row block; device: the CUDA device of the pointers and the stream (< 0: the current one).
+// Returns 0, an argument error (< 0) or a cudaError_t (> 0).
+int fmlm_logits_argmax(int dtype, const void* h, long long ldh, const void* w, long long ldw, const void* bias,
+                       int bias_dtype, int M, int n_valid, int D, int splits, float* part_val, int* part_idx,
+                       unsigned* counters, long long* out, int device, void* stream) {
+  if ((dtype != 0 && dtype != 1) || bias_dtype < 0 || bias_dtype > 2) return ERR_DTYPE;
+  if (h == nullptr || w == nullptr || out == nullptr) return ERR_NULL;
+  if (M < 1 || n_valid < 1 || D < 1 || ldh < D || ldw < D) return ERR_SHAPE;
+  if (D % 8 != 0 || ldh % 8 != 0 || ldw % 8 != 0 || reinterpret_cast<uintptr_t>(h) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(w) % 16 != 0)
+    return ERR_ALIGN;
+  const int n_tiles = (n_valid + BN - 1) / BN, row_blocks = (M + BM - 1) / BM;
+  if (splits < 1 || splits > n_tiles || splits > 65535 || row_blocks > 65535) return ERR_SPLITS;
+  if (splits > 1 && (part_val == nullptr || part_idx == nullptr || counters == nullptr)) return ERR_NULL;
+  if (static_cast<int64_t>(splits) * M > INT_MAX) return ERR_SHAPE;
+  Params p{h, w, bias, bias_dtype, ldh, ldw, M, n_valid, D, splits, n_tiles, part_val, part_idx, counters,
+           reinterpret_cast<int64_t*>(out)};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dtype == 0 ? launch<__nv_bfloat16>(p, row_blocks, device, s) : launch<__half>(p, row_blocks, device, s);
+}
+
+const char* fmlm_error_string(int code) {
+  switch (code) {
+    case 0: return "no error";
+    case ERR_DTYPE: return "dtype must be 0 (bf16) or 1 (fp16), bias_dtype 0, 1 or 2 (fp32)";
+    case ERR_SHAPE: return "M, n_valid and D must be >= 1, row strides >= D, splits * M < 2^31";
+    case ERR_ALIGN: return "D and the row strides must be multiples of 8 elements, h and w 16-byte aligned";
+    case ERR_NULL: return "a required pointer is null (h, w, out; part_val, part_idx, counters when splits > 1)";
+    case ERR_SPLITS: return "splits must be in [1, ceil(n_valid / 128)] and the grid within 65535 per axis";
+    default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
+  }
+}
+
+}  // extern "C"
