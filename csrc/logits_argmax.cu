@@ -39,7 +39,7 @@ constexpr int STAGE_ELEMS = (BM + BN) * LDS;
 constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * 32 * EPI_LD * 4;   // 110592 + 69632 = 176 KiB
 
 // error codes below 0 are argument errors (fmlm_error_string); above 0, cudaError_t values
-constexpr int ERR_DTYPE = -1, ERR_SHAPE = -2, ERR_ALIGN = -3, ERR_NULL = -4, ERR_SPLITS = -5;
+constexpr int ERR_DTYPE = -1, ERR_SHAPE = -2, ERR_ALIGN = -3, ERR_NULL = -4, ERR_SPLITS = -5, ERR_FLAGS = -6;
 
 struct Params {
   const void* h;
@@ -48,6 +48,8 @@ struct Params {
   int bias_dtype;        // 0 bf16, 1 fp16, 2 fp32
   int64_t ldh, ldw;      // row strides in elements
   int M, n_valid, D, splits, n_tiles;
+  int pdl;               // launched as a programmatic dependent: wait for the predecessor grid before reading h
+  int prefetch;          // (with pdl) first ask L2 for this CTA's W rows, which do not depend on the predecessor
   float* part_val;       // (splits, M) when splits > 1
   int* part_idx;
   unsigned* counters;    // one per row block, zero before the launch; the reducing CTA sets it back to zero
@@ -109,6 +111,23 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
   const int KT = (p.D + BK - 1) / BK;
   const int steps = (t1 - t0) * KT;     // (column tile, K step) pairs in one flat loop: the ring runs across tiles
 
+#if __CUDA_ARCH__ >= 900
+  if (p.pdl) {
+    if (p.prefetch) {                  // W rows [t0·BN, t1·BN) ∩ [0, n_valid): one prefetch per 128-byte line
+      const int r0 = t0 * BN, nrows = min(t1 * BN, p.n_valid) - r0;
+      const int lines = (p.D * static_cast<int>(sizeof(T)) + 127) / 128;
+      const char* w = static_cast<const char*>(p.w);
+      for (int l = threadIdx.x; l < nrows * lines; l += THREADS) {
+        const char* a = w + (static_cast<int64_t>(r0 + l / lines) * p.ldw) * sizeof(T) + (l % lines) * 128;
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
+      }
+    }
+    // every read of h and every write happens after the predecessor grid completed and flushed (PTX ISA:
+    // griddepcontrol); then this grid's own dependents may launch
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  }
+#endif
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -259,8 +278,18 @@ int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
     if (e != cudaSuccess) return static_cast<int>(e);
     smem_set[dev] = true;
   }
-  logits_argmax_kernel<T><<<dim3(p.splits, row_blocks), THREADS, SMEM_BYTES, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.splits, row_blocks);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = SMEM_BYTES;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  e = cudaLaunchKernelEx(&cfg, logits_argmax_kernel<T>, p);
+  return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
 }
 
 }  // namespace
@@ -286,11 +315,14 @@ int fmlm_logits_argmax_smem_bytes() { return SMEM_BYTES; }
 // dtype 0: bf16, 1: fp16 (h and w). h (M, D) with row stride ldh, w (≥ n_valid, D) with row stride ldw, bias
 // (≥ n_valid entries, bias_dtype 0 bf16, 1 fp16, 2 fp32: the engine keeps its head bias in fp32) or null, out (M)
 // int64. With splits > 1: part_val / part_idx of splits·M entries and one
-// zeroed counter per 128-row block; device: the CUDA device of the pointers and the stream (< 0: the current one).
-// Returns 0, an argument error (< 0) or a cudaError_t (> 0).
+// zeroed counter per 128-row block (each launch leaves them zero again); flags: bit 0 launches the kernel as a
+// programmatic dependent of the stream's previous kernel (sm_90+: it may start early and waits in griddepcontrol.wait
+// before reading h), bit 1 (with bit 0) prefetches the CTA's W rows into L2 before that wait; device: the CUDA
+// device of the pointers and the stream (< 0: the current one). Returns 0, an argument error (< 0) or a
+// cudaError_t (> 0).
 int fmlm_logits_argmax(int dtype, const void* h, long long ldh, const void* w, long long ldw, const void* bias,
                        int bias_dtype, int M, int n_valid, int D, int splits, float* part_val, int* part_idx,
-                       unsigned* counters, long long* out, int device, void* stream) {
+                       unsigned* counters, long long* out, int flags, int device, void* stream) {
   if ((dtype != 0 && dtype != 1) || bias_dtype < 0 || bias_dtype > 2) return ERR_DTYPE;
   if (h == nullptr || w == nullptr || out == nullptr) return ERR_NULL;
   if (M < 1 || n_valid < 1 || D < 1 || ldh < D || ldw < D) return ERR_SHAPE;
@@ -301,8 +333,9 @@ int fmlm_logits_argmax(int dtype, const void* h, long long ldh, const void* w, l
   if (splits < 1 || splits > n_tiles || splits > 65535 || row_blocks > 65535) return ERR_SPLITS;
   if (splits > 1 && (part_val == nullptr || part_idx == nullptr || counters == nullptr)) return ERR_NULL;
   if (static_cast<int64_t>(splits) * M > INT_MAX) return ERR_SHAPE;
-  Params p{h, w, bias, bias_dtype, ldh, ldw, M, n_valid, D, splits, n_tiles, part_val, part_idx, counters,
-           reinterpret_cast<int64_t*>(out)};
+  if (flags < 0 || flags > 3) return ERR_FLAGS;
+  Params p{h, w, bias, bias_dtype, ldh, ldw, M, n_valid, D, splits, n_tiles, flags & 1, flags >> 1,
+           part_val, part_idx, counters, reinterpret_cast<int64_t*>(out)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dtype == 0 ? launch<__nv_bfloat16>(p, row_blocks, device, s) : launch<__half>(p, row_blocks, device, s);
 }
@@ -315,6 +348,7 @@ const char* fmlm_error_string(int code) {
     case ERR_ALIGN: return "D and the row strides must be multiples of 8 elements, h and w 16-byte aligned";
     case ERR_NULL: return "a required pointer is null (h, w, out; part_val, part_idx, counters when splits > 1)";
     case ERR_SPLITS: return "splits must be in [1, ceil(n_valid / 128)] and the grid within 65535 per axis";
+    case ERR_FLAGS: return "flags must be 0-3 (bit 0: programmatic dependent launch, bit 1: L2 prefetch of W)";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
   }
 }

@@ -161,11 +161,11 @@ _ARGTYPES = {
     "fmlm_logits_argmax_default_splits": ([_C.c_int, _C.c_int, _C.c_int], _C.c_int),
     "fmlm_logits_argmax_rows_per_block": ([], _C.c_int),
     "fmlm_logits_argmax_smem_bytes": ([], _C.c_int),
-    # dtype, h, ldh, w, ldw, bias, bias_dtype, M, n_valid, D, splits, part_val, part_idx, counters, out, device,
-    # stream
+    # dtype, h, ldh, w, ldw, bias, bias_dtype, M, n_valid, D, splits, part_val, part_idx, counters, out, flags,
+    # device, stream
     "fmlm_logits_argmax": ([_C.c_int, _C.c_void_p, _C.c_longlong, _C.c_void_p, _C.c_longlong, _C.c_void_p, _C.c_int,
                             _C.c_int, _C.c_int, _C.c_int, _C.c_int, _C.c_void_p, _C.c_void_p, _C.c_void_p,
-                            _C.c_void_p, _C.c_int, _C.c_void_p], _C.c_int),
+                            _C.c_void_p, _C.c_int, _C.c_int, _C.c_void_p], _C.c_int),
 }
 
 

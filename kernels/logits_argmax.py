@@ -424,6 +424,22 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    """Zeroed int32 counters (one per row block) for the csrc/ kernel's split reduction, kept per (device, stream)
+    and reused: each launch leaves them zero, so no memset runs before it, and under PDL the argmax's predecessor in
+    the stream stays the trunk's last kernel (a memset in between would end the overlap). Launches on one stream
+    are ordered, so they never share counters concurrently; a buffer is never freed (a captured graph may hold
+    its address)."""
+    key = (device.index, stream)
+    bufs = _COUNTERS.setdefault(key, [])
+    for b in bufs:
+        if b.numel() >= n:
+            return b
+    bufs.append(torch.zeros(max(n, 64), device=device, dtype=torch.int32))
+    return bufs[-1]
 CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
 
 
@@ -433,8 +449,10 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     h (M, D) and weight (≥ n_valid, D) of one dtype, bias in bf16, fp16 or fp32; D a multiple of 8. One launch:
     the V split's partials are reduced by the last CTA of each 128-row block (written for the sampler's batch-1
     heads; the Triton kernels stay the default). splits: CTAs along V (default: one wave, as the Triton launcher).
-    CUDA-graph capture: allocates only the outputs, the partials and a zeroed counter per row block; the library
-    must be loaded before capture (the Sampler's warm-up does that)."""
+    Inside _backend.pdl_launches it launches as a programmatic dependent (and with prefetch, asks L2 for its W rows
+    before waiting), as the Triton launchers do. CUDA-graph capture: allocates only the output and the partials
+    (the split counters are kept per stream, _split_counters); the library must be loaded before capture (the
+    Sampler's warm-up does that)."""
     if h.device.type != "cuda" or weight.device != h.device or (bias is not None and bias.device != h.device):
         raise RuntimeError(f"backend='cuda' (csrc/) needs CUDA tensors on one device, got h on {h.device}, "
                            f"weight on {weight.device}" + ("" if bias is None else f", bias on {bias.device}"))
@@ -459,16 +477,18 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         splits = lib.fmlm_logits_argmax_default_splits(M, n_valid, _num_sms(index))
     splits = max(1, min(int(splits), n_tiles))
     part_val = part_idx = counters = None
+    stream = torch.cuda.current_stream(h.device)
     if splits > 1:
         part_val = torch.empty(splits, M, device=h.device, dtype=torch.float32)
         part_idx = torch.empty(splits, M, device=h.device, dtype=torch.int32)
-        counters = torch.zeros(-(-M // lib.fmlm_logits_argmax_rows_per_block()), device=h.device, dtype=torch.int32)
+        counters = _split_counters(h.device, stream.cuda_stream, -(-M // lib.fmlm_logits_argmax_rows_per_block()))
+    flags = (1 if pdl_active(h) else 0) | (2 if pdl_prefetch_active(h) else 0)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     with torch.cuda.device(h.device):
         rc = lib.fmlm_logits_argmax(
             CUDA_DTYPES[h.dtype], h.data_ptr(), h.stride(0), weight.data_ptr(), weight.stride(0), ptr(bias),
             CUDA_DTYPES[bias.dtype] if bias is not None else 0, M, n_valid, D, splits, ptr(part_val), ptr(part_idx),
-            ptr(counters), out.data_ptr(), index, torch.cuda.current_stream(h.device).cuda_stream)
+            ptr(counters), out.data_ptr(), flags, index, stream.cuda_stream)
     if rc < 0:
         raise ValueError(f"backend='cuda' logits_argmax: {_cuda.error_string(lib, rc)} (M={M}, D={D}, "
                          f"strides {h.stride(0)} and {weight.stride(0)}, splits {splits})")

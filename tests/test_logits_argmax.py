@@ -500,7 +500,7 @@ CUDA_ARCH = _cuda.device_arch(0) if ON_DEVICE else "90"
 def _abi_call(lib, **kw):
     """fmlm_logits_argmax with valid-looking arguments (fake, aligned addresses), overridden by kw."""
     a = dict(dtype=0, h=1 << 20, ldh=768, w=1 << 21, ldw=768, bias=None, bias_dtype=0, M=128, n_valid=30522, D=768,
-             splits=1, part_val=None, part_idx=None, counters=None, out=1 << 22, device=-1, stream=None)
+             splits=1, part_val=None, part_idx=None, counters=None, out=1 << 22, flags=0, device=-1, stream=None)
     a.update(kw)
     return lib.fmlm_logits_argmax(*a.values())
 
@@ -522,14 +522,14 @@ def test_cuda_library_abi_and_argument_errors():
            "M": dict(M=0), "n_valid": dict(n_valid=0), "ldh < D": dict(ldh=512), "D % 8": dict(D=100, ldh=104,
                                                                                                ldw=104),
            "ldw % 8": dict(ldw=772), "h alignment": dict(h=(1 << 20) + 8), "splits 0": dict(splits=0),
-           "splits > tiles": dict(splits=239 + 1), "split without partials": dict(splits=2)}
+           "splits > tiles": dict(splits=239 + 1), "split without partials": dict(splits=2), "flags": dict(flags=4)}
     codes = {}
     for name, kw in bad.items():
         rc = _abi_call(lib, **kw)
         assert rc < 0, name
         codes[name] = rc
         assert _cuda.error_string(lib, rc) not in ("no error", "unknown error"), name
-    assert len(set(codes.values())) == 5            # dtype, shape, alignment, null pointer, splits
+    assert len(set(codes.values())) == 6            # dtype, shape, alignment, null pointer, splits, flags
     assert _cuda.error_string(lib, 0) == "no error"
     if not torch.cuda.is_available():
         rc = _abi_call(lib)
@@ -616,3 +616,21 @@ def test_gpu_cuda_graph_replay_and_counters():
             g.replay()
             assert torch.equal(out, LA.logits_argmax_cuda(part.contiguous(), W, b, 50258))
     _check(out, static_h, W, b, 50258)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True], ids=["pdl", "pdl+prefetch"])
+def test_gpu_cuda_pdl_bit_identical(prefetch):
+    """Inside pdl_launches the csrc/ kernel launches as a programmatic dependent of the kernel that writes h (and
+    with prefetch asks L2 for its W rows first): the same indices as the plain launch, eager and replayed from a
+    CUDA graph, with the split counters reused across launches (no memset between producer and argmax)."""
+    from fmlm.kernels._backend import pdl_launches
+    h, W, b = _owt(M=128)
+    want = LA.logits_argmax_cuda(h, W, b.float(), 50258)
+    src = h.clone()
+    with pdl_launches(True, prefetch):
+        assert torch.equal(LA.logits_argmax_cuda(src * 1.0, W, b.float(), 50258), want)
+        g, out = capture(lambda: LA.logits_argmax_cuda(src * 1.0, W, b.float(), 50258))
+    for _ in range(3):
+        g.replay()
+        assert torch.equal(out, want)
