@@ -136,3 +136,21 @@ def test_compile_only_kernel_tests_run_without_the_interpreter():
                        env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert f"{len(COMPILE_ONLY_TESTS)} passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def test_csrc_kernels_compile_without_spills(full_run):
+    """Where nvcc is present, the compile table also holds the csrc/ CUDA kernels (nvcc for sm_90a), with
+    registers, no spills, and their dynamic shared memory counted (above the 48 KiB a launch gets by default)."""
+    from fmlm.kernels import _cuda
+
+    if _cuda.find_nvcc() is None:
+        pytest.skip("no nvcc")
+    rows = {}
+    for line in full_run.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0].startswith("csrc/"):
+            rows[cells[1]] = cells
+    assert set(rows) == set(_cuda.KERNELS), full_run.stdout[-3000:]
+    for name, cells in rows.items():
+        assert 0 < int(cells[2]) <= 255 and cells[3] == "0" and cells[4] == "0", cells
+        assert 48 * 1024 < int(cells[5]) <= 232448, cells
