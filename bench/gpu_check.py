@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +179,23 @@ def run_one(name: str) -> int:
     return 0
 
 
+def _start_csrc_build() -> threading.Thread:
+    """nvcc builds csrc/ for this GPU (into the cache kernels/_cuda.py reads) on a thread while the ceilings and the
+    GPU tests run, so that neither the tests nor the benchmarks wait ~10 s for it; a failure here is left for the
+    tests that use the library to report."""
+    def build():
+        from fmlm.kernels import _cuda
+        try:
+            if _cuda.find_nvcc() is not None:
+                _cuda.build(_cuda.device_arch(torch.cuda.current_device()), quiet=True)
+        except Exception as e:  # reported again, with nvcc's output, by the first test that loads the library
+            print(f"note: building csrc/ failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    t = threading.Thread(target=build, daemon=True)
+    t.start()
+    return t
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -209,6 +227,7 @@ def main(argv=None) -> int:
         print("gpu-check needs a CUDA device", file=sys.stderr)
         return 2
     t_begin = time.time()
+    csrc_build = _start_csrc_build()
     print(f"device: {common.device_name()}  torch {torch.__version__}  meta {common.meta()}", flush=True)
     print(f"ceilings: {common.ceilings()}", flush=True)
     torch.cuda.empty_cache()       # the ceilings' ~2 GB of buffers, cached in this parent for the whole run otherwise
@@ -235,6 +254,7 @@ def main(argv=None) -> int:
         print(_tail(log.name), flush=True)
         failures = _failures(log.name)
         archive(out)
+    csrc_build.join()
     started = {}
     for name in names:
         t0 = started[name] = time.time()
