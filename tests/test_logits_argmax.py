@@ -569,6 +569,7 @@ def test_cuda_backend_input_checks():
             logits_argmax(h[:, :30].cuda().half(), W[:, :30].cuda().half(), None, 100, backend="cuda")
 
 
+@needs_nvcc
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,V,Vp,D,dtype,bias", [
     (1, 50258, 50304, 768, torch.bfloat16, torch.bfloat16),
@@ -589,6 +590,7 @@ def test_gpu_cuda_matches_reference(M, V, Vp, D, dtype, bias):
     assert (idx == tri).float().mean().item() > 0.99         # both fp32 sums of the same products: near ties only
 
 
+@needs_nvcc
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_cuda_ties_lowest_index(dtype):
@@ -603,6 +605,7 @@ def test_gpu_cuda_ties_lowest_index(dtype):
         assert torch.equal(LA.logits_argmax_cuda(h, W, b, 257, splits), want), splits
 
 
+@needs_nvcc
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_and_counters():
     """Captured in a CUDA graph (the library loaded by the warm-up call), the split launch replays on new contents
@@ -618,6 +621,7 @@ def test_gpu_cuda_graph_replay_and_counters():
     _check(out, static_h, W, b, 50258)
 
 
+@needs_nvcc
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefetch", [False, True], ids=["pdl", "pdl+prefetch"])
 def test_gpu_cuda_pdl_bit_identical(prefetch):
