@@ -5,5 +5,5 @@ setup(
     packages=["fmlm", "fmlm.kernels", "fmlm.engine", "fmlm.bench", "fmlm.csrc"],
     package_dir={"fmlm": "fmlm", "fmlm.kernels": "kernels", "fmlm.engine": "engine", "fmlm.bench": "bench",
                  "fmlm.csrc": "csrc"},
-    package_data={"fmlm.engine": ["data/*.gz", "data/*.md"], "fmlm.csrc": ["*.cu"]},
+    package_data={"fmlm.engine": ["data/*.gz", "data/*.md"], "fmlm.csrc": ["*.cu", "*.h"]},
 )

@@ -28,6 +28,8 @@
 
 #include <climits>
 
+#include "fmlm_csrc.h"
+
 namespace {
 
 using namespace nvcuda;
@@ -38,8 +40,6 @@ constexpr int EPI_LD = 64 + 4;       // per-warp fp32 slab pitch (wmma stores ne
 constexpr int STAGE_ELEMS = (BM + BN) * LDS;
 constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * 32 * EPI_LD * 4;   // 110592 + 69632 = 176 KiB
 
-// error codes below 0 are argument errors (fmlm_error_string); above 0, cudaError_t values
-constexpr int ERR_DTYPE = -1, ERR_SHAPE = -2, ERR_ALIGN = -3, ERR_NULL = -4, ERR_SPLITS = -5, ERR_FLAGS = -6;
 
 struct Params {
   const void* h;
@@ -296,8 +296,8 @@ int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
 
 extern "C" {
 
-// 1 for this file's ABI; the Python loader checks it.
-int fmlm_abi_version() { return 1; }
+// The declarations and their documentation: fmlm_csrc.h.
+int fmlm_abi_version(void) { return FMLM_ABI_VERSION; }
 
 // Column splits for M rows: one wave of CTAs (one per SM), as the Triton launcher's policy.
 int fmlm_logits_argmax_default_splits(int M, int n_valid, int num_sms) {
@@ -307,10 +307,10 @@ int fmlm_logits_argmax_default_splits(int M, int n_valid, int num_sms) {
   return s < 1 ? 1 : (s > n_tiles ? n_tiles : s);
 }
 
-int fmlm_logits_argmax_rows_per_block() { return BM; }
+int fmlm_logits_argmax_rows_per_block(void) { return BM; }
 
 // Dynamic shared memory of one CTA (bytes): the compile check reports it beside ptxas's static count.
-int fmlm_logits_argmax_smem_bytes() { return SMEM_BYTES; }
+int fmlm_logits_argmax_smem_bytes(void) { return SMEM_BYTES; }
 
 // dtype 0: bf16, 1: fp16 (h and w). h (M, D) with row stride ldh, w (≥ n_valid, D) with row stride ldw, bias
 // (≥ n_valid entries, bias_dtype 0 bf16, 1 fp16, 2 fp32: the engine keeps its head bias in fp32) or null, out (M)
@@ -323,17 +323,17 @@ int fmlm_logits_argmax_smem_bytes() { return SMEM_BYTES; }
 int fmlm_logits_argmax(int dtype, const void* h, long long ldh, const void* w, long long ldw, const void* bias,
                        int bias_dtype, int M, int n_valid, int D, int splits, float* part_val, int* part_idx,
                        unsigned* counters, long long* out, int flags, int device, void* stream) {
-  if ((dtype != 0 && dtype != 1) || bias_dtype < 0 || bias_dtype > 2) return ERR_DTYPE;
-  if (h == nullptr || w == nullptr || out == nullptr) return ERR_NULL;
-  if (M < 1 || n_valid < 1 || D < 1 || ldh < D || ldw < D) return ERR_SHAPE;
+  if ((dtype != 0 && dtype != 1) || bias_dtype < 0 || bias_dtype > 2) return FMLM_ERR_DTYPE;
+  if (h == nullptr || w == nullptr || out == nullptr) return FMLM_ERR_NULL;
+  if (M < 1 || n_valid < 1 || D < 1 || ldh < D || ldw < D) return FMLM_ERR_SHAPE;
   if (D % 8 != 0 || ldh % 8 != 0 || ldw % 8 != 0 || reinterpret_cast<uintptr_t>(h) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(w) % 16 != 0)
-    return ERR_ALIGN;
+    return FMLM_ERR_ALIGN;
   const int n_tiles = (n_valid + BN - 1) / BN, row_blocks = (M + BM - 1) / BM;
-  if (splits < 1 || splits > n_tiles || splits > 65535 || row_blocks > 65535) return ERR_SPLITS;
-  if (splits > 1 && (part_val == nullptr || part_idx == nullptr || counters == nullptr)) return ERR_NULL;
-  if (static_cast<int64_t>(splits) * M > INT_MAX) return ERR_SHAPE;
-  if (flags < 0 || flags > 3) return ERR_FLAGS;
+  if (splits < 1 || splits > n_tiles || splits > 65535 || row_blocks > 65535) return FMLM_ERR_SPLITS;
+  if (splits > 1 && (part_val == nullptr || part_idx == nullptr || counters == nullptr)) return FMLM_ERR_NULL;
+  if (static_cast<int64_t>(splits) * M > INT_MAX) return FMLM_ERR_SHAPE;
+  if (flags < 0 || flags > 3) return FMLM_ERR_FLAGS;
   Params p{h, w, bias, bias_dtype, ldh, ldw, M, n_valid, D, splits, n_tiles, flags & 1, flags >> 1,
            part_val, part_idx, counters, reinterpret_cast<int64_t*>(out)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -343,12 +343,12 @@ int fmlm_logits_argmax(int dtype, const void* h, long long ldh, const void* w, l
 const char* fmlm_error_string(int code) {
   switch (code) {
     case 0: return "no error";
-    case ERR_DTYPE: return "dtype must be 0 (bf16) or 1 (fp16), bias_dtype 0, 1 or 2 (fp32)";
-    case ERR_SHAPE: return "M, n_valid and D must be >= 1, row strides >= D, splits * M < 2^31";
-    case ERR_ALIGN: return "D and the row strides must be multiples of 8 elements, h and w 16-byte aligned";
-    case ERR_NULL: return "a required pointer is null (h, w, out; part_val, part_idx, counters when splits > 1)";
-    case ERR_SPLITS: return "splits must be in [1, ceil(n_valid / 128)] and the grid within 65535 per axis";
-    case ERR_FLAGS: return "flags must be 0-3 (bit 0: programmatic dependent launch, bit 1: L2 prefetch of W)";
+    case FMLM_ERR_DTYPE: return "dtype must be 0 (bf16) or 1 (fp16), bias_dtype 0, 1 or 2 (fp32)";
+    case FMLM_ERR_SHAPE: return "M, n_valid and D must be >= 1, row strides >= D, splits * M < 2^31";
+    case FMLM_ERR_ALIGN: return "D and the row strides must be multiples of 8 elements, h and w 16-byte aligned";
+    case FMLM_ERR_NULL: return "a required pointer is null (h, w, out; part_val, part_idx, counters when splits > 1)";
+    case FMLM_ERR_SPLITS: return "splits must be in [1, ceil(n_valid / 128)] and the grid within 65535 per axis";
+    case FMLM_ERR_FLAGS: return "flags must be 0-3 (bit 0: programmatic dependent launch, bit 1: L2 prefetch of W)";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
   }
 }

@@ -157,6 +157,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_csrc(args) -> int:
+    """Build (or find in the cache) the csrc/ CUDA library and print where it and its C header are."""
+    import torch
+
+    from fmlm.kernels import _cuda
+
+    arch = args.arch
+    if arch is None:
+        arch = _cuda.device_arch(torch.cuda.current_device()) if torch.cuda.is_available() else "90"
+    path, _ = _cuda.build(arch)
+    print(f"library: {path}\nheader:  {_cuda.source_dir() / _cuda.HEADER}\n"
+          f"link:    -I{_cuda.source_dir()} -L{path.parent} -l:{path.name} -Wl,-rpath,{path.parent}")
+    return 0
+
+
 def register_cli(sub, bench_sub) -> None:
     from fmlm.bench import bench_sample
 
@@ -194,6 +209,14 @@ def register_cli(sub, bench_sub) -> None:
     p.add_argument("--tokenizer", default=None, help="also store this tokenizer as OUTDIR/tokenizer.json")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("csrc", help="build the CUDA C++ kernels' library (csrc/) and print its path and header",
+                       description="nvcc builds csrc/ into a shared library with a C ABI (csrc/fmlm_csrc.h), cached "
+                                   "under $FMLM_CUDA_CACHE or ~/.cache/fmlm/csrc; prints where it is and how to link it.")
+    p.add_argument("--arch", default=None,
+                   help="target, e.g. 90 (H100), 90a, 80; default: the current GPU's, else 90")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_csrc)
 
     p = bench_sub.add_parser("sample", help="reference vs engine sampler, one process",
                              description=bench_sample.__doc__)

@@ -22,6 +22,7 @@ from typing import Optional
 
 ABI_VERSION = 1
 SOURCES = ("logits_argmax.cu",)
+HEADER = "fmlm_csrc.h"        # the C ABI's declarations (the sources include it)
 KERNELS = ("logits_argmax_kernel<__half>", "logits_argmax_kernel<__nv_bfloat16>")   # as ptxas_report names them
 
 
@@ -78,7 +79,8 @@ def build(arch: str, quiet: bool = False) -> tuple[Path, str]:
     srcs = [source_dir() / s for s in SOURCES]
     flags = build_flags(arch)
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in srcs), " ".join(flags).encode(), _nvcc_version(nvcc).encode()):
+    for part in (*(p.read_bytes() for p in (*srcs, source_dir() / HEADER)), " ".join(flags).encode(),
+                 _nvcc_version(nvcc).encode()):
         key.update(part)
     out = cache_dir() / f"libfmlm_csrc_sm{arch}_{key.hexdigest()[:16]}.so"
     if out.exists():

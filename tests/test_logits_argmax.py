@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -550,6 +551,40 @@ def test_cuda_build_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(_cuda, "find_nvcc", lambda: None)
     with pytest.raises(_cuda.CudaBuildError, match="FMLM_NVCC"):
         _cuda.build("90", quiet=True)
+
+
+C_CALLER = r"""
+#include <stdio.h>
+#include "fmlm_csrc.h"
+int main(void) {
+  long long out[4];
+  int rc;
+  if (fmlm_abi_version() != FMLM_ABI_VERSION) return 10;
+  rc = fmlm_logits_argmax(FMLM_BF16, (const void*)0, 768, (const void*)0, 768, (const void*)0, FMLM_FP32, 4, 100,
+                          768, 1, (float*)0, (int*)0, (unsigned*)0, out, 0, -1, (void*)0);
+  if (rc != FMLM_ERR_NULL) return 11;
+  printf("%s\n%d\n", fmlm_error_string(rc), fmlm_logits_argmax_default_splits(128, 30522, 132));
+  return 0;
+}
+"""
+
+
+@needs_nvcc
+@pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc"))), reason="no C compiler")
+def test_cuda_c_header_links_from_c(tmp_path, monkeypatch):
+    """The library is usable from plain C (C99, no torch, no CUDA headers): csrc/fmlm_csrc.h declares what the
+    library exports (a mismatch fails to link or returns wrong codes), and `fmlm csrc`'s link line works."""
+    monkeypatch.setenv("FMLM_CUDA_CACHE", str(tmp_path / "cache"))
+    path, _ = _cuda.build("90", quiet=True)
+    (tmp_path / "caller.c").write_text(C_CALLER)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    r = subprocess.run([cc, "-std=c99", "-Wall", "-Werror", f"-I{_cuda.source_dir()}", str(tmp_path / "caller.c"),
+                        f"-L{path.parent}", f"-l:{path.name}", f"-Wl,-rpath,{path.parent}", "-o",
+                        str(tmp_path / "caller")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(tmp_path / "caller")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.split("\n")[:2] == [_cuda.error_string(_cuda.library("90"), -4), "132"]
 
 
 def test_cuda_backend_input_checks():
