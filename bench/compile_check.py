@@ -8,7 +8,8 @@ Each module of fmlm.kernels may define `compile_specs() -> list[dict]`, one dict
     default: every pointer argument, as torch allocations are aligned) or attrs (raw ASTSource attrs).
 Registers and spills come from `ptxas -v` on the generated PTX (the same ptxas Triton ships), shared memory
 from Triton's metadata; the csrc/ .cu files go through nvcc (cuda_rows). Exit status 1 on any compile error or a
-shared-memory need above the device limit (such a kernel compiles but fails at launch). Usage: `python -m fmlm.bench.compile_check [-k substr]`.
+shared-memory need above the device limit (such a kernel compiles but fails at launch).
+Usage: `python -m fmlm.bench.compile_check [-k substr]`.
 """
 from __future__ import annotations
 

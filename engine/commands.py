@@ -211,8 +211,9 @@ def register_cli(sub, bench_sub) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("csrc", help="build the CUDA C++ kernels' library (csrc/) and print its path and header",
-                       description="nvcc builds csrc/ into a shared library with a C ABI (csrc/fmlm_csrc.h), cached "
-                                   "under $FMLM_CUDA_CACHE or ~/.cache/fmlm/csrc; prints where it is and how to link it.")
+                       description="nvcc builds csrc/ into a shared library with a C ABI (csrc/fmlm_csrc.h), "
+                                   "cached under $FMLM_CUDA_CACHE or ~/.cache/fmlm/csrc; prints where it is and how "
+                                   "to link it.")
     p.add_argument("--arch", default=None,
                    help="target, e.g. 90 (H100), 90a, 80; default: the current GPU's, else 90")
     p.add_argument("--debug", action="store_true")

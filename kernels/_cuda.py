@@ -111,8 +111,9 @@ def ptxas_report(arch: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for src in SOURCES:
-            cmd = [nvcc, "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                   "-o", os.path.join(tmp, "k.cubin"), str(source_dir() / src)]
+            cmd = [nvcc, "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v",
+                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", os.path.join(tmp, "k.cubin"),
+                   str(source_dir() / src)]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise CudaBuildError(f"nvcc failed on {src} (exit {r.returncode}):\n{r.stderr[-4000:]}")
@@ -156,18 +157,16 @@ def _demangle(name: str) -> str:
     return name
 
 
-_C = ctypes      # short for the table
-_ARGTYPES = {
-    "fmlm_abi_version": ([], _C.c_int),
-    "fmlm_error_string": ([_C.c_int], _C.c_char_p),
-    "fmlm_logits_argmax_default_splits": ([_C.c_int, _C.c_int, _C.c_int], _C.c_int),
-    "fmlm_logits_argmax_rows_per_block": ([], _C.c_int),
-    "fmlm_logits_argmax_smem_bytes": ([], _C.c_int),
+_I, _P, _LL = ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong
+_ARGTYPES = {       # as declared in csrc/fmlm_csrc.h
+    "fmlm_abi_version": ([], _I),
+    "fmlm_error_string": ([_I], ctypes.c_char_p),
+    "fmlm_logits_argmax_default_splits": ([_I, _I, _I], _I),
+    "fmlm_logits_argmax_rows_per_block": ([], _I),
+    "fmlm_logits_argmax_smem_bytes": ([], _I),
     # dtype, h, ldh, w, ldw, bias, bias_dtype, M, n_valid, D, splits, part_val, part_idx, counters, out, flags,
     # device, stream
-    "fmlm_logits_argmax": ([_C.c_int, _C.c_void_p, _C.c_longlong, _C.c_void_p, _C.c_longlong, _C.c_void_p, _C.c_int,
-                            _C.c_int, _C.c_int, _C.c_int, _C.c_int, _C.c_void_p, _C.c_void_p, _C.c_void_p,
-                            _C.c_void_p, _C.c_int, _C.c_int, _C.c_void_p], _C.c_int),
+    "fmlm_logits_argmax": ([_I, _P, _LL, _P, _LL, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P], _I),
 }
 
 

@@ -423,7 +423,8 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out
 
 
-CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}     # csrc/fmlm_csrc.h enum fmlm_dtype
+CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
 _COUNTERS: dict = {}
 
 
@@ -440,7 +441,6 @@ def _split_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
             return b
     bufs.append(torch.zeros(max(n, 64), device=device, dtype=torch.int32))
     return bufs[-1]
-CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
 
 
 def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n_valid: int,
