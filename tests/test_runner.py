@@ -18,6 +18,7 @@ from fmlm.engine.runner import Sampler, bucket_for, cached_sampler
 from fmlm.kernels import attention
 from fmlm.kernels import adaln
 from fmlm.kernels import linear as lin
+from fmlm.kernels import _cuda
 from fmlm.kernels import reference as ref
 from fmlm.kernels._backend import interpreting, triton_available
 from kernel_test_utils import LaunchArgs, capture
@@ -509,6 +510,9 @@ def test_sampler_passes_kernel_options_to_the_fast_trunk(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # GPU (make gpu-check)
 # ---------------------------------------------------------------------------------------------
+NEEDS_NVCC = pytest.mark.skipif(_cuda.find_nvcc() is None, reason="no nvcc to build csrc/ (argmax_config impl 'cuda')")
+
+
 def _gpu_model(seq_len=64, vocab=1000):
     return _model(device="cuda", vocab_size=vocab, seq_len=seq_len, hidden=256, n_heads=4, n_blocks=2, cond_dim=32)
 
@@ -571,11 +575,14 @@ def test_graph_replay_equals_eager(steps, renoise):
                                                      "num_stages": 3}},
                                   {"attention_config": {"num_stages": 4}},
                                   {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"},
-                                  {"gemm_impl": "triton_fused", "pdl": True}],
+                                  {"gemm_impl": "triton_fused", "pdl": True},
+                                  pytest.param({"argmax_config": {"impl": "cuda"}}, marks=NEEDS_NVCC),
+                                  pytest.param({"argmax_config": {"impl": "cuda"}, "gemm_impl": "triton_small",
+                                                "pdl": True, "pdl_prefetch": True}, marks=NEEDS_NVCC)],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
                               "gemm_triton_small_pdl", "attention_online_softmax", "gemm_triton_small_pdl_out_proj",
                               "argmax_w4", "attention_4_stages", "attention_4_stages_prepass",
-                              "gemm_triton_fused_pdl"])
+                              "gemm_triton_fused_pdl", "argmax_cuda", "argmax_cuda_pdl_prefetch"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
