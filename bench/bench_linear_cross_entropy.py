@@ -187,6 +187,11 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # the backward at the forward's 128×256 tile, 16 warps (lce.BWD_WIDE: the spill-free shape on sm_90a), first
     # among the candidates: the dS kernel is the largest part of fwd+bwd left at a 128×128 tile
     candidates += [("bwd 128x256, 16 warps, 2 stages, db from the dW GEMM", {}, dict(lce.BWD_WIDE))]
+    # TMA loads at the forward's default 128×256 tile (255 registers, no spills on sm_90a): logits_argmax's TMA
+    # kernel ran 1.35x its pointer kernel at the same tile in run5 (673 against 499 TFLOP/s), and the forward is
+    # ~2.7 of the 10.6 ms; then with the wide backward, the one row that times both changes together
+    candidates += [("fwd TMA at the default 128x256 tile", dict(tma=True), {}),
+                   ("fwd TMA at 128x256 + bwd 128x256, 16 warps", dict(tma=True), dict(lce.BWD_WIDE))]
     # the forward's previous default tile (128×128, 3 stages; the default is 128×256 in 4 stages since H100 run5):
     # a speedup above 1 here would mean the promotion lost
     candidates += [("fwd BLOCK_N 128, 3 stages (the previous default)", dict(lce.FWD_PREVIOUS), {})]
