@@ -40,7 +40,6 @@ constexpr int EPI_LD = 64 + 4;       // per-warp fp32 slab pitch (wmma stores ne
 constexpr int STAGE_ELEMS = (BM + BN) * LDS;
 constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * 32 * EPI_LD * 4;   // 110592 + 69632 = 176 KiB
 
-
 struct Params {
   const void* h;
   const void* w;
@@ -115,10 +114,12 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
   if (p.pdl) {
     if (p.prefetch) {                  // W rows [t0·BN, t1·BN) ∩ [0, n_valid): one prefetch per 128-byte line
       const int r0 = t0 * BN, nrows = min(t1 * BN, p.n_valid) - r0;
-      const int lines = (p.D * static_cast<int>(sizeof(T)) + 127) / 128;
+      const int row_bytes = p.D * static_cast<int>(sizeof(T)), lines = (row_bytes + 127) / 128;
       const char* w = static_cast<const char*>(p.w);
       for (int l = threadIdx.x; l < nrows * lines; l += THREADS) {
-        const char* a = w + (static_cast<int64_t>(r0 + l / lines) * p.ldw) * sizeof(T) + (l % lines) * 128;
+        // the line's first byte, or the row's last where the row ends inside the line: an address inside W
+        const int off = min((l % lines) * 128, row_bytes - 1);
+        const char* a = w + static_cast<int64_t>(r0 + l / lines) * p.ldw * sizeof(T) + off;
         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
       }
     }
