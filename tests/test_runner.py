@@ -874,9 +874,13 @@ def test_bench_profile_cpu_smoke(monkeypatch):
     from fmlm.bench import bench_profile as bench
 
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None), ("tiny", 1, "triton_small+pdl"),
+    # an opt-in variant that fails (here an unknown kernel option) is a row, and the points after it still run
+    monkeypatch.setitem(bench.VARIANT_OPTIONS, "broken", {"no_such_option": True})
+    monkeypatch.setattr(bench, "POINTS", (("tiny", 2, None), ("tiny", 1, "broken"), ("tiny", 1, "triton_small+pdl"),
                                           ("tiny", 1, "kv_split8")))
     rows = bench.run(quick=True)
+    failed = [r for r in rows if r["point"] == "tiny B=1 broken"]
+    assert len(failed) == 1 and failed[0]["note"].startswith("failed: ValueError"), failed
     assert rows[0]["point"] == "tiny B=2" and rows[0]["sample() call ms"] > 0
     assert rows[0]["kernel launches per call"] > 0
     assert "no device activity" in rows[0]["note"]
@@ -884,7 +888,8 @@ def test_bench_profile_cpu_smoke(monkeypatch):
         variant = [r for r in rows if r["point"] == f"tiny B=1 {name}"]
         assert variant and variant[0]["sample() call ms"] > 0
     assert "replay ms" not in rows[0]          # the whole call is timed, not the graph replay alone
-    assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows if r["kernel"] != "(one-step call: summary)")
+    assert len(rows) > 3 and all(r["µs per call"] >= 0 for r in rows
+                                 if r.get("kernel") not in (None, "(one-step call: summary)"))
     # gpu_check's defaults-only mode: the variant points are reported as skipped, not profiled
     monkeypatch.setenv("FMLM_BENCH_OPTIONAL", "0")
     monkeypatch.setattr(bench, "POINTS", (("tiny", 1, "triton_small+pdl"),))
