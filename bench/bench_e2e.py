@@ -67,8 +67,6 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "gemm triton fused + pdl + weight prefetch + deep pipeline": {
                   "gemm_impl": "triton_fused", "pdl": True, "pdl_prefetch": True, "gemm_deep_pipeline": True},
               "attention kv split 8": {"attention_kv_split": 8},
-              # the CUDA C++ kernel (csrc/logits_argmax.cu): one launch where the Triton split path takes two
-              "argmax cuda c++ (csrc)": {"argmax_config": LA_CUDA},
               "argmax tma 128x256 (the large-row default) at batch 1": {"argmax_config": LA_LARGE_M},
               # run5's attention sweep at OWT B=32 (online softmax): 4 operand stages 1.07x (rotary on load) and
               # 1.21x (rotary prepass) against 3 at the m128 n64 w8 tile
@@ -76,6 +74,9 @@ CANDIDATES = {"gemm triton small + pdl": {"gemm_impl": "triton_small", "pdl": Tr
               "attention 4 stages": {"attention_config": {"num_stages": 4}},
               "attention poly exp2 + rotary prepass": {"attention_poly_exp2": True, "rotary_impl": "prepass"},
               "attention poly exp2": {"attention_poly_exp2": True},
+              # the CUDA C++ kernel (csrc/logits_argmax.cu): one launch where the Triton split path takes two. After
+              # the attention candidates: new CUDA code that faults would leave this process's context unusable
+              "argmax cuda c++ (csrc)": {"argmax_config": LA_CUDA},
               "argmax one V tile per program": {"argmax_config": LA_ONE_TILE},
               "attention kv split 4": {"attention_kv_split": 4},
               "attention online softmax (the previous default)": {"attention_fixed_shift": False},

@@ -34,9 +34,9 @@ from fmlm.bench.common import markdown_table, optional_rows, time_fn, write_rows
 # (preset, B, variant): None (defaults), "cublaslt" (preferred BLAS library) or a VARIANT_OPTIONS key
 POINTS = (("lm1b", 1, None), ("lm1b", 1, "cublaslt"), ("lm1b", 1, "triton_small+pdl"),
           ("lm1b", 1, "triton_small+pdl+prefetch+deep"), ("lm1b", 1, "triton_fused+pdl"),
-          ("lm1b", 1, "triton_small+pdl+prefetch+argmax_cuda"),
           ("lm1b", 1, "triton_small+pdl+out_proj"), ("owt", 1, None),
-          ("owt", 1, "kv_split8"), ("owt", 32, None))
+          ("owt", 1, "kv_split8"), ("owt", 32, None),
+          ("lm1b", 1, "triton_small+pdl+prefetch+argmax_cuda"))     # new CUDA code last (a fault ends the process)
 VARIANT_OPTIONS = {"triton_small+pdl": {"gemm_impl": "triton_small", "pdl": True},
                    "triton_small+pdl+prefetch+deep": {"gemm_impl": "triton_small", "pdl": True, "pdl_prefetch": True,
                                                       "gemm_deep_pipeline": True},

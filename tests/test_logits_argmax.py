@@ -498,6 +498,25 @@ needs_nvcc = pytest.mark.skipif(_cuda.find_nvcc() is None, reason="no nvcc to bu
 CUDA_ARCH = _cuda.device_arch(0) if ON_DEVICE else "90"
 
 
+def csrc_gpu(fn):
+    """A GPU test of the csrc/ kernel: marked csrc_gpu, not gpu, so that make gpu-check runs it in a subprocess of
+    its own (test_csrc_gpu_isolated): a fault in new CUDA code then cannot poison the CUDA context that the other
+    GPU tests of this pytest worker share."""
+    return pytest.mark.csrc_gpu(needs_nvcc(pytest.mark.skipif(not ON_DEVICE, reason="needs CUDA")(fn)))
+
+
+@pytest.mark.gpu
+@needs_nvcc
+def test_csrc_gpu_isolated():
+    """Every csrc_gpu test (here and in test_runner.py), in one child pytest process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "test_logits_argmax.py"),
+                        os.path.join(here, "test_runner.py"), "-q", "-m", "csrc_gpu", "-p", "no:cacheprovider",
+                        "-rfE"], capture_output=True, text=True, timeout=600, cwd=os.path.dirname(here))
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
 def _abi_call(lib, **kw):
     """fmlm_logits_argmax with valid-looking arguments (fake, aligned addresses), overridden by kw."""
     a = dict(dtype=0, h=1 << 20, ldh=768, w=1 << 21, ldw=768, bias=None, bias_dtype=0, M=128, n_valid=30522, D=768,
@@ -604,8 +623,7 @@ def test_cuda_backend_input_checks():
             logits_argmax(h[:, :30].cuda().half(), W[:, :30].cuda().half(), None, 100, backend="cuda")
 
 
-@needs_nvcc
-@pytest.mark.gpu
+@csrc_gpu
 @pytest.mark.parametrize("M,V,Vp,D,dtype,bias", [
     (1, 50258, 50304, 768, torch.bfloat16, torch.bfloat16),
     (3, 1009, 1024, 64, torch.float16, None),
@@ -625,8 +643,7 @@ def test_gpu_cuda_matches_reference(M, V, Vp, D, dtype, bias):
     assert (idx == tri).float().mean().item() > 0.99         # both fp32 sums of the same products: near ties only
 
 
-@needs_nvcc
-@pytest.mark.gpu
+@csrc_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_cuda_ties_lowest_index(dtype):
     """Exact ties (integer inputs): row 0's best columns 5 and 40 (one warp's column half), 70 (the other half of
@@ -640,8 +657,7 @@ def test_gpu_cuda_ties_lowest_index(dtype):
         assert torch.equal(LA.logits_argmax_cuda(h, W, b, 257, splits), want), splits
 
 
-@needs_nvcc
-@pytest.mark.gpu
+@csrc_gpu
 def test_gpu_cuda_graph_replay_and_counters():
     """Captured in a CUDA graph (the library loaded by the warm-up call), the split launch replays on new contents
     of h == eager, many times: the reducing CTA leaves the row blocks' counters at zero for the next replay."""
@@ -656,8 +672,7 @@ def test_gpu_cuda_graph_replay_and_counters():
     _check(out, static_h, W, b, 50258)
 
 
-@needs_nvcc
-@pytest.mark.gpu
+@csrc_gpu
 @pytest.mark.parametrize("prefetch", [False, True], ids=["pdl", "pdl+prefetch"])
 def test_gpu_cuda_pdl_bit_identical(prefetch):
     """Inside pdl_launches the csrc/ kernel launches as a programmatic dependent of the kernel that writes h (and

@@ -575,19 +575,32 @@ def test_graph_replay_equals_eager(steps, renoise):
                                                      "num_stages": 3}},
                                   {"attention_config": {"num_stages": 4}},
                                   {"attention_config": {"num_stages": 4}, "rotary_impl": "prepass"},
-                                  {"gemm_impl": "triton_fused", "pdl": True},
-                                  pytest.param({"argmax_config": {"impl": "cuda"}}, marks=NEEDS_NVCC),
-                                  pytest.param({"argmax_config": {"impl": "cuda"}, "gemm_impl": "triton_small",
-                                                "pdl": True, "pdl_prefetch": True}, marks=NEEDS_NVCC)],
+                                  {"gemm_impl": "triton_fused", "pdl": True}],
                          ids=["prepass", "prepass_k", "prepass_tma", "argmax_tma", "gemm_triton_small", "pdl",
                               "gemm_triton_small_pdl", "attention_online_softmax", "gemm_triton_small_pdl_out_proj",
                               "argmax_w4", "attention_4_stages", "attention_4_stages_prepass",
-                              "gemm_triton_fused_pdl", "argmax_cuda", "argmax_cuda_pdl_prefetch"])
+                              "gemm_triton_fused_pdl"])
 def test_kernel_option_candidates_match_default(opts):
     """The opt-in kernel variants that bench e2e times (graphs on) give the default's tokens: the rotary prepass
     rounds the rotated q/k exactly as the on-load rotation; the TMA argmax runs the same GEMM tiles; the Triton
     GEMMs differ from cuBLAS only in summation order and in skipping the bf16 rounding of the two GEMM outputs
     that feed the residual (near-ties may flip: the 0.999 agreement bound)."""
+    _candidate_matches_default(opts)
+
+
+@pytest.mark.csrc_gpu     # run in a child process by test_logits_argmax.py::test_csrc_gpu_isolated
+@NEEDS_NVCC
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs CUDA")
+@pytest.mark.parametrize("opts", [{"argmax_config": {"impl": "cuda"}},
+                                  {"argmax_config": {"impl": "cuda"}, "gemm_impl": "triton_small", "pdl": True,
+                                   "pdl_prefetch": True}], ids=["argmax_cuda", "argmax_cuda_pdl_prefetch"])
+def test_csrc_argmax_candidates_match_default(opts):
+    """The csrc/ argmax in the Sampler (graphs on; alone, and programmatically launched with its W prefetch after
+    the Triton GEMMs): the default's tokens within the same near-tie bound."""
+    _candidate_matches_default(opts)
+
+
+def _candidate_matches_default(opts):
     m = _gpu_model()
     base = Sampler(m, 3, 2, renoise=0.5)
     cand = Sampler(m, 3, 2, renoise=0.5, kernel_options=opts)
