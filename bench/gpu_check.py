@@ -92,6 +92,35 @@ def candidate_table(names) -> str:
     return common.markdown_table(out) if out else "(no candidate rows)\n"
 
 
+# the columns a benchmark's target rows use (the first present one is shown)
+TARGET_VALUE_KEYS = ("eff_tflops", "tflops", "speedup_vs_dense_xE", "ms/sample")
+
+
+def targets_table(names) -> str:
+    """Every row of this run's benchmarks that carries an issue target (a meets_target / "meets target" cell: the
+    defaults' headline rows and the "best measured" rows), one line each: what it measured, the target, met or
+    not. Printed last with the summary, so that the tail of the output answers the issues by itself."""
+    out = []
+    for name in names:
+        md = common.RESULTS_DIR / f"{name}.md"
+        if not md.exists():
+            continue
+        for r in _md_rows(md):
+            met = r.get("meets_target") or r.get("meets target") or ""
+            if met in ("", "—"):
+                continue
+            key = next((k for k in TARGET_VALUE_KEYS if r.get(k) not in (None, "", "—")), None)
+            where = " ".join(f"{k}={r[k]}" for k in ("shape", "dataset", "rows", "N", "B", "steps", "pass")
+                             if r.get(k))
+            value = f"{key} {r[key]}" if key else ""
+            if r.get("4-step/1-step") not in (None, "", "—"):
+                value += f", 4-step/1-step {r['4-step/1-step']}"
+            out.append({"benchmark": name, "row": r.get("impl") or r.get("path", ""), "where": where,
+                        "measured": value, "target": r.get("target") or r.get("target ms/sample", ""),
+                        "met": met})
+    return common.markdown_table(out) if out else "(no target rows)\n"
+
+
 def xdist_args(workers: int) -> list[str]:
     """pytest arguments that spread the GPU tests over `workers` processes, one test file per process at a time
     (its kernels compile once there), or none when xdist is missing or workers < 2."""
@@ -288,6 +317,8 @@ def main(argv=None) -> int:
         print(f"### {name}\n{(common.RESULTS_DIR / f'{name}.md').read_text()}")
     print("## opt-in candidates vs the defaults they would replace (speedup > 1: the candidate is faster)")
     print(candidate_table(ran))
+    print("## issue targets: the rows that carry one (defaults, best measured)")
+    print(targets_table(ran))
     if failures:
         print("## GPU test failures (all of them in results/logs/gpu_tests.log)")
         print("\n".join(failures))

@@ -89,3 +89,29 @@ def test_candidate_table_skips_an_md_without_a_table(results):
     (results / "bench_y.md").write_text("| impl |\n")
     assert gpu_check._md_rows(results / "bench_x.md") == [] and gpu_check._md_rows(results / "bench_y.md") == []
     assert gpu_check.candidate_table(["bench_x", "bench_y"]) == "(no candidate rows)\n"
+
+
+def test_targets_table_lists_the_rows_that_carry_a_target(results):
+    """One line per row with a meets_target (kernel benchmarks) or "meets target" (bench_e2e) cell: its label,
+    where, the first value column present, the 4-step ratio when there, the target and whether it is met; rows
+    without one, and mds without a table, add nothing."""
+    (results / "bench_k.md").write_text(
+        "| op | impl | rows | tflops | target | meets_target |\n|---|---|---|---|---|---|\n"
+        "| la | triton default | 16384 | 673 | >= 600 TFLOP/s | True |\n"
+        "| la | triton [other] | 16384 | 500 |  |  |\n"
+        "| la | best measured: x | 16384 | 680 | >= 600 TFLOP/s | True |\n")
+    (results / "bench_e.md").write_text(
+        "| dataset | path | B | steps | ms/sample | target ms/sample | 4-step/1-step | meets target |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| owt | engine graph | 32 | 1 | 0.64 | 0.6 | — | NO |\n"
+        "| owt | engine graph | 32 | 4 | 3.1 |  | 4.84 | NO |\n"
+        "| owt | reference | 32 | 1 | 6.7 |  | — |  |\n")
+    (results / "bench_none.md").write_text("nothing\n")
+    table = gpu_check.targets_table(["bench_k", "bench_e", "bench_none", "bench_missing"])
+    lines = [x for x in table.splitlines() if x.startswith("| bench_")]
+    assert lines == [
+        "| bench_k | triton default | rows=16384 | tflops 673 | >= 600 TFLOP/s | True |",
+        "| bench_k | best measured: x | rows=16384 | tflops 680 | >= 600 TFLOP/s | True |",
+        "| bench_e | engine graph | dataset=owt B=32 steps=1 | ms/sample 0.64 | 0.6 | NO |",
+        "| bench_e | engine graph | dataset=owt B=32 steps=4 | ms/sample 3.1, 4-step/1-step 4.84 |  | NO |"], table
+    assert gpu_check.targets_table(["bench_none"]) == "(no target rows)\n"
