@@ -15,6 +15,9 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
   (--no-candidates skips them);
 - engine graph [winners: ...]: at each headline point, every candidate that beat the default there merged into
   one set of kernel options, at one and four steps: what promoting them together gives, measured in the same run.
+  The candidates no GPU has run yet (UNMEASURED) first sample once each in a child process (canary); one that
+  raises or kills the child there is left out with a row saying why, so that new kernel code cannot end this
+  process's CUDA context and every candidate and winners row after it.
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
 speedup over the reference at the same point, % of floor (FLOPs of one sample over the measured bf16 GEMM
@@ -106,6 +109,17 @@ CANDIDATE_MIN_ROWS = {"attention poly exp2 + rotary prepass": 4096, "attention p
                       # the key split is for long key loops at batch 1 (OWT B=1: 16 key tiles; LM1B has 2)
                       "attention kv split 4": 1024, "attention kv split 8": 1024}
 HEADLINE_B = {"owt": (1, 32), "lm1b": (1, 512)}
+# candidates no GPU has run yet (added by sessions without a device). Before this process times any candidate, each
+# of these samples once in a child process (`--canary`, at the smallest headline point where it acts); one that
+# raises or kills the child there is left out with a row saying why, so that a fault in new kernel code (an illegal
+# address is sticky) cannot end this process's CUDA context, and with it every later candidate and winners row.
+# Remove a name once a GPU run has timed it.
+UNMEASURED = ("gemm triton small + pdl + weight prefetch", "gemm triton small + pdl + deep pipeline",
+              "gemm triton fused + pdl", "gemm triton fused + pdl + weight prefetch + deep pipeline",
+              "attention kv split 8", "attention kv split 4", "argmax tma 128x256 (the large-row default) at batch 1",
+              "argmax one V tile per program", "attention 4 stages + rotary prepass", "attention 4 stages",
+              "attention poly exp2 + rotary prepass", "attention poly exp2", "argmax cuda c++ (csrc)")
+CANARY_TIMEOUT_S = 120     # all the canary children together (their kernels compile into the shared Triton cache)
 # a candidate joins the combination timed at a point (the "winners" rows) when it beats the default there by this
 WIN_SPEEDUP = 1.02
 DEVICE = "cuda"          # the CPU smoke test sets "cpu" (tiny preset; peak memory then reads nan)
@@ -300,13 +314,107 @@ def bench(args, quick: bool = False) -> list[dict]:
     return rows
 
 
+def canary_point(c: str, datasets) -> Optional[tuple[str, int]]:
+    """The smallest headline point (dataset, B) of `datasets` where candidate c acts, by rows B·L; None if none."""
+    from fmlm.engine.profile import PRESETS
+
+    points = sorted(((b * PRESETS[n]["seq_len"], n, b) for n in datasets for b in HEADLINE_B.get(n, ())))
+    return next(((n, b) for rows, n, b in points
+                 if CANDIDATE_MIN_ROWS.get(c, 0) <= rows <= CANDIDATE_MAX_ROWS.get(c, rows)), None)
+
+
+def _canary_child(names, datasets, seed: int) -> int:
+    """`--canary`: one graph-captured sample (two replays) of each candidate at its canary_point, a line per
+    candidate on stdout; exit status 3 as soon as the CUDA context is lost (every later call would fail)."""
+    from fmlm.engine.profile import build_model
+    from fmlm.engine.runner import Sampler
+
+    models = {}
+    for c in names:
+        point = canary_point(c, datasets)
+        if point is None:
+            print(f"CANARY ok {c} (acts at no headline point)", flush=True)
+            continue
+        name, B = point
+        try:
+            if name not in models:
+                models[name] = build_model(None, name, DEVICE, seed)
+            sampler = Sampler(models[name], B, 1, graph=True, kernel_options=CANDIDATES[c])
+            sampler.sample(seed)
+            sampler.sample(seed + 1)
+            _sync()
+            print(f"CANARY ok {c}", flush=True)
+        except Exception as exc:
+            print(f"CANARY fail {c}: {type(exc).__name__}: {str(exc)[:200]}".replace("\n", " "), flush=True)
+            try:
+                _sync()
+            except Exception:          # a sticky error: nothing more can run in this process
+                return 3
+    return 0
+
+
+def canary(names, datasets, seed: int, timeout_s: float = CANARY_TIMEOUT_S) -> dict:
+    """{candidate: why it is left out} for the candidates among `names` that raised in a child process
+    (_canary_child) or killed it (the first one it had not reported on when it died or hung); a new child goes on
+    with the rest. Candidates not reached within timeout_s are not tried (and not left out)."""
+    import subprocess
+
+    left, bad, t_end = list(names), {}, time.time() + timeout_s
+    while left and time.time() < t_end:
+        cmd = [sys.executable, "-m", "fmlm.bench.bench_e2e", "--canary", *left, "--datasets", *datasets,
+               "--seed", str(seed)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, t_end - time.time()))
+            out, err, died = r.stdout, r.stderr, r.returncode != 0
+            why = f"killed the canary child (exit {r.returncode}): {err.strip()[-160:]}"
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            err, died, why = "", True, "hung in the canary child (killed at the time limit)"
+        reported = set()
+        for line in out.splitlines():
+            for c in left:
+                if line == f"CANARY ok {c}" or line.startswith(f"CANARY ok {c} ("):
+                    reported.add(c)
+                elif line.startswith(f"CANARY fail {c}: "):
+                    reported.add(c)
+                    bad[c] = "failed in the canary child: " + line[len(f"CANARY fail {c}: "):]
+        rest = [c for c in left if c not in reported]
+        if died and rest:
+            bad.setdefault(rest[0], why)
+            rest = rest[1:]
+        elif not died:
+            rest = []
+        left = rest
+    return bad
+
+
+def _canary_left_out(chosen, datasets, seed: int, deadline: float = float("inf")) -> dict:
+    """canary() of the UNMEASURED candidates among `chosen` on CUDA (nothing to protect elsewhere; nor with a
+    checkpoint, which has no preset datasets), within CANARY_TIMEOUT_S and 40 % of the time left to `deadline`."""
+    risky = [c for c in chosen if c in UNMEASURED]
+    if DEVICE != "cuda" or not risky or not datasets:
+        return {}
+    t0 = time.perf_counter()
+    bad = canary(risky, datasets, seed, min(CANARY_TIMEOUT_S, max(10.0, 0.4 * (deadline - time.time()))))
+    print(f"bench e2e: canary of {len(risky)} candidates in {time.perf_counter() - t0:.1f} s, left out: "
+          f"{sorted(bad) or 'none'}", file=sys.stderr, flush=True)
+    return bad
+
+
 def _time_candidates(rows, names, load, steps_list, args, iters, rate, deadline):
     """The opt-in candidates at one step (CANDIDATES' order, each on every dataset), then at each headline point
-    the merge of those that won there (combine_winners), at every step count."""
+    the merge of those that won there (combine_winners), at every step count. The UNMEASURED ones first pass a
+    canary in a child process (canary)."""
     t0 = time.perf_counter()
+    left_out = _canary_left_out([c for c in CANDIDATES if not args.candidate or c in args.candidate],
+                                [n for n in names if n is not None], args.seed, deadline)
     models = [load(name) for name in names]         # small next to the device: every dataset's model at once
     for c, o in CANDIDATES.items():
         if args.candidate and c not in args.candidate:
+            continue
+        if c in left_out:
+            rows.append({"dataset": "", "path": f"engine graph [{c}]", "B": 0, "steps": 1,
+                         "ms/sample": float("nan"), "note": f"left out: {left_out[c]}"[:240]})
             continue
         for name, model, batches in models:
             # the headline batch sizes; a candidate that only acts up to some row count only where it acts
@@ -472,6 +580,14 @@ def register_cli(sub, bench_sub) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--canary":        # the child of canary(): candidate names, then --datasets, --seed
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--canary", nargs="+", required=True)
+        ap.add_argument("--datasets", nargs="+", required=True)
+        ap.add_argument("--seed", type=int, default=0)
+        a = ap.parse_args(argv)
+        return _canary_child(a.canary, a.datasets, a.seed)
     return cli(parser().parse_args(argv))
 
 

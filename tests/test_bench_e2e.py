@@ -161,3 +161,56 @@ def test_run_plots_its_rows_into_out(tmp_path, monkeypatch):
     assert (tmp_path / "bench_e2e.png").stat().st_size > 0
     monkeypatch.setattr(bench, "bench", lambda args, quick=False: [])
     assert bench.run(quick=True, argv=["--out", str(tmp_path / "none")]) == [] and not (tmp_path / "none").exists()
+
+
+def test_canary_leaves_out_what_raised_or_killed_the_child(monkeypatch):
+    """canary(): the candidates a child reports as failed, and the first one it had not reported on when it died or
+    hung, are left out with the reason; a new child goes on with the rest; what the children report ok is kept."""
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, capture_output, text, timeout):
+        names = cmd[cmd.index("--canary") + 1:cmd.index("--datasets")]
+        calls.append(names)
+        if names[0] == "a":        # a passes, b kills the child (no line for it)
+            return subprocess.CompletedProcess(cmd, -11, "CANARY ok a\n", "Segmentation fault\n")
+        if names[0] == "c":        # c raises, d hangs
+            raise subprocess.TimeoutExpired(cmd, timeout, output=b"CANARY fail c: RuntimeError: no kernel image\n")
+        return subprocess.CompletedProcess(cmd, 0, "".join(f"CANARY ok {n}\n" for n in names), "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    bad = bench.canary(["a", "b", "c", "d", "e", "f"], ["owt"], 0, timeout_s=60)
+    assert calls == [["a", "b", "c", "d", "e", "f"], ["c", "d", "e", "f"], ["e", "f"]]
+    assert bad == {"b": "killed the canary child (exit -11): Segmentation fault",
+                   "c": "failed in the canary child: RuntimeError: no kernel image",
+                   "d": "hung in the canary child (killed at the time limit)"}
+
+
+def test_canary_child_and_point(monkeypatch, capsys):
+    """The child samples each candidate at its smallest headline point (rows B·L within the candidate's range) and
+    prints a line per candidate; a candidate that raises is reported and the next one still runs."""
+    assert bench.canary_point("attention 4 stages", ["owt", "lm1b"]) == ("owt", 32)       # ≥ 4096 rows
+    assert bench.canary_point("attention kv split 8", ["owt", "lm1b"]) == ("owt", 1)      # 1024–4096 rows
+    assert bench.canary_point("gemm triton fused + pdl", ["lm1b", "owt"]) == ("lm1b", 1)
+    assert bench.canary_point("attention kv split 8", ["lm1b"]) is None
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setitem(bench.HEADLINE_B, "tiny", (2,))
+    monkeypatch.setitem(bench.CANDIDATES, "broken", {"no_such_option": True})
+    assert bench._canary_child(["broken", "pdl"], ["tiny"], 0) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1] == "CANARY ok pdl", lines
+    assert lines[0].startswith("CANARY fail broken: ValueError: unknown kernel option 'no_such_option'"), lines
+    assert bench.main(["--canary", "pdl", "--datasets", "owt-none"]) == 0     # no headline point there: ok
+    assert capsys.readouterr().out == "CANARY ok pdl (acts at no headline point)\n"
+
+
+def test_candidates_left_out_by_the_canary_are_rows(on_cpu, monkeypatch):
+    """A candidate the canary left out gets one row saying why and is not timed; the others are."""
+    monkeypatch.setattr(bench, "_canary_left_out", lambda chosen, datasets, seed, deadline: {"pdl": "killed the child"})
+    args = bench.parser().parse_args(["--batch-sizes", "1", "--steps", "1", "--reference", "none", "--iters", "1",
+                                      "--candidate", "pdl", "--candidate", "gemm triton small"])
+    args.datasets = ["tiny"]
+    rows = bench.bench(args, quick=True)
+    assert [r.get("note") for r in rows if r["path"] == "engine graph [pdl]"] == ["left out: killed the child"]
+    assert [r["B"] for r in rows if r["path"] == "engine graph [gemm triton small]"] == [1]
