@@ -363,13 +363,20 @@ def canary(names, datasets, seed: int, timeout_s: float = CANARY_TIMEOUT_S) -> d
     while left and time.time() < t_end:
         cmd = [sys.executable, "-m", "fmlm.bench.bench_e2e", "--canary", *left, "--datasets", *datasets,
                "--seed", str(seed)]
+        rc = None
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, t_end - time.time()))
-            out, err, died = r.stdout, r.stderr, r.returncode != 0
+            out, err, died, rc = r.stdout, r.stderr, r.returncode != 0, r.returncode
             why = f"killed the canary child (exit {r.returncode}): {err.strip()[-160:]}"
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             err, died, why = "", True, "hung in the canary child (killed at the time limit)"
+        if rc == 1 and "CANARY" not in out:
+            # a Python error before any candidate ran (an import, the arguments): the canary itself is broken, not a
+            # candidate; leave nothing more out (the candidates then run unguarded, as before the canary)
+            print(f"bench e2e: the canary child failed before any candidate: {err.strip()[-300:]}", file=sys.stderr,
+                  flush=True)
+            break
         reported = set()
         for line in out.splitlines():
             for c in left:

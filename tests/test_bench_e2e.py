@@ -185,6 +185,12 @@ def test_canary_leaves_out_what_raised_or_killed_the_child(monkeypatch):
     assert bad == {"b": "killed the canary child (exit -11): Segmentation fault",
                    "c": "failed in the canary child: RuntimeError: no kernel image",
                    "d": "hung in the canary child (killed at the time limit)"}
+    # a child that fails as Python before any candidate (exit 1, no line) breaks the canary, not a candidate:
+    # nothing is left out and no second child is started
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(
+        cmd, 1, "", "Traceback ...\nImportError: x\n"))
+    assert bench.canary(["a", "b"], ["owt"], 0, timeout_s=60) == {} and len(calls) == 1
 
 
 def test_canary_child_and_point(monkeypatch, capsys):
