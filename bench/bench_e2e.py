@@ -386,7 +386,7 @@ def canary(names, datasets, seed: int, timeout_s: float = CANARY_TIMEOUT_S) -> d
                     reported.add(c)
                     bad[c] = "failed in the canary child: " + line[len(f"CANARY fail {c}: "):]
         rest = [c for c in left if c not in reported]
-        if died and rest:
+        if died and rest and rc != 3:      # 3: the child stopped after reporting a candidate that broke its context
             bad.setdefault(rest[0], why)
             rest = rest[1:]
         elif not died:

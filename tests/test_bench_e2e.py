@@ -177,14 +177,17 @@ def test_canary_leaves_out_what_raised_or_killed_the_child(monkeypatch):
             return subprocess.CompletedProcess(cmd, -11, "CANARY ok a\n", "Segmentation fault\n")
         if names[0] == "c":        # c raises, d hangs
             raise subprocess.TimeoutExpired(cmd, timeout, output=b"CANARY fail c: RuntimeError: no kernel image\n")
+        if names[0] == "e":        # e breaks the context: the child reports it and stops (exit 3) before f
+            return subprocess.CompletedProcess(cmd, 3, "CANARY fail e: RuntimeError: illegal memory access\n", "")
         return subprocess.CompletedProcess(cmd, 0, "".join(f"CANARY ok {n}\n" for n in names), "")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    bad = bench.canary(["a", "b", "c", "d", "e", "f"], ["owt"], 0, timeout_s=60)
-    assert calls == [["a", "b", "c", "d", "e", "f"], ["c", "d", "e", "f"], ["e", "f"]]
+    bad = bench.canary(["a", "b", "c", "d", "e", "f", "g"], ["owt"], 0, timeout_s=60)
+    assert calls == [["a", "b", "c", "d", "e", "f", "g"], ["c", "d", "e", "f", "g"], ["e", "f", "g"], ["f", "g"]]
     assert bad == {"b": "killed the canary child (exit -11): Segmentation fault",
                    "c": "failed in the canary child: RuntimeError: no kernel image",
-                   "d": "hung in the canary child (killed at the time limit)"}
+                   "d": "hung in the canary child (killed at the time limit)",
+                   "e": "failed in the canary child: RuntimeError: illegal memory access"}
     # a child that fails as Python before any candidate (exit 1, no line) breaks the canary, not a candidate:
     # nothing is left out and no second child is started
     calls.clear()
