@@ -74,21 +74,29 @@ def _md_rows(path: Path) -> list[dict]:
     return [dict(zip(keys, (c.strip() for c in x.strip("|").split("|")))) for x in lines[2:]]
 
 
+def _run_rows(names):
+    """(benchmark, row) for every row of the named benchmarks' markdown tables in the results folder."""
+    for name in names:
+        md = common.RESULTS_DIR / f"{name}.md"
+        if md.exists():
+            yield from ((name, r) for r in _md_rows(md))
+
+
+def _where(r: dict, keys) -> str:
+    return " ".join(f"{k}={r[k]}" for k in keys if r.get(k))
+
+
 def candidate_table(names) -> str:
     """Every row of this run's benchmarks that compares an opt-in variant with the default it would replace
     (columns speedup_vs_default or "vs engine graph": the default's time over the variant's, > 1 = faster)."""
     out = []
-    for name in names:
-        md = common.RESULTS_DIR / f"{name}.md"
-        if not md.exists():
+    for name, r in _run_rows(names):
+        sp = r.get("speedup_vs_default") or r.get("vs engine graph") or ""
+        if sp in ("", "—"):
             continue
-        for r in _md_rows(md):
-            sp = r.get("speedup_vs_default") or r.get("vs engine graph") or ""
-            if sp in ("", "—"):
-                continue
-            where = " ".join(f"{k}={r[k]}" for k in ("shape", "dataset", "rows", "B", "pass") if r.get(k))
-            out.append({"benchmark": name, "variant": r.get("impl") or r.get("path", ""), "where": where,
-                        "ms": r.get("ms") or r.get("ms/sample", ""), "speedup vs default": sp})
+        out.append({"benchmark": name, "variant": r.get("impl") or r.get("path", ""),
+                    "where": _where(r, ("shape", "dataset", "rows", "B", "pass")),
+                    "ms": r.get("ms") or r.get("ms/sample", ""), "speedup vs default": sp})
     return common.markdown_table(out) if out else "(no candidate rows)\n"
 
 
@@ -101,23 +109,17 @@ def targets_table(names) -> str:
     defaults' headline rows and the "best measured" rows), one line each: what it measured, the target, met or
     not. Printed last with the summary, so that the tail of the output answers the issues by itself."""
     out = []
-    for name in names:
-        md = common.RESULTS_DIR / f"{name}.md"
-        if not md.exists():
+    for name, r in _run_rows(names):
+        met = r.get("meets_target") or r.get("meets target") or ""
+        if met in ("", "—"):
             continue
-        for r in _md_rows(md):
-            met = r.get("meets_target") or r.get("meets target") or ""
-            if met in ("", "—"):
-                continue
-            key = next((k for k in TARGET_VALUE_KEYS if r.get(k) not in (None, "", "—")), None)
-            where = " ".join(f"{k}={r[k]}" for k in ("shape", "dataset", "rows", "N", "B", "steps", "pass")
-                             if r.get(k))
-            value = f"{key} {r[key]}" if key else ""
-            if r.get("4-step/1-step") not in (None, "", "—"):
-                value += f", 4-step/1-step {r['4-step/1-step']}"
-            out.append({"benchmark": name, "row": r.get("impl") or r.get("path", ""), "where": where,
-                        "measured": value, "target": r.get("target") or r.get("target ms/sample", ""),
-                        "met": met})
+        key = next((k for k in TARGET_VALUE_KEYS if r.get(k) not in (None, "", "—")), None)
+        value = f"{key} {r[key]}" if key else ""
+        if r.get("4-step/1-step") not in (None, "", "—"):
+            value += f", 4-step/1-step {r['4-step/1-step']}"
+        out.append({"benchmark": name, "row": r.get("impl") or r.get("path", ""),
+                    "where": _where(r, ("shape", "dataset", "rows", "N", "B", "steps", "pass")), "measured": value,
+                    "target": r.get("target") or r.get("target ms/sample", ""), "met": met})
     return common.markdown_table(out) if out else "(no target rows)\n"
 
 
