@@ -199,6 +199,7 @@ def test_canary_leaves_out_what_raised_or_killed_the_child(monkeypatch):
 def test_canary_child_and_point(monkeypatch, capsys):
     """The child samples each candidate at its smallest headline point (rows B·L within the candidate's range) and
     prints a line per candidate; a candidate that raises is reported and the next one still runs."""
+    assert set(bench.UNMEASURED) <= set(bench.CANDIDATES)          # a misspelt name would go unguarded
     assert bench.canary_point("attention 4 stages", ["owt", "lm1b"]) == ("owt", 32)       # ≥ 4096 rows
     assert bench.canary_point("attention kv split 8", ["owt", "lm1b"]) == ("owt", 1)      # 1024–4096 rows
     assert bench.canary_point("gemm triton fused + pdl", ["lm1b", "owt"]) == ("lm1b", 1)
