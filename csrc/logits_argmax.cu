@@ -18,8 +18,9 @@
 // stores its accumulators to its own shared-memory slab and keeps, per row, the best (value, index) of its column
 // half (one lane per row). The column tiles of the grid's x-axis split are contiguous ranges; the comparison
 // (v > best or (v == best and index < best index)) makes the result independent of the order partials merge in.
-// NaN logits never win (as the Triton kernels; torch.argmax would return the first NaN); a row whose every value is
-// NaN gets index 0.
+// NaN logits never win (torch.argmax would return the first NaN; the Triton kernels follow neither rule exactly); a
+// row whose every value is NaN gets index 0. The shared-memory ring needs sm_90 (178 KiB per CTA; an A100 allows
+// 163 KiB); kernels/logits_argmax.py refuses older GPUs before calling.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -186,9 +187,12 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
         b1 = ok1 ? bias_at(p.bias, p.bias_dtype, c1) : 0.0f;
       }
       for (int r = 0; r < 32; ++r) {
-        float v = ok0 ? slab[r * EPI_LD + lane] + b0 : -INFINITY;
+        // a NaN logit enters as −∞ (it never wins): kept as NaN, no comparison could replace it, and the lane
+        // would stop passing its partners' values on through the butterfly below
+        const float x0 = slab[r * EPI_LD + lane] + b0, x1 = slab[r * EPI_LD + 32 + lane] + b1;
+        float v = ok0 && !isnan(x0) ? x0 : -INFINITY;
         int ix = ok0 ? c0 : INT_MAX;
-        const float v1 = slab[r * EPI_LD + 32 + lane] + b1;
+        const float v1 = isnan(x1) ? -INFINITY : x1;
         if (ok1 && better(v1, c1, v, ix)) {
           v = v1;
           ix = c1;
@@ -266,18 +270,23 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
   if (threadIdx.x == 0) p.counters[rb] = 0u;     // ready for the next launch (and the next CUDA-graph replay)
 }
 
+// A failed runtime call also leaves the runtime's sticky last error set; clear it so that it is reported once, here,
+// and not again by a later launch's check.
+int fail(cudaError_t e) {
+  (void)cudaGetLastError();
+  return static_cast<int>(e);
+}
+
 template <typename T>
-int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
+int launch_on(const Params& p, int row_blocks, cudaStream_t stream) {
   static bool smem_set[64] = {};       // per device: the dynamic shared-memory opt-in (set once, outside capture)
-  // this library links its own CUDA runtime: name the caller's device to it rather than trust its current one
-  cudaError_t e = device >= 0 ? cudaSetDevice(device) : cudaSuccess;
   int dev = 0;
-  if (e == cudaSuccess) e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return static_cast<int>(e);
-  if (dev < 64 && !smem_set[dev]) {
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return fail(e);
+  if (dev >= 64 || !smem_set[dev]) {
     e = cudaFuncSetAttribute(logits_argmax_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    smem_set[dev] = true;
+    if (e != cudaSuccess) return fail(e);
+    if (dev < 64) smem_set[dev] = true;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.splits, row_blocks);
@@ -290,7 +299,25 @@ int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
   cfg.attrs = attr;
   cfg.numAttrs = p.pdl ? 1 : 0;
   e = cudaLaunchKernelEx(&cfg, logits_argmax_kernel<T>, p);
-  return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
+  return e == cudaSuccess ? 0 : fail(e);
+}
+
+// This library links its own CUDA runtime: name the caller's device to it rather than trust its current one, and
+// leave the calling thread's current device as it was.
+template <typename T>
+int launch(const Params& p, int row_blocks, int device, cudaStream_t stream) {
+  int prev = -1;
+  if (device >= 0) {
+    cudaError_t e = cudaGetDevice(&prev);
+    if (e == cudaSuccess && prev != device) e = cudaSetDevice(device);
+    if (e != cudaSuccess) return fail(e);
+  }
+  const int rc = launch_on<T>(p, row_blocks, stream);
+  if (prev >= 0 && prev != device) {
+    const cudaError_t e = cudaSetDevice(prev);
+    if (e != cudaSuccess && rc == 0) return fail(e);
+  }
+  return rc;
 }
 
 }  // namespace

@@ -426,6 +426,8 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}     # csrc/fmlm_csrc.h enum fmlm_dtype
 CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
 _COUNTERS: dict = {}
+_SPARE_COUNTERS: dict = {}      # device index → a zeroed buffer made outside capture, for a stream first seen capturing
+SPARE_COUNTERS = 1024           # its entries: 1024 row blocks of 128 rows
 
 
 def _split_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
@@ -433,13 +435,27 @@ def _split_counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
     and reused: each launch leaves them zero, so no memset runs before it, and under PDL the argmax's predecessor in
     the stream stays the trunk's last kernel (a memset in between would end the overlap). Launches on one stream
     are ordered, so they never share counters concurrently; a buffer is never freed (a captured graph may hold
-    its address)."""
+    its address). The zeroing must happen outside any CUDA-graph capture (a memset captured into one graph runs
+    only when that graph replays, and would leave the buffer unset for every other graph and eager call): a stream
+    first seen while capturing (torch.cuda.graph's own capture stream, say) takes the device's spare buffer, made
+    by the last eager call (torch.cuda.graph synchronizes the device before capturing, so its zeros are there)."""
     key = (device.index, stream)
     bufs = _COUNTERS.setdefault(key, [])
     for b in bufs:
         if b.numel() >= n:
             return b
+    if torch.cuda.is_current_stream_capturing():
+        spare = _SPARE_COUNTERS.get(device.index)
+        if spare is None or spare.numel() < n:
+            raise RuntimeError(
+                "backend='cuda' logits_argmax: its split counters must be zeroed outside CUDA-graph capture; call it "
+                f"once eagerly (any stream, {n} row blocks or more) before capturing on a new stream")
+        bufs.append(_SPARE_COUNTERS.pop(device.index))
+        return bufs[-1]
     bufs.append(torch.zeros(max(n, 64), device=device, dtype=torch.int32))
+    spare = _SPARE_COUNTERS.get(device.index)
+    if spare is None or spare.numel() < n:
+        _SPARE_COUNTERS[device.index] = torch.zeros(max(n, SPARE_COUNTERS), device=device, dtype=torch.int32)
     return bufs[-1]
 
 
@@ -451,8 +467,17 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     heads; the Triton kernels stay the default). splits: CTAs along V (default: one wave, as the Triton launcher).
     Inside _backend.pdl_launches it launches as a programmatic dependent (and with prefetch, asks L2 for its W rows
     before waiting), as the Triton launchers do. CUDA-graph capture: allocates only the output and the partials
-    (the split counters are kept per stream, _split_counters); the library must be loaded before capture (the
-    Sampler's warm-up does that)."""
+    (the split counters are kept per stream and zeroed outside capture, _split_counters); the library must be
+    loaded, and the kernel called once eagerly, before capture (the Sampler's warm-up does both). sm_90 or newer;
+    h or weight rows that are not 16-byte aligned are copied first."""
+    if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or not 1 <= n_valid <= weight.shape[0]:
+        raise ValueError(f"backend='cuda' takes h (M, D) and weight (>= n_valid, D) with n_valid >= 1, got h "
+                         f"{tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {n_valid}")
+    if bias is not None and bias.numel() < n_valid:
+        raise ValueError(f"backend='cuda': bias has {bias.numel()} entries for n_valid {n_valid}")
+    if max(h.shape[0], n_valid) >= 2 ** 31:
+        raise ValueError(f"backend='cuda' takes fewer than 2^31 rows (the C ABI's int), got h {tuple(h.shape)}, "
+                         f"n_valid {n_valid}")
     if h.device.type != "cuda" or weight.device != h.device or (bias is not None and bias.device != h.device):
         raise RuntimeError(f"backend='cuda' (csrc/) needs CUDA tensors on one device, got h on {h.device}, "
                            f"weight on {weight.device}" + ("" if bias is None else f", bias on {bias.device}"))
@@ -461,10 +486,17 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                         f"{weight.dtype} (backend='triton' or 'torch' take the others)")
     if bias is not None and bias.dtype not in CUDA_DTYPES:
         raise TypeError(f"backend='cuda' takes a bf16, fp16 or fp32 bias, got {bias.dtype}")
+    major = torch.cuda.get_device_capability(h.device)[0]
+    if major < 9:
+        raise RuntimeError(f"backend='cuda' logits_argmax needs sm_90 or newer (178 KiB of shared memory per block), "
+                           f"got sm_{major}x; backend='triton' runs there")
     from . import _cuda
 
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    def usable(t):      # 16-byte aligned rows of unit column stride (the kernel's cp.async chunks); else a copy
+        return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0
+
+    h = h if usable(h) else h.clone(memory_format=torch.contiguous_format)
+    weight = weight if usable(weight) else weight.clone(memory_format=torch.contiguous_format)
     bias = None if bias is None else bias.contiguous()
     M, D = h.shape
     out = torch.empty(M, device=h.device, dtype=torch.long)

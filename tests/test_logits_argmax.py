@@ -623,6 +623,50 @@ def test_cuda_backend_input_checks():
             logits_argmax(h[:, :30].cuda().half(), W[:, :30].cuda().half(), None, 100, backend="cuda")
 
 
+def test_cuda_backend_shape_checks():
+    """Shapes the C ABI cannot check (it sees pointers) are refused in Python, before any device check: weight of
+    another width, n_valid past weight's rows or below 1, a bias shorter than n_valid, a row count past its int."""
+    h, W, b = _problem(5, 100, 128, 32, torch.float32, device="cpu")
+    bad = {"width": (h, W[:, :16], b, 100), "n_valid": (h, W, b, 129), "n_valid 0": (h, W, b, 0),
+           "bias": (h, W, b[:99], 100), "1-D h": (h[0], W, b, 100)}
+    for name, args in bad.items():
+        with pytest.raises(ValueError, match="backend='cuda'"):
+            LA.logits_argmax_cuda(*args)
+    big = torch.empty(2 ** 31, 0)                  # 2^31 rows of nothing: no memory
+    with pytest.raises(ValueError, match="2\\^31 rows"):
+        LA.logits_argmax_cuda(big, torch.empty(4, 0), None, 4)
+
+
+def test_cuda_split_counters_capture(monkeypatch):
+    """The split counters are zeroed outside CUDA-graph capture only: an eager call zeroes its stream's buffer and
+    leaves a spare per device; a stream first seen while capturing takes that spare (no allocation, so no memset
+    inside the graph) and keeps it; with no spare left, capture raises and says what to do; an eager call refills
+    the spare. (CPU tensors stand in for the device's: the bookkeeping is the same.)"""
+    monkeypatch.setattr(LA, "_COUNTERS", {})
+    monkeypatch.setattr(LA, "_SPARE_COUNTERS", {})
+    dev = torch.device("cpu")
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    a = LA._split_counters(dev, 11, 3)
+    assert a.numel() >= 3 and not a.any() and LA._split_counters(dev, 11, 2) is a
+    spare = LA._SPARE_COUNTERS[None]
+    assert spare.numel() >= LA.SPARE_COUNTERS and not spare.any()
+    capturing[0] = True
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("allocated while capturing"))
+    assert LA._split_counters(dev, 22, 5) is spare                # the capture stream takes the spare ...
+    assert LA._split_counters(dev, 22, 5) is spare and LA._split_counters(dev, 11, 3) is a     # ... and keeps it
+    with pytest.raises(RuntimeError, match="once eagerly"):
+        LA._split_counters(dev, 33, 1)                            # another new stream: no spare left
+    monkeypatch.setattr(torch, "zeros", zeros)
+    capturing[0] = False
+    LA._split_counters(dev, 44, 1)
+    capturing[0] = True
+    assert LA._split_counters(dev, 33, 1) is not spare            # the eager call made a new spare
+    with pytest.raises(RuntimeError, match="once eagerly"):       # larger than the spare: refused, not overrun
+        LA._split_counters(dev, 55, LA.SPARE_COUNTERS + 1)
+
+
 @csrc_gpu
 @pytest.mark.parametrize("M,V,Vp,D,dtype,bias", [
     (1, 50258, 50304, 768, torch.bfloat16, torch.bfloat16),
@@ -660,16 +704,59 @@ def test_gpu_cuda_ties_lowest_index(dtype):
 @csrc_gpu
 def test_gpu_cuda_graph_replay_and_counters():
     """Captured in a CUDA graph (the library loaded by the warm-up call), the split launch replays on new contents
-    of h == eager, many times: the reducing CTA leaves the row blocks' counters at zero for the next replay."""
+    of h == eager, many times: the reducing CTA leaves the row blocks' counters at zero for the next replay (the
+    capture stream took counters zeroed before capture, so no memset inside the graph does it); a second graph on
+    the same capture stream, replayed before and after the first, shares them."""
     h, W, b = _owt(M=2 * 256)
     static_h = h[:256].clone()
     g, out = capture(lambda: LA.logits_argmax_cuda(static_h, W, b, 50258))
+    g2, out2 = capture(lambda: LA.logits_argmax_cuda(static_h[:130], W, None, 50258))
     for _ in range(3):
         for part in (h[:256], h[256:]):
             static_h.copy_(part)
+            g2.replay()
             g.replay()
             assert torch.equal(out, LA.logits_argmax_cuda(part.contiguous(), W, b, 50258))
+            assert torch.equal(out2, LA.logits_argmax_cuda(part[:130].contiguous(), W, None, 50258))
     _check(out, static_h, W, b, 50258)
+    torch.cuda.synchronize()
+    for bufs in LA._COUNTERS.values():
+        for c in bufs:
+            assert not c.any(), "a launch left a split counter set"
+
+
+@csrc_gpu
+def test_gpu_cuda_nan_strided_small_d_and_error_recovery():
+    """NaN logits never win and do not hide other columns (a NaN column of W; a row of h that is all NaN → 0);
+    strided h and W (row strides past D, an odd start that must be copied) and D = 24 (one partial K step) match
+    the reference; a call that fails in the CUDA runtime (no such device) does not make the next good call fail."""
+    h, W, b = _problem(37, 1000, 1024, 64, torch.float16, device="cuda")
+    Wn = W.clone()
+    Wn[3] = float("nan")                     # column 3 NaN for every row
+    hn = h.clone()
+    hn[1] = float("nan")                     # row 1: every logit NaN
+    Wm = Wn.clone()
+    Wm[3] = 0.0
+    bm = b.clone()
+    bm[3] = float("-inf")
+    want = ref.logits_argmax_ref(h.double(), Wm[:1000].double(), bm[:1000].double())
+    for splits in (1, 5):
+        got = LA.logits_argmax_cuda(hn, Wn, b, 1000, splits)
+        assert got[1].item() == 0
+        keep = torch.arange(37, device="cuda") != 1
+        assert torch.equal(got[keep], want[keep]), splits
+    big_h = torch.randn(37, 96, device="cuda").half()
+    big_w = torch.randn(1030, 104, device="cuda").half()
+    hs, ws = big_h[:, 8:32], big_w[:1024, 16:40]        # D = 24, row strides 96 and 104, 16-byte aligned starts
+    _check(LA.logits_argmax_cuda(hs, ws, b, 1000, 3), hs, ws, b, 1000)
+    odd = big_h[:, 1:25]                                  # 2-byte offset: copied before the call
+    _check(LA.logits_argmax_cuda(odd, ws, b, 1000), odd, ws, b, 1000)
+    lib = _cuda.library(_cuda.device_arch(h.device))
+    out = torch.empty(37, device="cuda", dtype=torch.long)
+    rc = lib.fmlm_logits_argmax(1, h.data_ptr(), 64, W.data_ptr(), 64, None, 0, 37, 1000, 64, 1, None, None, None,
+                                out.data_ptr(), 0, 999, torch.cuda.current_stream().cuda_stream)
+    assert rc > 0                                         # cudaSetDevice(999) fails ...
+    _check(LA.logits_argmax_cuda(h, W, b, 1000), h, W, b, 1000)      # ... and is not reported again here
 
 
 @csrc_gpu
