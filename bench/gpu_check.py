@@ -96,7 +96,9 @@ def candidate_table(names) -> str:
             continue
         out.append({"benchmark": name, "variant": r.get("impl") or r.get("path", ""),
                     "where": _where(r, ("shape", "dataset", "rows", "B", "pass")),
-                    "ms": r.get("ms") or r.get("ms/sample", ""), "speedup vs default": sp})
+                    "ms": r.get("ms") or r.get("ms/sample", ""), "speedup vs default": sp,
+                    # bench_e2e: the share of the default's tokens a candidate reproduces (bench_e2e.TOKENS_COL)
+                    "tokens = default": r.get("tokens = default", "")})
     return common.markdown_table(out) if out else "(no candidate rows)\n"
 
 

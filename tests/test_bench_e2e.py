@@ -89,10 +89,43 @@ class _Sampler:
             raise ValueError("needs sm_90\nsecond line of the message")
         self.fail = (kernel_options or {}).get("fail") == "sample"
 
+        self.wrong = (kernel_options or {}).get("wrong", 0.0)
+
     def sample(self, seed, batch_size):
         if self.fail:
             raise RuntimeError("CUDA error: an illegal memory access")
-        return torch.zeros(batch_size, 9, dtype=torch.long)
+        tok = torch.zeros(batch_size, 8, dtype=torch.long)
+        tok.view(-1)[:int(self.wrong * tok.numel())] = 7      # kernel_options {"wrong": f}: that share differs
+        return tok
+
+
+def test_candidate_rows_say_how_many_tokens_equal_the_defaults(on_cpu, monkeypatch):
+    """A candidate's row carries the share of its tokens equal to the default graph path's at the same point and
+    seed; one below MIN_TOKEN_AGREEMENT is no winner however fast, and a winners row below it meets no target. No
+    column without a default to compare with, and none on the default rows themselves."""
+    monkeypatch.setattr(runner, "Sampler", _Sampler)
+    monkeypatch.setattr(bench, "CANDIDATES", {"same": {"x": 1}, "near": {"wrong": 0.25}, "other": {"wrong": 1.0}})
+    cfg = small_model(two_time=True).cfg
+    args = bench.parser().parse_args(["--iters", "1"])
+    rows, tokens = [], {}
+    bench._time_paths(rows, None, "tiny", cfg, 1, [("engine graph [same]", dict(kernel_options={}), [2])], args, 1,
+                      float("nan"), float("inf"), tokens)
+    assert bench.TOKENS_COL not in rows[0] and tokens == {}          # no default timed yet: nothing to compare
+    rows = []
+    paths = [("engine graph", dict(graph=True), [2]), *((f"engine graph [{c}]", dict(kernel_options=o), [2])
+                                                         for c, o in bench.CANDIDATES.items())]
+    bench._time_paths(rows, None, "tiny", cfg, 1, paths, args, 1, float("nan"), float("inf"), tokens)
+    assert [r.get(bench.TOKENS_COL) for r in rows] == [None, 1.0, 0.75, 0.0]
+    assert list(tokens) == [("tiny", 2, 1)]
+    for r, ms in zip(rows, (1.0, 0.5, 0.6, 0.1)):                 # every candidate faster than the default
+        r["ms/sample"] = ms
+    label, merged = bench.combine_winners(rows, "tiny", 2)
+    assert label == "winners: same, near" and merged == {"x": 1, "wrong": 0.25}
+    monkeypatch.setitem(bench.TARGETS, ("tiny", 2, 1), 10.0)
+    won = [dict(rows[0], path="engine graph [winners: other]", **{bench.TOKENS_COL: 0.0}),
+           dict(rows[0], path="engine graph [winners: same]", **{bench.TOKENS_COL: 1.0})]
+    bench._annotate(won)
+    assert [r["meets target"] for r in won] == ["NO (opt-in)", "yes (opt-in)"]
 
 
 def test_a_candidate_that_fails_is_a_row_and_a_default_that_fails_raises(on_cpu, monkeypatch):
