@@ -51,7 +51,7 @@ def _inputs(rows: int, seed: int = 0, dtype=None):
 
 def _cfg_label(cfg: dict) -> str:
     if cfg.get("impl") == "cuda":
-        return "csrc/logits_argmax.cu: wmma 128x128x64, 3 stages, split reduced by the last CTA"
+        return "csrc/logits_argmax.cu: mma.sync 128x128x64, 4 stages, split reduced by the last CTA"
     kernel = "TMA" if cfg.get("tma") else "pointer"
     split = ("" if not cfg.get("splits") else "_one_V_tile_per_program" if cfg["splits"] >= 1 << 20
              else f"_split{cfg['splits']}")

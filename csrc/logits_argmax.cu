@@ -10,21 +10,23 @@
 //
 // Napkin (H100, LM1B B=1): W is 30592×768 bf16 = 47 MB → 16 µs at 2.96 TB/s if every SM streams an equal share;
 // 120 CTAs (2 column tiles each) move 393 KB of W each, ~17.5 µs at a 132th of the copy rate. h (128×768) is re-read
-// from L2 per column tile (as W's own bytes: L2, not HBM). The MMAs (9.4 GFLOP through mma.sync, wmma API) are a
-// fraction of that. Not measured yet (no GPU in the session that wrote it).
+// from L2 per column tile (as W's own bytes: L2, not HBM). The MMAs (9.4 GFLOP through mma.sync) are a fraction of
+// that. Not measured yet (no GPU in the sessions that wrote it).
 //
-// Tile: 128 rows × 128 columns per CTA, K in steps of 64 through a 3-stage cp.async ring; 8 warps as 4 (rows) × 2
-// (columns), each 32 × 64 = 2 × 4 wmma 16×16×16 fragments with fp32 accumulators. Per finished column tile each warp
-// stores its accumulators to its own shared-memory slab and keeps, per row, the best (value, index) of its column
-// half (one lane per row). The column tiles of the grid's x-axis split are contiguous ranges; the comparison
-// (v > best or (v == best and index < best index)) makes the result independent of the order partials merge in.
+// Tile: 128 rows × 128 columns per CTA, K in steps of 64 through a 4-stage cp.async ring; 8 warps as 4 (rows) × 2
+// (columns), each 32 × 64 = 2 × 8 mma.sync m16n8k16 tiles with fp32 accumulators, operands by ldmatrix (written in
+// PTX: the wmma API loads bf16 fragments with generic 32-bit loads instead of LDSM, 4× the instructions of fp16's).
+// Per finished column tile each thread takes the best (value, index) of its 16 columns for each of its 4 rows, the
+// four threads of a quad (which share rows) exchange theirs, and each keeps a running best per row; the column
+// tiles of the grid's x-axis split are contiguous ranges; the comparison (v > best or (v == best and index < best
+// index)) makes the result independent of the order partials merge in.
 // NaN logits never win (torch.argmax would return the first NaN; the Triton kernels follow neither rule exactly); a
-// row whose every value is NaN gets index 0. The shared-memory ring needs sm_90 (178 KiB per CTA; an A100 allows
-// 163 KiB); kernels/logits_argmax.py refuses older GPUs before calling.
+// row whose every value is NaN gets index 0. Written for sm_90 (programmatic dependent launch); cp.async, ldmatrix
+// and mma.sync need sm_80, and the ring 144 KiB of shared memory per CTA, which kernels/logits_argmax.py checks
+// before calling (consumer GPUs allow ~99 KiB).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 #include <stdint.h>
 
 #include <climits>
@@ -33,13 +35,12 @@
 
 namespace {
 
-using namespace nvcuda;
-
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, WARPS = 8, THREADS = WARPS * 32;
-constexpr int LDS = BK + 8;          // shared row pitch in elements: 144 B, a 16-byte multiple, rows 4 banks apart
-constexpr int EPI_LD = 64 + 4;       // per-warp fp32 slab pitch (wmma stores need a multiple of 4)
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4, WARPS = 8, THREADS = WARPS * 32;
+// shared row pitch in elements: 144 B, a 16-byte multiple (cp.async, ldmatrix rows) whose rows start 4 banks
+// apart, so the 8 row addresses of an ldmatrix phase hit 8 distinct 16-byte bank groups
+constexpr int LDS = BK + 8;
 constexpr int STAGE_ELEMS = (BM + BN) * LDS;
-constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * 32 * EPI_LD * 4;   // 110592 + 69632 = 176 KiB
+constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2;   // 4 × 36864 = 144 KiB
 
 struct Params {
   const void* h;
@@ -66,6 +67,34 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+// Four 8×8 b16 matrices from shared memory: lanes 8j..8j+7 give the row addresses of matrix j; each lane gets, in
+// r[j], matrix j's elements (row lane / 4, columns 2·(lane % 4) and +1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// d += a·b for one m16n8k16 tile: a row-major 16×16 (4 registers), b column-major 16×8 (2), d fp32 16×8 (4:
+// rows lane / 4 and +8, columns 2·(lane % 4) and +1).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 __device__ __forceinline__ float bias_at(const void* b, int dtype, int c) {
   if (dtype == 2) return static_cast<const float*>(b)[c];
@@ -101,9 +130,9 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
   __shared__ int s_idx[2][BM];
   __shared__ int s_last;
   T* ring = reinterpret_cast<T*>(smem);
-  float* slab = reinterpret_cast<float*>(smem + STAGES * STAGE_ELEMS * sizeof(T)) + (threadIdx.x / 32) * 32 * EPI_LD;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;          // the mma fragments' row group and the lane's place in its quad
   const int wm = warp % 4, wn = warp / 4;
   const int split = blockIdx.x, rb = blockIdx.y, m0 = rb * BM;
   const int t0 = static_cast<int>(static_cast<int64_t>(split) * p.n_tiles / p.splits);
@@ -130,13 +159,22 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   }
 #endif
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+  float acc[2][8][4];                  // [row tile x][column tile y][fragment element]
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int x = 0; x < 2; ++x)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  float best_v = -INFINITY;            // lane's row (wm·32 + lane) over this warp's column half
-  int best_i = INT_MAX;
+    for (int y = 0; y < 8; ++y)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[x][y][e] = 0.0f;
+  float best_v[2][2];                  // this thread's rows wm·32 + x·16 + hf·8 + g over this warp's column half
+  int best_i[2][2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      best_v[x][hf] = -INFINITY;
+      best_i[x][hf] = INT_MAX;
+    }
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -146,6 +184,10 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
     }
     cp_async_commit();
   }
+  // ldmatrix row addresses: A (row-major, 16 rows × 16 k per x4) lane → row lane % 16, k (lane / 16)·8; B (n-major
+  // W rows, two n8 tiles × 16 k per x4) lane → n (lane % 8) + (lane / 16)·8, k ((lane / 8) % 2)·8
+  const int a_off = (wm * 32 + lane % 16) * LDS + (lane / 16) * 8;
+  const int b_off = (wn * 64 + lane % 8 + (lane / 16) * 8) * LDS + ((lane / 8) % 2) * 8;
   for (int i = 0; i < steps; ++i) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();                   // step i's stage has landed; every warp is done with step i − 1's
@@ -159,66 +201,79 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
     const T* sB = sA + BM * LDS;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[4];
+      uint32_t a[2][4], b[4][4];
 #pragma unroll
-      for (int x = 0; x < 2; ++x) wmma::load_matrix_sync(a[x], sA + (wm * 32 + x * 16) * LDS + kk, LDS);
+      for (int x = 0; x < 2; ++x) ldmatrix_x4(a[x], sA + a_off + x * 16 * LDS + kk);
 #pragma unroll
-      for (int y = 0; y < 4; ++y) wmma::load_matrix_sync(b[y], sB + (wn * 64 + y * 16) * LDS + kk, LDS);
+      for (int j = 0; j < 4; ++j) ldmatrix_x4(b[j], sB + b_off + j * 16 * LDS + kk);
 #pragma unroll
       for (int x = 0; x < 2; ++x)
 #pragma unroll
-        for (int y = 0; y < 4; ++y) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
+        for (int y = 0; y < 8; ++y) mma16816<T>(acc[x][y], a[x], b[y / 2][(y % 2) * 2], b[y / 2][(y % 2) * 2 + 1]);
     }
     if (i % KT == KT - 1) {            // a column tile is finished: fold it into the running best per row
+      // this thread's columns: c0 + y·8 + e (y < 8, e < 2), increasing in (y, e)
+      const int c0 = (t0 + i / KT) * BN + wn * 64 + 2 * q;
+      float bias[8][2];
+#pragma unroll
+      for (int y = 0; y < 8; ++y)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = c0 + y * 8 + e;
+          bias[y][e] = p.bias != nullptr && c < p.n_valid ? bias_at(p.bias, p.bias_dtype, c) : 0.0f;
+        }
 #pragma unroll
       for (int x = 0; x < 2; ++x)
 #pragma unroll
-        for (int y = 0; y < 4; ++y) {
-          wmma::store_matrix_sync(slab + x * 16 * EPI_LD + y * 16, acc[x][y], EPI_LD, wmma::mem_row_major);
-          wmma::fill_fragment(acc[x][y], 0.0f);
-        }
-      __syncwarp();
-      const int c0 = (t0 + i / KT) * BN + wn * 64 + lane, c1 = c0 + 32;
-      const bool ok0 = c0 < p.n_valid, ok1 = c1 < p.n_valid;
-      float b0 = 0.0f, b1 = 0.0f;
-      if (p.bias != nullptr) {
-        b0 = ok0 ? bias_at(p.bias, p.bias_dtype, c0) : 0.0f;
-        b1 = ok1 ? bias_at(p.bias, p.bias_dtype, c1) : 0.0f;
-      }
-      for (int r = 0; r < 32; ++r) {
-        // a NaN logit enters as −∞ (it never wins): kept as NaN, no comparison could replace it, and the lane
-        // would stop passing its partners' values on through the butterfly below
-        const float x0 = slab[r * EPI_LD + lane] + b0, x1 = slab[r * EPI_LD + 32 + lane] + b1;
-        float v = ok0 && !isnan(x0) ? x0 : -INFINITY;
-        int ix = ok0 ? c0 : INT_MAX;
-        const float v1 = isnan(x1) ? -INFINITY : x1;
-        if (ok1 && better(v1, c1, v, ix)) {
-          v = v1;
-          ix = c1;
-        }
+        for (int hf = 0; hf < 2; ++hf) {
+          float v = -INFINITY;
+          int ix = INT_MAX;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-          const int oi = __shfl_xor_sync(0xffffffffu, ix, o);
-          if (better(ov, oi, v, ix)) {
-            v = ov;
-            ix = oi;
+          for (int y = 0; y < 8; ++y)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int c = c0 + y * 8 + e;
+              const float z = acc[x][y][hf * 2 + e] + bias[y][e];
+              // a NaN never wins (and none is kept: a kept NaN could never be replaced)
+              if (c < p.n_valid && !isnan(z) && better(z, c, v, ix)) {
+                v = z;
+                ix = c;
+              }
+            }
+#pragma unroll
+          for (int o = 1; o < 4; o <<= 1) {      // the quad's four lanes hold the same row's other columns
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, ix, o);
+            if (better(ov, oi, v, ix)) {
+              v = ov;
+              ix = oi;
+            }
+          }
+          if (better(v, ix, best_v[x][hf], best_i[x][hf])) {
+            best_v[x][hf] = v;
+            best_i[x][hf] = ix;
           }
         }
-        if (lane == r && better(v, ix, best_v, best_i)) {
-          best_v = v;
-          best_i = ix;
-        }
-      }
-      __syncwarp();                    // the slab is rewritten at the next tile
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int y = 0; y < 8; ++y)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[x][y][e] = 0.0f;
     }
   }
   cp_async_wait<0>();
 
   // the two column halves of each row, then this split's partial (or the answer, without a split)
-  s_val[wn][wm * 32 + lane] = best_v;
-  s_idx[wn][wm * 32 + lane] = best_i;
+  if (q == 0) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        s_val[wn][wm * 32 + x * 16 + hf * 8 + g] = best_v[x][hf];
+        s_idx[wn][wm * 32 + x * 16 + hf * 8 + g] = best_i[x][hf];
+      }
+  }
   __syncthreads();
   const int row = m0 + threadIdx.x;
   if (threadIdx.x < BM && row < p.M) {

@@ -425,6 +425,7 @@ def logits_argmax_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}     # csrc/fmlm_csrc.h enum fmlm_dtype
 CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
+CUDA_STATIC_SMEM = 4096                 # bound on the csrc/ kernel's static shared memory (ptxas: 2176 bytes)
 _COUNTERS: dict = {}
 _SPARE_COUNTERS: dict = {}      # device index → a zeroed buffer made outside capture, for a stream first seen capturing
 SPARE_COUNTERS = 1024           # its entries: 1024 row blocks of 128 rows
@@ -468,8 +469,9 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     Inside _backend.pdl_launches it launches as a programmatic dependent (and with prefetch, asks L2 for its W rows
     before waiting), as the Triton launchers do. CUDA-graph capture: allocates only the output and the partials
     (the split counters are kept per stream and zeroed outside capture, _split_counters); the library must be
-    loaded, and the kernel called once eagerly, before capture (the Sampler's warm-up does both). sm_90 or newer;
-    h or weight rows that are not 16-byte aligned are copied first."""
+    loaded, and the kernel called once eagerly, before capture (the Sampler's warm-up does both). Written for sm_90
+    (sm_80 or newer with ~146 KiB of shared memory per block would run it: untested); h or weight rows that are not
+    16-byte aligned are copied first."""
     if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or not 1 <= n_valid <= weight.shape[0]:
         raise ValueError(f"backend='cuda' takes h (M, D) and weight (>= n_valid, D) with n_valid >= 1, got h "
                          f"{tuple(h.shape)}, weight {tuple(weight.shape)}, n_valid {n_valid}")
@@ -486,11 +488,15 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                         f"{weight.dtype} (backend='triton' or 'torch' take the others)")
     if bias is not None and bias.dtype not in CUDA_DTYPES:
         raise TypeError(f"backend='cuda' takes a bf16, fp16 or fp32 bias, got {bias.dtype}")
-    major = torch.cuda.get_device_capability(h.device)[0]
-    if major < 9:
-        raise RuntimeError(f"backend='cuda' logits_argmax needs sm_90 or newer (178 KiB of shared memory per block), "
-                           f"got sm_{major}x; backend='triton' runs there")
     from . import _cuda
+
+    lib = _cuda.library(_cuda.device_arch(h.device))
+    props = torch.cuda.get_device_properties(h.device)
+    need = lib.fmlm_logits_argmax_smem_bytes() + CUDA_STATIC_SMEM
+    optin = getattr(props, "shared_memory_per_block_optin", need)
+    if props.major < 8 or optin < need:
+        raise RuntimeError(f"backend='cuda' logits_argmax needs sm_80 or newer with {need} bytes of shared memory per "
+                           f"block, got sm_{props.major}{props.minor} with {optin}; backend='triton' runs there")
 
     def usable(t):      # 16-byte aligned rows of unit column stride (the kernel's cp.async chunks); else a copy
         return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0
@@ -502,7 +508,6 @@ def logits_argmax_cuda(h: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     out = torch.empty(M, device=h.device, dtype=torch.long)
     if M == 0:
         return out
-    lib = _cuda.library(_cuda.device_arch(h.device))
     n_tiles = -(-n_valid // 128)
     index = torch.cuda.current_device() if h.device.index is None else h.device.index
     if splits is None:
