@@ -484,7 +484,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
     BLOCK_N, num_warps, num_stages (the benchmark's sweep), and "fixed_shift": True for the opt-in softmax
     without a running max (fixed_shift_log2; ignored where the cap does not allow it), with "poly_exp2": True
     its 2^x on the FMA pipes (POLY_COEFFS) and "kv_split": S the keys in up to S ranges (KV_SPLIT; both ignored
-    without the fixed shift)."""
+    without the fixed shift; the split also where the query tiles alone give KV_SPLIT_MAX_WAVES programs per SM,
+    whose fp32 partials would cost S times the output for nothing: 805 MB per layer at OWT B=32, S = 8)."""
     B, L, H, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -498,6 +499,8 @@ def softcap_attention_fwd(q, k, v, softcap: Optional[float], cos=None, sin=None,
 # rows (B·L) up to which the engine's "attention_out_proj" kernel option fuses the output projection into the
 # attention kernel (H fp32 partials of rows × D: 4.7 MB at LM1B B=1, 38 MB at OWT B=1, where it would no longer pay)
 OUT_PROJ_MAX_ROWS = 512
+# "kv_split" is ignored where B·H·(query tiles) reaches this many programs per SM without it (_launch_fwd)
+KV_SPLIT_MAX_WAVES = 4
 
 
 def softcap_attention_out_proj_fwd(q, k, v, softcap: Optional[float], w_out: torch.Tensor, cos=None, sin=None,
@@ -548,6 +551,10 @@ def _launch_fwd(q, k, v, softcap, cos, sin, o4, block_m, block_n, k_rotated, con
     poly = poly_degree(q.dtype) if fixed and cfg.get("poly_exp2") else 0
     key_tiles = triton.cdiv(L, cfg["BLOCK_N"])
     n_split = max(1, min(n_split, key_tiles))
+    if n_split > 1 and q.device.type == "cuda":
+        n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        if B * H * triton.cdiv(L, cfg["BLOCK_M"]) >= KV_SPLIT_MAX_WAVES * n_sm:
+            n_split = 1                                  # the GPU is full without it
     kv_chunk = triton.cdiv(key_tiles, n_split) * cfg["BLOCK_N"]
     n_split = triton.cdiv(L, kv_chunk)                   # no empty split
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H) + ((n_split,) if n_split > 1 else ())

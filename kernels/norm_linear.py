@@ -110,8 +110,10 @@ if triton_available():
             done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
             if done == n_split - 1:
                 y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                p_s = P + tile
                 for s in range(0, n_split):          # split order: the same sum whichever split came last
-                    y += tl.load(P + s * stride_ps + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                    y += tl.load(p_s, mask=mask, other=0.0, cache_modifier=".cg")
+                    p_s += stride_ps                 # pointer steps: 64-bit address math at any S·M·N
                 _residual_tail(y, rows, cols, row_ok, col_ok, pid_n, BIAS, X, GATE, XOUT, STATS, M, N, L,
                                stride_xm, stride_gb, stride_xo, HAS_BIAS, BLOCK_N, ONE_BATCH)
                 tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
@@ -301,7 +303,7 @@ def residual_linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     P = torch.empty(S, M, N, device=a.device, dtype=torch.float32) if S > 1 else x_out
     x2, xo2 = x.reshape(M, N), x_out.view(M, N)
     _residual_linear_kernel[grid](
-        a2, w, bias if bias is not None else w, P, x2, gate, xo2, stats, sem,
+        a2, w, bias.contiguous() if bias is not None else w, P, x2, gate, xo2, stats, sem,
         M, N, K, L, cfg["K_PER_SPLIT"], S,
         a2.stride(0), w.stride(0), P.stride(0) if S > 1 else 0, x2.stride(0), gate.stride(0), xo2.stride(0),
         HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
@@ -348,7 +350,8 @@ def norm_linear_fwd(rs: RowStats, norm_w: torch.Tensor, shift: torch.Tensor, sca
     if x.device.type == "cuda" and not interpreting():
         cfg["num_stages"] = two_cta_stages(cfg["num_stages"], per_stage, grid[0] * grid[1], sm_count(x.device))
     _norm_linear_kernel[grid[:2]](
-        x2, rs.stats, norm_w.contiguous(), shift, scale, w, bias if bias is not None else w, o2, cos_t, sin_t,
+        x2, rs.stats, norm_w.contiguous(), shift, scale, w, bias.contiguous() if bias is not None else w, o2, cos_t,
+        sin_t,
         M, N, K, L, rs.stats.shape[0], rs.tile_w, L, rot_cols, float(eps),
         x2.stride(0), shift.stride(0), w.stride(0), o2.stride(0), cos_t.stride(0) if rot is not None else 0,
         HAS_BIAS=bias is not None, ACT=int(activation == "gelu_tanh"),

@@ -709,6 +709,21 @@ def test_kv_split_matches_reference(monkeypatch, B, L, H, d, rotary):
         torch.testing.assert_close(comb.pl.sum(0).view(B, L, H).double().cpu(), l_true.cpu(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.gpu
+def test_gpu_kv_split_only_where_the_gpu_is_not_full(monkeypatch):
+    """kv_split splits the keys at OWT B=1 (12 heads × 8 query tiles: fewer programs than SMs) within the budget in
+    bf16, and is ignored at OWT B=32 (3072 query programs without it; its fp32 partials would take 805 MB)."""
+    spy = LaunchArgs(A._softcap_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_softcap_attention_fwd_kernel", spy)
+    for B, split in ((1, True), (32, False)):
+        q, k, v, cos, sin = _inputs(B, 1024, 12, 64, torch.bfloat16, "cuda")
+        spy.launches.clear()
+        out = A.softcap_attention(q, k, v, 50.0, cos, sin, backend="triton", fixed_shift=True, kv_split=8)
+        assert [kw.get("KV_SPLIT", False) for kw in spy.launches] == [split], B
+        if split:
+            _check_budget(out, q, k, v, 50.0, cos, sin)
+
+
 @needs_triton
 def test_kv_split_falls_back_and_is_checked():
     """Without the fixed shift (online softmax, fp16, no cap) kv_split is refused or changes nothing, as is the
