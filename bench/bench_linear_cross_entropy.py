@@ -191,7 +191,8 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # kernel ran 1.35x its pointer kernel at the same tile in run5 (673 against 499 TFLOP/s), and the forward is
     # ~2.7 of the 10.6 ms; then with the wide backward, the one row that times both changes together
     candidates += [("fwd TMA at the default 128x256 tile", dict(tma=True), {}),
-                   ("fwd TMA at 128x256 + bwd 128x256, 16 warps", dict(tma=True), dict(lce.BWD_WIDE))]
+                   ("fwd TMA at 128x256 + bwd 128x256, 16 warps, 2 stages, db from the dW GEMM", dict(tma=True),
+                    dict(lce.BWD_WIDE))]
     # the forward's previous default tile (128×128, 3 stages; the default is 128×256 in 4 stages since H100 run5):
     # a speedup above 1 here would mean the promotion lost
     candidates += [("fwd BLOCK_N 128, 3 stages (the previous default)", dict(lce.FWD_PREVIOUS), {})]
@@ -201,7 +202,8 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # GEMM accumulating in fp32 where torch has addmm(out_dtype=float32)): < 1 means the change won
     candidates += [("bf16 dS·W partials + add in the backward (the previous default)", {}, {"fp32_addmm": False})]
     # the backward without its per-tile db column sums (a cross-warp reduction and a store per tile; sm_90a PTX
-    # 8059 → 4855 lines, shfl.sync 217 → 1, bar.sync 15 → 5, registers 213 → 181, triton 3.7.1): db from the dW
+    # 8059 → 4855 lines, shfl.sync 217 → 1, bar.sync 15 → 5, registers 213 → 181 with triton 3.7.1, 255 either way
+    # with 3.6, the device's): db from the dW
     # GEMM's ones column instead; then the same with 4 stages (181 registers, 160 KiB, no spills)
     candidates += [("bwd db from the dW GEMM", {}, {"db_gemm": True}),
                    ("bwd db from the dW GEMM, 4 stages", {}, {"db_gemm": True, "num_stages": 4})]

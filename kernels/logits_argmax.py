@@ -60,13 +60,14 @@ SMALL_M, TINY_M = 2048, 64
 # Above SMALL_M rows the default is the TMA kernel at GPU_CONFIG's tile (the pointer kernel where tma_usable says
 # no). Measured on one H100 (bench_logits_argmax, 2026-11-27 run5, bench/results/h100-2026-11-27-run5): 16384 rows
 # 1.879 ms (673 TFLOP/s) against 2.555 for the pointer kernel (1.36x), 32768 rows 3.885 against 5.569 (1.43x),
-# the same indices on every row; at the smaller row counts' tiles it did not win (1024 rows 1.02x, 128 rows 0.69x),
-# so they keep the pointer kernel.
+# the same indices on every row; at the smaller row counts' tiles it did not win (1024 rows 1.02x, 128 rows 0.69x,
+# but those rows timed the launched call, mostly host time at 128 rows: the benchmark now also times them as
+# CUDA-graph replays), so they keep the pointer kernel.
 GPU_CONFIG_LARGE_M = dict(GPU_CONFIG, tma=True)
 # Opt-in candidate for the batch-1 row counts (bench rows "one V tile per program"; engine kernel option
 # argmax_config): the 64-row tile with one 128-column V tile per program ("splits" above the tile count is clamped to
 # it), 239 programs per row block at V = 30522, of which two fit an SM (167 registers × 128 threads, 97 KiB of
-# shared memory), where the default splits V into ≤ 132 programs of 2 (LM1B B=1) to 15 (OWT B=1) tiles each. At
+# shared memory), where the default splits V into ≤ 132 programs of 2 (LM1B B=1) to 25 (OWT B=1) tiles each. At
 # 128 rows the run5 profile has the default at 23.7 µs for a 47 MB weight read (~16 µs at the copy ceiling).
 GPU_CONFIG_ONE_TILE = dict(GPU_CONFIG_TINY_M, splits=1 << 20)
 # fp32 inputs take the exact (non-tensor-core) dot: 4-byte tiles need a smaller footprint (16 KiB of shared
@@ -89,7 +90,7 @@ BENCH_CONFIGS = {"bm128_bn256_s3": GPU_CONFIG, "bm128_bn128_s4": GPU_CONFIG_SMAL
 # previous default, beside it. Why it was tried (reasoning before the run): the pointer kernel computes
 # per-element addresses and masks for its cp.async loads; TMA copies a whole box with one instruction, as in
 # Triton's Hopper matmul tutorials. Compile-only evidence (sm_90a, bm128_bn256 w8 s3): the same 255 registers
-# (triton 3.7.1; 246 on 3.6: the 128×256 fp32 accumulator and the argmax epilogue set the pressure, not the
+# (triton 3.7.1; 233-246 on 3.6: the 128×256 fp32 accumulator and the argmax epilogue set the pressure, not the
 # loads), static SASS 1896 instructions against 2192 (IMAD 181 vs 284, LEA 7 vs 67).
 TMA_BENCH_CONFIGS = {"tma_bm128_bn256_s3": dict(GPU_CONFIG, tma=True),
                      "tma_bm128_bn256_s4": dict(GPU_CONFIG, num_stages=4, tma=True),

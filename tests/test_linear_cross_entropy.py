@@ -476,7 +476,7 @@ def test_bench_smoke_tma_candidates(monkeypatch):
     assert [(r["impl"], r["pass"]) for r in fwd_tma] == [
         ("triton [fwd TMA at the default 128x256 tile]", "fwd+bwd"), ("triton [fwd TMA at the default 128x256 tile]",
                                                                     "fwd"),
-        ("triton [fwd TMA at 128x256 + bwd 128x256, 16 warps]", "fwd+bwd")], fwd_tma
+        ("triton [fwd TMA at 128x256 + bwd 128x256, 16 warps, 2 stages, db from the dW GEMM]", "fwd+bwd")], fwd_tma
     assert all(r["speedup_vs_default"] > 0 for r in fwd_tma), fwd_tma
     assert all(r["max_loss_diff_vs_default"] == 0 for r in fwd_tma if r["pass"] == "fwd+bwd"), fwd_tma
     assert {x[1:3] for x in seen if x[0] == KERNELS[1]} == {(False, False), (True, False), (True, True)}

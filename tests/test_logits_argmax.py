@@ -257,12 +257,24 @@ def test_triton_bench_smoke(monkeypatch):
     from fmlm.bench import common
 
     # BUDGET_S: every optional row, however slow the interpreter runs on a loaded machine
-    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3), LARGE_ROWS=40, BUDGET_S=1e4).items():
+    for k, v in dict(DEVICE="cpu", V=250, VP=256, D=32, SHAPES=(32, 8, 3), LARGE_ROWS=40, BUDGET_S=1e4,
+                     GRAPH_MAX_ROWS=8).items():
         monkeypatch.setattr(bench, k, v)
     monkeypatch.setattr(bench, "time_fn", lambda fn, warmup=2, iters=10, device="cpu": common.time_fn(fn, 1, 2, device))
     monkeypatch.setattr(bench, "peak_memory_bytes", lambda fn, device="cpu": 0)
+    captured = []       # no CUDA graph on the CPU: the "replay" calls fn, so the graph columns are computed
+    monkeypatch.setattr(bench, "graphed", lambda fn, warmup=2: captured.append(fn) or fn)
     rows = bench.run(quick=True)
     impls = [r["impl"] for r in rows]
+    # at ≤ GRAPH_MAX_ROWS rows the op's rows (default, launcher baseline, candidates) also have graph replay times,
+    # and their speedup_vs_default is the graph one; above it, and for the reference and cuBLAS rows, none
+    graph = [r for r in rows if "graph_ms" in r]
+    assert graph and len(captured) == len(graph) and all(r["rows"] <= 8 and r["graph_ms"] > 0 for r in graph)
+    assert not any("reference" in r["impl"] or "cuBLAS" in r["impl"] for r in graph)
+    small = [r for r in rows if r.get("rows") in (8, 3) and "agree_with_default" in r]
+    assert small and all("graph_ms" in r and "host_speedup_vs_default" in r for r in small)
+    base = {r["rows"]: r for r in rows if r["impl"].endswith("via the launcher, as the candidates")}
+    assert all(r["speedup_vs_default"] == pytest.approx(base[r["rows"]]["graph_ms"] / r["graph_ms"]) for r in small)
     assert impls[0].startswith("triton default [pointer") and any(i.startswith("best measured") for i in impls)
     assert all(not str(r.get("note", "")).startswith(("failed", "skipped: TMA")) for r in rows), rows
     tma = [r for r in rows if "[TMA" in r["impl"]]
