@@ -20,9 +20,10 @@ For the OWT (L=1024, V=50258) and LM1B (L=128, V=30522) shapes of the released s
   process's CUDA context and every candidate and winners row after it.
 Columns: ms/sample (median, p20, p80 over whole calls), samples/s, tokens/s, peak MB (allocator peak above
 the model's weights during a call; for graph rows during the capture, which holds the graph's pool),
-speedup over the reference at the same point, tokens = default (a candidate's tokens equal to the default
-graph path's at the same seed, a fraction; below MIN_TOKEN_AGREEMENT it is no winner and meets no target), % of floor (FLOPs of one sample over the measured bf16 GEMM
-rate: 292 GFLOP for an OWT one-step sample, DESIGN.md §3), and the targets of the issue.
+speedup over the reference at the same point, tokens = default (the share of a candidate's tokens equal to the
+default graph path's at the same seed; below MIN_TOKEN_AGREEMENT it is no winner and meets no target), % of floor
+(FLOPs of one sample over the measured bf16 GEMM rate: 292 GFLOP for an OWT one-step sample, DESIGN.md §3), and the
+targets of the issue.
 The reference is the published sampler, which runs eagerly (a host spline per step): an "engine graph" row's
 speedup includes what the CUDA graph saves, as the issue's targets intend; the "engine eager" rows give the
 like-with-like ratio. Medians: the reference over 3 calls in --quick (5 otherwise), the engine over 7 (20).
@@ -242,8 +243,9 @@ def _time_paths(rows, model, name, cfg, steps, paths, args, iters, rate, deadlin
 def combine_winners(rows, name: str, B: int, min_speedup: Optional[float] = None, seq_len: Optional[int] = None):
     """(label, kernel_options) merging every candidate that ran faster than the default ("engine graph") at
     (name, B, one step) by min_speedup (default WIN_SPEEDUP), fastest first; a candidate that does not compose with
-    what is merged already (_composes), or whose tokens differ from the default's (MIN_TOKEN_AGREEMENT), is left out. None when no candidate won there. seq_len: the point's L
-    (rows = B·L decide where the triton_small GEMMs act); None: as if they act."""
+    what is merged already (_composes), or whose tokens differ from the default's (MIN_TOKEN_AGREEMENT), is left
+    out. None when no candidate won there. seq_len: the point's L (rows = B·L decide where the triton_small GEMMs
+    act); None: as if they act."""
     one = {r["path"]: r["ms/sample"] for r in rows if r["dataset"] == name and r["B"] == B and r["steps"] == 1
            and not r.get(TOKENS_COL, 1.0) < MIN_TOKEN_AGREEMENT}
     base = one.get("engine graph")

@@ -202,9 +202,9 @@ def _measure(quick: bool, t_start: float, child) -> list[dict]:
     # GEMM accumulating in fp32 where torch has addmm(out_dtype=float32)): < 1 means the change won
     candidates += [("bf16 dS·W partials + add in the backward (the previous default)", {}, {"fp32_addmm": False})]
     # the backward without its per-tile db column sums (a cross-warp reduction and a store per tile; sm_90a PTX
-    # 8059 → 4855 lines, shfl.sync 217 → 1, bar.sync 15 → 5, registers 213 → 181 with triton 3.7.1, 255 either way
-    # with 3.6, the device's): db from the dW
-    # GEMM's ones column instead; then the same with 4 stages (181 registers, 160 KiB, no spills)
+    # 8059 → 4855 lines, shfl.sync 217 → 1, bar.sync 15 → 5, registers 213 → 181 with triton 3.7.1, 255 either
+    # way with 3.6, the device's): db from the dW GEMM's ones column instead; then the same with 4 stages (181
+    # registers, 160 KiB, no spills)
     candidates += [("bwd db from the dW GEMM", {}, {"db_gemm": True}),
                    ("bwd db from the dW GEMM, 4 stages", {}, {"db_gemm": True, "num_stages": 4})]
     # the backward's dS kernel is most of fwd+bwd (run5: ~7.8 of 10.6 ms, of which ~3.7 are the two cuBLAS GEMMs),

@@ -428,7 +428,7 @@ CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}     # csrc
 CUDA_CONFIG = {"impl": "cuda"}          # launcher config (and the engine's argmax_config) for the csrc/ kernel
 CUDA_STATIC_SMEM = 4096                 # bound on the csrc/ kernel's static shared memory (ptxas: 2176 bytes)
 _COUNTERS: dict = {}
-_SPARE_COUNTERS: dict = {}      # device index → a zeroed buffer made outside capture, for a stream first seen capturing
+_SPARE_COUNTERS: dict = {}      # device index → a zeroed buffer made outside capture (see _split_counters)
 SPARE_COUNTERS = 1024           # its entries: 1024 row blocks of 128 rows
 
 
