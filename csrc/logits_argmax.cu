@@ -68,6 +68,15 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
+__device__ __forceinline__ void zero(float (&acc)[2][8][4]) {
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+#pragma unroll
+    for (int y = 0; y < 8; ++y)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[x][y][e] = 0.0f;
+}
+
 // Four 8×8 b16 matrices from shared memory: lanes 8j..8j+7 give the row addresses of matrix j; each lane gets, in
 // r[j], matrix j's elements (row lane / 4, columns 2·(lane % 4) and +1).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
@@ -160,12 +169,7 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
   }
 #endif
   float acc[2][8][4];                  // [row tile x][column tile y][fragment element]
-#pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int y = 0; y < 8; ++y)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[x][y][e] = 0.0f;
+  zero(acc);
   float best_v[2][2];                  // this thread's rows wm·32 + x·16 + hf·8 + g over this warp's column half
   int best_i[2][2];
 #pragma unroll
@@ -254,12 +258,7 @@ __global__ void __launch_bounds__(THREADS, 1) logits_argmax_kernel(Params p) {
             best_i[x][hf] = ix;
           }
         }
-#pragma unroll
-      for (int x = 0; x < 2; ++x)
-#pragma unroll
-        for (int y = 0; y < 8; ++y)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[x][y][e] = 0.0f;
+      zero(acc);
     }
   }
   cp_async_wait<0>();
