@@ -8,6 +8,7 @@ Rows (rows = B·L: 128 is LM1B at B=1, 1024 OWT at B=1), each GEMM as the block 
                                               by gate_residual
 - mlp2 + resid: x += g·(m·W2ᵀ + b2); adaLN    the same pair with the bias
 - block:        one whole _fast_block (attention included), gemm_impl 'cublas' vs 'triton_small'
+- gate_residual alone (a bf16 y, 3 and 8 fp32 partials): its default rows per program vs 4 (the previous default)
 Timing: REPS calls captured in one CUDA graph, replayed; ms = replay time / REPS (device time with the graph's
 inter-kernel gaps, as the engine's sampler replays its graph; no host launch cost), median of many replays.
 speedup_vs_default = cublas ms / triton ms at the same row (> 1: the candidate is faster).
@@ -73,6 +74,7 @@ def run(quick: bool = False) -> list[dict]:
     lin = importlib.import_module("fmlm.kernels.linear")
     from fmlm.engine import model as model_mod
     from fmlm.kernels import adaln
+    from fmlm.kernels._backend import interpreting
 
     F = torch.nn.functional
     t_start = time.time()
@@ -130,6 +132,23 @@ def run(quick: bool = False) -> list[dict]:
                         base_ms = row["ms"]
                     elif base_ms:
                         row["speedup_vs_default"] = base_ms / row["ms"]
+                rows_out.append(row)
+        # gate_residual alone at its default rows per program (adaln._block_r: 1 at 128 rows, 4 at 1024) beside 4
+        # rows per program (the previous default at every row count; speedup_vs_default < 1: the change won), on
+        # what the block feeds it: a bf16 y (cuBLAS path) or 3 / 8 fp32 split-K partials (out / mlp2, triton_small)
+        for n_y in (1, 3, 8) if DEVICE == "cuda" or interpreting() else ():
+            yy = att if n_y == 1 else torch.randn(n_y, 1, rows, D, device=DEVICE, generator=g)
+            base_ms = None
+            for label, br in (("default", None), ("4 rows per program (the previous default)", 4)):
+                def fn(yy=yy, br=br):
+                    return adaln.gate_residual_adaln_fwd(x, gate, yy, wb["norm2"], sh, sc, x_out=xo, out_dtype=dtype,
+                                                         block_r=br)
+                row = {"op": "gate_residual", "pass": f"{n_y} partials" if n_y > 1 else "bf16 y", "rows": rows,
+                       "impl": label, "D": D, "dtype": dt, **_time(fn, iters)}
+                if "ms" in row and base_ms is None:
+                    base_ms = row["ms"]
+                elif "ms" in row and base_ms:
+                    row["speedup_vs_default"] = base_ms / row["ms"]
                 rows_out.append(row)
         # Tile/split sweep of the bare GEMMs (what pick_config could choose), beside cuBLAS's bare GEMM: the data
         # to retune pick_config from one run. Column "vs cublas" (kept out of gpu_check's candidate table).

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import reference as ref
-from ._backend import pdl_active, pdl_launch_kwargs, resolve, triton_available, with_default_constexprs
+from ._backend import pdl_active, pdl_launch_kwargs, resolve, sm_count, triton_available, with_default_constexprs
 
 EPS = 1e-5          # F.layer_norm's default, used by the published DiT
 
@@ -73,9 +73,17 @@ if triton_available():
 
 
 def _block_r(n_rows: int, block_d: int, device: torch.device) -> int:
+    """Rows per program: ~4K elements (4 rows at D = 768), fewer while that leaves SMs without a program. At LM1B
+    B=1 (128 rows) 4 rows gave 32 programs, so the 8 split-K partials that gate_residual sums after the second MLP
+    GEMM (3.1 MB) were pulled through 32 SMs (the H100 run5 profile: 4.2 µs per call with the triton_small GEMMs,
+    ~2.8-3.3 µs in bench_linear's graph replays); one row per program spreads them over 128."""
     if device.type != "cuda":                      # interpreter: few programs
         return max(1, min(64, triton.next_power_of_2(n_rows)))
-    return max(1, min(16, 4096 // block_d))       # ~4K elements per program (4 rows at D=768)
+    block_r = max(1, min(16, 4096 // block_d))
+    n_sm = sm_count(device)
+    while block_r > 1 and triton.cdiv(n_rows, block_r) < n_sm:
+        block_r //= 2
+    return block_r
 
 
 def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -101,10 +109,11 @@ def _mod(t: torch.Tensor, B: int, D: int) -> torch.Tensor:
 
 
 def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale=None, eps: float = EPS,
-                            x_out=None, out=None, out_dtype=None, y_bias=None):
+                            x_out=None, out=None, out_dtype=None, y_bias=None, block_r: Optional[int] = None):
     """Triton launcher. x, y (B, L, D), or y (S, B, L, D) split-K partials summed in split order; y_bias
-    (D,) added to y; gate/shift/scale (B, D) (strided views into a (B, k·D) modulation are fine). Returns
-    (x_out or None, out or None)."""
+    (D,) added to y; gate/shift/scale (B, D) (strided views into a (B, k·D) modulation are fine); block_r: rows
+    per program instead of _block_r's (the benchmark's previous-default row). Returns (x_out or None, out or
+    None)."""
     B, L, D = x.shape
     has_res, has_norm = gate is not None, weight is not None
     x2 = _rows(x, D)
@@ -143,7 +152,7 @@ def gate_residual_adaln_fwd(x, gate=None, y=None, weight=None, shift=None, scale
     y_bias = y_bias.contiguous() if (has_res and y_bias is not None) else None
     n_rows = B * L
     block_d = triton.next_power_of_2(D)
-    block_r = _block_r(n_rows, block_d, x.device)
+    block_r = block_r or _block_r(n_rows, block_d, x.device)
     grid = (triton.cdiv(n_rows, block_r),)
     _gate_residual_adaln_kernel[grid](
         x2, y2, gate, xo2, weight, shift, scale, o2, y_bias if y_bias is not None else x2,
@@ -180,6 +189,9 @@ def compile_specs() -> list[dict]:
     specs.append(dict(specs[-1], name=specs[-1]["name"][:-1] + ",pdl]",     # the 'pdl' kernel option's launch
                       signature={**specs[-1]["signature"], "USE_PDL": "constexpr"},
                       constexprs={**specs[-1]["constexprs"], "USE_PDL": True}))
+    # one row per program (_block_r at ≤ 132 rows per 4: LM1B B=1), after the second MLP GEMM's 8 partials
+    one = dict(specs[-2]["constexprs"], NUM_Y=8, BLOCK_R=1)
+    specs.append(dict(specs[-2], name="_gate_residual_adaln_kernel[res+norm+8partials,1row]", constexprs=one))
     return with_default_constexprs(specs)
 
 

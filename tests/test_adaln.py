@@ -249,3 +249,13 @@ def test_gate_residual_into_a_transposed_destination(norm):
     adaln.gate_residual(wide[..., :D], gate, y, x_out=wide[..., :D], backend="triton", **extra)
     torch.testing.assert_close(wide[..., :D], want, rtol=1e-6, atol=1e-6)
     assert wide[..., D:].abs().max() == 0
+
+
+def test_rows_per_program_leave_no_sm_idle(monkeypatch):
+    """On CUDA gate_residual takes ~4K elements per program (4 rows at D = 768) unless that leaves SMs without a
+    program: then fewer rows, down to one (LM1B B=1's 128 rows: 128 programs, not 32)."""
+    monkeypatch.setattr(adaln, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    got = {n: adaln._block_r(n, 1024, cuda) for n in (1, 128, 256, 300, 528, 1024, 32768)}
+    assert got == {1: 1, 128: 1, 256: 1, 300: 2, 528: 4, 1024: 4, 32768: 4}
+    assert adaln._block_r(32768, 256, cuda) == 16 and adaln._block_r(128, 256, cuda) == 1

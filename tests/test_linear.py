@@ -277,6 +277,11 @@ def test_bench_linear_cpu_smoke(monkeypatch):
     assert "bias + GELU" in work[("mlp1 (gelu)", "triton interp")]
     assert work[("mlp2", "triton interp split 2")].startswith("GEMM, 2 fp32 split-K partials")
     assert work[("out", "cublas (bare)")] == "bare GEMM, bf16 out (no bias, no epilogue)"
+    # gate_residual alone, its default rows per program beside 4 (the previous default), on each input it gets
+    gr = [(r["pass"], r["impl"]) for r in rows if r["op"] == "gate_residual"]
+    assert gr == [(p, i) for p in ("bf16 y", "3 partials", "8 partials")
+                  for i in ("default", "4 rows per program (the previous default)")]
+    assert all(r["speedup_vs_default"] > 0 for r in rows if r["op"] == "gate_residual" and r["impl"] != "default")
 
 
 @needs_triton
