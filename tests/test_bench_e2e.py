@@ -3,6 +3,7 @@ rows of a candidate that fails, the plot's absences. The timing itself is CUDA-o
 tests/test_runner.py set DEVICE = "cpu" and the tiny preset, as these do."""
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -104,7 +105,9 @@ def test_candidate_rows_say_how_many_tokens_equal_the_defaults(on_cpu, monkeypat
     seed; one below MIN_TOKEN_AGREEMENT is no winner however fast, and a winners row below it meets no target. No
     column without a default to compare with, and none on the default rows themselves."""
     monkeypatch.setattr(runner, "Sampler", _Sampler)
-    monkeypatch.setattr(bench, "CANDIDATES", {"same": {"x": 1}, "near": {"wrong": 0.25}, "other": {"wrong": 1.0}})
+    fake = {"same": {"x": 1}, "near": {"wrong": 0.25}, "other": {"wrong": 1.0}}
+    monkeypatch.setattr(bench, "CANDIDATES", fake)
+    monkeypatch.setattr(bench, "ALL_CANDIDATES", fake)
     cfg = small_model(two_time=True).cfg
     args = bench.parser().parse_args(["--iters", "1"])
     rows, tokens = [], {}
@@ -239,7 +242,7 @@ def test_canary_child_and_point(monkeypatch, capsys):
     assert bench.canary_point("attention kv split 8", ["lm1b"]) is None
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setitem(bench.HEADLINE_B, "tiny", (2,))
-    monkeypatch.setitem(bench.CANDIDATES, "broken", {"no_such_option": True})
+    monkeypatch.setitem(bench.ALL_CANDIDATES, "broken", {"no_such_option": True})
     assert bench._canary_child(["broken", "pdl"], ["tiny"], 0) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1] == "CANARY ok pdl", lines
@@ -257,3 +260,28 @@ def test_candidates_left_out_by_the_canary_are_rows(on_cpu, monkeypatch):
     rows = bench.bench(args, quick=True)
     assert [r.get("note") for r in rows if r["path"] == "engine graph [pdl]"] == ["left out: killed the child"]
     assert [r["B"] for r in rows if r["path"] == "engine graph [gemm triton small]"] == [1]
+
+
+def test_candidates_leave_the_winners_rows_their_time_and_retired_ones_run_only_when_named(on_cpu, monkeypatch):
+    """No candidate starts within WINNERS_RESERVE_S of the deadline (its row says skipped), while the winners row of
+    what had won still runs; the retired candidates are not in the default list but `--candidate` takes them."""
+    assert not set(bench.RETIRED) & set(bench.CANDIDATES) and "pdl" in bench.RETIRED
+    assert bench.parser().parse_args(["--candidate", "pdl"]).candidate == ["pdl"]
+    monkeypatch.setattr(runner, "Sampler", _Sampler)
+    fake = {"x": {"a": 1}, "y": {"b": 2}}
+    monkeypatch.setattr(bench, "CANDIDATES", fake)
+    monkeypatch.setattr(bench, "ALL_CANDIDATES", fake)
+    monkeypatch.setattr(bench, "WINNERS_RESERVE_S", 1e6)
+    model = small_model(two_time=True)
+    cfg = model.cfg
+    base = dict(dataset="tiny", B=2, steps=1, V=cfg.vocab_size, L=cfg.seq_len)
+    rows = [dict(base, path="engine graph", **{"ms/sample": 1.0}), dict(base, path="engine graph [x]",
+                                                                         **{"ms/sample": 0.5})]
+    args = bench.parser().parse_args(["--iters", "1"])
+    args.candidate = ["y"]
+    bench._time_candidates(rows, ["tiny"], lambda name: ("tiny", model, (2,)), [1], args, 1, float("nan"),
+                           time.time() + 600)
+    y = [r for r in rows if r["path"] == "engine graph [y]"]
+    assert [r.get("note") for r in y] == ["skipped: time limit"]
+    won = [r for r in rows if r["path"] == "engine graph [winners: x]"]
+    assert [(r["steps"], r["ms/sample"] > 0) for r in won] == [(1, True)]

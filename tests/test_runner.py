@@ -947,6 +947,9 @@ def test_bench_e2e_cpu_smoke(monkeypatch, tmp_path):
     assert all(r["ms/sample"] > 0 and "note" not in r for r in rows), [r for r in rows if "note" in r]
     cand = [r for r in rows if "[" in r["path"] and "[winners" not in r["path"]]
     assert all(r["steps"] == 1 and r["vs engine graph"] > 0 for r in cand)
+    # every candidate samples what the default samples (the same seed, the same noise): its share of equal tokens
+    assert all(r[bench.TOKENS_COL] >= bench.MIN_TOKEN_AGREEMENT for r in cand), [
+        (r["path"], r.get(bench.TOKENS_COL)) for r in cand]
     winners = [r for r in rows if r["path"].startswith("engine graph [winners: ")]
     assert sorted((r["B"], r["steps"]) for r in winners) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["vs engine graph"] > 0 for r in winners)
